@@ -1,0 +1,7 @@
+"""vmferry: a KVM virtual machine monitor built around live migration."""
+
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger("vmferry").addHandler(logging.NullHandler())

@@ -1,0 +1,111 @@
+"""`vmferry` command line: run, migrate, demo, analyze, describe, check-compat.
+
+Each subcommand's work lives in its package; this module only parses arguments and turns any
+VmferryError into a one-line message and a non-zero exit (never a traceback at a user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from vmferry import __version__
+from vmferry.errors import VmferryError
+
+# subcommand -> "module:function"; the function takes the parsed argparse.Namespace and returns
+# the process exit code. Imported lazily so `vmferry analyze` never needs KVM, numpy paths, etc.
+HANDLERS = {
+    "run": "vmferry.vmm:main",
+    "migrate": "vmferry.migration.client:main",
+    "demo": "vmferry.migration.demo:main",
+    "analyze": "vmferry.stream.analyze:main",
+    "describe": "vmferry.vmstate.describe:main_describe",
+    "check-compat": "vmferry.vmstate.compat:main_check_compat",
+}
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a VM")
+    p.add_argument("-m", "--memory", default="128M", help="guest RAM size, e.g. 512M, 4G (default 128M)")
+    p.add_argument("--smp", type=int, default=1, help="number of vCPUs")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--guest", help="a bundled guest image: heartbeat or dirty")
+    src.add_argument("--kernel", help="path of a multiboot v1 ELF image")
+    p.add_argument("--append", default="", help="guest command line")
+    p.add_argument("-M", "--machine", default=None, help="machine type (default: the newest)")
+    p.add_argument(
+        "--serial", default="stdio", help="COM1 backend: stdio, file:PATH, unix:PATH, null (default stdio)"
+    )
+    p.add_argument(
+        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT", help="QMP server (repeatable)"
+    )
+    p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
+    p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
+
+
+def _add_migrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="migrate a running VM through its QMP monitor")
+    p.add_argument("--qmp", required=True, help="source QMP socket (unix:PATH or tcp:HOST:PORT)")
+    p.add_argument("--dest-qmp", help="destination QMP socket, to report its side too")
+    p.add_argument("uri", help="migration URI: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
+    p.add_argument("--max-bandwidth", type=int, help="bytes per second")
+    p.add_argument("--downtime-limit", type=int, help="milliseconds")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="live-migrate a dirtying guest between two local processes")
+    p.add_argument("-m", "--memory", default="1G")
+    p.add_argument("--ws", type=int, default=256, help="working set of the dirty guest, MiB")
+    p.add_argument("--rate", type=int, default=50, help="dirty rate, MiB/s")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds the guest runs before migrating")
+    p.add_argument("--after", type=float, default=4.0, help="seconds to watch the destination afterwards")
+    p.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="read and explain a migration stream (file or - for stdin)")
+    p.add_argument("file", help="stream file, or - for standard input")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true", help="check every record; exit 1 at the first bad one")
+
+
+def _add_describe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("describe", help="print the JSON description of a machine type's device state")
+    p.add_argument("-M", "--machine", default=None, help="machine type (default: the newest)")
+
+
+def _add_check_compat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-compat", help="list changes that would break migration between two descriptions")
+    p.add_argument("old", help="description JSON of the source side")
+    p.add_argument("new", help="description JSON of the destination side")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmferry", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_migrate, _add_demo, _add_analyze, _add_describe, _add_check_compat):
+        add(sub)
+    return parser
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    module, func = HANDLERS[command].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _handler(args.command)(args)
+    except VmferryError as e:
+        print(f"vmferry {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

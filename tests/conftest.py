@@ -1,0 +1,37 @@
+"""Shared test setup: real-KVM tests are marked `kvm`; without /dev/kvm they skip, unless
+VMFERRY_REQUIRE_KVM=1 (as on CI), where a missing /dev/kvm is a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+REQUIRE_KVM = os.environ.get("VMFERRY_REQUIRE_KVM") == "1"
+HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kvm" in item.keywords and not HAVE_KVM:
+            if REQUIRE_KVM:
+                item.add_marker(pytest.mark.usefixtures("_fail_without_kvm"))
+            else:
+                item.add_marker(pytest.mark.skip(reason="no usable /dev/kvm"))
+        if "qemu" in item.keywords and not HAVE_QEMU:
+            if REQUIRE_KVM:
+                item.add_marker(pytest.mark.usefixtures("_fail_without_qemu"))
+            else:
+                item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64 not installed"))
+
+
+@pytest.fixture
+def _fail_without_kvm() -> None:
+    pytest.fail("VMFERRY_REQUIRE_KVM=1 but /dev/kvm is missing or not accessible")
+
+
+@pytest.fixture
+def _fail_without_qemu() -> None:
+    pytest.fail("VMFERRY_REQUIRE_KVM=1 (CI) but qemu-system-x86_64 is not installed")
