@@ -1,0 +1,226 @@
+/*
+ * dirty: the migration workload. Fills a working set, then rewrites pages at a steady rate,
+ * stamping each page with its index and a generation and recording the generation in a table
+ * in guest RAM, so a lost or stale page after migration is detectable, in the guest and on the
+ * host (dirty_layout.h describes what the host sees).
+ */
+#include "common/rt.h"
+#include "dirty_layout.h"
+
+#define PAGE_SIZE 4096ul
+#define PAGE_U64S (PAGE_SIZE / 8)
+#define MIB (1024ul * 1024)
+#define ALIGN_2M(x) (((x) + 0x1FFFFFul) & ~0x1FFFFFul)
+/* The guests use RAM below 3 GiB only: above it is the PCI hole. */
+#define LOW_RAM_LIMIT 0xC0000000ul
+/* Writes between looks at the clock: small enough to keep pacing and progress lines prompt. */
+#define BATCH_PAGES 64
+
+static const char *const known[] = {
+    "ws", "rate", "pattern", "hot", "hotw", "verify", "seed", "runtime", "check", 0,
+};
+
+static volatile struct dirty_header *const hdr = (volatile struct dirty_header *)DIRTY_HEADER_GPA;
+static volatile u32 *table;
+static u64 ws_gpa, npages;
+static u32 gen;
+static u64 rng;
+static int check_full;
+
+static u64 rnd(void) /* xorshift64*: a deterministic sequence for a given seed */
+{
+    rng ^= rng >> 12;
+    rng ^= rng << 25;
+    rng ^= rng >> 27;
+    return rng * 0x2545F4914F6CDD1Dull;
+}
+
+/*
+ * The in-flight protocol: a paused guest (paused anywhere, even inside rep stosq) has at most
+ * one page whose contents disagree with the table, and the header names it. Stores reach RAM in
+ * program order on x86, and a pause lands on an instruction (or rep iteration) boundary.
+ */
+static void write_page(u64 page)
+{
+    hdr->inflight = page;
+    barrier();
+    if (++gen == 0) /* 32-bit generations wrap to 1: 0 means "never written" */
+        gen = 1;
+    u64 value = ((u64)gen << 32) | page;
+    void *dst = (void *)(ws_gpa + page * PAGE_SIZE);
+    u64 n = PAGE_U64S;
+    __asm__ volatile("rep stosq" : "+D"(dst), "+c"(n) : "a"(value) : "memory");
+    table[page] = gen;
+    hdr->generation = gen;
+    hdr->writes = hdr->writes + 1;
+    barrier();
+    hdr->inflight = DIRTY_NO_PAGE;
+}
+
+/* Returns 1 if the page holds `value` in every checked u64; *found gets the first mismatch. */
+static int page_ok(u64 page, u64 value, u64 *found)
+{
+    const u64 *p = (const u64 *)(ws_gpa + page * PAGE_SIZE);
+    if (!check_full) {
+        *found = p[0] != value ? p[0] : p[PAGE_U64S - 1];
+        return p[0] == value && p[PAGE_U64S - 1] == value;
+    }
+    const u64 *cur = p;
+    u64 n = PAGE_U64S;
+    u8 equal;
+    __asm__ volatile("repe scasq" : "+D"(cur), "+c"(n), "=@ccz"(equal) : "a"(value) : "memory");
+    *found = cur[-1];
+    return equal;
+}
+
+static int verify_all(void)
+{
+    u64 bad = 0, first_bad = 0, found = 0;
+    u32 first_gen = 0;
+    for (u64 page = 0; page < npages; page++) {
+        u32 g = table[page];
+        u64 f;
+        if (g == 0 || !page_ok(page, ((u64)g << 32) | page, &f)) {
+            if (!bad++) {
+                first_bad = page;
+                first_gen = g;
+                found = f;
+            }
+        }
+    }
+    if (bad) {
+        hdr->verify_fails = hdr->verify_fails + 1;
+        rt_printf("verify FAIL page=%lu: table gen=%u, page holds %016lx (%lu bad pages)\n", first_bad,
+                  first_gen, found, bad);
+        return 0;
+    }
+    hdr->verify_passes = hdr->verify_passes + 1;
+    rt_printf("verify ok gen=%u pages=%lu\n", gen, npages);
+    return 1;
+}
+
+void guest_main(void)
+{
+    param_check("dirty", known);
+    u64 ws_mib = param_u64("ws", 64);
+    u64 rate = param_u64("rate", 8);
+    u64 hot = param_u64("hot", 10);
+    u64 hotw = param_u64("hotw", 90);
+    u64 verify_s = param_u64("verify", 5);
+    u64 seed = param_u64("seed", 1);
+    u64 runtime = param_u64("runtime", 0);
+    char pattern_s[16] = "uniform", check_s[8] = "full";
+    param_str("pattern", pattern_s, sizeof(pattern_s));
+    param_str("check", check_s, sizeof(check_s));
+
+    int pattern = 0;
+    if (str_eq(pattern_s, "uniform"))
+        pattern = PATTERN_UNIFORM;
+    else if (str_eq(pattern_s, "hot"))
+        pattern = PATTERN_HOT;
+    check_full = str_eq(check_s, "full");
+    if (!pattern || (!check_full && !str_eq(check_s, "ends")) || hot < 1 || hot > 100 ||
+        hotw > 100 || rate > 1000000) {
+        rt_printf("dirty: bad parameter: pattern=uniform|hot, check=full|ends, hot=1..100, hotw=0..100\n");
+        rt_exit(EXIT_BAD_PARAM);
+    }
+
+    npages = ws_mib * (MIB / PAGE_SIZE);
+    u64 table_gpa = ALIGN_2M((u64)_end);
+    ws_gpa = ALIGN_2M(table_gpa + npages * 4);
+    u64 top = rt_mem_top < LOW_RAM_LIMIT ? rt_mem_top : LOW_RAM_LIMIT;
+    if (ws_mib < 1 || ws_mib > LOW_RAM_LIMIT / MIB || ws_gpa + npages * PAGE_SIZE > top) {
+        rt_printf("dirty: ws=%lu MiB does not fit: %lu MiB of RAM usable from 0x%lx\n", ws_mib,
+                  top > ws_gpa ? (top - ws_gpa) / MIB : 0, ws_gpa);
+        rt_exit(EXIT_BAD_PARAM);
+    }
+    table = (volatile u32 *)table_gpa;
+    rng = seed * 0x9E3779B97F4A7C15ull ^ 0xD1B54A32D192ED03ull;
+    if (!rng)
+        rng = 1;
+
+    /* The table must start all-zero ("never written"); RAM from the VMM is, but don't rely on it. */
+    memset((void *)table_gpa, 0, npages * 4);
+    hdr->magic = 0;
+    barrier();
+    *hdr = (struct dirty_header){
+        .version = DIRTY_LAYOUT_VERSION,
+        .header_size = sizeof(struct dirty_header),
+        .ws_gpa = ws_gpa,
+        .npages = npages,
+        .table_gpa = table_gpa,
+        .entry_size = 4,
+        .page_size = PAGE_SIZE,
+        .inflight = DIRTY_NO_PAGE,
+        .rate_mib_s = (u32)rate,
+        .pattern = (u32)pattern,
+        .hot_percent = (u32)hot,
+        .hot_writes = (u32)hotw,
+        .seed = seed,
+    };
+    barrier();
+    hdr->magic = DIRTY_MAGIC;
+
+    rt_printf("dirty: ws=%lu MiB pages=%lu rate=%lu MiB/s pattern=%s hot=%lu hotw=%lu verify=%lu "
+              "check=%s seed=%lu runtime=%lu\n",
+              ws_mib, npages, rate, pattern_s, hot, hotw, verify_s, check_s, seed, runtime);
+    rt_printf("dirty: header=0x%lx table=0x%lx ws=0x%lx\n", DIRTY_HEADER_GPA, table_gpa, ws_gpa);
+
+    u64 hot_pages = npages * hot / 100;
+    if (hot_pages < 1)
+        hot_pages = 1;
+    u64 pages_per_s = rate * (MIB / PAGE_SIZE);
+    /* Writes owed when the guest fell behind (a verify pass, a migration pause, a slow CPU) are
+     * forgiven beyond 100 ms worth, so the rate never bursts to catch up. */
+    u64 max_debt = pages_per_s / 10 + 1;
+    u64 last_sec = 0, pace_start = 0, paced = 0, failures = 0;
+
+    for (;;) {
+        u64 now = rt_ticks;
+        u64 sec = now / RT_TICK_HZ;
+        if (sec != last_sec) {
+            last_sec = sec;
+            rt_printf("dirty: t=%lu gen=%u written=%lu MiB\n", sec, gen,
+                      hdr->writes / (MIB / PAGE_SIZE));
+            if (verify_s && sec % verify_s == 0 && hdr->filled == npages)
+                failures += !verify_all();
+            if (runtime && sec >= runtime) {
+                rt_printf("dirty: done t=%lu gen=%u written=%lu MiB verify_passes=%lu verify_fails=%lu\n",
+                          sec, gen, hdr->writes / (MIB / PAGE_SIZE), hdr->verify_passes,
+                          hdr->verify_fails);
+                rt_exit(failures ? EXIT_FAILED : EXIT_OK);
+            }
+            continue;
+        }
+        if (hdr->filled < npages) {
+            /* The initial fill runs flat out: every page non-zero before any rate applies. */
+            u64 page = hdr->filled;
+            for (int i = 0; i < BATCH_PAGES && page < npages; i++, page++) {
+                write_page(page);
+                hdr->filled = page + 1;
+            }
+            if (page == npages) {
+                rt_printf("dirty: filled %lu pages gen=%u\n", npages, gen);
+                pace_start = rt_ticks;
+            }
+            continue;
+        }
+        u64 due = (now - pace_start) * pages_per_s / RT_TICK_HZ;
+        if (due > paced + max_debt)
+            paced = due - max_debt;
+        if (due == paced) {
+            rt_idle();
+            continue;
+        }
+        for (int i = 0; i < BATCH_PAGES && paced < due; i++, paced++) {
+            u64 r = rnd();
+            u64 page;
+            if (pattern == PATTERN_HOT && hot_pages < npages)
+                page = (r % 100 < hotw) ? (r >> 8) % hot_pages
+                                        : hot_pages + (r >> 8) % (npages - hot_pages);
+            else
+                page = r % npages;
+            write_page(page);
+        }
+    }
+}
