@@ -1,0 +1,164 @@
+"""A 16550A UART on COM1 (ports 0x3F8-0x3FF, IRQ 4), enough for a guest that polls LSR or takes
+interrupts.
+
+Transmission is instantaneous: THR is always empty (LSR.THRE|TEMT set), so a guest polling
+"THR empty" never waits. Received bytes wait in `rx_fifo` until the guest reads RBR. The IRQ line
+follows IIR: raised while an enabled interrupt is pending, lowered otherwise, through KVM_IRQ_LINE
+(only on level changes). Handlers run on vCPU threads, input arrives on a backend thread: one lock.
+
+Registers and the FIFO are plain attributes; `get_state()/set_state()` expose all of them for
+migration (the declarative description comes from the vmstate layer later).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from vmferry.devices.chardev import Chardev
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+RX_PENDING_MAX = 65536  # bytes of host input kept before the guest reads them; beyond: dropped
+
+LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
+IER_RDI, IER_THRI = 0x01, 0x02
+IIR_NO_INT, IIR_THRI, IIR_RDI, IIR_FIFO = 0x01, 0x02, 0x04, 0xC0
+LCR_DLAB = 0x80
+MCR_LOOP = 0x10
+_REGS = ("ier", "fcr", "lcr", "mcr", "msr", "scr", "dll", "dlm", "thr_ipending", "irq_level")
+
+
+class Serial16550:
+    def __init__(self, backend: Chardev, set_irq: Callable[[int], None] | None = None) -> None:
+        self.backend = backend
+        self._set_irq = set_irq
+        self._lock = threading.Lock()
+        self.ier = 0
+        self.fcr = 0
+        self.lcr = 0
+        self.mcr = 0
+        self.msr = 0xB0  # CTS|DSR|DCD: a terminal is always there
+        self.scr = 0
+        self.dll = 0x0C  # 9600 baud, as firmware would leave it
+        self.dlm = 0
+        self.thr_ipending = 0
+        self.irq_level = 0
+        self.rx_fifo: deque[int] = deque()
+        backend.set_receiver(self.receive)
+
+    # --- guest side (vCPU threads) ---
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            value = self._read(offset)
+            self._update_irq()
+            return value
+
+    def _read(self, offset: int) -> int:
+        dlab = self.lcr & LCR_DLAB
+        if offset == 0:
+            if dlab:
+                return self.dll
+            return self.rx_fifo.popleft() if self.rx_fifo else 0
+        if offset == 1:
+            return self.dlm if dlab else self.ier
+        if offset == 2:
+            iir = self._iir()
+            if iir == IIR_THRI:
+                self.thr_ipending = 0  # reading IIR acknowledges "THR empty"
+            return iir | (IIR_FIFO if self.fcr & 1 else 0)
+        if offset == 3:
+            return self.lcr
+        if offset == 4:
+            return self.mcr
+        if offset == 5:
+            return LSR_THRE | LSR_TEMT | (LSR_DR if self.rx_fifo else 0)
+        if offset == 6:
+            if self.mcr & MCR_LOOP:
+                # Loopback: DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
+                m = self.mcr
+                return ((m & 2) << 3) | ((m & 1) << 5) | ((m & 4) << 4) | ((m & 8) << 4)
+            return self.msr
+        return self.scr
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
+        out = b""
+        with self._lock:
+            dlab = self.lcr & LCR_DLAB
+            if offset == 0:
+                if dlab:
+                    self.dll = value
+                elif self.mcr & MCR_LOOP:
+                    self._push(bytes([value]))
+                    self.thr_ipending = 1
+                else:
+                    out = bytes([value])
+                    self.thr_ipending = 1
+            elif offset == 1:
+                if dlab:
+                    self.dlm = value
+                else:
+                    if value & IER_THRI and not self.ier & IER_THRI:
+                        self.thr_ipending = 1  # THR is empty: enabling its interrupt fires it
+                    self.ier = value & 0x0F
+            elif offset == 2:
+                self.fcr = value & 0xC9
+                if value & 0x02:
+                    self.rx_fifo.clear()
+            elif offset == 3:
+                self.lcr = value
+            elif offset == 4:
+                self.mcr = value & 0x1F
+            elif offset == 7:
+                self.scr = value
+            self._update_irq()
+        if out:
+            # Outside the lock: a slow backend (a stalled unix client) must not block input.
+            self.backend.write(out)
+
+    def _iir(self) -> int:
+        if self.ier & IER_RDI and self.rx_fifo:
+            return IIR_RDI
+        if self.ier & IER_THRI and self.thr_ipending:
+            return IIR_THRI
+        return IIR_NO_INT
+
+    def _update_irq(self) -> None:
+        level = 0 if self._iir() == IIR_NO_INT else 1
+        if level != self.irq_level:
+            self.irq_level = level
+            if self._set_irq is not None:
+                self._set_irq(level)
+
+    # --- host side (backend thread) ---
+
+    def _push(self, data: bytes) -> None:
+        room = RX_PENDING_MAX - len(self.rx_fifo)
+        self.rx_fifo.extend(data[: max(room, 0)])
+
+    def receive(self, data: bytes) -> None:
+        """Bytes from the backend, for the guest to read from RBR."""
+        with self._lock:
+            self._push(data)
+            self._update_irq()
+
+    # --- migration ---
+
+    def get_state(self) -> dict:
+        """All registers (ints) and "rx_fifo" (bytes not yet read by the guest)."""
+        with self._lock:
+            st: dict = {name: getattr(self, name) for name in _REGS}
+            st["rx_fifo"] = bytes(self.rx_fifo)
+            return st
+
+    def set_state(self, state: dict) -> None:
+        with self._lock:
+            for name in _REGS:
+                setattr(self, name, int(state[name]))
+            self.rx_fifo = deque(state["rx_fifo"])
+            # irq_level came with the state and matches the irqchip's saved line; drive the
+            # line only if the loaded registers say otherwise.
+            self._update_irq()

@@ -1,0 +1,213 @@
+"""`RamBlock`: one named range of guest RAM — its host mapping, its KVM memory slot and its dirty
+bitmaps.
+
+Dirty tracking has ONE producer and many consumers. The producer is KVM's dirty log for the
+block's slot; each consumer ("migration", a display, a test) owns a bitmap and folds the
+producer in on demand with `sync_dirty()`, which harvests KVM's log once and ORs it into every
+consumer's bitmap. A consumer clears bits in its own bitmap as it handles pages; that never
+affects another consumer.
+
+Bitmap layout everywhere: bit i of little-endian u64 word j = page 64*j+i (KVM_GET_DIRTY_LOG
+layout); page numbers are offsets inside the block, not guest addresses.
+
+Order for a consumer that wants every page that may hold data (migration's "stage 1"):
+`start_dirty_log()` first, then `add_dirty_consumer()` and `mark_dirty(name, populated_pages())`.
+A page written after the dirty log started is then either populated when scanned or logged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import threading
+
+import numpy as np
+
+from vmferry.errors import VmferryError
+from vmferry.kvm import ioctls as nr
+from vmferry.kvm.vm import Vm
+
+PAGE_SIZE = 4096
+# Python 3.11's mmap module lacks the constant; 0x4000 is its value on Linux (all arches).
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
+
+def pages_to_bitmap(page_mask: np.ndarray) -> np.ndarray:
+    """A bool array (one entry per page) -> u64 bitmap in the KVM_GET_DIRTY_LOG layout."""
+    nwords = (len(page_mask) + 63) // 64
+    packed = np.packbits(page_mask.astype(bool), bitorder="little")
+    out = np.zeros(nwords * 8, dtype=np.uint8)
+    out[: len(packed)] = packed
+    return out.view(np.uint64)
+
+
+def bitmap_to_pages(bitmap: np.ndarray, npages: int) -> np.ndarray:
+    """u64 bitmap (KVM layout) -> sorted array of set page indexes below npages."""
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
+    return np.flatnonzero(bits)
+
+
+class RamBlock:
+    """Guest RAM [gpa, gpa+nbytes) backed by an anonymous shared mapping, allocated lazily
+    (MAP_NORESERVE: a page costs host memory only once something touches it)."""
+
+    page_size = PAGE_SIZE
+
+    def __init__(self, name: str, gpa: int, nbytes: int, vm: Vm | None = None, slot: int = -1) -> None:
+        if nbytes <= 0 or nbytes % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise VmferryError(f"RAM block {name}: size and address must be positive multiples of 4 KiB")
+        self.name = name
+        self.gpa = gpa
+        self.nbytes = nbytes
+        self.npages = nbytes // PAGE_SIZE
+        self.mem = mmap.mmap(
+            -1, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        # The address is stable for the mapping's life; the temporary ctypes export is dropped
+        # at once so the mmap can still be closed.
+        anchor = ctypes.c_char.from_buffer(self.mem)
+        self.host_addr: int = ctypes.addressof(anchor)
+        del anchor
+        self.vm: Vm | None = None
+        self.slot = slot
+        self._flags = 0
+        self._lock = threading.Lock()
+        self._consumers: dict[str, np.ndarray] = {}
+        self._nwords = (self.npages + 63) // 64
+        # Scratch for the producer: KVM writes its log here, then it is ORed into consumers.
+        self._harvest = np.zeros(self._nwords, dtype=np.uint64)
+        if vm is not None:
+            self.attach(vm, slot)
+
+    @property
+    def hva(self) -> int:
+        return self.host_addr
+
+    def __repr__(self) -> str:
+        return f"RamBlock({self.name!r}, gpa={self.gpa:#x}, nbytes={self.nbytes:#x}, slot={self.slot})"
+
+    # --- mapping into the guest ---
+
+    def attach(self, vm: Vm, slot: int) -> None:
+        """Register the block as KVM memory slot `slot` of `vm`."""
+        self.vm, self.slot = vm, slot
+        self._register(0)
+
+    def _register(self, flags: int) -> None:
+        assert self.vm is not None, "RAM block not attached to a VM"
+        self.vm.set_user_memory_region(self.slot, self.gpa, self.nbytes, self.host_addr, flags)
+        self._flags = flags
+
+    def contains_gpa(self, gpa: int, nbytes: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + nbytes <= self.gpa + self.nbytes
+
+    def view(self) -> memoryview:
+        """A writable view of the whole block (byte 0 = guest physical `gpa`). Release it before
+        close(). Touching a page through it populates that page."""
+        return memoryview(self.mem)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy `data` into guest RAM at guest physical `gpa` (must lie inside this block)."""
+        if not self.contains_gpa(gpa, len(data)):
+            raise VmferryError(f"{self.name}: write of {len(data)} bytes at {gpa:#x} outside the block")
+        off = gpa - self.gpa
+        self.mem[off : off + len(data)] = data
+
+    def read(self, gpa: int, nbytes: int) -> bytes:
+        if not self.contains_gpa(gpa, nbytes):
+            raise VmferryError(f"{self.name}: read of {nbytes} bytes at {gpa:#x} outside the block")
+        off = gpa - self.gpa
+        return self.mem[off : off + nbytes]
+
+    def populated_pages(self) -> np.ndarray:
+        """Bool per page: has anything ever touched it (guest or host)? From mincore(2), which
+        reports the mapping's page-cache residency without reading (or populating) a page."""
+        vec = np.zeros(self.npages, dtype=np.uint8)
+        if _libc.mincore(self.host_addr, self.nbytes, vec.ctypes.data) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore on RAM block {self.name}")
+        return (vec & 1).astype(bool)
+
+    # --- dirty tracking: one producer (KVM's log), many consumers ---
+
+    @property
+    def dirty_log_active(self) -> bool:
+        return bool(self._flags & nr.MEM_LOG_DIRTY_PAGES)
+
+    def start_dirty_log(self) -> None:
+        """Re-register the slot with KVM_MEM_LOG_DIRTY_PAGES. The log starts empty: with manual
+        protect KVM pre-sets every bit (INITIALLY_SET), so that first harvest is discarded —
+        consumers decide themselves which pages to start from (see the module docstring)."""
+        with self._lock:
+            if self.dirty_log_active:
+                return
+            self._register(self._flags | nr.MEM_LOG_DIRTY_PAGES)
+            self._harvest_log()
+
+    def stop_dirty_log(self) -> None:
+        """Re-register the slot without dirty logging. Call sync_dirty() first to keep what
+        KVM logged until now."""
+        with self._lock:
+            if self.dirty_log_active:
+                self._register(self._flags & ~nr.MEM_LOG_DIRTY_PAGES)
+
+    def add_dirty_consumer(self, name: str) -> None:
+        """A new consumer, starting with an all-clear bitmap."""
+        with self._lock:
+            if name in self._consumers:
+                raise VmferryError(f"{self.name}: dirty consumer {name!r} already exists")
+            self._consumers[name] = np.zeros(self._nwords, dtype=np.uint64)
+
+    def remove_dirty_consumer(self, name: str) -> None:
+        with self._lock:
+            self._consumers.pop(name, None)
+
+    def dirty_bitmap(self, name: str) -> np.ndarray:
+        """The consumer's own u64 bitmap, live: the consumer clears bits in it as it goes
+        (bit i of little-endian u64 word j = page 64*j+i)."""
+        try:
+            return self._consumers[name]
+        except KeyError:
+            raise VmferryError(f"{self.name}: no dirty consumer {name!r}") from None
+
+    def mark_dirty(self, name: str, page_mask: np.ndarray) -> None:
+        """OR a bool-per-page mask into a consumer's bitmap (e.g. populated_pages())."""
+        bm = self.dirty_bitmap(name)
+        with self._lock:
+            bm |= pages_to_bitmap(page_mask)
+
+    def dirty_pages(self, name: str) -> np.ndarray:
+        """Indexes of the pages set in the consumer's bitmap."""
+        return bitmap_to_pages(self.dirty_bitmap(name), self.npages)
+
+    def sync_dirty(self) -> int:
+        """Harvest KVM's dirty log for this slot (resetting it) and OR it into every consumer's
+        bitmap. Returns the number of pages the harvest found dirty. No-op without logging."""
+        with self._lock:
+            if not self.dirty_log_active:
+                return 0
+            self._harvest_log()
+            for bm in self._consumers.values():
+                bm |= self._harvest
+            return int(np.bitwise_count(self._harvest).sum())
+
+    def _harvest_log(self) -> None:
+        """KVM's log -> self._harvest, and reset KVM's log. With manual protect GET does not
+        reset, so the same bitmap is handed to CLEAR_DIRTY_LOG over the whole slot (first page
+        0 is 64-aligned as CLEAR requires). A write racing between GET and CLEAR hits a page
+        already in the harvest, so nothing is lost."""
+        assert self.vm is not None
+        self.vm.get_dirty_log(self.slot, self._harvest)
+        if self.vm.manual_dirty_protect and self._harvest.any():
+            self.vm.clear_dirty_log(self.slot, 0, self.npages, self._harvest)
+
+    def close(self) -> None:
+        """Remove the slot from the VM and unmap the RAM."""
+        if self.vm is not None and self.vm.fd >= 0:
+            self.vm.set_user_memory_region(self.slot, self.gpa, 0, self.host_addr, 0)
+        self.vm = None
+        self.mem.close()
