@@ -1,0 +1,215 @@
+"""Record <-> (header fields, payload): how each record type lays out its payload.
+
+Pure functions, no state: the order rules (which ids exist, which sections are open) live in
+`rules.py`. Parsers raise StreamError without a location; the decoder adds offset and record index.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, NamedTuple
+
+from vmferry.errors import StreamError
+from vmferry.stream.records import (
+    ADVISORY_COMMANDS,
+    BlockData,
+    BlockDevices,
+    BlockZero,
+    Buffer,
+    Command,
+    CommandCode,
+    Config,
+    Description,
+    DeviceSection,
+    DiskInfo,
+    EndOfStream,
+    PassStart,
+    RamBlockInfo,
+    RamBlocks,
+    RamPages,
+    RamZero,
+    Record,
+    RecordType,
+    SectionInfo,
+    SectionPhase,
+)
+
+DESCRIPTION_FORMAT = "vmferry-description/1"
+_LIST_HEAD = struct.Struct("<HH")
+_LIST_ENTRY = struct.Struct("<HHIQQ")  # id, name_len, unit, base, size; then the name
+_COMMAND_HEAD = struct.Struct("<HH")
+_END = struct.Struct("<QQ")
+T = RecordType
+
+
+class Frame(NamedTuple):
+    """The generic header fields of one record, before or after its payload."""
+
+    rtype: int
+    section: int = 0
+    count: int = 0
+    index: int = 0
+
+
+def encode_payload(rec: Record, page_size: int) -> tuple[Frame, Buffer]:
+    """-> the record's header fields and its payload (page data is passed through, not copied)."""
+    match rec:
+        case RamPages(block_id, first_page, page_count, data):
+            return Frame(T.RAM_PAGES, block_id, page_count, first_page), data
+        case RamZero(block_id, first_page, page_count):
+            return Frame(T.RAM_ZERO, block_id, page_count, first_page), b""
+        case DeviceSection(section_id, phase, data):
+            return Frame(int(phase), section_id), data
+        case BlockData(disk_id, first_sector, sector_count, data):
+            return Frame(T.BLOCK_DATA, disk_id, sector_count, first_sector), data
+        case BlockZero(disk_id, first_sector, sector_count):
+            return Frame(T.BLOCK_ZERO, disk_id, sector_count, first_sector), b""
+        case Command(code, block_id, index, count, data):
+            return Frame(T.COMMAND, block_id, count, index), _COMMAND_HEAD.pack(code, 0) + data
+        case PassStart(pass_number):
+            return Frame(T.PASS, 0, 0, pass_number), b""
+        case EndOfStream(record_count, digest):
+            return Frame(T.END), _END.pack(record_count, digest)
+        case Config(settings):
+            return Frame(T.CONFIG), json.dumps(settings, separators=(",", ":")).encode()
+        case Description():
+            return Frame(T.DESCRIPTION), rec.to_json()
+        case RamBlocks(blocks):
+            return Frame(T.RAM_BLOCKS), _pack_list([(b.id, b.name, page_size, b.gpa, b.size) for b in blocks])
+        case BlockDevices(devices):
+            return Frame(T.BLOCK_DEVICES), _pack_list([(d.id, d.name, d.sector_size, 0, d.size)
+                                                       for d in devices])
+    raise TypeError(f"cannot encode {type(rec).__name__}")
+
+
+def _pack_list(entries: list[tuple[int, str, int, int, int]]) -> bytes:
+    out = [_LIST_HEAD.pack(len(entries), 0)]
+    for ident, name, unit, base, size in entries:
+        raw = name.encode()
+        out += [_LIST_ENTRY.pack(ident, len(raw), unit, base, size), raw]
+    return b"".join(out)
+
+
+def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
+    """The record for a checked frame and payload; StreamError if the payload is malformed."""
+    rtype, section, count, index = frame
+    if rtype == T.RAM_PAGES:
+        return RamPages(section, index, count, payload)
+    if rtype == T.RAM_ZERO:
+        return RamZero(section, index, count)
+    if T.SECTION_FULL <= rtype <= T.SECTION_END:
+        return DeviceSection(section, SectionPhase(rtype), bytes(payload))
+    if rtype == T.BLOCK_DATA:
+        return BlockData(section, index, count, payload)
+    if rtype == T.BLOCK_ZERO:
+        return BlockZero(section, index, count)
+    if rtype == T.PASS:
+        return PassStart(index)
+    if rtype == T.COMMAND:
+        return _parse_command(frame, bytes(payload))
+    if rtype == T.END:
+        if len(payload) != _END.size:
+            raise StreamError(f"END payload is {len(payload)} bytes, expected {_END.size}")
+        return EndOfStream(*_END.unpack(payload))
+    if rtype == T.CONFIG:
+        settings = _json(payload, "CONFIG")
+        if not isinstance(settings, dict):
+            raise StreamError("CONFIG payload is not a JSON object")
+        return Config(settings)
+    if rtype == T.DESCRIPTION:
+        return _parse_description(_json(payload, "DESCRIPTION"))
+    if rtype == T.RAM_BLOCKS:
+        blocks = []
+        for ident, name, unit, base, size in _parse_list(bytes(payload), "RAM_BLOCKS"):
+            if unit != page_size:
+                raise StreamError(f"RAM block '{name}' has unit {unit}, not the stream page size {page_size}")
+            blocks.append(RamBlockInfo(ident, name, base, size))
+        return RamBlocks(tuple(blocks))
+    if rtype == T.BLOCK_DEVICES:
+        disks = []
+        for ident, name, unit, base, size in _parse_list(bytes(payload), "BLOCK_DEVICES"):
+            if unit not in (512, 4096) or base != 0:
+                raise StreamError(f"disk '{name}' has sector size {unit} and base {base} (need 512|4096, 0)")
+            disks.append(DiskInfo(ident, name, size, unit))
+        return BlockDevices(tuple(disks))
+    raise AssertionError(f"parse_payload called for type {rtype}")  # rules.check_header let it through
+
+
+def _parse_command(frame: Frame, payload: bytes) -> Command:
+    if len(payload) < _COMMAND_HEAD.size:
+        raise StreamError(f"COMMAND payload is {len(payload)} bytes, shorter than its 4-byte head")
+    code, zero = _COMMAND_HEAD.unpack_from(payload)
+    if zero:
+        raise StreamError("COMMAND reserved field is not 0")
+    if code < ADVISORY_COMMANDS:
+        try:
+            code = CommandCode(code)
+        except ValueError:
+            raise StreamError(f"unknown command {code}") from None
+        if code == CommandCode.INVALID:
+            raise StreamError("command 0 is invalid")
+    return Command(code, frame.section, frame.index, frame.count, payload[_COMMAND_HEAD.size:])
+
+
+def _json(payload: Buffer, what: str) -> Any:
+    try:
+        return json.loads(bytes(payload).decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StreamError(f"{what} payload is not valid JSON: {str(e).splitlines()[0][:80]}") from None
+
+
+def _parse_description(doc: Any) -> Description:
+    if not isinstance(doc, dict) or doc.get("format") != DESCRIPTION_FORMAT:
+        raise StreamError(f"DESCRIPTION is not a {DESCRIPTION_FORMAT!r} JSON object")
+    sections = doc.get("sections")
+    if not isinstance(sections, list):
+        raise StreamError("DESCRIPTION has no 'sections' list")
+    out: list[SectionInfo] = []
+    for n, s in enumerate(sections):
+        ok = (isinstance(s, dict) and _is_int(s.get("id")) and 1 <= s["id"] <= 0xFFFF
+              and isinstance(s.get("name"), str) and s["name"]
+              and _is_int(s.get("instance")) and _is_int(s.get("version"))
+              and isinstance(s.get("fields"), list) and isinstance(s.get("subsections"), list))
+        if not ok:
+            raise StreamError(f"DESCRIPTION section entry {n} needs id (1..65535), name, instance, "
+                              "version, fields and subsections")
+        if any(i.id == s["id"] for i in out):
+            raise StreamError(f"DESCRIPTION defines section id {s['id']} twice")
+        out.append(SectionInfo(s["id"], s["name"], s["instance"], s["version"], s))
+    return Description(tuple(out))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_list(payload: bytes, what: str) -> list[tuple[int, str, int, int, int]]:
+    if len(payload) < _LIST_HEAD.size:
+        raise StreamError(f"{what} payload is {len(payload)} bytes, shorter than its 4-byte head")
+    n, zero = _LIST_HEAD.unpack_from(payload)
+    if zero:
+        raise StreamError(f"{what} reserved field is not 0")
+    pos, out, seen = _LIST_HEAD.size, [], set()
+    for i in range(n):
+        if pos + _LIST_ENTRY.size > len(payload):
+            raise StreamError(f"{what} entry {i} of {n} runs past the payload")
+        ident, name_len, unit, base, size = _LIST_ENTRY.unpack_from(payload, pos)
+        pos += _LIST_ENTRY.size
+        raw = payload[pos:pos + name_len]
+        pos += name_len
+        if len(raw) != name_len:
+            raise StreamError(f"{what} entry {i} of {n}: name runs past the payload")
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            raise StreamError(f"{what} entry {i}: name is not UTF-8") from None
+        if ident == 0 or ident in seen:
+            raise StreamError(f"{what} entry {i} ('{name}') has id {ident}: ids are 1..65535 and unique")
+        if unit == 0 or size % unit:
+            raise StreamError(f"{what} entry '{name}': size {size} is not a multiple of its unit {unit}")
+        seen.add(ident)
+        out.append((ident, name, unit, base, size))
+    if pos != len(payload):
+        raise StreamError(f"{what} has {len(payload) - pos} bytes after its {n} entries")
+    return out

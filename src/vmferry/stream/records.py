@@ -1,0 +1,210 @@
+"""What a stream holds: the record types, the command enum, and one dataclass per record.
+
+Records are plain values: the encoder turns them into bytes, the decoder yields them. Page and
+sector payloads are any contiguous buffer (bytes or memoryview) so neither side has to copy them.
+Numbers and layouts: docs/stream-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+Buffer = bytes | bytearray | memoryview
+
+
+class RecordType(IntEnum):
+    INVALID = 0
+    CONFIG = 1
+    DESCRIPTION = 2
+    RAM_BLOCKS = 3
+    BLOCK_DEVICES = 4
+    SECTION_FULL = 16
+    SECTION_START = 17
+    SECTION_PART = 18
+    SECTION_END = 19
+    RAM_PAGES = 32
+    RAM_ZERO = 33
+    RAM_COMPRESSED = 34  # reserved in 1.0
+    RAM_DELTA = 35  # reserved in 1.0
+    BLOCK_DATA = 48
+    BLOCK_ZERO = 49
+    BLOCK_COMPRESSED = 50  # reserved in 1.0
+    COMMAND = 64
+    PASS = 80
+    END = 255
+
+
+# Defined so later minors can use them; a 1.0 reader refuses them by name.
+RESERVED_TYPES = frozenset({RecordType.RAM_COMPRESSED, RecordType.RAM_DELTA, RecordType.BLOCK_COMPRESSED})
+
+
+class SectionPhase(IntEnum):
+    """A device section record's phase; the value is its record type."""
+
+    FULL = RecordType.SECTION_FULL
+    START = RecordType.SECTION_START
+    PART = RecordType.SECTION_PART
+    END = RecordType.SECTION_END
+
+
+class CommandCode(IntEnum):
+    """Return path and postcopy commands. 10..0x7FFF reserved; 0x8000.. advisory (ignorable)."""
+
+    INVALID = 0
+    ACK = 1
+    PING = 2
+    PAGE_REQUEST = 3
+    RESUME = 4
+    SHUT = 5
+    POSTCOPY_ADVISE = 6
+    POSTCOPY_LISTEN = 7
+    POSTCOPY_RUN = 8
+    RECEIVED_BITMAP = 9
+
+
+ADVISORY_COMMANDS = 0x8000
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHeader:
+    page_size: int
+    producer: str
+    machine_type: str
+    major: int = 1
+    minor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SectionInfo:
+    """One entry of a DESCRIPTION: a device section's id, identity and field schema."""
+
+    id: int
+    name: str
+    instance: int
+    version: int
+    schema: Mapping[str, Any]  # the whole JSON entry: fields, subsections, any extra keys
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    sections: tuple[SectionInfo, ...]
+
+    @classmethod
+    def from_schemas(cls, schemas: list[Mapping[str, Any]]) -> Description:
+        """From JSON section entries (each with id, name, instance, version, fields, subsections)."""
+        return cls(tuple(SectionInfo(s["id"], s["name"], s.get("instance", 0), s.get("version", 0),
+                                     {"instance": 0, "version": 0, "fields": [], "subsections": [], **s})
+                         for s in schemas))
+
+    def to_json(self) -> bytes:
+        doc = {"format": "vmferry-description/1", "sections": [dict(s.schema) for s in self.sections]}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class RamBlockInfo:
+    id: int
+    name: str
+    gpa: int
+    size: int  # bytes, a multiple of the stream's page size
+
+
+@dataclass(frozen=True, slots=True)
+class RamBlocks:
+    blocks: tuple[RamBlockInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    id: int
+    name: str
+    size: int  # bytes
+    sector_size: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevices:
+    devices: tuple[DiskInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSection:
+    section_id: int
+    phase: SectionPhase
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RamPages:
+    block_id: int
+    first_page: int
+    page_count: int
+    data: Buffer  # page_count * page_size bytes; a memoryview of the input where possible
+    placed: bool = False  # True: data is the caller's own target, already written in place
+
+
+@dataclass(frozen=True, slots=True)
+class RamZero:
+    block_id: int
+    first_page: int
+    page_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockData:
+    disk_id: int
+    first_sector: int
+    sector_count: int
+    data: Buffer
+
+
+@dataclass(frozen=True, slots=True)
+class BlockZero:
+    disk_id: int
+    first_sector: int
+    sector_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    code: int  # a CommandCode, or an unknown advisory code (>= 0x8000)
+    block_id: int = 0
+    index: int = 0
+    count: int = 0
+    data: bytes = b""  # SHUT: UTF-8 reason; RECEIVED_BITMAP: the bitmap
+
+    @property
+    def message(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class PassStart:
+    pass_number: int  # 1, 2, ... strictly increasing
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    record_count: int = 0  # filled in by the encoder
+    digest: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A record of a type this reader does not know, flagged SKIPPABLE: checked, then passed over."""
+
+    type_code: int
+    length: int
+
+
+Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamZero | BlockData
+          | BlockZero | Command | PassStart | EndOfStream | Skipped)

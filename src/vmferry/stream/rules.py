@@ -1,0 +1,161 @@
+"""The stream's order rules: what a record header may say given the records before it.
+
+`check_header` runs on a verified record header *before* its payload is buffered or placed, so
+a destination never allocates for, or writes pages to, anything the stream has not declared.
+`apply` runs after the payload's checksum passed and records what the record declared.
+"""
+
+from __future__ import annotations
+
+from vmferry.errors import StreamError
+from vmferry.stream.format import FLAG_SKIPPABLE, KNOWN_FLAGS
+from vmferry.stream.records import (
+    RESERVED_TYPES,
+    BlockDevices,
+    Config,
+    Description,
+    DeviceSection,
+    DiskInfo,
+    PassStart,
+    RamBlockInfo,
+    RamBlocks,
+    Record,
+    RecordType,
+    SectionInfo,
+    SectionPhase,
+)
+
+T = RecordType
+_SECTION_TYPES = (T.SECTION_FULL, T.SECTION_START, T.SECTION_PART, T.SECTION_END)
+_RUN_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.BLOCK_DATA, T.BLOCK_ZERO)
+# Which generic header fields each type uses (s = section, c = count, i = index); the rest must be 0.
+_USES = {T.CONFIG: "", T.DESCRIPTION: "", T.RAM_BLOCKS: "", T.BLOCK_DEVICES: "", T.END: "",
+         T.PASS: "i", T.COMMAND: "sci", **dict.fromkeys(_SECTION_TYPES, "s"),
+         **dict.fromkeys(_RUN_TYPES, "sci")}
+END_PAYLOAD = 16
+
+
+def type_name(rtype: int) -> str:
+    try:
+        return RecordType(rtype).name
+    except ValueError:
+        return f"type {rtype}"
+
+
+class StreamRules:
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.sections: dict[int, SectionInfo] = {}
+        self.ram: dict[int, RamBlockInfo] = {}
+        self.disks: dict[int, DiskInfo] = {}
+        self.open_sections: set[int] = set()
+        self.last_pass = 0
+        self.config_seen = False
+
+    def subject(self, rtype: int, section: int) -> str | None:
+        """The name of what a record is about (device section, RAM block, disk), for error messages."""
+        if rtype in _SECTION_TYPES and section in self.sections:
+            return self.sections[section].name
+        if rtype in (T.RAM_PAGES, T.RAM_ZERO) and section in self.ram:
+            return self.ram[section].name
+        if rtype in (T.BLOCK_DATA, T.BLOCK_ZERO) and section in self.disks:
+            return self.disks[section].name
+        return None
+
+    def check_header(self, rtype: int, flags: int, section: int, length: int, count: int, index: int,
+                     max_payload: int) -> bool:
+        """Raise StreamError if this header cannot come next; -> False for a skippable unknown type."""
+        if flags & ~KNOWN_FLAGS:
+            raise StreamError(f"reserved flag bits 0x{flags & ~KNOWN_FLAGS:02x} set")
+        if length > max_payload:
+            raise StreamError(f"payload length {length} exceeds the limit of {max_payload} bytes")
+        if rtype == T.INVALID:
+            raise StreamError("record type 0 is invalid")
+        if rtype in RESERVED_TYPES:
+            raise StreamError(f"record type {RecordType(rtype).name} is reserved in format 1.0")
+        if rtype not in _USES:
+            if flags & FLAG_SKIPPABLE:
+                return False
+            raise StreamError(f"unknown record type {rtype}")
+        name = RecordType(rtype).name
+        uses = _USES[rtype]
+        for letter, field, value in (("s", "section", section), ("c", "count", count), ("i", "index", index)):
+            if letter not in uses and value:
+                raise StreamError(f"{name} record has {field} {value}, must be 0")
+        if rtype in _SECTION_TYPES:
+            self._check_section(rtype, section)
+        elif rtype in (T.RAM_PAGES, T.RAM_ZERO):
+            unit = self.page_size
+            self._check_run(name, "RAM block", "pages", self.ram.get(section), section, index, count, unit)
+            self._check_length(name, length, count * unit if rtype == T.RAM_PAGES else 0)
+        elif rtype in (T.BLOCK_DATA, T.BLOCK_ZERO):
+            disk = self.disks.get(section)
+            unit = disk.sector_size if disk else 0
+            self._check_run(name, "disk", "sectors", disk, section, index, count, unit)
+            self._check_length(name, length, count * unit if rtype == T.BLOCK_DATA else 0)
+        elif rtype == T.PASS:
+            self._check_length(name, length, 0)
+            if index <= self.last_pass:
+                raise StreamError(f"pass {index} after pass {self.last_pass}: pass numbers must increase")
+        elif rtype == T.END:
+            self._check_length(name, length, END_PAYLOAD)
+            if self.open_sections:
+                names = ", ".join(sorted(self.sections[s].name for s in self.open_sections))
+                raise StreamError(f"end of stream while section(s) {names} still open (START without END)")
+        elif rtype == T.CONFIG and self.config_seen:
+            raise StreamError("a second CONFIG record")
+        return True
+
+    def _check_section(self, rtype: int, section: int) -> None:
+        if section not in self.sections:
+            raise StreamError(f"unknown section id {section} (not in any DESCRIPTION)")
+        is_open = section in self.open_sections
+        if rtype in (T.SECTION_FULL, T.SECTION_START) and is_open:
+            raise StreamError(f"{RecordType(rtype).name} while the section is open (START without END)")
+        if rtype in (T.SECTION_PART, T.SECTION_END) and not is_open:
+            raise StreamError(f"{RecordType(rtype).name} without a SECTION_START")
+
+    @staticmethod
+    def _check_run(name: str, what: str, word: str, info: RamBlockInfo | DiskInfo | None, ident: int,
+                   first: int, count: int, unit: int) -> None:
+        if info is None:
+            raise StreamError(f"{name} for unknown {what} id {ident} (not listed before)")
+        if count == 0:
+            raise StreamError(f"{name} with count 0")
+        units = info.size // unit
+        if first + count > units:
+            raise StreamError(f"{name} {word} {first}..{first + count - 1} lie outside {what} "
+                              f"'{info.name}' ({units} {word} of {unit} bytes)")
+
+    @staticmethod
+    def _check_length(name: str, length: int, expected: int) -> None:
+        if length != expected:
+            raise StreamError(f"{name} payload length {length}, expected {expected}")
+
+    def apply(self, rec: Record) -> None:
+        match rec:
+            case DeviceSection(section_id, phase):
+                if phase == SectionPhase.START:
+                    self.open_sections.add(section_id)
+                elif phase == SectionPhase.END:
+                    self.open_sections.discard(section_id)
+            case PassStart(pass_number):
+                self.last_pass = pass_number
+            case Description(sections):
+                for s in sections:
+                    if s.id in self.sections:
+                        raise StreamError(f"section id {s.id} ('{s.name}') redefined")
+                    self.sections[s.id] = s
+            case RamBlocks(blocks):
+                self._declare(self.ram, blocks, "RAM block")
+            case BlockDevices(devices):
+                self._declare(self.disks, devices, "disk")
+            case Config():
+                self.config_seen = True
+
+    @staticmethod
+    def _declare(table: dict, items: tuple, what: str) -> None:
+        for item in items:
+            if item.id in table:
+                raise StreamError(f"{what} id {item.id} ('{item.name}') listed twice")
+            table[item.id] = item
