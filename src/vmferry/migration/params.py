@@ -1,0 +1,300 @@
+"""Migration parameters and capabilities, under QMP's names, with QEMU 7.2's defaults and checks.
+
+Two plain objects shared by the monitor (which writes them from `migrate-set-parameters` /
+`migrate-set-capabilities`) and the migration thread (which reads them while it runs):
+
+* `MigrationParameters` - one typed dataclass field per parameter (python name = QMP name with
+  `-` -> `_`). `apply(changes)` validates *every* change first and then assigns them all under a
+  lock, so a reader never sees half of a `migrate-set-parameters`. Reading one attribute is atomic
+  under the GIL; read several that must agree through `snapshot()`.
+* `MigrationCapabilities` - the 7.2 capability list, all off by default; `set()` validates the whole
+  list (unknown names, incompatible combinations) before changing anything.
+
+The specs table (`PARAMETER_SPECS`) is the single source for QAPI types, ranges and docs: the
+monitor builds its argument schema and `docs/qmp.md` from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from vmferry.errors import QmpError
+
+UINT64_MAX = 2**64 - 1
+# QEMU's MAX_MIGRATE_DOWNTIME: 2000 seconds, in ms.
+MAX_DOWNTIME_MS = 2_000_000
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter is typed, bounded and described. `expects` completes QEMU's
+    "Parameter 'x' expects ..." when the value is out of [lo, hi]."""
+
+    qmp_name: str
+    qapi_type: str  # "size", "uint64", "uint32", "uint8", "bool", "str", "MultiFDCompression"
+    doc: str
+    lo: int | None = None
+    hi: int | None = None
+    expects: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def py_name(self) -> str:
+        return self.qmp_name.replace("-", "_")
+
+
+def _range(lo: int, hi: int, unit: str = "") -> str:
+    return f"an integer in the range of {lo} to {hi}" + (f" {unit}" if unit else "")
+
+
+MULTIFD_COMPRESSION = ("none", "zlib", "zstd")
+
+PARAMETER_SPECS: tuple[ParamSpec, ...] = (
+    ParamSpec("announce-initial", "size", "initial delay (ms) before the first self-announcement",
+              0, 100_000, _range(0, 100_000, "ms")),
+    ParamSpec("announce-max", "size", "maximum delay (ms) between self-announcements",
+              0, 100_000, _range(0, 100_000, "ms")),
+    ParamSpec("announce-rounds", "size", "number of self-announcement packets",
+              0, 1000, _range(0, 1000)),
+    ParamSpec("announce-step", "size", "increase (ms) of the delay between announcements",
+              1, 10_000, _range(1, 10_000, "ms")),
+    ParamSpec("compress-level", "uint8", "compression level of the 'compress' capability (0-9)",
+              0, 9, "a value between 0 and 9"),
+    ParamSpec("compress-threads", "uint8", "compression threads of the 'compress' capability",
+              1, 255, "a value between 1 and 255"),
+    ParamSpec("compress-wait-thread", "bool", "wait for a free compression thread instead of "
+              "sending the page uncompressed"),
+    ParamSpec("decompress-threads", "uint8", "decompression threads on the destination",
+              1, 255, "a value between 1 and 255"),
+    ParamSpec("throttle-trigger-threshold", "uint8", "percentage of dirtied/transferred bytes per "
+              "pass above which auto-converge throttles", 1, 100, "an integer in the range of 1 to 100"),
+    ParamSpec("cpu-throttle-initial", "uint8", "initial vCPU throttle percentage of auto-converge",
+              1, 99, "an integer in the range of 1 to 99"),
+    ParamSpec("cpu-throttle-increment", "uint8", "throttle percentage added each time auto-converge "
+              "finds the migration not converging", 1, 99, "an integer in the range of 1 to 99"),
+    ParamSpec("cpu-throttle-tailslow", "bool", "in the last throttling step, add only what the dirty "
+              "rate requires rather than the whole increment"),
+    ParamSpec("tls-creds", "str", "id of the TLS credentials object; \"\" means plain text"),
+    ParamSpec("tls-hostname", "str", "hostname to check the destination's certificate against"),
+    ParamSpec("tls-authz", "str", "id of the authorization object the destination checks clients with"),
+    ParamSpec("max-bandwidth", "size", "bandwidth cap of the precopy phase, bytes per second; "
+              "0 means unlimited",
+              0, UINT64_MAX, _range(0, UINT64_MAX, "bytes/second")),
+    ParamSpec("downtime-limit", "uint64", "largest pause (ms) tolerated at switchover; the migration "
+              "switches over once the expected downtime is below it",
+              0, MAX_DOWNTIME_MS, _range(0, MAX_DOWNTIME_MS, "ms")),
+    ParamSpec("x-checkpoint-delay", "uint32", "COLO checkpoint interval, ms", 0, 2**32 - 1,
+              _range(0, 2**32 - 1, "ms")),
+    ParamSpec("block-incremental", "bool", "block migration copies only the top image of a backing chain"),
+    ParamSpec("multifd-channels", "uint8", "parallel connections of the 'multifd' capability",
+              1, 255, "a value between 1 and 255"),
+    ParamSpec("xbzrle-cache-size", "size", "page cache of the 'xbzrle' capability, bytes (a power of two, "
+              "at least one page)", 4096, UINT64_MAX,
+              "a power of two no less than the target page size"),
+    ParamSpec("max-postcopy-bandwidth", "size", "bandwidth cap of the postcopy phase, bytes per second; "
+              "0 means unlimited", 0, UINT64_MAX, _range(0, UINT64_MAX, "bytes/second")),
+    ParamSpec("max-cpu-throttle", "uint8", "largest vCPU throttle percentage auto-converge may reach",
+              1, 99, "an integer in the range of 1 to 99"),
+    ParamSpec("multifd-compression", "MultiFDCompression", "compression of multifd channels",
+              choices=MULTIFD_COMPRESSION),
+    ParamSpec("multifd-zlib-level", "uint8", "zlib level of multifd compression", 0, 9,
+              "a value between 0 and 9"),
+    ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
+              "a value between 0 and 20"),
+)
+SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
+
+
+@dataclass
+class MigrationParameters:
+    """QEMU 7.2's migration parameters and defaults. Units are in the field names' docs above
+    (`PARAMETER_SPECS`): bandwidths in bytes/s, times in ms."""
+
+    announce_initial: int = 50
+    announce_max: int = 550
+    announce_rounds: int = 5
+    announce_step: int = 100
+    compress_level: int = 1
+    compress_threads: int = 8
+    compress_wait_thread: bool = True
+    decompress_threads: int = 2
+    throttle_trigger_threshold: int = 50
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    cpu_throttle_tailslow: bool = False
+    tls_creds: str = ""
+    tls_hostname: str = ""
+    tls_authz: str = ""
+    max_bandwidth: int = 134_217_728  # 128 MiB/s, QEMU's MAX_THROTTLE
+    downtime_limit: int = 300
+    x_checkpoint_delay: int = 20_000
+    block_incremental: bool = False
+    multifd_channels: int = 2
+    xbzrle_cache_size: int = 67_108_864
+    max_postcopy_bandwidth: int = 0
+    max_cpu_throttle: int = 99
+    multifd_compression: str = "none"
+    multifd_zlib_level: int = 1
+    multifd_zstd_level: int = 1
+    # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
+    # never see half an update.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def apply(self, changes: Mapping[str, object]) -> None:
+        """Validate every change (QMP names), then assign them all at once. Raises QmpError
+        (GenericError) naming the parameter; on error nothing is changed."""
+        checked = {SPECS_BY_NAME[name].py_name: value for name, value in _check_params(changes).items()}
+        with self._lock:
+            for py_name, value in checked.items():
+                setattr(self, py_name, value)
+
+    def snapshot(self) -> MigrationParameters:
+        """A consistent private copy, for code that reads several parameters together."""
+        with self._lock:
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return MigrationParameters(**values)
+
+    def to_qmp(self) -> dict[str, object]:
+        """query-migrate-parameters' answer: every parameter under its QMP name."""
+        with self._lock:
+            return {spec.qmp_name: copy.copy(getattr(self, spec.py_name)) for spec in PARAMETER_SPECS}
+
+    @classmethod
+    def from_qmp(cls, values: Mapping[str, object]) -> MigrationParameters:
+        """Defaults overridden by `values` (QMP names), validated like `apply`."""
+        params = cls()
+        params.apply(values)
+        return params
+
+
+def _check_params(changes: Mapping[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, value in changes.items():
+        spec = SPECS_BY_NAME.get(name)
+        if spec is None:
+            raise QmpError(f"Parameter '{name}' is unexpected")
+        out[name] = _check_one(spec, value)
+    return out
+
+
+def _check_one(spec: ParamSpec, value: object) -> object:
+    name = spec.qmp_name
+    if spec.qapi_type == "bool":
+        if not isinstance(value, bool):
+            raise QmpError(f"Invalid parameter type for '{name}', expected: boolean")
+        return value
+    if spec.qapi_type == "str":
+        # migrate-set-parameters takes StrOrNull for the TLS strings; null means "" (off).
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+        return value
+    if spec.choices:
+        if not isinstance(value, str):
+            raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+        if value not in spec.choices:
+            raise QmpError(f"Parameter '{name}' does not accept value '{value}'")
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise QmpError(f"Invalid parameter type for '{name}', expected: integer")
+    assert spec.lo is not None and spec.hi is not None
+    if not spec.lo <= value <= spec.hi:
+        raise QmpError(f"Parameter '{name}' expects {spec.expects}")
+    if name == "xbzrle-cache-size" and value & (value - 1):
+        raise QmpError(f"Parameter '{name}' expects {spec.expects}")
+    return value
+
+
+# The 7.2 list, in QEMU's order (query-migrate-capabilities answers in this order).
+CAPABILITIES: tuple[str, ...] = (
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
+    "x-colo", "release-ram", "block", "return-path", "pause-before-switchover", "multifd",
+    "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
+    "background-snapshot", "zero-copy-send", "postcopy-preempt",
+)
+
+CAPABILITY_DOCS: dict[str, str] = {
+    "xbzrle": "send changed pages as XOR+RLE deltas against a cache",
+    "rdma-pin-all": "pin all guest memory for RDMA up front",
+    "auto-converge": "throttle vCPUs when the migration does not converge",
+    "zero-blocks": "block migration skips zeroed blocks",
+    "compress": "compress pages with compression threads",
+    "events": "emit MIGRATION and MIGRATION_PASS events",
+    "postcopy-ram": "allow switching to postcopy (migrate-start-postcopy)",
+    "x-colo": "COLO fault tolerance",
+    "release-ram": "the source frees RAM already sent during postcopy",
+    "block": "migrate disks too (block migration)",
+    "return-path": "open a return path from destination to source",
+    "pause-before-switchover": "pause in pre-switchover until migrate-continue",
+    "multifd": "send pages over several channels",
+    "dirty-bitmaps": "migrate persistent dirty bitmaps",
+    "postcopy-blocktime": "measure vCPU blocktime during postcopy",
+    "late-block-activate": "activate disks on the destination at cont, not at switchover",
+    "x-ignore-shared": "do not send RAM that is shared with the destination",
+    "validate-uuid": "check that source and destination UUIDs match",
+    "background-snapshot": "snapshot RAM with write-protection while the VM runs",
+    "zero-copy-send": "send multifd pages without copying them (MSG_ZEROCOPY)",
+    "postcopy-preempt": "a separate channel for urgent postcopy page requests",
+}
+
+
+class MigrationCapabilities:
+    """On/off switches under QMP's names; all off by default (as in QEMU)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
+
+    def enabled(self, name: str) -> bool:
+        try:
+            return self._state[name]
+        except KeyError:
+            raise KeyError(f"unknown migration capability {name!r}") from None
+
+    def set(self, changes: Iterable[Mapping[str, object]]) -> None:
+        """Apply `[{"capability": NAME, "state": BOOL}, ...]` (QMP's shape) all or nothing.
+        Unknown names and incompatible combinations raise QmpError and change nothing."""
+        with self._lock:
+            candidate = dict(self._state)
+            for i, entry in enumerate(changes):
+                name, state = entry.get("capability"), entry.get("state")
+                if not isinstance(name, str) or name not in candidate:
+                    raise QmpError(f"Parameter 'capabilities[{i}].capability' does not accept value '{name}'")
+                if not isinstance(state, bool):
+                    raise QmpError(f"Invalid parameter type for 'capabilities[{i}].state', expected: boolean")
+                candidate[name] = state
+            _check_caps(candidate)
+            self._state = candidate
+
+    def query(self) -> list[dict[str, object]]:
+        """query-migrate-capabilities' answer."""
+        with self._lock:
+            return [{"capability": name, "state": self._state[name]} for name in CAPABILITIES]
+
+    def to_dict(self) -> dict[str, bool]:
+        with self._lock:
+            return dict(self._state)
+
+
+def _check_caps(caps: Mapping[str, bool]) -> None:
+    """QEMU's migrate_caps_check, for the combinations that matter to us (messages are QEMU's)."""
+    if caps["postcopy-ram"] and caps["compress"]:
+        raise QmpError("Postcopy is not currently compatible with compression")
+    if caps["postcopy-ram"] and caps["x-ignore-shared"]:
+        raise QmpError("Postcopy is not compatible with ignore-shared")
+    if caps["postcopy-preempt"] and not caps["postcopy-ram"]:
+        raise QmpError("Postcopy preempt requires postcopy-ram")
+    if caps["zero-copy-send"] and (not caps["multifd"] or caps["compress"]):
+        raise QmpError("Zero copy only available for non-compressed non-TLS multifd migration")
+    if caps["background-snapshot"]:
+        clash = [c for c in ("postcopy-ram", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate",
+                             "return-path", "multifd", "pause-before-switchover", "auto-converge",
+                             "release-ram", "rdma-pin-all", "compress", "xbzrle", "x-colo",
+                             "validate-uuid", "zero-copy-send") if caps[c]]
+        if clash:
+            raise QmpError(f"Background-snapshot is not compatible with {clash[0]}")

@@ -1,0 +1,330 @@
+"""The QMP command table and the dispatcher that runs it against a MonitorBackend.
+
+Each entry is data: name, argument schema (QMP names and QAPI types), what it returns, the errors
+it may answer, and the handler. `query-commands` and docs/qmp.md are generated from this table,
+so what we document is what we accept. Arguments are validated (schema.validate) before a handler
+runs; a handler only sees well-typed arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmferry import __version__
+from vmferry.errors import QmpError
+from vmferry.migration.params import CAPABILITIES, PARAMETER_SPECS, ParamSpec
+from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
+from vmferry.monitor.protocol import Session
+from vmferry.monitor.schema import (
+    BOOL,
+    SCALARS_BY_NAME,
+    STR,
+    STR_OR_NULL,
+    Arg,
+    Enum,
+    ListOf,
+    QType,
+    Struct,
+    validate,
+)
+
+log = logging.getLogger("vmferry.monitor")
+
+# We speak QEMU 7.2's QMP dialect (names, shapes, errors); tools read this version to decide what
+# to send. `package` says who actually answers.
+QEMU_DIALECT = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": f"vmferry-{__version__}"}
+
+Handler = Callable[["CommandDispatcher", dict, Session], object]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    doc: str
+    handler: Handler
+    args: tuple[Arg, ...] = ()
+    returns: str = "`{}`"
+    errors: tuple[str, ...] = ()
+    example: tuple[dict, object] | None = None  # (arguments, return value) for the docs
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, doc: str, *, args: tuple[Arg, ...] = (), returns: str = "`{}`",
+            errors: tuple[str, ...] = (), example: tuple[dict, object] | None = None
+            ) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = Command(name, doc, fn, args, returns, errors, example)
+        return fn
+    return register
+
+
+class CommandDispatcher:
+    """Binds the command table to one backend; implements protocol.Dispatcher."""
+
+    def __init__(self, backend: MonitorBackend, *, commands: dict[str, Command] | None = None) -> None:
+        self.backend = backend
+        self.commands = COMMANDS if commands is None else commands
+
+    def greeting_version(self) -> dict:
+        return QEMU_DIALECT
+
+    def has_command(self, name: str) -> bool:
+        return name in self.commands
+
+    def dispatch(self, name: str, arguments: dict, session: Session) -> object:
+        cmd = self.commands.get(name)
+        if cmd is None:
+            raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+        args = validate(cmd.args, arguments)
+        log.debug("QMP %s %s from %s", name, args, session.peer)
+        return cmd.handler(self, args, session)
+
+
+def _optional(backend: object, method: str, unsupported: str) -> Callable[..., object]:
+    """A backend method that may not exist yet; calling it answers `unsupported` if it is missing
+    or raises NotImplementedError."""
+    fn = getattr(backend, method, None)
+
+    def call(*a: object) -> object:
+        if fn is None:
+            raise QmpError(unsupported)
+        try:
+            return fn(*a)
+        except NotImplementedError:
+            raise QmpError(unsupported) from None
+    return call
+
+
+def _migration_running(backend: MonitorBackend) -> bool:
+    return backend.query_migrate().get("status", "none") in MIGRATION_RUNNING_STATES
+
+
+_MIGRATION_ACTIVE = "There's a migration process in progress"
+_POSTCOPY_UNSUPPORTED = "Postcopy is not supported yet"
+_RECOVERY_UNSUPPORTED = "Postcopy recovery is not supported yet"
+
+# --- session and identity ---------------------------------------------------------------------
+
+
+@command("qmp_capabilities", "Leave capabilities negotiation mode; the only command accepted before it.",
+         args=(Arg("enable", ListOf(Enum("QMPCapability", ("oob",))), optional=True,
+                   doc="capabilities to enable; \"oob\" is offered in the greeting"),),
+         errors=("CommandNotFound: Capabilities negotiation is already complete, command ignored",),
+         example=({"enable": ["oob"]}, {}))
+def _qmp_capabilities(d: CommandDispatcher, args: dict, session: Session) -> object:
+    if session.negotiated:
+        raise QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+    enable = args.get("enable", [])
+    missing = [c for c in enable if c not in session.offered]
+    if missing:
+        raise QmpError(f"Capability {', '.join(missing)} not available")
+    session.oob_enabled = "oob" in enable
+    session.negotiated = True
+    return {}
+
+
+@command("query-version", "The QMP dialect spoken (QEMU 7.2's) and the vmferry version answering.",
+         returns='`{"qemu": {"major", "minor", "micro"}, "package": "vmferry-X.Y.Z"}`',
+         example=({}, QEMU_DIALECT))
+def _query_version(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return QEMU_DIALECT
+
+
+@command("query-commands", "Every command this monitor accepts.",
+         returns='`[{"name": str}, ...]`', example=({}, [{"name": "qmp_capabilities"}, "..."]))
+def _query_commands(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return [{"name": name} for name in d.commands]
+
+
+# --- run state ---------------------------------------------------------------------------------
+
+
+@command("query-status", "The VM's run state.",
+         returns='`{"status": RunState, "running": bool, "singlestep": false}`',
+         example=({}, {"status": "running", "running": True, "singlestep": False}))
+def _query_status(d: CommandDispatcher, args: dict, session: Session) -> object:
+    status = dict(d.backend.query_status())
+    status.setdefault("singlestep", False)
+    return status
+
+
+@command("stop", "Pause the vCPUs; emits STOP.")
+def _stop(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.stop()
+    return {}
+
+
+@command("cont", "Resume the vCPUs; emits RESUME. On a destination still in `inmigrate`, the VM "
+         "starts once the migration completes.")
+def _cont(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.cont()
+    return {}
+
+
+@command("quit", "Exit the VMM after replying; emits SHUTDOWN {guest: false, reason: host-qmp-quit}.")
+def _quit(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.quit()
+    return {}
+
+
+@command("system_powerdown", "Ask the guest to power off; emits POWERDOWN.")
+def _system_powerdown(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.system_powerdown()
+    return {}
+
+
+@command("query-cpus-fast", "The vCPUs, without interrupting them.",
+         returns='`[{"cpu-index": int, "thread-id": int, "qom-path": str, "target": "x86_64", '
+                 '"props": {"core-id", "thread-id", "socket-id"}}, ...]`',
+         example=({}, [{"cpu-index": 0, "thread-id": 4242, "qom-path": "/machine/unattached/device[0]",
+                        "target": "x86_64", "props": {"core-id": 0, "thread-id": 0, "socket-id": 0}}]))
+def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> object:
+    cpus = []
+    for cpu in d.backend.query_cpus_fast():
+        cpu = dict(cpu)
+        index = cpu["cpu-index"]
+        cpu.setdefault("qom-path", f"/machine/unattached/device[{index}]")
+        cpu.setdefault("target", "x86_64")
+        cpu.setdefault("props", {"core-id": 0, "thread-id": 0, "socket-id": index})
+        cpus.append(cpu)
+    return cpus
+
+
+# --- migration ---------------------------------------------------------------------------------
+
+
+@command("migrate", "Start migrating the VM to `uri` (tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, "
+         "fd:N) and return at once; follow it with query-migrate or MIGRATION events.",
+         args=(Arg("uri", STR, doc="where to send the stream"),
+               Arg("detach", BOOL, optional=True, doc="accepted and ignored: migrate always detaches"),
+               Arg("resume", BOOL, optional=True, doc="resume a paused postcopy migration")),
+         errors=("GenericError: There's a migration process in progress",
+                 "GenericError: Guest is waiting for an incoming migration",
+                 "GenericError: Can't migrate the vm that was paused due to previous migration",
+                 "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)"),
+         example=({"uri": "tcp:192.0.2.7:4444"}, {}))
+def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
+    if args.get("resume"):
+        _optional(d.backend, "migrate_resume", _RECOVERY_UNSUPPORTED)(args["uri"])
+        return {}
+    if _migration_running(d.backend):
+        raise QmpError(_MIGRATION_ACTIVE)
+    run_state = d.backend.query_status().get("status")
+    if run_state == "inmigrate":
+        raise QmpError("Guest is waiting for an incoming migration")
+    if run_state == "postmigrate":
+        raise QmpError("Can't migrate the vm that was paused due to previous migration")
+    d.backend.migrate(args["uri"])
+    return {}
+
+
+@command("migrate-incoming", "Start listening for the incoming stream on `uri` (after `--incoming defer`).",
+         args=(Arg("uri", STR, doc="where to accept the stream"),),
+         errors=("GenericError: '-incoming' was not specified on the command line",
+                 "GenericError: The incoming migration has already been started"),
+         example=({"uri": "tcp:0.0.0.0:4444"}, {}))
+def _migrate_incoming(d: CommandDispatcher, args: dict, session: Session) -> object:
+    if d.backend.query_status().get("status") != "inmigrate":
+        raise QmpError("'-incoming' was not specified on the command line")
+    d.backend.migrate_incoming(args["uri"])
+    return {}
+
+
+@command("migrate_cancel", "Cancel the outgoing migration, if any; the VM keeps running on the source.")
+def _migrate_cancel(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.migrate_cancel()
+    return {}
+
+
+@command("query-migrate", "Progress and statistics of the current or last migration; `{}` before any.",
+         returns='`{"status": MigrationStatus, "setup-time", "total-time", "downtime" | '
+                 '"expected-downtime" (ms), "ram": {total, transferred, remaining, duplicate, normal, '
+                 'normal-bytes, dirty-sync-count, dirty-pages-rate, mbps, pages-per-second, page-size, '
+                 'precopy-bytes, downtime-bytes, postcopy-bytes, ...}}`',
+         example=({}, {"status": "completed", "setup-time": 1, "downtime": 4, "total-time": 11,
+                       "ram": {"total": 84746240, "transferred": 1144598, "remaining": 0,
+                               "mbps": 1172.9, "dirty-sync-count": 2, "page-size": 4096}}))
+def _query_migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return d.backend.query_migrate()
+
+
+def _param_type(spec: ParamSpec) -> QType:
+    if spec.choices:
+        return Enum(spec.qapi_type, spec.choices)
+    if spec.qapi_type == "str":
+        return STR_OR_NULL  # null resets a TLS string to "" (off), as in QEMU
+    return SCALARS_BY_NAME[spec.qapi_type]
+
+
+_PARAM_ARGS = tuple(Arg(s.qmp_name, _param_type(s), optional=True, doc=s.doc) for s in PARAMETER_SPECS)
+
+
+@command("migrate-set-parameters", "Change migration parameters; all or nothing. May be used during a "
+         "migration (e.g. max-bandwidth, downtime-limit take effect on the next pass).",
+         args=_PARAM_ARGS,
+         errors=("GenericError: Parameter 'downtime-limit' expects an integer in the range of 0 to "
+                 "2000000 ms (and the like for each parameter)",),
+         example=({"max-bandwidth": 1073741824, "downtime-limit": 500}, {}))
+def _migrate_set_parameters(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.migration_parameters.apply(args)
+    return {}
+
+
+@command("query-migrate-parameters", "Every migration parameter and its current value.",
+         returns="`{PARAMETER: value, ...}` (every parameter of migrate-set-parameters)",
+         example=({}, {"max-bandwidth": 134217728, "downtime-limit": 300, "multifd-channels": 2,
+                       "...": "..."}))
+def _query_migrate_parameters(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return d.backend.migration_parameters.to_qmp()
+
+
+_CAP_STATUS = Struct("MigrationCapabilityStatus",
+                     (Arg("capability", Enum("MigrationCapability", CAPABILITIES)), Arg("state", BOOL)))
+
+
+@command("migrate-set-capabilities", "Turn migration capabilities on or off; all or nothing. Refused "
+         "while a migration runs.",
+         args=(Arg("capabilities", ListOf(_CAP_STATUS), doc="`[{\"capability\": NAME, \"state\": bool}]`"),),
+         errors=("GenericError: " + _MIGRATION_ACTIVE,
+                 "GenericError: Parameter 'capabilities[0].capability' does not accept value 'x'",
+                 "GenericError: Postcopy preempt requires postcopy-ram (and QEMU's other "
+                 "combination checks)"),
+         example=({"capabilities": [{"capability": "events", "state": True}]}, {}))
+def _migrate_set_capabilities(d: CommandDispatcher, args: dict, session: Session) -> object:
+    if _migration_running(d.backend):
+        raise QmpError(_MIGRATION_ACTIVE)
+    d.backend.migration_capabilities.set(args["capabilities"])
+    return {}
+
+
+@command("query-migrate-capabilities", "Every migration capability and whether it is on.",
+         returns='`[{"capability": NAME, "state": bool}, ...]` in QEMU 7.2\'s order',
+         example=({}, [{"capability": "xbzrle", "state": False}, "..."]))
+def _query_migrate_capabilities(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return d.backend.migration_capabilities.query()
+
+
+@command("migrate-start-postcopy", "Switch the running migration to postcopy.",
+         errors=("GenericError: " + _POSTCOPY_UNSUPPORTED,))
+def _migrate_start_postcopy(d: CommandDispatcher, args: dict, session: Session) -> object:
+    _optional(d.backend, "migrate_start_postcopy", _POSTCOPY_UNSUPPORTED)()
+    return {}
+
+
+@command("migrate-recover", "Destination: accept a resumed postcopy migration on `uri`.",
+         args=(Arg("uri", STR, doc="where to accept the resumed stream"),),
+         errors=("GenericError: " + _RECOVERY_UNSUPPORTED,))
+def _migrate_recover(d: CommandDispatcher, args: dict, session: Session) -> object:
+    _optional(d.backend, "migrate_recover", _RECOVERY_UNSUPPORTED)(args["uri"])
+    return {}
+
+
+@command("migrate-pause", "Pause a postcopy migration (to recover it later).",
+         errors=("GenericError: " + _RECOVERY_UNSUPPORTED,))
+def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object:
+    _optional(d.backend, "migrate_pause", _RECOVERY_UNSUPPORTED)()
+    return {}
