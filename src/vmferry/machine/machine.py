@@ -1,0 +1,280 @@
+"""`Machine`: assembles a VM from a MachineType — RAM blocks, vCPUs and their threads, devices on
+the port-I/O and MMIO buses — and runs, pauses, resumes and stops it.
+
+Lifecycle: built (vCPUs not running) -> start() -> running <-> paused (pause()/resume()) ->
+finished (guest powered off through the debug-exit port, halted for good, crashed, or
+shutdown() was called). `wait()` returns the `ExitStatus`. A migration destination builds a
+Machine without a kernel, fills RAM and state, then calls start().
+
+`on_event(name, data)` is called on state changes: "STOP", "RESUME", "SHUTDOWN" (data has the
+exit status), from whichever thread caused them; the monitor turns them into QMP events.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmferry.devices.chardev import Chardev, open_chardev
+from vmferry.devices.debug_exit import DEBUG_EXIT_IOSIZE, DEBUG_EXIT_PORT, DebugExit
+from vmferry.devices.irqchip import InKernelIrqchip
+from vmferry.devices.pit import InKernelPit, KvmClock
+from vmferry.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
+from vmferry.errors import GuestError, VmferryError
+from vmferry.kvm.system import Kvm
+from vmferry.kvm.vcpu import Vcpu
+from vmferry.machine import multiboot
+from vmferry.machine.bus import Bus
+from vmferry.machine.exits import handle_exit
+from vmferry.machine.machine_type import MachineType, get_machine_type
+from vmferry.machine.ramblock import RamBlock
+from vmferry.machine.vcpu_runner import VcpuRunner, install_kick_handler
+
+log = logging.getLogger("vmferry.machine")
+EventCallback = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How the machine finished. kind: "poweroff" (debug-exit; code = the value written),
+    "shutdown" (shutdown() called; code 0), "halted" (the guest halted for good; code 0) or
+    "error" (triple fault, KVM internal error, ...; reason says which; code 1)."""
+
+    kind: str
+    code: int
+    reason: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind == "error"
+
+
+class Machine:
+    def __init__(
+        self,
+        machine_type: MachineType | str | None = None,
+        memory: int = 128 << 20,
+        smp: int = 1,
+        serial: str | Chardev = "null",
+        kvm: Kvm | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        install_kick_handler()
+        self.machine_type = machine_type if isinstance(machine_type, MachineType) else get_machine_type(
+            machine_type
+        )
+        if smp < 1:
+            raise VmferryError(f"--smp {smp}: need at least one vCPU")
+        self.memory = memory
+        self.smp = smp
+        self.on_event = on_event
+        self.kvm = kvm or Kvm()
+        self.msr_indices = self.kvm.get_msr_index_list()
+        self.vm = self.kvm.create_vm()
+        # Manual protect must be on before any slot logs dirty pages.
+        self.vm.enable_manual_dirty_protect()
+        self.vm.set_tss_addr()
+        self.vm.set_identity_map_addr()
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.devices: dict[str, object] = {}
+        # The irqchip and PIT must exist before the vCPUs (each vCPU gets its LAPIC then).
+        self.irqchip = InKernelIrqchip(self.vm)
+        self.devices["irqchip"] = self.irqchip
+        self.devices["pit"] = InKernelPit(self.vm)
+        self.devices["clock"] = KvmClock(self.vm)
+
+        self.ram_blocks: list[RamBlock] = []
+        self.system_ram: list[tuple[int, int]] = []
+        for slot, region in enumerate(self.machine_type.ram_layout(memory)):
+            self.ram_blocks.append(RamBlock(region.name, region.gpa, region.nbytes, self.vm, slot))
+            if region.system_ram:
+                self.system_ram.append((region.gpa, region.nbytes))
+
+        cpuid = self.kvm.get_supported_cpuid()
+        self.vcpus: list[Vcpu] = []
+        for i in range(smp):
+            vcpu = self.vm.create_vcpu(i)
+            vcpu.set_cpuid2(_with_apic_id(cpuid, i))
+            self.vcpus.append(vcpu)
+
+        self.chardev = serial if isinstance(serial, Chardev) else open_chardev(serial)
+        self.serial = Serial16550(self.chardev, lambda level: self.irqchip.set_irq(COM1_IRQ, level))
+        self.pio_bus.register(COM1_PORT, 8, self.serial)
+        self.devices["serial0"] = self.serial
+        debug_exit = DebugExit(self.power_off)
+        self.pio_bus.register(DEBUG_EXIT_PORT, DEBUG_EXIT_IOSIZE, debug_exit)
+        self.devices["debug-exit"] = debug_exit
+
+        self._lock = threading.RLock()
+        self._runners: list[VcpuRunner] = []
+        self._running = False
+        self._done = threading.Event()
+        self.exit_status: ExitStatus | None = None
+        self._closed = False
+
+    # --- RAM ---
+
+    def ram_block(self, name: str) -> RamBlock:
+        for block in self.ram_blocks:
+            if block.name == name:
+                return block
+        raise VmferryError(f"no RAM block {name!r}")
+
+    def ram_block_at(self, gpa: int, nbytes: int = 1) -> RamBlock:
+        for block in self.ram_blocks:
+            if block.contains_gpa(gpa, nbytes):
+                return block
+        raise GuestError(f"guest physical range [{gpa:#x}, +{nbytes:#x}) is not RAM")
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        self.ram_block_at(gpa, len(data)).write(gpa, data)
+
+    def read_gpa(self, gpa: int, nbytes: int) -> bytes:
+        return self.ram_block_at(gpa, nbytes).read(gpa, nbytes)
+
+    # --- booting ---
+
+    def load_kernel(self, path: str | Path, cmdline: str = "") -> multiboot.BootInfo:
+        """Load a multiboot v1 ELF image and put vCPU 0 at its entry point."""
+        try:
+            image = Path(path).read_bytes()
+        except OSError as e:
+            raise GuestError(f"cannot read guest image {path}: {e.strerror}") from None
+        boot = multiboot.load(image, cmdline, self.system_ram, self.write_gpa)
+        multiboot.set_entry_state(self.vcpus[0], boot)
+        return boot
+
+    # --- running ---
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def start(self) -> None:
+        """Start the vCPU threads (first call) or resume them."""
+        with self._lock:
+            if self.finished:
+                raise VmferryError("the machine has already stopped for good")
+            if self._runners:
+                self.resume()
+                return
+            self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
+            self._running = True
+            for r in self._runners:
+                r.start()
+        self._emit("RESUME", {})
+
+    def pause(self) -> None:
+        """Stop every vCPU; returns when each is out of KVM_RUN and parked. Idempotent; callable
+        from any thread except a vCPU thread."""
+        with self._lock:
+            if not self._running:
+                return
+            for r in self._runners:
+                r.request_pause()
+            for r in self._runners:
+                r.wait_parked()
+            self._running = False
+        self._emit("STOP", {})
+
+    def resume(self) -> None:
+        with self._lock:
+            if self._running or self.finished:
+                return
+            if not self._runners:
+                self.start()
+                return
+            for r in self._runners:
+                r.resume()
+            self._running = True
+        self._emit("RESUME", {})
+
+    def power_off(self, code: int) -> None:
+        """The guest asked to power off with status `code` (debug-exit)."""
+        self._finish(ExitStatus("poweroff", code, f"guest powered off with status {code}"))
+
+    def shutdown(self) -> None:
+        """Stop the machine for good (from the host side)."""
+        self._finish(ExitStatus("shutdown", 0, "shutdown requested"))
+        for r in self._runners:
+            r.join(timeout=5)
+
+    def guest_halted(self, vcpu_id: int) -> None:
+        self._finish(ExitStatus("halted", 0, f"vCPU {vcpu_id} halted with interrupts off"))
+
+    def fail(self, reason: str) -> None:
+        """Stop for good with an error status naming the reason."""
+        log.error("machine stopped: %s", reason)
+        self._finish(ExitStatus("error", 1, reason))
+
+    def _crash(self, reason: str) -> None:
+        self.fail(reason)
+
+    def _finish(self, status: ExitStatus) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.exit_status = status
+            for r in self._runners:
+                r.request_stop()  # never waits: this may run on a vCPU thread
+            self._running = False
+            self._done.set()
+        self._emit("SHUTDOWN", {"kind": status.kind, "code": status.code, "reason": status.reason})
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """The exit status once the machine finished, or None if `timeout` seconds pass first."""
+        self._done.wait(timeout)
+        return self.exit_status
+
+    def _handle_exit(self, vcpu: Vcpu) -> None:
+        handle_exit(self, vcpu)
+
+    def _emit(self, name: str, data: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(name, data)
+            except Exception:
+                log.exception("on_event(%s) failed", name)
+
+    def close(self) -> None:
+        """Stop (if still running) and release every resource: threads, fds, RAM."""
+        if self._closed:
+            return
+        self.shutdown()
+        self._closed = True
+        self.chardev.close()
+        for v in self.vcpus:
+            v.close()
+        for b in self.ram_blocks:
+            b.close()
+        self.vm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _with_apic_id(cpuid: ctypes.Structure, apic_id: int) -> ctypes.Structure:
+    """A copy of the supported CPUID table with this vCPU's APIC ID in leaf 1 EBX[31:24] and in
+    the x2APIC topology leaves 0xB/0x1F EDX, so each vCPU sees a distinct ID."""
+
+
+    out = type(cpuid).from_buffer_copy(cpuid)  # type: ignore[attr-defined]
+    for e in out.entries[: out.nent]:  # type: ignore[attr-defined]
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
+    assert ctypes.sizeof(out) == ctypes.sizeof(cpuid)  # type: ignore[arg-type]
+    return out
