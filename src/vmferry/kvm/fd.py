@@ -61,7 +61,8 @@ class KvmFd:
         return ioctl(self.fd, req, arg)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        # getattr: __del__ may run on an object whose __init__ failed before fd was set.
+        if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
 
