@@ -102,12 +102,19 @@ class Description:
     def from_schemas(cls, schemas: list[Mapping[str, Any]]) -> Description:
         """From JSON section entries (each with id, name, instance, version, fields, subsections)."""
         return cls(tuple(SectionInfo(s["id"], s["name"], s.get("instance", 0), s.get("version", 0),
-                                     {"instance": 0, "version": 0, "fields": [], "subsections": [], **s})
+                                     _with_defaults(s))
                          for s in schemas))
 
     def to_json(self) -> bytes:
         doc = {"format": "vmferry-description/1", "sections": [dict(s.schema) for s in self.sections]}
         return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _with_defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(schema)
+    for key, default in (("instance", 0), ("version", 0), ("fields", []), ("subsections", [])):
+        out.setdefault(key, default)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

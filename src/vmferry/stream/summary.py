@@ -1,0 +1,168 @@
+"""What a stream holds, gathered record by record: the model behind `vmferry analyze`.
+
+Pure bookkeeping over decoded records (no I/O), so it works on a stream of any size: page data is
+counted, never kept. Definitions: "pages sent" = pages carried in RAM_PAGES records; "zero pages"
+= pages covered by RAM_ZERO runs; "bytes" = bytes on the wire for that block's records (headers,
+payloads and trailers); "passes" = the passes (PASS markers; pass 0 = before the first marker)
+in which the block appeared.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmferry.errors import StreamError
+from vmferry.stream.format import RECORD_HEADER_SIZE, TRAILER_SIZE
+from vmferry.stream.records import (
+    BlockData,
+    BlockDevices,
+    BlockZero,
+    Command,
+    CommandCode,
+    Config,
+    Description,
+    DeviceSection,
+    EndOfStream,
+    PassStart,
+    RamBlocks,
+    RamPages,
+    RamZero,
+    Record,
+    SectionPhase,
+    Skipped,
+    StreamHeader,
+)
+from vmferry.stream.sections import decode_section
+
+_FRAMING = RECORD_HEADER_SIZE + TRAILER_SIZE
+HEX_PREVIEW = 64
+
+
+@dataclass
+class RunStats:
+    """Per RAM block or disk."""
+
+    name: str
+    base: int
+    size: int
+    unit: int
+    sent: int = 0  # units carried with data
+    zero: int = 0  # units covered by zero runs
+    records: int = 0
+    nbytes: int = 0
+    passes: set[int] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base, "size": self.size, "unit": self.unit,
+                "sent": self.sent, "zero": self.zero, "records": self.records, "bytes": self.nbytes,
+                "passes": sorted(self.passes)}
+
+
+@dataclass
+class PassStats:
+    number: int
+    pages: int = 0
+    zero_pages: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class StreamSummary:
+    strict: bool = False  # --verify: a section payload that does not match its description is an error
+    header: StreamHeader | None = None
+    config: dict[str, Any] | None = None
+    sections: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> description entry
+    devices: list[dict[str, Any]] = field(default_factory=list)  # one per device section record
+    ram: dict[int, RunStats] = field(default_factory=dict)
+    disks: dict[int, RunStats] = field(default_factory=dict)
+    passes: list[PassStats] = field(default_factory=lambda: [PassStats(0)])
+    commands: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[int] = field(default_factory=Counter)
+    records: int = 0
+    end: EndOfStream | None = None
+
+    def add(self, rec: Record | StreamHeader) -> None:
+        """Fold in the next record, in stream order (the StreamHeader first)."""
+        if isinstance(rec, StreamHeader):
+            self.header = rec
+            return
+        record_index = self.records
+        self.records += 1
+        current = self.passes[-1]
+        match rec:
+            case RamPages(block_id, _, count, data):
+                self._run(self.ram[block_id], count, 0, len(data), current)
+            case RamZero(block_id, _, count):
+                self._run(self.ram[block_id], 0, count, 0, current)
+            case BlockData(disk_id, _, count, data):
+                self._run(self.disks[disk_id], count, 0, len(data), None)
+            case BlockZero(disk_id, _, count):
+                self._run(self.disks[disk_id], 0, count, 0, None)
+            case DeviceSection():
+                self._device(rec, record_index)
+            case PassStart(number):
+                self.passes.append(PassStats(number))
+            case Command(code):
+                self.commands[code.name if isinstance(code, CommandCode) else f"advisory-{code:#x}"] += 1
+            case Description(sections):
+                self.sections.update({s.id: dict(s.schema) for s in sections})
+            case RamBlocks(blocks):
+                self.ram.update({b.id: RunStats(b.name, b.gpa, b.size, self.header.page_size)  # type: ignore[union-attr]
+                                 for b in blocks})
+            case BlockDevices(devices):
+                self.disks.update({d.id: RunStats(d.name, 0, d.size, d.sector_size) for d in devices})
+            case Config(settings):
+                self.config = dict(settings)
+            case EndOfStream():
+                self.end = rec
+                self.records -= 1  # END is not counted among the records it counts
+            case Skipped(type_code):
+                self.skipped[type_code] += 1
+
+    def _run(self, stats: RunStats, sent: int, zero: int, payload: int, current: PassStats | None) -> None:
+        stats.sent += sent
+        stats.zero += zero
+        stats.records += 1
+        stats.nbytes += payload + _FRAMING
+        if current is not None:
+            stats.passes.add(current.number)
+            current.pages += sent
+            current.zero_pages += zero
+            current.nbytes += payload + _FRAMING
+
+    def _device(self, rec: DeviceSection, record_index: int) -> None:
+        schema = self.sections[rec.section_id]
+        entry: dict[str, Any] = {"record": record_index, "id": rec.section_id, "name": schema["name"],
+                                 "instance": schema["instance"], "version": schema["version"],
+                                 "phase": rec.phase.name, "bytes": len(rec.data)}
+        if rec.phase == SectionPhase.FULL:
+            try:
+                entry["state"] = decode_section(schema, rec.data).to_json()
+            except StreamError as e:
+                if self.strict:
+                    raise StreamError(f"payload does not match its description: {e.reason}",
+                                      record_index=record_index, section=schema["name"]) from None
+                entry["undecoded"] = e.reason
+        if "state" not in entry:
+            entry["hex"] = rec.data[:HEX_PREVIEW].hex()
+        self.devices.append(entry)
+
+    def to_json(self) -> dict[str, Any]:
+        h = self.header
+        return {
+            "header": None if h is None else {"format": f"{h.major}.{h.minor}", "page_size": h.page_size,
+                                              "producer": h.producer, "machine_type": h.machine_type},
+            "config": self.config,
+            "description": list(self.sections.values()),
+            "devices": self.devices,
+            "ram_blocks": [s.to_json() for s in self.ram.values()],
+            "disks": [s.to_json() for s in self.disks.values()],
+            "passes": [vars(p) for p in self.passes if p.number or p.pages or p.zero_pages],
+            "commands": dict(self.commands),
+            "skipped_types": {str(k): v for k, v in self.skipped.items()},
+            "records": self.records,
+            "end": None if self.end is None else {"record_count": self.end.record_count,
+                                                  "digest": f"{self.end.digest:016x}", "verified": True},
+        }
