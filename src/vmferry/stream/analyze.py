@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import IO, Any
 
@@ -82,7 +83,8 @@ def _emit(args: argparse.Namespace, summary: StreamSummary, error: str | None = 
             sys.stdout.write(render_text(summary))
         sys.stdout.flush()
     except BrokenPipeError:  # `vmferry analyze ... | head` is not an error
-        sys.stdout = None  # type: ignore[assignment]  # keep the interpreter from flushing it again
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def render_text(s: StreamSummary) -> str:

@@ -97,9 +97,9 @@ class StreamSummary:
             case RamZero(block_id, _, count):
                 self._run(self.ram[block_id], 0, count, 0, current)
             case BlockData(disk_id, _, count, data):
-                self._run(self.disks[disk_id], count, 0, len(data), None)
+                self._run(self.disks[disk_id], count, 0, len(data), current, pages=False)
             case BlockZero(disk_id, _, count):
-                self._run(self.disks[disk_id], 0, count, 0, None)
+                self._run(self.disks[disk_id], 0, count, 0, current, pages=False)
             case DeviceSection():
                 self._device(rec, record_index)
             case PassStart(number):
@@ -121,13 +121,14 @@ class StreamSummary:
             case Skipped(type_code):
                 self.skipped[type_code] += 1
 
-    def _run(self, stats: RunStats, sent: int, zero: int, payload: int, current: PassStats | None) -> None:
+    def _run(self, stats: RunStats, sent: int, zero: int, payload: int, current: PassStats,
+             pages: bool = True) -> None:
         stats.sent += sent
         stats.zero += zero
         stats.records += 1
         stats.nbytes += payload + _FRAMING
-        if current is not None:
-            stats.passes.add(current.number)
+        stats.passes.add(current.number)
+        if pages:  # a pass's page counts are RAM pages only; disks count sectors
             current.pages += sent
             current.zero_pages += zero
             current.nbytes += payload + _FRAMING
