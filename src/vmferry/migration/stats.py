@@ -1,0 +1,107 @@
+"""Migration statistics, shaped as QMP's `query-migrate` reply.
+
+The migration thread updates counters; the monitor thread reads a snapshot. Counters are plain
+ints updated by one writer, and a lock makes each snapshot consistent.
+
+Definitions (QEMU's, where QEMU has the field):
+- total-time: ms from `migrate` to completion (or to now while running).
+- setup-time: ms spent in `setup` (channel up, dirty logging started, first bitmap built).
+- downtime: ms the guest was stopped on the source before the destination confirmed it runs.
+- ram.transferred: bytes of RAM records written to the channel (headers included).
+- ram.duplicate: zero pages sent as runs; ram.normal(-bytes): pages sent with their contents.
+- ram.unpopulated (ours): pages never touched by the guest, skipped without being read.
+- ram.mbps: megabits/s measured over the last pass on the channel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vmferry.migration.convergence import PassReport, convergence_verdict
+from vmferry.migration.pages import PAGE_SIZE
+from vmferry.migration.state import MigrationStatus
+
+
+@dataclass
+class MigrationStats:
+    start_ns: int = 0
+    setup_end_ns: int = 0
+    end_ns: int = 0
+    stop_ns: int = 0  # vCPUs paused for switchover
+    downtime_ms: float | None = None
+    total_bytes: int = 0  # guest RAM size
+    transferred: int = 0
+    remaining_pages: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    unpopulated: int = 0
+    dirty_sync_count: int = 0
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    bandwidth_bps: float = 0.0
+    dirty_rate_pps: float = 0.0
+    expected_downtime_ms: float | None = None
+    error: str | None = None
+    passes: list[PassReport] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def begin(self) -> None:
+        self.start_ns = time.monotonic_ns()
+
+    def _elapsed_ms(self, since_ns: int, until_ns: int = 0) -> int:
+        if not since_ns:
+            return 0
+        return round(((until_ns or time.monotonic_ns()) - since_ns) / 1e6)
+
+    def query(self, status: MigrationStatus, *, source: bool = True) -> dict:
+        """The `query-migrate` return value."""
+        with self.lock:
+            out: dict = {"status": str(status)}
+            if status == MigrationStatus.NONE:
+                return out
+            out["total-time"] = self._elapsed_ms(self.start_ns, self.end_ns)
+            if self.setup_end_ns:
+                out["setup-time"] = self._elapsed_ms(self.start_ns, self.setup_end_ns)
+            if self.downtime_ms is not None:
+                out["downtime"] = round(self.downtime_ms)
+            running = status in (MigrationStatus.ACTIVE, MigrationStatus.SETUP)
+            if running and self.expected_downtime_ms is not None:
+                out["expected-downtime"] = (
+                    round(self.expected_downtime_ms) if self.expected_downtime_ms != float("inf") else -1
+                )
+            mbps = self.bandwidth_bps * 8 / 1e6
+            out["ram"] = {
+                "total": self.total_bytes,
+                "transferred": self.transferred,
+                "remaining": self.remaining_pages * PAGE_SIZE,
+                "duplicate": self.duplicate,
+                "normal": self.normal,
+                "normal-bytes": self.normal * PAGE_SIZE,
+                "dirty-sync-count": self.dirty_sync_count,
+                "dirty-pages-rate": round(self.dirty_rate_pps),
+                "mbps": round(mbps, 3),
+                "pages-per-second": round(self.bandwidth_bps / PAGE_SIZE),
+                "page-size": PAGE_SIZE,
+                "precopy-bytes": self.precopy_bytes,
+                "downtime-bytes": self.downtime_bytes,
+                "postcopy-bytes": 0,
+                "postcopy-requests": 0,
+                "multifd-bytes": 0,
+                "skipped": 0,
+                "dirty-sync-missed-zero-copy": 0,
+                "unpopulated": self.unpopulated,
+            }
+            if self.error:
+                out["error-desc"] = self.error
+            if self.passes:
+                out["passes"] = [p.as_qmp() for p in self.passes]
+                dirty_bps = self.dirty_rate_pps * PAGE_SIZE
+                out["convergence"] = {
+                    "dirty-rate-bytes-per-second": round(dirty_bps),
+                    "bandwidth-bytes-per-second": round(self.bandwidth_bps),
+                    "ratio": round(dirty_bps / self.bandwidth_bps, 4) if self.bandwidth_bps else None,
+                    "verdict": convergence_verdict(dirty_bps, self.bandwidth_bps),
+                }
+            return out
