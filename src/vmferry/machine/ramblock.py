@@ -156,10 +156,12 @@ class RamBlock:
                 self._register(self._flags & ~nr.MEM_LOG_DIRTY_PAGES)
 
     def add_dirty_consumer(self, name: str) -> None:
-        """A new consumer, starting with an all-clear bitmap."""
+        """A new consumer: it sees the pages dirtied from now on. What KVM logged before is
+        first folded into the existing consumers, so the newcomer starts all-clear."""
         with self._lock:
             if name in self._consumers:
                 raise VmferryError(f"{self.name}: dirty consumer {name!r} already exists")
+            self._sync_locked()
             self._consumers[name] = np.zeros(self._nwords, dtype=np.uint64)
 
     def remove_dirty_consumer(self, name: str) -> None:
@@ -188,12 +190,15 @@ class RamBlock:
         """Harvest KVM's dirty log for this slot (resetting it) and OR it into every consumer's
         bitmap. Returns the number of pages the harvest found dirty. No-op without logging."""
         with self._lock:
-            if not self.dirty_log_active:
-                return 0
-            self._harvest_log()
-            for bm in self._consumers.values():
-                bm |= self._harvest
-            return int(np.bitwise_count(self._harvest).sum())
+            return self._sync_locked()
+
+    def _sync_locked(self) -> int:
+        if not self.dirty_log_active:
+            return 0
+        self._harvest_log()
+        for bm in self._consumers.values():
+            bm |= self._harvest
+        return int(np.bitwise_count(self._harvest).sum())
 
     def _harvest_log(self) -> None:
         """KVM's log -> self._harvest, and reset KVM's log. With manual protect GET does not
