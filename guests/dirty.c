@@ -50,6 +50,10 @@ static void write_page(u64 page)
     void *dst = (void *)(ws_gpa + page * PAGE_SIZE);
     u64 n = PAGE_U64S;
     __asm__ volatile("rep stosq" : "+D"(dst), "+c"(n) : "a"(value) : "memory");
+    /* The sum first, then the entry: a verifier that finds them disagreeing by exactly this
+     * page's change knows the guest stopped between the two stores. */
+    hdr->table_sum = hdr->table_sum + gen - table[page];
+    barrier();
     table[page] = gen;
     hdr->generation = gen;
     hdr->writes = hdr->writes + 1;

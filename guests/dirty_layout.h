@@ -4,7 +4,8 @@
  * All fields little-endian; offsets are part of the layout version.
  *
  *   GPA 0x9000  magic "VMFDIRTY" ... see struct below
- *   table_gpa   u32 generation per page, entry i = page i (0 = never written)
+ *   table_gpa   u32 generation per page, entry i = page i (0 = never written); the header's
+ *               table_sum catches a stale table page whose data pages are stale too
  *   ws_gpa      npages pages of 4 KiB; every u64 of page i = (generation << 32) | i
  */
 #ifndef VMFERRY_DIRTY_LAYOUT_H
@@ -39,7 +40,7 @@ struct dirty_header {
     u32 hot_percent;    /* 0x68 */
     u32 hot_writes;     /* 0x6c percent of writes that go to the hot pages */
     u64 seed;           /* 0x70 */
-    u64 reserved;       /* 0x78 */
+    u64 table_sum;      /* 0x78 sum of all table entries mod 2^64, updated before the entry */
 };
 
 _Static_assert(sizeof(struct dirty_header) == 0x80, "header layout is part of the version");

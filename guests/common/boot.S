@@ -4,12 +4,18 @@
  * The image is linked as ELF64 and converted to ELF32 (QEMU's -kernel refuses ELF64 multiboot
  * images), so the entry runs as 32-bit protected-mode code and switches to long mode itself:
  * interrupts must be taken in long mode, because KVM's emulator here fails the first 32-bit iret.
+ *
+ * The guests' main loops run at CPL3 (see rt.c): on these hosts KVM emulates CPL0 code
+ * instruction by instruction, even each iteration of a rep stosq, while CPL3 code runs natively.
+ * So every mapping is user-accessible, and the kernel part is only boot, interrupts and the
+ * system calls in rt.c.
  */
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00000003 /* bit 0: page-align modules, bit 1: we need mem_* */
 
 #define PTE_P 0x001
 #define PTE_RW 0x002
+#define PTE_US 0x004
 #define PTE_PWT 0x008
 #define PTE_PCD 0x010
 #define PTE_PS 0x080 /* 2 MiB page in a page directory */
@@ -35,16 +41,16 @@ _start:
         xorl %eax, %eax
         rep stosl
 
-        movl $(pdpt + PTE_P + PTE_RW), pml4
-        movl $(pd + 0 * 4096 + PTE_P + PTE_RW), pdpt + 0
-        movl $(pd + 1 * 4096 + PTE_P + PTE_RW), pdpt + 8
-        movl $(pd + 2 * 4096 + PTE_P + PTE_RW), pdpt + 16
-        movl $(pd + 3 * 4096 + PTE_P + PTE_RW), pdpt + 24
+        movl $(pdpt + PTE_P + PTE_RW + PTE_US), pml4
+        movl $(pd + 0 * 4096 + PTE_P + PTE_RW + PTE_US), pdpt + 0
+        movl $(pd + 1 * 4096 + PTE_P + PTE_RW + PTE_US), pdpt + 8
+        movl $(pd + 2 * 4096 + PTE_P + PTE_RW + PTE_US), pdpt + 16
+        movl $(pd + 3 * 4096 + PTE_P + PTE_RW + PTE_US), pdpt + 24
 
         /* Identity-map 0-4 GiB with 2048 2 MiB pages; the top GiB (LAPIC, IOAPIC, other MMIO)
          * uncached, as on real hardware. */
         movl $pd, %edi
-        movl $(PTE_P + PTE_RW + PTE_PS), %eax
+        movl $(PTE_P + PTE_RW + PTE_US + PTE_PS), %eax
         movl $2048, %ecx
 1:      cmpl $1536, %ecx
         jne 2f
@@ -157,12 +163,17 @@ isr_common:
         addq $16, %rsp                  /* vector and error code */
         iretq
 
-        .section .rodata
-        .balign 8
+        /* Writable: ltr marks the TSS descriptor busy. rt.c fills in the TSS descriptor. */
+        .section .data
+        .balign 16
+        .globl gdt64
 gdt64:
         .quad 0
         .quad 0x00AF9A000000FFFF        /* 0x08: 64-bit code, DPL0 */
         .quad 0x00CF92000000FFFF        /* 0x10: data, DPL0 */
+        .quad 0x00CFF2000000FFFF        /* 0x18: data, DPL3 */
+        .quad 0x00AFFA000000FFFF        /* 0x20: 64-bit code, DPL3 */
+        .quad 0, 0                      /* 0x28: 64-bit TSS (16 bytes) */
 gdt64_end:
 gdt64_desc:
         .word gdt64_end - gdt64 - 1
@@ -176,6 +187,7 @@ pd:     .skip 4 * 4096
         .balign 16
 boot_stack:
         .skip 16384
+        .globl boot_stack_top
 boot_stack_top:
 boot_magic:
         .skip 4

@@ -1,5 +1,14 @@
-/* The guests' runtime. Everything here runs at CPL0, which KVM on these hosts emulates at a few
- * million instructions a second: keep paths short, do bulk work with rep string instructions. */
+/*
+ * The guests' runtime. rt_start runs at CPL0 (set-up; later only interrupt and system-call
+ * handlers run there), which KVM on these hosts emulates at a few million instructions a second,
+ * then drops to CPL3, which runs natively, to call guest_main. KVM here faults port I/O at CPL3
+ * whatever IOPL says, and `int n` there raises #UD, so user code reaches COM1, hlt and the exit
+ * port through a system call made of the one trap every platform delivers: `ud2` (#UD, vector 6)
+ * at CPL3 with the call number in rax. The handler steps over the ud2 and returns:
+ *   rax = SYS_IDLE                       sleep until the next interrupt
+ *   rax = SYS_WRITE, rdi = buf, rsi = n  write n bytes to COM1
+ *   rax = SYS_EXIT, rdi = value          write value to the isa-debug-exit port, then halt
+ */
 #include "rt.h"
 
 #define COM1 0x3F8
@@ -33,6 +42,14 @@ struct idt_gate {
     u32 reserved;
 } __attribute__((packed));
 
+struct tss64 {
+    u32 reserved0;
+    u64 rsp0; /* the stack an interrupt from CPL3 switches to */
+    u64 rsp1, rsp2, reserved1, ist[7], reserved2;
+    u16 reserved3;
+    u16 iomap_base; /* past the limit: no I/O bitmap, so no port I/O at CPL3 */
+} __attribute__((packed));
+
 struct isr_frame {
     u64 r15, r14, r13, r12, r11, r10, r9, r8, rdi, rsi, rbp, rbx, rdx, rcx, rax;
     u64 vector, error, rip, cs, rflags, rsp, ss;
@@ -46,8 +63,42 @@ u64 rt_mem_top;
 static char cmdline[1024];
 static struct idt_gate idt[256];
 
+static struct tss64 tss;
+static u8 user_stack[16384] __attribute__((aligned(16)));
+
 extern void timer_isr(void);
 extern char isr_stubs[];
+extern u64 gdt64[];
+extern char boot_stack_top[];
+
+#define KERNEL_CS 0x08
+#define USER_DS 0x18
+#define USER_CS 0x20
+#define TSS_SEL 0x28
+#define UD_VECTOR 6
+
+enum { SYS_IDLE = 0, SYS_WRITE = 1, SYS_EXIT = 2 };
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline int at_cpl0(void)
+{
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return (cs & 3) == 0;
+}
+
+static inline u64 syscall2(u64 nr, u64 a, u64 b)
+{
+    __asm__ volatile("ud2" : "+a"(nr) : "D"(a), "S"(b) : "memory");
+    return nr;
+}
 
 void *memset(void *dst, int c, unsigned long n)
 {
@@ -76,14 +127,43 @@ static void serial_init(void)
     outb(COM1 + 4, 0x03); /* DTR | RTS */
 }
 
-static void serial_putc(char c)
+static void serial_write(const char *buf, u64 n)
 {
-    while (!(inb(COM1 + 5) & 0x20)) /* LSR.THRE */
-        ;
-    outb(COM1, (u8)c);
+    for (u64 i = 0; i < n; i++) {
+        while (!(inb(COM1 + 5) & 0x20)) /* LSR.THRE */
+            ;
+        outb(COM1, (u8)buf[i]);
+    }
 }
 
-static void put_u64(u64 v, unsigned base, int width)
+static void rt_write(const char *buf, u64 n)
+{
+    if (at_cpl0())
+        serial_write(buf, n);
+    else
+        syscall2(SYS_WRITE, (u64)buf, n);
+}
+
+/* rt_printf formats into this, so a line costs one system call (two traps), not one per byte. */
+struct outbuf {
+    char buf[160];
+    u32 n;
+};
+
+static void out_flush(struct outbuf *o)
+{
+    rt_write(o->buf, o->n);
+    o->n = 0;
+}
+
+static void out_putc(struct outbuf *o, char c)
+{
+    if (o->n == sizeof(o->buf))
+        out_flush(o);
+    o->buf[o->n++] = c;
+}
+
+static void put_u64(struct outbuf *o, u64 v, unsigned base, int width)
 {
     char buf[24];
     int n = 0;
@@ -92,17 +172,18 @@ static void put_u64(u64 v, unsigned base, int width)
         v /= base;
     } while (v);
     while (width-- > n)
-        serial_putc('0');
+        out_putc(o, '0');
     while (n)
-        serial_putc(buf[--n]);
+        out_putc(o, buf[--n]);
 }
 
 /* Supports %s %c %u %x %lu %lx %d %% and a zero-padded width, e.g. %08lx. */
 void rt_vprintf(const char *fmt, va_list ap)
 {
+    struct outbuf out = {.n = 0}, *o = &out;
     for (; *fmt; fmt++) {
         if (*fmt != '%') {
-            serial_putc(*fmt);
+            out_putc(o, *fmt);
             continue;
         }
         fmt++;
@@ -118,32 +199,33 @@ void rt_vprintf(const char *fmt, va_list ap)
         switch (*fmt) {
         case 's':
             for (const char *s = va_arg(ap, const char *); *s; s++)
-                serial_putc(*s);
+                out_putc(o, *s);
             break;
         case 'c':
-            serial_putc((char)va_arg(ap, int));
+            out_putc(o, (char)va_arg(ap, int));
             break;
         case 'd': {
             long v = is_long ? va_arg(ap, long) : va_arg(ap, int);
             if (v < 0) {
-                serial_putc('-');
+                out_putc(o, '-');
                 v = -v;
             }
-            put_u64((u64)v, 10, width);
+            put_u64(o, (u64)v, 10, width);
             break;
         }
         case 'u':
         case 'x':
-            put_u64(is_long ? va_arg(ap, u64) : va_arg(ap, u32), *fmt == 'u' ? 10 : 16, width);
+            put_u64(o, is_long ? va_arg(ap, u64) : va_arg(ap, u32), *fmt == 'u' ? 10 : 16, width);
             break;
         case '%':
-            serial_putc('%');
+            out_putc(o, '%');
             break;
         default:
-            serial_putc('?');
+            out_putc(o, '?');
             break;
         }
     }
+    out_flush(o);
 }
 
 void rt_printf(const char *fmt, ...)
@@ -154,13 +236,25 @@ void rt_printf(const char *fmt, ...)
     va_end(ap);
 }
 
-_Noreturn void rt_exit(u8 value)
+static _Noreturn void kernel_exit(u8 value)
 {
     __asm__ volatile("cli");
     outb(DEBUG_EXIT_PORT, value);
-    /* No isa-debug-exit device: stop here with interrupts off. */
-    for (;;)
+    for (;;) /* no isa-debug-exit device: stop here */
         __asm__ volatile("hlt");
+}
+
+_Noreturn void rt_exit(u8 value)
+{
+    if (at_cpl0())
+        kernel_exit(value);
+    syscall2(SYS_EXIT, value, 0);
+    __builtin_unreachable();
+}
+
+void rt_idle(void)
+{
+    syscall2(SYS_IDLE, 0, 0);
 }
 
 /* ---- command line -------------------------------------------------------------------------- */
@@ -260,7 +354,7 @@ static void idt_set(unsigned vector, void *handler)
     u64 a = (u64)handler;
     idt[vector] = (struct idt_gate){
         .offset0 = (u16)a,
-        .selector = 0x08,
+        .selector = KERNEL_CS,
         .type = 0x8E, /* present, DPL0, 64-bit interrupt gate (IF cleared on entry) */
         .offset1 = (u16)(a >> 16),
         .offset2 = (u32)(a >> 32),
@@ -273,8 +367,25 @@ void isr_dispatch(struct isr_frame *f)
     /* Spurious IRQ7/IRQ15 from the 8259s and the LAPIC's spurious vector: not acknowledged. */
     if (f->vector == 39 || f->vector == 47 || f->vector == 0xFF)
         return;
+    if (f->vector == UD_VECTOR && (f->cs & 3) && *(const u16 *)f->rip == 0x0B0F) {
+        f->rip += 2;
+        switch (f->rax) {
+        case SYS_IDLE:
+            /* The waking interrupt nests here, on this stack; the caller's IF comes back with
+             * iretq. */
+            __asm__ volatile("sti; hlt; cli" : : : "memory");
+            return;
+        case SYS_WRITE:
+            serial_write((const char *)f->rdi, f->rsi);
+            return;
+        case SYS_EXIT:
+            kernel_exit((u8)f->rdi);
+        }
+        f->rax = ~0ull;
+        return;
+    }
     rt_printf("guest fault: vector=%lu error=%lx rip=%lx rsp=%lx\n", f->vector, f->error, f->rip, f->rsp);
-    rt_exit(EXIT_FAULT);
+    kernel_exit(EXIT_FAULT);
 }
 
 static void idt_init(void)
@@ -324,6 +435,41 @@ static void pit_init(void)
     outb(PIT_CH0, (u8)(divisor >> 8));
 }
 
+static void tss_init(void)
+{
+    u64 base = (u64)&tss;
+    u64 limit = sizeof(tss) - 1;
+    tss.rsp0 = (u64)boot_stack_top;
+    tss.iomap_base = sizeof(tss);
+    /* 16-byte system descriptor: type 9 (available 64-bit TSS), present, DPL0. */
+    gdt64[TSS_SEL / 8] = (limit & 0xFFFF) | (base & 0xFFFFFF) << 16 | 0x89ull << 40 |
+                         ((limit >> 16) & 0xF) << 48 | ((base >> 24) & 0xFF) << 56;
+    gdt64[TSS_SEL / 8 + 1] = base >> 32;
+    __asm__ volatile("ltr %w0" : : "r"(TSS_SEL));
+}
+
+static void user_main(void)
+{
+    guest_main();
+    rt_exit(EXIT_OK);
+}
+
+/* Leaves CPL0 for good: the kernel stack is reused from its top by every later interrupt. */
+static _Noreturn void enter_user(void)
+{
+    u64 rsp = (u64)(user_stack + sizeof(user_stack)) - 8; /* as if user_main had been called */
+    __asm__ volatile("pushq %0\n\t"
+                     "pushq %1\n\t"
+                     "pushq $0x202\n\t" /* IF, IOPL 0 */
+                     "pushq %2\n\t"
+                     "pushq %3\n\t"
+                     "iretq"
+                     :
+                     : "i"(USER_DS | 3), "r"(rsp), "i"(USER_CS | 3), "r"((u64)user_main)
+                     : "memory");
+    __builtin_unreachable();
+}
+
 void rt_start(u32 magic, u32 info_gpa);
 void rt_start(u32 magic, u32 info_gpa)
 {
@@ -342,10 +488,9 @@ void rt_start(u32 magic, u32 info_gpa)
     }
     rt_mem_top = (mbi->flags & MBI_FLAG_MEM) ? 0x100000ull + (u64)mbi->mem_upper * 1024 : 0;
     idt_init();
+    tss_init();
     pic_init();
     lapic_init();
     pit_init();
-    __asm__ volatile("sti");
-    guest_main();
-    rt_exit(EXIT_OK);
+    enter_user();
 }

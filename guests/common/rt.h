@@ -1,4 +1,4 @@
-/* The guests' tiny runtime: port I/O, COM1, the command line, the PIT/PIC timer, exit. */
+/* The guests' tiny runtime: COM1 output, the command line, the PIT tick, idling, exit. */
 #ifndef VMFERRY_GUEST_RT_H
 #define VMFERRY_GUEST_RT_H
 
@@ -26,13 +26,6 @@ extern u64 rt_mem_top;
 /* First byte past this image (loaded data and .bss): guests own RAM from here upward. */
 extern char _end[];
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
 /* Keeps the compiler from moving memory accesses across it; x86 stores are already ordered. */
 static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
 
@@ -48,10 +41,11 @@ int param_str(const char *key, char *buf, u32 cap);
 /* Reports words naming no key in known[] (a NULL-terminated list) and exits EXIT_BAD_PARAM. */
 void param_check(const char *guest, const char *const known[]);
 
-/* Sleeps until the next interrupt; call with the loop's condition re-checked afterwards. */
-static inline void rt_idle(void) { __asm__ volatile("sti; hlt" : : : "memory"); }
+/* Sleeps until the next interrupt (a system call: hlt is privileged). An interrupt between the
+ * caller's check and the call costs one tick of sleep, no more. */
+void rt_idle(void);
 
-/* Each guest's entry, called by rt_start with the timer running and interrupts enabled. */
+/* Each guest's entry, called at CPL3 with the timer running and interrupts enabled. */
 void guest_main(void);
 
 static inline int str_eq(const char *a, const char *b)
