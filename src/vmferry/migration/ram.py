@@ -1,0 +1,184 @@
+"""RAM: the saver on the source and the loader on the destination.
+
+Source: each RamBlock gets a "migration" consumer of its dirty log. Setup marks every page that
+was ever populated (mincore: known without reading a page) and starts logging; pages never
+populated cost nothing on the wire because a destination's fresh RAM is zero too. Each pass sends
+the pages set in the consumer's bitmap, block by block, as runs of up to MAX_RUN_PAGES pages: zero
+pages as one RAM_ZERO record per run, others as RAM_PAGES.
+
+While vCPUs run, a run is first copied into a scratch buffer: the record's checksum must cover
+exactly the bytes that go on the wire, and the guest may write the page between checksum and
+send. The copy runs at memory speed (numpy, GIL released); a write racing it is caught by the
+dirty log (the page was re-protected at the sync that put it in our bitmap) and resent. With the
+vCPUs paused (switchover) the pages are stable and go straight from guest memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmferry.errors import MigrationError
+from vmferry.machine.ramblock import RamBlock
+from vmferry.migration.pages import PAGE_SIZE, dirty_page_indexes, runs, split_zero, zero_pages
+from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.records import RamBlockInfo, RamBlocks, RamZero
+
+CONSUMER = "migration"
+MAX_RUN_PAGES = 256  # 1 MiB records: big enough for memory-speed copies, small enough to cancel
+
+Send = Callable[[Sequence[bytes | memoryview]], int]
+
+
+@dataclass
+class PassCounters:
+    pages: int = 0
+    zero_pages: int = 0
+    bytes: int = 0
+
+
+def block_table(blocks: Sequence[RamBlock]) -> RamBlocks:
+    """The RAM_BLOCKS record: ids are 1-based positions, so both sides agree on them."""
+    return RamBlocks(tuple(RamBlockInfo(i + 1, b.name, b.gpa, b.nbytes) for i, b in enumerate(blocks)))
+
+
+class RamSaver:
+    def __init__(self, blocks: Sequence[RamBlock], encoder: StreamEncoder) -> None:
+        self.blocks = list(blocks)
+        self.encoder = encoder
+        self._scratch = np.empty(MAX_RUN_PAGES * PAGE_SIZE, dtype=np.uint8)
+        self._started = False
+
+    def setup(self) -> int:
+        """Start dirty logging and mark what must be sent first. Returns pages never populated
+        (skipped for free)."""
+        unpopulated = 0
+        for b in self.blocks:
+            b.add_dirty_consumer(CONSUMER)
+            # Logging first, then the population scan: a page first touched in between is in
+            # the log; one touched before is seen by mincore. Nothing falls between.
+            b.start_dirty_log()
+            populated = b.populated_pages()
+            b.mark_dirty(CONSUMER, populated)
+            unpopulated += int(b.npages - np.count_nonzero(populated))
+        self._started = True
+        return unpopulated
+
+    def sync(self) -> int:
+        """Fold KVM's dirty log into our bitmaps; returns pages now waiting to be sent."""
+        total = 0
+        for b in self.blocks:
+            b.sync_dirty()
+            total += int(np.bitwise_count(b.dirty_bitmap(CONSUMER)).sum())
+        return total
+
+    def remaining(self) -> int:
+        return sum(int(np.bitwise_count(b.dirty_bitmap(CONSUMER)).sum()) for b in self.blocks)
+
+    def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
+        """Send every page set in the bitmaps. `stable`: the vCPUs are paused, so pages go
+        straight from guest memory without the scratch copy."""
+        c = PassCounters()
+        for bid, b in enumerate(self.blocks, start=1):
+            bm = b.dirty_bitmap(CONSUMER)
+            indexes = dirty_page_indexes(bm, b.npages)
+            if indexes.size == 0:
+                continue
+            # Claim the pages: from here a guest write re-dirties them through the KVM log.
+            bm[:] = 0
+            ram = np.frombuffer(b.mem, dtype=np.uint8)
+            for first, count in runs(indexes, MAX_RUN_PAGES):
+                if cancelled():
+                    raise MigrationError("migration cancelled")
+                start, nbytes = first * PAGE_SIZE, count * PAGE_SIZE
+                if stable:
+                    data = memoryview(b.mem)[start : start + nbytes]
+                else:
+                    np.copyto(self._scratch[:nbytes], ram[start : start + nbytes])
+                    data = memoryview(self._scratch)[:nbytes]
+                for off, n, zero in split_zero(zero_pages(data)):
+                    if zero:
+                        bufs = self.encoder.encode_buffers(RamZero(bid, first + off, n))
+                        c.zero_pages += n
+                    else:
+                        piece = data[off * PAGE_SIZE : (off + n) * PAGE_SIZE]
+                        bufs = self.encoder.encode_ram_pages(bid, first + off, piece)
+                        c.pages += n
+                    c.bytes += send(bufs)
+                del data
+        return c
+
+    def cleanup(self) -> None:
+        if not self._started:
+            return
+        for b in self.blocks:
+            b.remove_dirty_consumer(CONSUMER)
+            if b.vm is not None:
+                b.stop_dirty_log()
+        self._started = False
+
+
+class RamLoader:
+    """Places incoming pages straight into guest RAM (the decoder's `place` callback) and applies
+    zero runs, writing zeros only over pages this migration already filled (fresh RAM is zero)."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = list(blocks)
+        self._by_id: dict[int, RamBlock] = {}
+        self._received: dict[int, np.ndarray] = {}
+        self._views: dict[int, memoryview] = {}
+        self.pages = 0
+        self.zero_pages = 0
+
+    def check_layout(self, table: RamBlocks) -> None:
+        """The stream's RAM blocks must match ours by name, address and size."""
+        ours = {b.name: b for b in self.blocks}
+        for info in table.blocks:
+            b = ours.get(info.name)
+            if b is None:
+                raise MigrationError(
+                    f"the stream has RAM block '{info.name}' which this machine does not have "
+                    f"(ours: {', '.join(ours)}); start the destination with the same -m and -M"
+                )
+            if b.nbytes != info.size or b.gpa != info.gpa:
+                raise MigrationError(
+                    f"RAM block '{info.name}' is {info.size >> 20} MiB at {info.gpa:#x} in the stream "
+                    f"but {b.nbytes >> 20} MiB at {b.gpa:#x} here; start the destination with the same -m"
+                )
+            self._by_id[info.id] = b
+            self._received[info.id] = np.zeros(b.npages, dtype=bool)
+            self._views[info.id] = memoryview(b.mem)
+
+    def place(self, block_id: int, first_page: int, page_count: int) -> memoryview | None:
+        """Where a RAM_PAGES payload goes: the guest pages themselves. The decoder has verified
+        the record header (and that the run lies inside the block) before calling this."""
+        view = self._views.get(block_id)
+        if view is None:
+            return None
+        self._received[block_id][first_page : first_page + page_count] = True
+        self.pages += page_count
+        return view[first_page * PAGE_SIZE : (first_page + page_count) * PAGE_SIZE]
+
+    def store(self, block_id: int, first_page: int, data: memoryview) -> None:
+        """A RAM_PAGES payload that was not placed (fed in a chunk): copy it in."""
+        target = self.place(block_id, first_page, len(data) // PAGE_SIZE)
+        if target is None:
+            raise MigrationError(f"pages for unknown RAM block id {block_id}")
+        target[:] = data
+
+    def zero(self, block_id: int, first_page: int, page_count: int) -> None:
+        b = self._by_id.get(block_id)
+        if b is None:
+            raise MigrationError(f"zero pages for unknown RAM block id {block_id}")
+        got = self._received[block_id][first_page : first_page + page_count]
+        for off in np.flatnonzero(got).tolist():
+            ctypes.memset(b.host_addr + (first_page + off) * PAGE_SIZE, 0, PAGE_SIZE)
+        self.zero_pages += page_count
+
+    def release(self) -> None:
+        for v in self._views.values():
+            v.release()
+        self._views.clear()
