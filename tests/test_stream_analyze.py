@@ -1,0 +1,67 @@
+"""`vmferry analyze` as a user runs it: a subprocess on a file the encoder wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmferry.stream.testing import sample_stream
+
+
+def analyze(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmferry", "analyze", *args], input=stdin,
+                          capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def stream_file(tmp_path: Path) -> Path:
+    path = tmp_path / "snap.vmf"
+    path.write_bytes(sample_stream())
+    return path
+
+
+def test_text(stream_file: Path) -> None:
+    r = analyze(str(stream_file))
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr
+    assert "machine type 'vmferry-1.0'" in out
+    assert "    divisor = 12" in out and "subsection serial/fifo:" in out
+    assert "RAM block pc.ram: base 0x0, 1048576 bytes (256 pages); pages sent 5, zero 200" in out
+    assert "end of stream: 18 records" in out
+
+
+def test_json_from_stdin(stream_file: Path) -> None:
+    r = analyze("--json", "-", stdin=stream_file.read_bytes())
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["error"] is None
+    ram = {b["name"]: b for b in doc["ram_blocks"]}
+    assert (ram["pc.ram"]["sent"], ram["pc.ram"]["zero"], ram["pc.ram"]["passes"]) == (5, 200, [1, 2])
+    serial = next(d for d in doc["devices"] if d["name"] == "serial")
+    assert serial["state"]["fields"]["regs"] == [1, 2, 3, 4]
+    assert [p["number"] for p in doc["passes"]] == [1, 2]
+
+
+def test_verify_ok(stream_file: Path) -> None:
+    r = analyze("--verify", str(stream_file))
+    assert r.returncode == 0 and r.stdout.startswith(b"OK: ")
+
+
+def test_verify_names_the_first_bad_record(stream_file: Path) -> None:
+    data = bytearray(stream_file.read_bytes())
+    data[2000] ^= 0x20  # inside the first RAM_PAGES record's pages
+    stream_file.write_bytes(data)
+    r = analyze("--verify", str(stream_file))
+    assert r.returncode == 1 and r.stdout == b""
+    assert r.stderr.decode() == ("vmferry analyze: checksum mismatch in RAM_PAGES payload (16384 bytes) "
+                                 "(at record 6, section 'pc.ram', byte offset 987)\n")
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    r = analyze(str(tmp_path / "nope"))
+    assert r.returncode == 1
+    missing = tmp_path / "nope"
+    assert r.stderr.decode() == f"vmferry analyze: cannot open {missing}: No such file or directory\n"
