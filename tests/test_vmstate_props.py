@@ -244,3 +244,30 @@ def test_generic_decoder_survives_hostile_descriptions(description, payload):
     except StateLoadError:
         return
     assert isinstance(result, dict)
+
+
+def _plain_layout(description: dict[str, Any]) -> bool:
+    """True when nothing in it needs vmstate's extra keys (bits unpacking, hidden padding)."""
+    text = json.dumps(description)
+    return '"bits"' not in text and '"pad"' not in text
+
+
+@SETTINGS
+@given(class_and_section())
+def test_the_stream_reference_codec_reads_what_vmstate_writes(case):
+    # stream/sections.py is the stream engineer's independent codec for the same layout
+    # (docs/stream-format.md); `vmferry analyze` uses it. Both must read our bytes the same way.
+    from vmferry.stream.sections import decode_section
+
+    cls, sec = case
+    payload = cls.encode(sec)
+    description = cls.stream_description(sec.version)
+    theirs = decode_section(description, payload).to_json()
+    if _plain_layout(description):
+        ours = decode_with_description(description, payload)
+        assert theirs == {"fields": ours["fields"], "subsections": _strip(ours["subsections"])}
+
+
+def _strip(subsections: dict[str, Any]) -> dict[str, Any]:
+    return {n: {"fields": s["fields"], "subsections": _strip(s["subsections"])}
+            for n, s in subsections.items()}
