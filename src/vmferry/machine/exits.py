@@ -1,6 +1,11 @@
 """What a vCPU thread does with each KVM_RUN exit: port I/O and MMIO go to the machine's buses;
 the guest's ways of stopping (triple fault, emulation failure, failed entry, HLT with no
-in-kernel LAPIC) finish the machine with a status naming the reason — never a hang."""
+in-kernel LAPIC) finish the machine with a status naming the reason — never a hang.
+
+With the in-kernel irqchip (every vmferry-0.1 machine) KVM handles HLT itself: a halted vCPU
+waits inside KVM_RUN for an interrupt and is still pausable by the kick. So `cli; hlt` does not
+end the machine; guests end through the debug-exit port. KVM_EXIT_HLT is handled for machines
+without an in-kernel LAPIC."""
 
 from __future__ import annotations
 
