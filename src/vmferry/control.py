@@ -1,0 +1,196 @@
+"""The VMM's control surface: what QMP commands do to a Machine and its migrations.
+
+`VmControl` implements the monitor's `MonitorBackend`. It owns the run state QMP reports
+(running, paused, inmigrate, finish-migrate, postmigrate, shutdown) and at most one migration,
+outgoing or incoming, whose thread it starts; it never waits on one (the monitor must stay live).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from vmferry.errors import MigrationError, QmpError
+from vmferry.machine.machine import Machine
+from vmferry.migration.destination import IncomingMigration
+from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import OutgoingMigration
+from vmferry.migration.state import MigrationState, MigrationStatus
+from vmferry.transport.connect import connect_outgoing, listen_incoming
+
+log = logging.getLogger("vmferry.control")
+S = MigrationStatus
+EmitEvent = Callable[[str, dict | None], None]
+
+# Machine exit kinds -> QMP SHUTDOWN {guest, reason}
+_SHUTDOWN_REASONS = {
+    "poweroff": (True, "guest-shutdown"),
+    "halted": (True, "guest-shutdown"),
+    "error": (True, "guest-panic"),
+    "shutdown": (False, "host-qmp-quit"),
+}
+
+
+class VmControl:
+    def __init__(
+        self,
+        machine: Machine,
+        device_saver: Callable[[Machine], DeviceStateSaver],
+        device_loader: Callable[[Machine], DeviceStateLoader],
+        *,
+        incoming: bool = False,
+        autostart: bool = True,
+    ) -> None:
+        self.machine = machine
+        self._device_saver = device_saver
+        self._device_loader = device_loader
+        self.migration_parameters = MigrationParameters()
+        self.migration_capabilities = MigrationCapabilities()
+        self.emit: EmitEvent = lambda name, data=None: None
+        self.quit_requested = threading.Event()
+        self.inmigrate = incoming
+        self.postmigrate = False
+        self.autostart = autostart
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self._state: MigrationState | None = None
+        self._lock = threading.Lock()
+
+    # --- events ---
+
+    def on_machine_event(self, name: str, data: dict) -> None:
+        """Machine.on_event: turn machine events into QMP events."""
+        if name == "SHUTDOWN":
+            guest, reason = _SHUTDOWN_REASONS.get(data.get("kind", ""), (False, "host-error"))
+            self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+        else:
+            self.emit(name, None)
+
+    def _on_migration_status(self, status: MigrationStatus) -> None:
+        if status == S.COMPLETED and self.outgoing is not None:
+            self.postmigrate = True
+        if self.migration_capabilities.enabled("events"):
+            self.emit("MIGRATION", {"status": str(status)})
+
+    def _on_pass(self, number: int) -> None:
+        if self.migration_capabilities.enabled("events"):
+            self.emit("MIGRATION_PASS", {"pass": number})
+
+    # --- MonitorBackend ---
+
+    def query_status(self) -> dict:
+        if self.machine.finished:
+            return {"status": "shutdown", "running": False}
+        if self.inmigrate:
+            return {"status": "inmigrate", "running": False}
+        if self.outgoing is not None and self.outgoing.state.status == S.DEVICE:
+            return {"status": "finish-migrate", "running": False}
+        if self.postmigrate and not self.machine.running:
+            return {"status": "postmigrate", "running": False}
+        running = self.machine.running
+        return {"status": "running" if running else "paused", "running": running}
+
+    def stop(self) -> None:
+        if self.inmigrate:
+            self.autostart = False
+            return
+        self.machine.pause()
+
+    def cont(self) -> None:
+        if self.machine.finished:
+            raise QmpError("The guest has shut down; it cannot be resumed")
+        if self.inmigrate:
+            # QEMU: `cont` during an incoming migration starts the guest once it is in.
+            self.autostart = True
+            return
+        if self.outgoing is not None and self.outgoing.state.status == S.DEVICE:
+            raise QmpError("The migration is switching over; wait for it to finish")
+        self.postmigrate = False
+        self.machine.resume()
+
+    def quit(self) -> None:
+        self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.quit_requested.set()
+
+    def system_powerdown(self) -> None:
+        # Our guests have no ACPI to hear the power button; like a PC whose button is held, the
+        # machine then powers off (SHUTDOWN follows from the machine).
+        self.emit("POWERDOWN", None)
+        self.machine.power_off(0)
+
+    def query_cpus_fast(self) -> list[dict]:
+        return [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(self.machine.vcpu_thread_ids())]
+
+    def _migration_running(self) -> bool:
+        return self._state is not None and self._state.status in (
+            S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING, S.POSTCOPY_ACTIVE)
+
+    def migrate(self, uri: str) -> None:
+        with self._lock:
+            if self.machine.finished:
+                raise MigrationError("The guest has shut down; there is nothing to migrate")
+            if self._migration_running():
+                raise MigrationError("There's a migration process in progress")
+            if self.postmigrate and not self.machine.running:
+                raise MigrationError("Can't migrate the vm that was paused due to previous migration")
+            # Opening the channel here makes a bad or unreachable URI an error reply, not a
+            # failed migration; the VM keeps running either way.
+            channel = connect_outgoing(uri)
+            try:
+                saver = self._device_saver(self.machine)
+                self._state = MigrationState(self._on_migration_status)
+                self.outgoing = OutgoingMigration(
+                    self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass
+                )
+                self.incoming = None
+                self.outgoing.start()
+            except BaseException:
+                channel.close()
+                raise
+
+    def migrate_incoming(self, uri: str) -> None:
+        with self._lock:
+            if not self.inmigrate:
+                raise QmpError("'-incoming' was not specified on the command line")
+            if self.incoming is not None:
+                raise QmpError("The incoming migration has already been started")
+            listener = listen_incoming(uri)
+            self._state = MigrationState(self._on_migration_status)
+            self.incoming = IncomingMigration(
+                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded
+            )
+            self.incoming.start()
+            self.listen_address = str(listener.address)
+            log.info("waiting for an incoming migration on %s", self.listen_address)
+
+    def _loaded(self) -> None:
+        """Incoming stream fully verified and applied: start the guest unless -S / stop."""
+        self.inmigrate = False
+        if self.autostart:
+            self.machine.start()
+
+    def migrate_cancel(self) -> None:
+        if self.outgoing is not None and self._migration_running():
+            self.outgoing.cancel()
+        elif self.incoming is not None and self._migration_running():
+            self.incoming.cancel()
+
+    def query_migrate(self) -> dict:
+        mig = self.outgoing or self.incoming
+        if mig is None or self._state is None:
+            return {}
+        out = mig.stats.query(self._state.status, source=self.outgoing is not None)
+        if self.incoming is not None:
+            out["passes-received"] = self.incoming.passes
+        return out
+
+    # --- lifetime ---
+
+    def close(self) -> None:
+        if self._migration_running():
+            self.migrate_cancel()
+        for mig in (self.outgoing, self.incoming):
+            if mig is not None:
+                mig.join(5.0)
