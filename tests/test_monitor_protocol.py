@@ -7,7 +7,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from test_monitor_qmp import FakeVm
 from vmferry.errors import MigrationError, QmpError
+from vmferry.monitor.commands import COMMANDS, CommandDispatcher
 from vmferry.monitor.protocol import QmpConnection, Session
 
 
@@ -261,3 +263,38 @@ def test_any_json_arguments_round_trip_in_any_chunking(args: object, step: int) 
     raw = json.dumps({"execute": "echo", "arguments": {"v": args}, "id": 1}).encode()
     out = b"".join(conn.feed(raw[i : i + step]) for i in range(0, len(raw), step))
     assert replies(out) == [{"return": {"v": args}, "id": 1}]
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+_ARG_NAMES = sorted({a.name for c in COMMANDS.values() for a in c.args} | {"x"})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(sorted(COMMANDS) + ["nope"]),
+            st.dictionaries(st.sampled_from(_ARG_NAMES), _JSON, max_size=3),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from(["running", "paused", "inmigrate", "postmigrate"]),
+)
+def test_any_request_to_the_real_command_table_gets_exactly_one_reply(requests: list, status: str) -> None:
+    conn = QmpConnection(CommandDispatcher(FakeVm(status)))
+    conn.feed(b'{"execute": "qmp_capabilities"}')
+    for i, (name, args) in enumerate(requests):
+        raw = json.dumps({"execute": name, "arguments": args, "id": i}).encode()
+        out = [m for m in replies(conn.feed(raw)) if "event" not in m]
+        assert len(out) == 1 and out[0]["id"] == i
+        if "error" in out[0]:
+            # Only refusals of bad input or state; never an internal error.
+            assert not out[0]["error"]["desc"].startswith("Internal error"), out[0]

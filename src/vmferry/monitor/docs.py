@@ -17,6 +17,7 @@ from pathlib import Path
 from vmferry.migration.params import CAPABILITIES, CAPABILITY_DOCS, PARAMETER_SPECS, MigrationParameters
 from vmferry.monitor.commands import COMMANDS, QEMU_DIALECT, Command
 from vmferry.monitor.events import EVENTS
+from vmferry.monitor.protocol import DEFAULT_MAX_INPUT_BYTES
 from vmferry.monitor.schema import Arg, ListOf, Struct
 
 DOC_PATH = Path("docs/qmp.md")
@@ -51,8 +52,9 @@ as you like); every client gets its own session and every negotiated client gets
   `{{"error": {{"class": CLASS, "desc": TEXT}}, "id": ID}}`; `id` is echoed whenever the command had one.
   Classes: `GenericError`, `CommandNotFound`, `DeviceNotActive`, `DeviceNotFound`, `KVMMissingCap`.
 * Malformed JSON is answered `{_j({"error": {"class": "GenericError", "desc": "JSON parse error, ..."}})}`
-  and the connection stays usable. A single JSON value larger than 1 MiB is answered the same way
-  (`input exceeds the limit of 1048576 bytes`) and skipped without being stored.
+  and the connection stays usable. A single JSON value larger than {DEFAULT_MAX_INPUT_BYTES} bytes is
+  answered the same way (`input exceeds the limit of {DEFAULT_MAX_INPUT_BYTES} bytes`) and skipped
+  without being stored.
 * Events: `{_j({"timestamp": {"seconds": 1700000000, "microseconds": 250000}, "event": "NAME",
               "data": {}})}` (`data` omitted when it is empty).
 * `exec-oob` is accepted only after `{{"enable": ["oob"]}}`; no vmferry command may run out of band.
