@@ -224,7 +224,12 @@ def test_deep_nesting_is_refused() -> None:
 
 def test_nan_and_bad_utf8_are_parse_errors() -> None:
     conn = negotiated()
-    for raw in (b'{"execute": "echo", "arguments": {"x": NaN}}', b'{"execute": "\xff\xfe"}'):
+    for raw in (
+        b'{"execute": "echo", "arguments": {"x": NaN}}',
+        b'{"execute": "echo", "arguments": {"x": 1e400}}',
+        b'{"execute": "\xff\xfe"}',
+        '{"execute": "echo"}'.encode("utf-16-le"),
+    ):
         assert replies(conn.feed(raw))[0]["error"]["desc"].startswith("JSON parse error, ")
 
 

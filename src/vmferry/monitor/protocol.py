@@ -182,10 +182,18 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"invalid keyword '{name}'")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400: we could not send it back as JSON
+        raise ValueError(f"number out of range '{text}'")
+    return value
+
+
 def _parse(text: bytes) -> object:
-    """json.loads, refusing what QEMU's parser refuses (NaN, Infinity); raises ValueError."""
+    """json.loads, refusing what QEMU's parser refuses (NaN, Infinity, not UTF-8); raises ValueError."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        # Decode explicitly: json.loads(bytes) would guess UTF-16/32 from NUL bytes.
+        return json.loads(text.decode("utf-8"), parse_constant=_reject_constant, parse_float=_parse_float)
     except UnicodeDecodeError as e:
         raise ValueError("invalid UTF-8 sequence") from e
     except RecursionError as e:  # unreachable with MAX_DEPTH, kept as a guard
@@ -200,7 +208,8 @@ def _error(cls: str, desc: str, msg_id: object = None, has_id: bool = False) -> 
 
 
 def _encode(msg: dict) -> bytes:
-    return json.dumps(msg).encode() + b"\n"
+    # allow_nan=False: a backend returning NaN must become an error reply, not invalid JSON.
+    return json.dumps(msg, allow_nan=False).encode() + b"\n"
 
 
 class QmpConnection:
