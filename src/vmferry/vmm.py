@@ -1,26 +1,37 @@
-"""`vmferry run`: build a Machine from the command line and run it until the guest stops.
+"""`vmferry run`: one VM process — a Machine, its QMP monitors, and its migrations.
 
-`Vmm` owns the Machine and is where the QMP servers and incoming migration will attach later
-(they are wired in by their own packages; until then --qmp and --incoming are refused clearly).
+`Vmm` owns the Machine, the `VmControl` (what QMP commands do) and the QMP servers. The main
+thread only waits: for the guest to finish, for `quit`, or for Ctrl-C / SIGTERM. Everything else
+runs on threads of its own (vCPUs, the monitor, the migration), so none waits on another.
+
+`--incoming URI` builds the Machine without loading the guest (RAM must arrive untouched: pages
+the source never populated are not sent) and listens at once; `--incoming defer` waits for QMP
+`migrate-incoming`. The guest starts once the stream is complete and verified, unless -S.
 
 Exit status of `vmferry run`: the value the guest wrote to the debug-exit port (0xF4), 0 after a
-clean shutdown or a guest halt, 1 when the guest crashed (triple fault, KVM internal error — the
-message names which), 130 on Ctrl-C. Under QEMU the same guest's debug-exit value v gives the
-process status (v << 1) | 1; vmferry returns v itself.
+clean shutdown or `quit`, 1 when the guest crashed (triple fault, KVM internal error — the
+message names which) or an incoming migration failed with no monitor to ask, 130 on Ctrl-C.
+Under QEMU the same guest's debug-exit value v gives the process status (v << 1) | 1; vmferry
+returns v itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 from importlib import resources
 from pathlib import Path
 
+from vmferry.control import VmControl
 from vmferry.errors import GuestError, VmferryError
 from vmferry.machine.machine import ExitStatus, Machine
 from vmferry.machine.machine_type import parse_size
+from vmferry.migration.state import MigrationStatus
+from vmferry.monitor.commands import CommandDispatcher
+from vmferry.monitor.server import QmpServer
 
 log = logging.getLogger("vmferry.vmm")
 # How often the main thread wakes while waiting, so Ctrl-C is seen promptly.
@@ -37,8 +48,14 @@ def guest_image(name: str) -> Path:
     return path
 
 
+def _device_state(machine: Machine):  # noqa: ANN202 - MachineDeviceState, imported lazily
+    from vmferry.devices.state import MachineDeviceState
+
+    return MachineDeviceState(machine)
+
+
 class Vmm:
-    """One VM and everything that serves it (today: the Machine; later: QMP servers, migration)."""
+    """One VM and everything that serves it."""
 
     def __init__(
         self,
@@ -49,29 +66,60 @@ class Vmm:
         cmdline: str = "",
         machine_type: str | None = None,
         serial: str = "stdio",
+        qmp: list[str] | None = None,
+        incoming: str | None = None,
+        paused: bool = False,
     ) -> None:
+        self.servers: list[QmpServer] = []
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event)
+        self.control = VmControl(self.machine, _device_state, _device_state,
+                                 incoming=incoming is not None, autostart=not paused)
+        self.control.emit = self._emit
+        self.incoming = incoming
+        self.paused = paused
         try:
-            if kernel is not None:
+            if kernel is not None and incoming is None:
                 self.machine.load_kernel(kernel, cmdline)
+            if qmp:
+                self.servers.append(QmpServer(CommandDispatcher(self.control), qmp))
+            if incoming is not None and incoming != "defer":
+                self.control.migrate_incoming(incoming)
+                print(f"vmferry: waiting for an incoming migration on {self.control.listen_address}",
+                      file=sys.stderr, flush=True)
         except BaseException:
-            self.machine.close()
+            self.close()
             raise
 
     def _on_event(self, name: str, data: dict) -> None:
-        # The monitor will forward these as QMP events; for now they are only logged.
-        log.debug("event %s %s", name, data)
+        self.control.on_machine_event(name, data)
 
-    def run(self, start_paused: bool = False) -> ExitStatus:
-        """Start the vCPUs (unless paused) and block until the machine finishes."""
-        if not start_paused:
+    def _emit(self, name: str, data: dict | None = None) -> None:
+        for server in self.servers:
+            server.emit_event(name, data)
+
+    def run(self) -> ExitStatus:
+        """Start the vCPUs (unless paused or incoming) and block until the machine finishes or
+        the monitor says quit."""
+        if not self.paused and self.incoming is None:
             self.machine.start()
         while True:
             status = self.machine.wait(_WAIT_SLICE_S)
             if status is not None:
                 return status
+            if self.control.quit_requested.is_set():
+                return ExitStatus("shutdown", 0, "quit requested over QMP")
+            if not self.servers and self._incoming_failed():
+                reason = self.control.query_migrate().get("error-desc", "incoming migration failed")
+                return ExitStatus("error", 1, f"incoming migration failed: {reason}")
+
+    def _incoming_failed(self) -> bool:
+        inc = self.control.incoming
+        return inc is not None and inc.state.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED)
 
     def close(self) -> None:
+        self.control.close()
+        for server in self.servers:
+            server.close()
         self.machine.close()
 
 
@@ -82,20 +130,20 @@ def exit_code(status: ExitStatus) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.qmp:
-        raise VmferryError("--qmp is not implemented yet")
-    if args.incoming:
-        raise VmferryError("--incoming is not implemented yet")
-    if args.paused:
-        # Without a monitor nothing could ever send `cont`.
-        raise VmferryError("-S/--paused needs --qmp, which is not implemented yet")
+    if args.paused and not args.qmp:
+        raise VmferryError("-S/--paused needs --qmp: without a monitor nothing could ever send 'cont'")
+    if args.incoming == "defer" and not args.qmp:
+        raise VmferryError("--incoming defer needs --qmp to receive 'migrate-incoming'")
     if args.guest:
         kernel: Path | None = guest_image(args.guest)
     elif args.kernel:
         kernel = Path(args.kernel)
+    elif args.incoming:
+        kernel = None
     else:
-        raise VmferryError("nothing to run: give --guest NAME or --kernel PATH")
-    # SIGTERM stops the guest the way Ctrl-C does.
+        raise VmferryError("nothing to run: give --guest NAME, --kernel PATH or --incoming URI")
+    logging.basicConfig(level=logging.WARNING, format="vmferry: %(name)s: %(message)s")
+    # SIGTERM stops the VM the way Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     vmm = None
     try:
@@ -106,13 +154,17 @@ def main(args: argparse.Namespace) -> int:
             cmdline=args.append,
             machine_type=args.machine,
             serial=args.serial,
+            qmp=args.qmp,
+            incoming=args.incoming,
+            paused=args.paused,
         )
         status = vmm.run()
     except KeyboardInterrupt:
         return 130
     finally:
         if vmm is not None:
-            vmm.close()
+            with contextlib.suppress(KeyboardInterrupt):
+                vmm.close()
     if status.is_error:
-        print(f"vmferry run: guest stopped: {status.reason}", file=sys.stderr)
+        print(f"vmferry run: {status.reason}", file=sys.stderr)
     return exit_code(status)

@@ -155,6 +155,13 @@ class Machine:
     def running(self) -> bool:
         return self._running
 
+    def vcpu_thread_ids(self) -> list[int]:
+        """Host thread id (as in /proc) of each vCPU's thread; the process id before start()."""
+        import os
+
+        ids = [r.thread.native_id for r in self._runners]
+        return [tid if tid is not None else os.getpid() for tid in ids] or [os.getpid()] * len(self.vcpus)
+
     @property
     def finished(self) -> bool:
         return self._done.is_set()

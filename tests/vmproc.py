@@ -1,0 +1,110 @@
+"""Test harness: a `vmferry run` process with a QMP socket and its serial console in a file.
+
+Every migration test runs source and destination as separate processes, drives them through
+the official QMP client (qemu.qmp's synchronous `QEMUMonitorProtocol`), and reads what the guest
+printed on COM1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+
+class VmProcess:
+    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.qmp_path = tmp / f"{name}.qmp"
+        self.serial_path = tmp / f"{name}.serial"
+        self.log_path = tmp / f"{name}.log"
+        cmd = [sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{self.qmp_path}",
+               "--serial", f"file:{self.serial_path}", *args]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 30
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited {self.proc.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: no QMP socket after 30 s: {self.log()}")
+            time.sleep(0.05)
+        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+        self.qmp.connect(negotiate=True)
+        self.qmp.settimeout(60)
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        """Run a command; return its value or raise AssertionError with the QMP error."""
+        reply = self.qmp.cmd_raw(name, args or None)
+        if "error" in reply:
+            raise QmpReplyError(reply["error"]["class"], reply["error"]["desc"])
+        return reply["return"]
+
+    def status(self) -> str:
+        return self.cmd("query-status")["status"]
+
+    def serial(self) -> str:
+        try:
+            return self.serial_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_serial(self, pattern: str, timeout: float = 30, after: int = 0) -> re.Match[str]:
+        """Wait until the console (from character offset `after`) matches `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.serial(), after)
+            if m:
+                return m
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.name}: no /{pattern}/ on the console after {timeout} s "
+                    f"(exit {self.proc.poll()}):\n{self.serial()[-2000:]}\n--- log:\n{self.log()[-2000:]}"
+                )
+            time.sleep(0.05)
+
+    def wait_migration(self, states: tuple[str, ...] = ("completed", "failed", "cancelled"),
+                       timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.cmd("query-migrate")
+            if info.get("status") in states:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: migration still {info.get('status')} after {timeout} s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # best effort: the process may be gone
+            self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class QmpReplyError(Exception):
+    def __init__(self, error_class: str, desc: str) -> None:
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"{error_class}: {desc}")
