@@ -259,3 +259,18 @@ def test_exec_shutdown_stops_a_whole_pipeline(tmp_path) -> None:
             return
         idle.wait(0.01)
     pytest.fail(f"pipeline member {grandchild} survived the cancel (state {state})")
+
+
+def test_forked_child_closing_the_listener_does_not_wake_the_parent() -> None:
+    # The wake pipe is inherited across fork(); a child's close() once cancelled the parent's accept.
+    with listen_incoming("tcp:127.0.0.1:0") as listener:
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        src = connect_outgoing(str(listener.address))
+        with listener.accept(timeout_s=30) as dst:
+            src.sendall(b"still here")
+            assert dst.recv_exactly(10) == b"still here"
+        src.close()

@@ -236,6 +236,7 @@ class FdChannel(Channel):
             # whoever gave it, which is fine because they handed the stream over to us.
             os.set_blocking(fd, False)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._owner_pid = os.getpid()
 
     def _write_vector(self, views: Sequence[Buffer]) -> int:
         while True:
@@ -289,7 +290,8 @@ class FdChannel(Channel):
 
     def shutdown(self) -> None:
         self._shut_down = True
-        if self._wake_w >= 0:
+        # A forked child shares the wake pipe: its shutdown() must not cancel the parent's I/O.
+        if self._wake_w >= 0 and os.getpid() == self._owner_pid:
             # OSError: already woken (pipe full) or closed: either way nobody is left asleep.
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")

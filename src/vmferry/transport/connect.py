@@ -34,7 +34,8 @@ def connect_outgoing(
 
     `timeout_s` bounds the connect only. `sndbuf_bytes` None keeps the kernel's auto-tuned socket
     buffer: fixing SO_SNDBUF switches auto-tuning off, and a larger buffer did not speed up
-    sendmsg of 4 KiB pages on loopback (KVM-FACTS.md, "Bulk work, measured").
+    sendmsg of 4 KiB pages on loopback (KVM-FACTS.md, "Bulk work, measured"; re-measured with these
+    channels at 1, 4 and 16 MiB: no consistent gain over auto-tuning).
     """
     u = parse_uri(uri) if isinstance(uri, str) else uri
     if isinstance(u, TcpUri):
@@ -166,6 +167,7 @@ class SocketListener(Listener):
         # accept() waits in poll() on the socket and this pipe; close() writes to it. Closing the
         # listening socket alone does not wake a thread already inside accept() on Linux.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._owner_pid = os.getpid()
         sock.setblocking(False)
         # (path, inode) of the socket file we bound, so close() removes exactly that file.
         self._unix_file: tuple[str, int] | None = None
@@ -200,8 +202,10 @@ class SocketListener(Listener):
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        if os.getpid() == self._owner_pid:
+            # A forked child shares the wake pipe: its close() must not wake the parent's accept().
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
         self._sock.close()
         if self._unix_file is not None:
             # Remove our socket file, but not one a newer listener has since bound at the same path.
