@@ -33,13 +33,15 @@ _USES = {T.CONFIG: "", T.DESCRIPTION: "", T.RAM_BLOCKS: "", T.BLOCK_DEVICES: "",
          T.PASS: "i", T.COMMAND: "sci", **dict.fromkeys(_SECTION_TYPES, "s"),
          **dict.fromkeys(_RUN_TYPES, "sci")}
 END_PAYLOAD = 16
+# Plain dicts on the per-record path: an IntEnum lookup costs more than the rest of a header check.
+_NAMES = {t.value: t.name for t in RecordType}
+_USES_S = {int(t) for t, u in _USES.items() if "s" in u}
+_USES_C = {int(t) for t, u in _USES.items() if "c" in u}
+_USES_I = {int(t) for t, u in _USES.items() if "i" in u}
 
 
 def type_name(rtype: int) -> str:
-    try:
-        return RecordType(rtype).name
-    except ValueError:
-        return f"type {rtype}"
+    return _NAMES.get(rtype, f"type {rtype}")
 
 
 class StreamRules:
@@ -72,17 +74,22 @@ class StreamRules:
         if rtype == T.INVALID:
             raise StreamError("record type 0 is invalid")
         if rtype in RESERVED_TYPES:
-            raise StreamError(f"record type {RecordType(rtype).name} is reserved in format 1.0")
+            raise StreamError(f"record type {_NAMES[rtype]} is reserved in format 1.0")
         if rtype not in _USES:
             if flags & FLAG_SKIPPABLE:
                 return False
             raise StreamError(f"unknown record type {rtype}")
-        name = RecordType(rtype).name
-        uses = _USES[rtype]
-        for letter, field, value in (("s", "section", section), ("c", "count", count), ("i", "index", index)):
-            if letter not in uses and value:
+        name = _NAMES[rtype]
+        for uses, field, value in ((_USES_S, "section", section), (_USES_C, "count", count),
+                                   (_USES_I, "index", index)):
+            if value and rtype not in uses:
                 raise StreamError(f"{name} record has {field} {value}, must be 0")
-        if rtype in _SECTION_TYPES:
+        if rtype == T.RAM_PAGES:  # the bulk of every stream: checked first
+            self._check_run(name, "RAM block", "pages", self.ram.get(section), section, index, count,
+                            self.page_size)
+            if length != count * self.page_size:
+                self._check_length(name, length, count * self.page_size)
+        elif rtype in _SECTION_TYPES:
             self._check_section(rtype, section)
         elif rtype in (T.RAM_PAGES, T.RAM_ZERO):
             unit = self.page_size
