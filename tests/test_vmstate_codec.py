@@ -309,3 +309,24 @@ def test_declaration_mistakes_are_caught_at_class_definition():
         Struct(SerialState)
     with pytest.raises(TypeError, match="minimum_version"):
         type("A", (VMState,), {"name": "a", "version": 1, "minimum_version": 2})
+
+
+class Empty(VMState):
+    name = "empty"
+    nothing: Array(U8, 0)
+
+
+class ThreeEmpties(VMState):
+    name = "three"
+    items: Array(Struct(Empty), 3)
+    tail: U16
+
+
+def test_generic_bound_counts_an_empty_array_as_zero_bytes():
+    # Regression: the generic decoder's "can N elements fit?" check took a zero-length array
+    # for one element and refused a valid payload.
+    from vmferry.vmstate.generic import decode_with_description
+
+    payload = ThreeEmpties.encode(Section("three", 1, {"items": [{"nothing": []}] * 3, "tail": 7}))
+    decoded = decode_with_description(ThreeEmpties.stream_description(), payload)
+    assert decoded["fields"] == {"items": [{"nothing": []}] * 3, "tail": 7}

@@ -231,7 +231,7 @@ def _min_size(e: Any, depth: int) -> int:
         total = 0
         for n in e["fields"]:
             one = _min_size(n, depth + 1)
-            count = n.get("count") if isinstance(n, dict) else None
-            total += one * count if isinstance(count, int) and count > 0 else one
+            count = n.get("count", 1) if isinstance(n, dict) else 1
+            total += one * count if isinstance(count, int) and count >= 0 else 0
         return total
     return 0

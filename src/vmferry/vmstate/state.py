@@ -159,6 +159,9 @@ class VMState:
         present = [(i, sub) for i, sub in enumerate(cls.subsections) if sub.name in sec.subsections]
         out += len(present).to_bytes(2, "little")
         for index, sub in present:
+            if sec.subsections[sub.name].version != sub.version:
+                # The description announces every subsection at its newest version.
+                raise ValueError(f"subsection '{sub.name}': can only be sent at version {sub.version}")
             body = sub.encode(sec.subsections[sub.name])
             out += index.to_bytes(2, "little") + len(body).to_bytes(4, "little") + body
         return bytes(out)
