@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vmferry.errors import MigrationError
 from vmferry.migration.convergence import convergence_verdict, expected_downtime_ms, should_switch_over
-from vmferry.migration.pages import PAGE_SIZE, count_dirty, dirty_page_indexes, runs, split_zero, zero_pages
+from vmferry.migration.pages import PAGE_SIZE, count_dirty, dirty_page_indexes, segments, zero_pages
 from vmferry.migration.state import MigrationState, MigrationStatus
 
 
@@ -28,28 +28,32 @@ def test_dirty_page_indexes_match_set_bits(case: tuple[int, set[int]]) -> None:
     assert count_dirty(bm) == len(pages)
 
 
-@given(st.sets(st.integers(0, 2000)), st.integers(1, 50))
-def test_runs_cover_exactly_the_pages(pages: set[int], max_run: int) -> None:
+@given(st.sets(st.integers(0, 2000)), st.data())
+def test_segments_cover_exactly_the_pages(pages: set[int], data: st.DataObject) -> None:
     idx = np.array(sorted(pages), dtype=np.int64)
+    zero = np.array(data.draw(st.lists(st.booleans(), min_size=idx.size, max_size=idx.size)), dtype=bool)
     covered: list[int] = []
-    for first, count in runs(idx, max_run):
-        assert 1 <= count <= max_run
+    for pos, first, count, is_zero in segments(idx, zero):
+        assert idx[pos] == first and count >= 1
+        assert list(range(first, first + count)) == idx[pos : pos + count].tolist()
+        assert (zero[pos : pos + count] == is_zero).all()
         covered.extend(range(first, first + count))
     assert covered == sorted(pages)
 
 
-def test_runs_merge_consecutive_pages() -> None:
-    assert list(runs(np.array([1, 2, 3, 7, 8, 20]), 64)) == [(1, 3), (7, 2), (20, 1)]
-    assert list(runs(np.array([0, 1, 2, 3, 4]), 2)) == [(0, 2), (2, 2), (4, 1)]
+def test_segments_merge_consecutive_pages_of_one_kind() -> None:
+    idx = np.array([1, 2, 3, 7, 8, 20])
+    zero = np.array([False, False, True, True, True, False])
+    expected = [(0, 1, 2, False), (2, 3, 1, True), (3, 7, 2, True), (5, 20, 1, False)]
+    assert list(segments(idx, zero)) == expected
 
 
-def test_zero_pages_and_split() -> None:
+def test_zero_pages() -> None:
     buf = bytearray(PAGE_SIZE * 6)
     buf[PAGE_SIZE * 2 + 4095] = 1  # last byte of page 2
     buf[PAGE_SIZE * 3] = 7  # first byte of page 3
-    z = zero_pages(memoryview(buf))
+    z = zero_pages(np.frombuffer(buf, dtype=np.uint64).reshape(-1, 512))
     assert z.tolist() == [True, True, False, False, True, True]
-    assert list(split_zero(z)) == [(0, 2, True), (2, 2, False), (4, 2, True)]
 
 
 def test_expected_downtime_and_switch_over() -> None:

@@ -42,6 +42,8 @@ from vmferry.transport.connect import Listener
 
 log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
+CHUNK_BYTES = 1 << 20
+DIRECT_BYTES = 64 << 10
 
 
 class IncomingMigration:
@@ -128,14 +130,23 @@ class IncomingMigration:
     def _receive(self, channel: Channel) -> int:
         """Read and load the whole stream; returns the record count END carried."""
         dec = StreamDecoder(place=self.ram.place)
+        chunk = memoryview(bytearray(CHUNK_BYTES))
         while True:
-            buf = dec.get_buffer()
-            n = channel.recv_into(buf)
+            # A large placed payload is received straight into guest memory; everything else
+            # (headers, small records) in chunks fed to the decoder, one system call for many
+            # records. Records are drained before the chunk is reused.
+            target = dec.get_buffer()
+            if len(target) >= DIRECT_BYTES:
+                n = channel.recv_into(target)
+                if n:
+                    dec.buffer_updated(n)
+            else:
+                n = channel.recv_into(chunk)
+                if n:
+                    dec.feed(chunk[:n])
             if n == 0:
                 dec.feed_eof()
-            else:
-                dec.buffer_updated(n)
-                self.stats.transferred += n
+            self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
                 if isinstance(rec, EndOfStream):
                     return rec.record_count

@@ -23,40 +23,23 @@ def count_dirty(bitmap: np.ndarray) -> int:
     return int(np.bitwise_count(bitmap).sum())
 
 
-def runs(indexes: np.ndarray, max_run: int) -> Iterator[tuple[int, int]]:
-    """Group ascending page indexes into (first_page, count) runs of consecutive pages,
-    none longer than `max_run`."""
-    if indexes.size == 0:
-        return
-    breaks = np.flatnonzero(np.diff(indexes) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [indexes.size]))
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        first = int(indexes[s])
-        count = e - s
-        while count > 0:
-            n = min(count, max_run)
-            yield first, n
-            first += n
-            count -= n
-
-
-def zero_pages(data: memoryview) -> np.ndarray:
-    """For `data` (a whole number of pages), a bool array: True where the page is all zero.
-
-    Reads the pages through a u64 view at memory speed (~12 GB/s, KVM-FACTS.md).
-    """
-    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
-    return ~words.any(axis=1)
-
-
-def split_zero(is_zero: np.ndarray) -> Iterator[tuple[int, int, bool]]:
-    """Split a run by zeroness into (offset, count, zero) pieces, in order."""
-    n = is_zero.size
+def segments(indexes: np.ndarray, is_zero: np.ndarray) -> Iterator[tuple[int, int, int, bool]]:
+    """Split ascending page indexes into records: (position in `indexes`, first page, count,
+    zero) for each maximal stretch of consecutive pages that are all zero or all non-zero.
+    Vectorised: the Python loop runs once per record, not once per page."""
+    n = indexes.size
     if n == 0:
         return
-    change = np.flatnonzero(is_zero[1:] != is_zero[:-1]) + 1
-    starts = np.concatenate(([0], change)).tolist()
-    ends = np.concatenate((change, [n])).tolist()
-    for s, e in zip(starts, ends, strict=True):
-        yield s, e - s, bool(is_zero[s])
+    cut = np.flatnonzero((np.diff(indexes) != 1) | (is_zero[1:] != is_zero[:-1])) + 1
+    starts = [0, *cut.tolist()]
+    ends = [*cut.tolist(), n]
+    first_pages = indexes[starts].tolist()
+    zeros = is_zero[starts].tolist()
+    for s, e, first, zero in zip(starts, ends, first_pages, zeros, strict=True):
+        yield s, first, e - s, zero
+
+
+def zero_pages(pages: np.ndarray) -> np.ndarray:
+    """For a (pages, 512) u64 array, a bool per page: True where the page is all zero.
+    Reads at memory speed (~12 GB/s, KVM-FACTS.md)."""
+    return ~pages.any(axis=1)
