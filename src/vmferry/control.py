@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 
 from vmferry.errors import MigrationError, QmpError
+from vmferry.guests.verify import verify_dirty
 from vmferry.machine.machine import Machine
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
@@ -56,6 +57,7 @@ class VmControl:
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self._state: MigrationState | None = None
+        self.listen_address = ""
         self._lock = threading.Lock()
 
     # --- events ---
@@ -184,7 +186,24 @@ class VmControl:
         out = mig.stats.query(self._state.status, source=self.outgoing is not None)
         if self.incoming is not None:
             out["passes-received"] = self.incoming.passes
+            if self._state.status in (S.SETUP,) and self.listen_address:
+                out["socket-address"] = [_socket_address(self.listen_address)]
         return out
+
+    def verify_dirty_guest(self) -> dict:
+        """x-verify-dirty-guest: the host-side verifier over this machine's RAM, on a paused
+        guest (paused at any instruction is fine: the verifier tolerates the in-flight page)."""
+        if self.machine.finished:
+            raise QmpError("The guest has shut down")
+        was_running = self.machine.running
+        self.machine.pause()
+        try:
+            verdict = verify_dirty([(b.gpa, b.mem) for b in self.machine.ram_blocks])
+        finally:
+            if was_running:
+                self.machine.resume()
+        return {"ok": verdict.ok, "pages": verdict.pages, "generation": verdict.generation,
+                "first-bad-page": verdict.first_bad_page, "reason": str(verdict)}
 
     # --- lifetime ---
 
@@ -194,3 +213,13 @@ class VmControl:
         for mig in (self.outgoing, self.incoming):
             if mig is not None:
                 mig.join(5.0)
+
+
+def _socket_address(uri: str) -> dict:
+    """QEMU's SocketAddress shape for a listening URI (query-migrate on a destination)."""
+    if uri.startswith("tcp:"):
+        host, _, port = uri[4:].rpartition(":")
+        return {"type": "inet", "host": host.strip("[]"), "port": port}
+    if uri.startswith("unix:"):
+        return {"type": "unix", "path": uri[5:]}
+    return {"type": "uri", "uri": uri}

@@ -328,3 +328,16 @@ def _migrate_recover(d: CommandDispatcher, args: dict, session: Session) -> obje
 def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_pause", _RECOVERY_UNSUPPORTED)()
     return {}
+
+
+# --- vmferry extensions ------------------------------------------------------------------------
+
+
+@command("x-verify-dirty-guest",
+         "vmferry extension: pause the vCPUs, check the `dirty` test guest's memory against its own "
+         "generation table with the host-side verifier, resume. The proof a migration lost nothing.",
+         returns='`{"ok": bool, "pages": int, "generation": int, "first-bad-page": int|null, "reason": str}`',
+         example=({}, {"ok": True, "pages": 65536, "generation": 81234, "first-bad-page": None,
+                       "reason": "verify ok gen=81234 pages=65536"}))
+def _verify_dirty_guest(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "verify_dirty_guest", "x-verify-dirty-guest is not supported here")()
