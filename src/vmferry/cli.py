@@ -18,8 +18,8 @@ from vmferry.errors import VmferryError
 # the process exit code. Imported lazily so `vmferry analyze` never needs KVM, numpy paths, etc.
 HANDLERS = {
     "run": "vmferry.vmm:main",
-    "migrate": "vmferry.migration.client:main",
-    "demo": "vmferry.migration.demo:main",
+    "migrate": "vmferry.drive:main_migrate",
+    "demo": "vmferry.demo:main",
     "analyze": "vmferry.stream.analyze:main",
     "describe": "vmferry.vmstate.describe:main_describe",
     "check-compat": "vmferry.vmstate.compat:main_check_compat",
@@ -39,7 +39,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--serial", default="stdio", help="COM1 backend: stdio, file:PATH, unix:PATH, null (default stdio)"
     )
     p.add_argument(
-        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT", help="QMP server (repeatable)"
+        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT",
+        help="QMP server (repeatable)",
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
@@ -77,7 +78,9 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_check_compat(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-compat", help="list changes that would break migration between two descriptions")
+    p = sub.add_parser(
+        "check-compat", help="list changes that would break migration between two descriptions"
+    )
     p.add_argument("old", help="description JSON of the source side")
     p.add_argument("new", help="description JSON of the destination side")
 
