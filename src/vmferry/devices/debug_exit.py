@@ -9,12 +9,44 @@ Under QEMU (`-device isa-debug-exit,iobase=0xf4,iosize=0x04`) the *process* exit
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from vmferry.errors import StateLoadError
+from vmferry.vmstate import U16, VMState, registry
 
 DEBUG_EXIT_PORT = 0xF4
 DEBUG_EXIT_IOSIZE = 4
 
 
+class DebugExitState(VMState):
+    """The port has no state; the section says it exists and where, so a destination wired
+    differently (another iobase, or no such device: an unknown section) refuses the stream
+    instead of letting the guest's power-off write land nowhere."""
+
+    name = "debug-exit"
+    version = 1
+    iobase: U16
+    iosize: U16
+
+    @classmethod
+    def validate(cls, values: dict[str, Any], version: int) -> None:
+        for name, ours in (("iobase", DEBUG_EXIT_PORT), ("iosize", DEBUG_EXIT_IOSIZE)):
+            if values[name] != ours:
+                raise StateLoadError(
+                    f"the source's device is at {values[name]:#x}, this machine's at {ours:#x}",
+                    section=cls.name, field=name,
+                )
+
+    @classmethod
+    def apply(cls, obj: Any, values: dict[str, Any]) -> None:
+        pass  # nothing to write: validate() checked the wiring is the same
+
+
 class DebugExit:
+    vmstate = DebugExitState
+    iobase = DEBUG_EXIT_PORT
+    iosize = DEBUG_EXIT_IOSIZE
+
     def __init__(self, power_off: Callable[[int], None]) -> None:
         # power_off(status) is the machine's: it stops every vCPU and records the status.
         self._power_off = power_off
@@ -30,3 +62,6 @@ class DebugExit:
 
     def set_state(self, state: dict) -> None:
         pass
+
+
+registry.register("vmferry-0.1", DebugExitState, version=1)

@@ -6,8 +6,9 @@ Transmission is instantaneous: THR is always empty (LSR.THRE|TEMT set), so a gue
 follows IIR: raised while an enabled interrupt is pending, lowered otherwise, through KVM_IRQ_LINE
 (only on level changes). Handlers run on vCPU threads, input arrives on a backend thread: one lock.
 
-Registers and the FIFO are plain attributes; `get_state()/set_state()` expose all of them for
-migration (the declarative description comes from the vmstate layer later).
+Registers and the FIFO are plain attributes; `get_state()/set_state()` expose all of them, and
+the section "serial" (`SerialState`, with the pending input in its subsection "serial/fifo")
+describes them for migration.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from vmferry.devices.chardev import Chardev
+from vmferry.vmstate import U8, VarBytes, VMState, registry
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -30,7 +33,58 @@ MCR_LOOP = 0x10
 _REGS = ("ier", "fcr", "lcr", "mcr", "msr", "scr", "dll", "dlm", "thr_ipending", "irq_level")
 
 
+class SerialFifo(VMState):
+    """Host input the guest has not read yet. A subsection, sent only when there is some: an
+    idle UART's stream then stays exactly what a build without input buffering would send."""
+
+    name = "serial/fifo"
+    fifo: VarBytes(max=RX_PENDING_MAX)
+
+    @classmethod
+    def needed(cls, obj: Any) -> bool:
+        return len(obj.rx_fifo) > 0
+
+    @classmethod
+    def capture(cls, obj: Any) -> dict[str, Any]:
+        return {"fifo": obj.get_state()["rx_fifo"]}
+
+    @classmethod
+    def apply(cls, obj: Any, values: dict[str, Any]) -> None:
+        obj.load_rx_fifo(values["fifo"])
+
+
+class SerialState(VMState):
+    name = "serial"
+    version = 1
+    ier: U8
+    fcr: U8
+    lcr: U8
+    mcr: U8
+    msr: U8
+    scr: U8
+    dll: U8  # divisor latch, low byte
+    dlm: U8  # divisor latch, high byte
+    thr_ipending: U8  # "THR empty" interrupt pending (cleared by reading IIR)
+    irq_level: U8  # the level this UART last drove its IRQ line to
+    subsections = (SerialFifo,)
+
+    @classmethod
+    def capture(cls, obj: Any) -> dict[str, Any]:
+        st = obj.get_state()
+        return {name: st[name] for name in _REGS}
+
+    @classmethod
+    def apply(cls, obj: Any, values: dict[str, Any]) -> None:
+        obj.load_registers(values)
+
+    @classmethod
+    def post_load(cls, obj: Any, version: int) -> None:
+        obj.sync_irq()
+
+
 class Serial16550:
+    vmstate = SerialState
+
     def __init__(self, backend: Chardev, set_irq: Callable[[int], None] | None = None) -> None:
         self.backend = backend
         self._set_irq = set_irq
@@ -162,3 +216,22 @@ class Serial16550:
             # irq_level came with the state and matches the irqchip's saved line; drive the
             # line only if the loaded registers say otherwise.
             self._update_irq()
+
+    # The pieces of set_state() that SerialState applies one at a time (registers, then the
+    # FIFO subsection if it was sent, then the IRQ line once everything is in).
+
+    def load_registers(self, values: dict) -> None:
+        with self._lock:
+            for name in _REGS:
+                setattr(self, name, int(values[name]))
+
+    def load_rx_fifo(self, data: bytes) -> None:
+        with self._lock:
+            self.rx_fifo = deque(data)
+
+    def sync_irq(self) -> None:
+        with self._lock:
+            self._update_irq()
+
+
+registry.register("vmferry-0.1", SerialState, version=1)
