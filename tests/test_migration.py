@@ -209,7 +209,7 @@ def test_max_bandwidth_holds(tmp_path: Path, procs: list[VmProcess]) -> None:
 def test_bad_uri_is_an_error_and_vm_keeps_running(tmp_path: Path, procs: list[VmProcess]) -> None:
     src = _source(tmp_path, procs)
     for uri, msg in [("nope:1", "unknown migration URI scheme"), ("tcp:127.0.0.1", "port"),
-                     ("tcp:127.0.0.1:1", "Connection refused"), ("unix:/nonexistent/x", "")]:
+                     ("tcp:127.0.0.1:1", "Connection refused"), ("unix:/nonexistent/x", "No such file")]:
         with pytest.raises(QmpReplyError, match=msg):
             src.cmd("migrate", uri=uri)
     _assert_source_survives(src)
