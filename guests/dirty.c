@@ -27,6 +27,25 @@ static u32 gen;
 static u64 rng;
 static int check_full;
 
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+/* TSC ticks per millisecond, measured against the PIT: the guest's stopwatch for stalls. */
+static u64 tsc_per_ms(void)
+{
+    u64 start = rt_ticks;
+    while (rt_ticks == start)
+        rt_idle();
+    u64 t0 = rdtsc(), from = rt_ticks;
+    while (rt_ticks < from + 50)
+        rt_idle();
+    return (rdtsc() - t0) / 50 + 1;
+}
+
 static u64 rnd(void) /* xorshift64*: a deterministic sequence for a given seed */
 {
     rng ^= rng >> 12;
@@ -178,16 +197,26 @@ void guest_main(void)
      * forgiven beyond 100 ms worth, so the rate never bursts to catch up. */
     u64 max_debt = pages_per_s / 10 + 1;
     u64 last_sec = 0, pace_start = 0, paced = 0, failures = 0;
+    /* stall: the longest time between two turns of this loop since the last progress line, by
+     * the TSC. A VM paused for migration shows its downtime here, as the guest saw it (the TSC
+     * keeps counting through the pause; the PIT's ticks move with the saved state). */
+    u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0;
 
     for (;;) {
+        u64 t = rdtsc();
+        if (t - last_tsc > stall)
+            stall = t - last_tsc;
+        last_tsc = t;
         u64 now = rt_ticks;
         u64 sec = now / RT_TICK_HZ;
         if (sec != last_sec) {
             last_sec = sec;
-            rt_printf("dirty: t=%lu gen=%u written=%lu MiB\n", sec, gen,
-                      hdr->writes / (MIB / PAGE_SIZE));
+            rt_printf("dirty: t=%lu gen=%u written=%lu MiB stall=%lu us\n", sec, gen,
+                      hdr->writes / (MIB / PAGE_SIZE), stall * 1000 / tpm);
+            stall = 0;
             if (verify_s && sec % verify_s == 0 && hdr->filled == npages)
                 failures += !verify_all();
+            last_tsc = rdtsc(); /* our own printing and checking are not stalls */
             if (runtime && sec >= runtime) {
                 rt_printf("dirty: done t=%lu gen=%u written=%lu MiB verify_passes=%lu verify_fails=%lu\n",
                           sec, gen, hdr->writes / (MIB / PAGE_SIZE), hdr->verify_passes,

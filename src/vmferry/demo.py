@@ -104,6 +104,10 @@ def main(args: argparse.Namespace) -> int:
             verdict = dst.qmp.execute("x-verify-dirty-guest")
             color = "green" if verdict["ok"] else "red"
             console.print(f"host-side verifier on the destination's RAM: [bold {color}]{verdict['reason']}")
+            stalls = [int(x) for x in re.findall(r"stall=(\d+) us", dst.text()[mark:])]
+            if stalls:
+                console.print(f"downtime as the guest saw it: [bold]{max(stalls) / 1000:.1f} ms[/] "
+                              "(its longest stall, by its own TSC, in the seconds after the move)")
             console.print("destination console (last lines):")
             console.print("\n".join(dst.text()[mark:].strip().splitlines()[-4:]), markup=False)
             ok = verdict["ok"] and "FAIL" not in dst.text()
