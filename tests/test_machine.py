@@ -157,6 +157,6 @@ def test_run_with_a_non_kvm_device_gives_one_line_error(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "not a KVM device" in r.stderr
 
 
-def test_run_refuses_qmp_until_it_exists() -> None:
-    r = _run_cli("--guest", "heartbeat", "--qmp", "unix:/tmp/x", env_extra={})
-    assert r.returncode == 1 and "not implemented yet" in r.stderr
+def test_run_paused_without_a_monitor_is_refused() -> None:
+    r = _run_cli("--guest", "heartbeat", "-S", env_extra={})
+    assert r.returncode == 1 and "needs --qmp" in r.stderr
