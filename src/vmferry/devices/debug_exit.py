@@ -33,7 +33,7 @@ class DebugExitState(VMState):
         for name, ours in (("iobase", DEBUG_EXIT_PORT), ("iosize", DEBUG_EXIT_IOSIZE)):
             if values[name] != ours:
                 raise StateLoadError(
-                    f"the source's device is at {values[name]:#x}, this machine's at {ours:#x}",
+                    f"the source's device has {name} {values[name]:#x}, this machine's {ours:#x}",
                     section=cls.name, field=name,
                 )
 
