@@ -25,6 +25,7 @@ from vmferry.devices.irqchip import InKernelIrqchip
 from vmferry.devices.pit import InKernelPit, KvmClock
 from vmferry.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from vmferry.errors import GuestError, VmferryError
+from vmferry.kvm.ioctls import Cap
 from vmferry.kvm.system import Kvm
 from vmferry.kvm.vcpu import Vcpu
 from vmferry.machine import multiboot
@@ -77,6 +78,11 @@ class Machine:
         self.vm = self.kvm.create_vm()
         # Manual protect must be on before any slot logs dirty pages.
         self.vm.enable_manual_dirty_protect()
+        # With exception payloads on, KVM_GET/SET_VCPU_EVENTS keep a pending exception apart from
+        # an injected one, so a vCPU paused with an exception pending restores exactly (QEMU
+        # turns it on for the same reason).
+        if self.vm.check_extension(Cap.EXCEPTION_PAYLOAD):
+            self.vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
         self.vm.set_tss_addr()
         self.vm.set_identity_map_addr()
         self.pio_bus = Bus("pio")
