@@ -102,6 +102,22 @@ def test_snapshot_to_file_and_restore(tmp_path: Path, procs: list[VmProcess]) ->
     _assert_destination_runs_verified(dst)
 
 
+def test_migration_over_inherited_fds(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """fd:N — a management tool hands both processes the ends of a socket pair."""
+    a, b = socket.socketpair()
+    afd, bfd = a.fileno(), b.fileno()
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY, pass_fds=(afd,))
+    procs.append(src)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", f"fd:{bfd}", pass_fds=(bfd,))
+    procs.append(dst)
+    a.close()
+    b.close()
+    src.wait_serial(r"verify ok")
+    src.cmd("migrate", uri=f"fd:{afd}")
+    assert src.wait_migration()["status"] == "completed"
+    _assert_destination_runs_verified(dst)
+
+
 def _slow_migration(tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, VmProcess]:
     src = _source(tmp, procs)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})

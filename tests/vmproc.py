@@ -21,7 +21,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 
 class VmProcess:
-    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.name = name
         self.qmp_path = tmp / f"{name}.qmp"
         self.serial_path = tmp / f"{name}.serial"
@@ -30,7 +31,7 @@ class VmProcess:
                "--serial", f"file:{self.serial_path}", *args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, pass_fds=pass_fds)
         deadline = time.monotonic() + 30
         while not self.qmp_path.exists():
             if self.proc.poll() is not None:
