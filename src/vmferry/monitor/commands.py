@@ -211,11 +211,13 @@ def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
     if args.get("resume"):
         _optional(d.backend, "migrate_resume", _RECOVERY_UNSUPPORTED)(args["uri"])
         return {}
-    if _migration_running(d.backend):
-        raise QmpError(_MIGRATION_ACTIVE)
     run_state = d.backend.query_status().get("status")
+    # Before the running check: on a destination, query-migrate reports the *incoming* migration,
+    # which QEMU's check (of the outgoing state) never sees.
     if run_state == "inmigrate":
         raise QmpError("Guest is waiting for an incoming migration")
+    if _migration_running(d.backend):
+        raise QmpError(_MIGRATION_ACTIVE)
     if run_state == "postmigrate":
         raise QmpError("Can't migrate the vm that was paused due to previous migration")
     d.backend.migrate(args["uri"])
