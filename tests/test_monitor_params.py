@@ -23,10 +23,10 @@ def test_every_field_has_a_spec_and_back() -> None:
     assert set(CAPABILITY_DOCS) == set(CAPABILITIES)
 
 
-def test_qemu_7_2_defaults() -> None:
+def test_qemu_7_2_defaults_but_unlimited_bandwidth() -> None:
     q = MigrationParameters().to_qmp()
     expected = {
-        "max-bandwidth": 134217728,
+        "max-bandwidth": 0,
         "downtime-limit": 300,
         "multifd-channels": 2,
         "multifd-compression": "none",

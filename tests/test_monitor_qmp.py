@@ -209,7 +209,7 @@ def test_migration_parameters_and_capabilities(vm_server) -> None:
 
     async def body(qmp: QMPClient) -> None:
         params = await qmp.execute("query-migrate-parameters")
-        assert params["max-bandwidth"] == 134217728 and params["downtime-limit"] == 300
+        assert params["max-bandwidth"] == 0 and params["downtime-limit"] == 300
         assert params["multifd-channels"] == 2 and params["multifd-compression"] == "none"
         assert params["tls-creds"] == "" and params["cpu-throttle-initial"] == 20
         await qmp.execute(

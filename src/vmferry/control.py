@@ -7,9 +7,12 @@ outgoing or incoming, whose thread it starts; it never waits on one (the monitor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from vmferry.errors import MigrationError, QmpError
 from vmferry.guests.verify import verify_dirty
@@ -19,9 +22,13 @@ from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import MigrationState, MigrationStatus
+from vmferry.transport.channel import Channel
 from vmferry.transport.connect import connect_outgoing, listen_incoming
+from vmferry.transport.uri import parse_uri
 
 log = logging.getLogger("vmferry.control")
+# How long `migrate` waits for the channel before replying (see VmControl.migrate).
+CONNECT_WAIT_S = 0.5
 S = MigrationStatus
 EmitEvent = Callable[[str, dict | None], None]
 
@@ -137,20 +144,20 @@ class VmControl:
                 raise MigrationError("There's a migration process in progress")
             if self.postmigrate and not self.machine.running:
                 raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-            # Opening the channel here makes a bad or unreachable URI an error reply, not a
-            # failed migration; the VM keeps running either way.
-            channel = connect_outgoing(uri)
-            try:
-                saver = self._device_saver(self.machine)
-                self._state = MigrationState(self._on_migration_status)
-                self.outgoing = OutgoingMigration(
-                    self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass
-                )
-                self.incoming = None
-                self.outgoing.start()
-            except BaseException:
-                channel.close()
-                raise
+            parse_uri(uri)  # a malformed URI is an error reply
+            channel = _connect_in_background(uri)
+            # A refused or unreachable peer answers at once: an error reply, as the user
+            # expects. A peer that is slow to answer must not hold the monitor: the migration
+            # thread waits for it and reports a failure as `failed`.
+            with contextlib.suppress(FutureTimeout):
+                channel.result(timeout=CONNECT_WAIT_S)
+            saver = self._device_saver(self.machine)
+            self._state = MigrationState(self._on_migration_status)
+            self.outgoing = OutgoingMigration(
+                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass
+            )
+            self.incoming = None
+            self.outgoing.start()
 
     def migrate_incoming(self, uri: str) -> None:
         with self._lock:
@@ -223,3 +230,16 @@ def _socket_address(uri: str) -> dict:
     if uri.startswith("unix:"):
         return {"type": "unix", "path": uri[5:]}
     return {"type": "uri", "uri": uri}
+
+
+def _connect_in_background(uri: str) -> Future[Channel]:
+    fut: Future[Channel] = Future()
+
+    def connect() -> None:
+        try:
+            fut.set_result(connect_outgoing(uri))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(e)
+
+    threading.Thread(target=connect, name="migration-connect", daemon=True).start()
+    return fut

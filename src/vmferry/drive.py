@@ -76,6 +76,7 @@ def watch(src: QmpClient, dst: QmpClient | None, console: Console, timeout_s: fl
 
 def report(out: Outcome, console: Console) -> Table:
     info, ram = out.source, out.source.get("ram", {})
+    console.print()
     t = Table(title="migration report", show_header=False)
     t.add_row("status", info.get("status", "?"))
     if info.get("error-desc"):
@@ -84,6 +85,9 @@ def report(out: Outcome, console: Console) -> Table:
     if "downtime" in info:
         t.add_row("downtime (host)", f"{info['downtime']} ms: vCPUs paused on the source until the "
                   "destination confirmed it runs the guest")
+    phases = info.get("downtime-phases")
+    if phases:
+        t.add_row("  of which", ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()))
     t.add_row("passes", str(len(info.get("passes", []))) + " + final")
     t.add_row("transferred", f"{_mib(ram.get('transferred', 0))} of {_mib(ram.get('total', 0))} guest RAM")
     t.add_row("pages", f"{ram.get('normal', 0):,} sent, {ram.get('duplicate', 0):,} zero, "

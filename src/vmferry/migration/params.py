@@ -82,7 +82,7 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("tls-hostname", "str", "hostname to check the destination's certificate against"),
     ParamSpec("tls-authz", "str", "id of the authorization object the destination checks clients with"),
     ParamSpec("max-bandwidth", "size", "bandwidth cap of the precopy phase, bytes per second; "
-              "0 means unlimited",
+              "0 means unlimited (vmferry's default; QEMU 7.2's is 128 MiB/s)",
               0, UINT64_MAX, _range(0, UINT64_MAX, "bytes/second")),
     ParamSpec("downtime-limit", "uint64", "largest pause (ms) tolerated at switchover; the migration "
               "switches over once the expected downtime is below it",
@@ -129,7 +129,10 @@ class MigrationParameters:
     tls_creds: str = ""
     tls_hostname: str = ""
     tls_authz: str = ""
-    max_bandwidth: int = 134_217_728  # 128 MiB/s, QEMU's MAX_THROTTLE
+    # vmferry's one deliberate default that differs from QEMU 7.2 (128 MiB/s, its MAX_THROTTLE):
+    # unlimited. The cap dates from slow links; with it a guest dirtying 200 MiB/s never converges,
+    # and vmferry measures the wire anyway. Set it to share a link.
+    max_bandwidth: int = 0
     downtime_limit: int = 300
     x_checkpoint_delay: int = 20_000
     block_incremental: bool = False

@@ -22,6 +22,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from vmferry import __version__
 from vmferry.errors import MigrationError, VmferryError
@@ -51,14 +53,15 @@ class OutgoingMigration:
         self,
         machine: Machine,
         devices: DeviceStateSaver,
-        channel: Channel,
+        channel: Future[Channel],
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
     ) -> None:
         self.machine = machine
         self.devices = devices
-        self.channel = channel
+        self._channel_future = channel
+        self.channel: Channel | None = None  # once connected, on the migration thread
         self.params = params
         self.state = state
         self.stats = MigrationStats()
@@ -70,7 +73,8 @@ class OutgoingMigration:
         self._cancel = threading.Event()
         self._paused_by_us = False
         self._end_sent = False
-        self._send_time_s = 0.0
+        self._pass_bytes = 0
+        self._pass_time_s = 0.0
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
 
@@ -89,7 +93,8 @@ class OutgoingMigration:
         for frm in (S.SETUP, S.ACTIVE, S.DEVICE):
             if self.state.try_set(frm, S.CANCELLING):
                 break
-        self.channel.shutdown()
+        if self.channel is not None:
+            self.channel.shutdown()
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None:
         self.limiter.set_limit(bytes_per_s)
@@ -104,22 +109,26 @@ class OutgoingMigration:
     # --- the migration thread ---
 
     def _send(self, bufs: Sequence[bytes | memoryview]) -> int:
-        t0 = time.monotonic()
+        assert self.channel is not None
         n = self.channel.sendmsg(bufs)
-        self._send_time_s += time.monotonic() - t0
         self.stats.transferred += n
+        limit = self.params.max_bandwidth  # migrate-set-parameters takes effect at once
+        if limit != self.limiter.bytes_per_s:
+            self.limiter.set_limit(limit)
         self.limiter.record(n)
-        if self.limiter.bytes_per_s and not self.limiter.wait(self._cancel.is_set):
+        if limit and not self.limiter.wait(self._cancel.is_set):
             raise MigrationError("migration cancelled")
         return n
 
     def _bandwidth_bps(self) -> float:
-        """Bytes the channel accepted over the time spent sending them (and waiting on the limit),
-        over the whole migration so far."""
-        return self.stats.transferred / self._send_time_s if self._send_time_s > 0 else 0.0
+        """Bytes the channel accepted over the wall time of the passes that sent them, all work
+        included (gathering, scanning, checksums, waiting on the limit): the rate the final
+        round will really see, which is what expected downtime needs."""
+        return self._pass_bytes / self._pass_time_s if self._pass_time_s > 0 else 0.0
 
     def _run(self) -> None:
         try:
+            self.channel = self._connected()
             self._setup()
             self.state.set(S.ACTIVE)
             self._iterate()
@@ -129,11 +138,29 @@ class OutgoingMigration:
         finally:
             self.ram.cleanup()
             self.stats.end_ns = time.monotonic_ns()
-            self.channel.close()
+            if self.channel is not None:
+                self.channel.close()
             if self.return_path is not None:
                 self.return_path.join(1.0)
 
+    def _connected(self) -> Channel:
+        """Wait for the channel `migrate` started opening (a slow peer must not hold the
+        monitor); a cancel meanwhile wins, and a channel that arrives after it is closed."""
+        while True:
+            try:
+                channel = self._channel_future.result(timeout=0.05)
+            except FutureTimeout:
+                if self._cancel.is_set():
+                    self._channel_future.add_done_callback(_close_if_connected)
+                    raise MigrationError("migration cancelled") from None
+                continue
+            if self._cancel.is_set():
+                channel.close()
+                raise MigrationError("migration cancelled")
+            return channel
+
     def _setup(self) -> None:
+        assert self.channel is not None
         if self.channel.has_return_path:
             self.return_path = ReturnPathReader(self.channel)
             self.return_path.start()
@@ -150,6 +177,7 @@ class OutgoingMigration:
         self._send(head)
         self.stats.unpopulated = self.ram.setup()
         self.stats.remaining_pages = self.ram.remaining()
+        self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
         self.stats.setup_end_ns = time.monotonic_ns()
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
@@ -169,6 +197,8 @@ class OutgoingMigration:
             self.stats.duplicate += c.zero_pages
             self.stats.precopy_bytes += c.bytes
             now = time.monotonic()
+            self._pass_bytes += self.stats.transferred - sent_before
+            self._pass_time_s += now - t0
             dirty = self.ram.sync()
             self.stats.dirty_sync_count += 1
             dirty_rate = dirty / max(now - last_sync, 1e-6)
@@ -184,26 +214,26 @@ class OutgoingMigration:
                 self.stats.bandwidth_bps = bw
                 self.stats.dirty_rate_pps = dirty_rate
                 self.stats.expected_downtime_ms = exp
-            params = self.params.snapshot()
-            if self.limiter.bytes_per_s != params.max_bandwidth:
-                self.limiter.set_limit(params.max_bandwidth)
-            if should_switch_over(remaining_bytes, bw, params.downtime_limit, DEVICE_STATE_MS):
+            if should_switch_over(remaining_bytes, bw, self.params.downtime_limit, DEVICE_STATE_MS):
                 return
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
 
     def _switch_over(self) -> None:
+        t0 = time.monotonic()
         self.stats.stop_ns = time.monotonic_ns()
         if self.machine.running:
             self.machine.pause()
             self._paused_by_us = True
         self.state.set(S.DEVICE)
+        t_paused = time.monotonic()
         before = self.stats.transferred
         self.ram.sync()
         self.stats.dirty_sync_count += 1
         c = self.ram.send_dirty(self._send, stable=True, cancelled=self._cancel.is_set)
         self.stats.normal += c.pages
         self.stats.duplicate += c.zero_pages
+        t_ram = time.monotonic()
         sections = [
             self.encoder.encode(DeviceSection(sid, SectionPhase.FULL, payload))
             for sid, payload in self.devices.save()
@@ -213,15 +243,27 @@ class OutgoingMigration:
             raise MigrationError("migration cancelled")
         self._end_sent = True
         self._send([self.encoder.encode(EndOfStream())])
+        t_devices = time.monotonic()
         self.stats.downtime_bytes = self.stats.transferred - before
         self.stats.remaining_pages = 0
         if self.return_path is not None:
             self._wait_for_ack()
         else:
+            assert self.channel is not None
             self.channel.close()  # flushes a file; reaps an exec: child, surfacing its failure
+        t_done = time.monotonic()
         self.stats.downtime_ms = (time.monotonic_ns() - self.stats.stop_ns) / 1e6
+        # Where the downtime went: pausing the vCPUs, the last dirty pages, device state and END,
+        # and the destination loading, starting the guest and confirming.
+        self.stats.downtime_phases = {
+            "pause": round((t_paused - t0) * 1000, 3),
+            "ram": round((t_ram - t_paused) * 1000, 3),
+            "devices": round((t_devices - t_ram) * 1000, 3),
+            "confirm": round((t_done - t_devices) * 1000, 3),
+        }
         self.state.set(S.COMPLETED)
-        log.info("migration completed: downtime %.1f ms", self.stats.downtime_ms)
+        log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
+                 self.stats.downtime_phases)
 
     def _wait_for_ack(self) -> None:
         assert self.return_path is not None
@@ -264,3 +306,8 @@ class OutgoingMigration:
         else:
             self.state.set(S.FAILED)
             log.warning("migration failed: %s", reason)
+
+
+def _close_if_connected(fut: Future[Channel]) -> None:
+    if fut.exception() is None:
+        fut.result().close()

@@ -31,6 +31,7 @@ class MigrationStats:
     end_ns: int = 0
     stop_ns: int = 0  # vCPUs paused for switchover
     downtime_ms: float | None = None
+    downtime_phases: dict[str, float] = field(default_factory=dict)
     total_bytes: int = 0  # guest RAM size
     transferred: int = 0
     remaining_pages: int = 0
@@ -66,6 +67,8 @@ class MigrationStats:
                 out["setup-time"] = self._elapsed_ms(self.start_ns, self.setup_end_ns)
             if self.downtime_ms is not None:
                 out["downtime"] = round(self.downtime_ms)
+            if self.downtime_phases:
+                out["downtime-phases"] = dict(self.downtime_phases)
             running = status in (MigrationStatus.ACTIVE, MigrationStatus.SETUP)
             if running and self.expected_downtime_ms is not None:
                 out["expected-downtime"] = (

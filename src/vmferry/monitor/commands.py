@@ -278,7 +278,7 @@ def _migrate_set_parameters(d: CommandDispatcher, args: dict, session: Session) 
 
 @command("query-migrate-parameters", "Every migration parameter and its current value.",
          returns="`{PARAMETER: value, ...}` (every parameter of migrate-set-parameters)",
-         example=({}, {"max-bandwidth": 134217728, "downtime-limit": 300, "multifd-channels": 2,
+         example=({}, {"max-bandwidth": 0, "downtime-limit": 300, "multifd-channels": 2,
                        "...": "..."}))
 def _query_migrate_parameters(d: CommandDispatcher, args: dict, session: Session) -> object:
     return d.backend.migration_parameters.to_qmp()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -30,6 +32,7 @@ class RecordType(IntEnum):
     RAM_ZERO = 33
     RAM_COMPRESSED = 34  # reserved in 1.0
     RAM_DELTA = 35  # reserved in 1.0
+    RAM_PAGE_LIST = 36
     BLOCK_DATA = 48
     BLOCK_ZERO = 49
     BLOCK_COMPRESSED = 50  # reserved in 1.0
@@ -159,6 +162,38 @@ class RamPages:
     placed: bool = False  # True: data is the caller's own target, already written in place
 
 
+# eq=False: the generated __eq__ would compare `pages` with `==`, whose array result has no truth
+# value; ours compares contents so decoded records can be checked against what went in.
+@dataclass(frozen=True, slots=True, eq=False)
+class RamPageList:
+    """Many non-contiguous pages of one RAM block in one record (sparse dirty sets).
+
+    `pages`: strictly increasing uint32 page indexes inside the block. Decoded records hold a
+    private copy (native uint32, aligned, 4 bytes a page), so it outlives the input buffer.
+    `data`: len(pages) * page_size bytes, page i of it belongs at page `pages[i]`. Decoded records
+    hold a memoryview of the fed chunk (valid while the caller does not overwrite that object) or
+    of the decoder's assembly buffer (owned by the record from then on); never copied.
+    """
+
+    block_id: int
+    pages: np.ndarray
+    data: Buffer
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RamPageList):
+            return NotImplemented
+        return (self.block_id == other.block_id and np.array_equal(self.pages, other.pages)
+                and memoryview(self.data).cast("B") == memoryview(other.data).cast("B"))
+
+    __hash__ = None  # type: ignore[assignment]  # holds an array and a buffer: not hashable
+
+    def scatter_into(self, block: Buffer, page_size: int) -> None:
+        """Copy each page to its place in `block` (the whole RAM block's writable memory): one
+        vectorised copy, no per-page Python."""
+        dest = np.frombuffer(block, dtype=np.uint8).reshape(-1, page_size)
+        dest[self.pages] = np.frombuffer(self.data, dtype=np.uint8).reshape(len(self.pages), page_size)
+
+
 @dataclass(frozen=True, slots=True)
 class RamZero:
     block_id: int
@@ -213,5 +248,5 @@ class Skipped:
     length: int
 
 
-Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamZero | BlockData
-          | BlockZero | Command | PassStart | EndOfStream | Skipped)
+Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamPageList | RamZero
+          | BlockData | BlockZero | Command | PassStart | EndOfStream | Skipped)
