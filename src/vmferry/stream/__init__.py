@@ -21,6 +21,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlockInfo,
     RamBlocks,
+    RamPageList,
     RamPages,
     RamZero,
     Record,
@@ -34,6 +35,6 @@ from vmferry.stream.records import (
 __all__ = [
     "MAX_PAYLOAD", "BlockData", "BlockDevices", "BlockZero", "Command", "CommandCode", "Config",
     "Description", "DeviceSection", "DiskInfo", "EndOfStream", "PassStart", "RamBlockInfo", "RamBlocks",
-    "RamPages", "RamZero", "Record", "RecordType", "SectionInfo", "SectionPhase", "Skipped",
+    "RamPageList", "RamPages", "RamZero", "Record", "RecordType", "SectionInfo", "SectionPhase", "Skipped",
     "StreamDecoder", "StreamEncoder", "StreamHeader", "StreamLimits",
 ]

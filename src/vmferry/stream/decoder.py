@@ -38,7 +38,10 @@ from vmferry.stream.records import Buffer, EndOfStream, RamPages, Record, Record
 from vmferry.stream.rules import StreamRules, type_name
 
 # place(block_id, first_page, page_count) -> a writable memoryview of exactly page_count pages
-# (e.g. a slice of the guest RAM mapping), or None to receive that run normally.
+# (e.g. a slice of the guest RAM mapping), or None to receive that run normally. Only RAM_PAGES
+# runs are offered: a RAM_PAGE_LIST's pages are scattered, so it arrives through the normal body
+# path (a view of the fed chunk or the assembly buffer) and the caller scatters it after the
+# checksum and the index checks passed (RamPageList.scatter_into).
 PlaceFn = Callable[[int, int, int], "memoryview | None"]
 
 

@@ -1,13 +1,16 @@
 """Records -> bytes. Sans-I/O: the caller writes what it gets wherever it likes.
 
-Page data is never copied: `encode_ram_pages` and `encode_buffers` return the record as a list of
-buffers (header bytes, the caller's own memoryview, trailer bytes) that a sender passes straight
-to `socket.sendmsg` or `os.writev`. The encoder is stateful only to count records and fold each
-trailer into the running digest that END carries, so every record must go through one encoder,
-in order.
+Page data is never copied: `encode_ram_pages`, `encode_ram_page_list` and `encode_buffers` return
+the record as a list of buffers (header bytes, [index bytes,] the caller's own memoryview, trailer
+bytes) that a sender passes straight to `socket.sendmsg` or `os.writev`. The encoder is stateful
+only to count records and fold each trailer into the running digest that END carries, so every
+record must go through one encoder, in order.
 """
 
 from __future__ import annotations
+
+import numpy as np
+import xxhash
 
 from vmferry import __version__
 from vmferry.stream.format import (
@@ -19,7 +22,7 @@ from vmferry.stream.format import (
     pack_record_header,
     pack_stream_header,
 )
-from vmferry.stream.payloads import encode_payload
+from vmferry.stream.payloads import encode_payload, page_list_payload
 from vmferry.stream.records import Buffer, EndOfStream, Record, RecordType
 
 
@@ -44,8 +47,8 @@ class StreamEncoder:
         """One record as [header, payload, trailer] without copying the payload."""
         if isinstance(rec, EndOfStream):
             rec = EndOfStream(self.record_count, self._digest)
-        frame, payload = encode_payload(rec, self.page_size)
-        return self._frame(frame.rtype, frame.section, frame.count, frame.index, payload,
+        frame, parts = encode_payload(rec, self.page_size)
+        return self._frame(frame.rtype, frame.section, frame.count, frame.index, parts,
                            FLAG_SKIPPABLE if skippable else 0)
 
     def encode_ram_pages(self, block_id: int, first_page: int, data: Buffer) -> list[Buffer]:
@@ -56,7 +59,15 @@ class StreamEncoder:
         if rest or not page_count:
             raise ValueError(f"RAM data of {view.nbytes} bytes is not a whole number of "
                              f"{self.page_size}-byte pages")
-        return self._frame(RecordType.RAM_PAGES, block_id, page_count, first_page, view, 0)
+        return self._frame(RecordType.RAM_PAGES, block_id, page_count, first_page, [view], 0)
+
+    def encode_ram_page_list(self, block_id: int, pages: np.ndarray, data: Buffer) -> list[Buffer]:
+        """A RAM_PAGE_LIST record: the pages `pages` (strictly increasing indexes) of block
+        `block_id`, whose contents are `data` back to back (len(pages) * page_size bytes, e.g.
+        gathered from a dirty bitmap). -> [32-byte header, index bytes + padding, data itself,
+        8-byte trailer]; the page data is not copied (the index area is, 4 bytes a page)."""
+        frame, parts = page_list_payload(block_id, pages, data, self.page_size)
+        return self._frame(frame.rtype, frame.section, frame.count, frame.index, parts, 0)
 
     def end(self) -> bytes:
         """The END record, carrying the record count and running digest; nothing may follow it."""
@@ -65,20 +76,29 @@ class StreamEncoder:
     def raw_record(self, rtype: int, payload: bytes = b"", *, section: int = 0, count: int = 0,
                    index: int = 0, flags: int = 0) -> bytes:
         """Any header at all, unchecked: for tests and for future record types."""
-        return b"".join(self._frame(rtype, section, count, index, payload, flags))
+        return b"".join(self._frame(rtype, section, count, index, [payload], flags))
 
-    def _frame(self, rtype: int, section: int, count: int, index: int, payload: Buffer,
+    def _frame(self, rtype: int, section: int, count: int, index: int, parts: list[Buffer],
                flags: int) -> list[Buffer]:
+        """[header, *parts, trailer]: `parts` are the payload's pieces, sent back to back."""
         if self.ended:
             raise ValueError("the stream has ended: nothing may follow END")
-        length = memoryview(payload).nbytes
+        length = sum(memoryview(p).nbytes for p in parts)
         if length > MAX_PAYLOAD:
             raise ValueError(f"payload of {length} bytes exceeds the format's {MAX_PAYLOAD}-byte limit")
         head, hcheck = pack_record_header(rtype, flags, section, length, count, index)
-        trailer = checksum(payload, hcheck)
+        if len(parts) == 1:
+            trailer = checksum(parts[0], hcheck)
+        else:
+            # Streaming xxh3 over the pieces gives the one-call digest of their concatenation,
+            # without joining (copying) the page data.
+            h = xxhash.xxh3_64(seed=hcheck)
+            for p in parts:
+                h.update(p)
+            trailer = h.intdigest()
         if rtype == RecordType.END:
             self.ended = True
         else:
             self.record_count += 1
             self._digest = chain_digest(self._digest, trailer)
-        return [head, payload, TRAILER.pack(trailer)]
+        return [head, *parts, TRAILER.pack(trailer)]

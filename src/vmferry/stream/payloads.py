@@ -10,6 +10,8 @@ import json
 import struct
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from vmferry.errors import StreamError
 from vmferry.stream.records import (
     ADVISORY_COMMANDS,
@@ -27,6 +29,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlockInfo,
     RamBlocks,
+    RamPageList,
     RamPages,
     RamZero,
     Record,
@@ -41,6 +44,33 @@ _LIST_ENTRY = struct.Struct("<HHIQQ")  # id, name_len, unit, base, size; then th
 _COMMAND_HEAD = struct.Struct("<HH")
 _END = struct.Struct("<QQ")
 T = RecordType
+_LE_U32 = np.dtype("<u4")
+
+
+def page_list_index_size(count: int) -> int:
+    """Bytes of a RAM_PAGE_LIST's index area: `count` u32 indexes, zero-padded to a multiple of 8
+    so the page data after it stays 8-byte aligned within the payload."""
+    return (4 * count + 7) & ~7
+
+
+def page_list_index_bytes(pages: np.ndarray) -> bytes:
+    """The index area for `pages` (any integer array): checked and padded. A copy (4 bytes a page),
+    so the caller may reuse its index array while the record's buffers wait to be sent."""
+    idx = np.asarray(pages)
+    if idx.ndim != 1 or not idx.size:
+        raise ValueError(f"RAM_PAGE_LIST needs a non-empty 1-d array of page indexes, got shape {idx.shape}")
+    if idx.dtype.kind not in "ui":
+        raise ValueError(f"RAM_PAGE_LIST page indexes must be integers, not {idx.dtype}")
+    if idx.dtype != _LE_U32:
+        if idx[0] < 0 or idx.max() > 0xFFFFFFFF:
+            raise ValueError("RAM_PAGE_LIST page indexes must fit in u32")
+        idx = idx.astype(_LE_U32)
+    # Compare neighbours rather than np.diff: a uint32 diff of a decreasing pair wraps to a huge
+    # positive number and would pass a `> 0` test.
+    if not np.all(idx[1:] > idx[:-1]):
+        raise ValueError("RAM_PAGE_LIST page indexes must be strictly increasing")
+    raw = idx.tobytes()
+    return raw + bytes(page_list_index_size(idx.size) - len(raw))
 
 
 class Frame(NamedTuple):
@@ -52,8 +82,28 @@ class Frame(NamedTuple):
     index: int = 0
 
 
-def encode_payload(rec: Record, page_size: int) -> tuple[Frame, Buffer]:
-    """-> the record's header fields and its payload (page data is passed through, not copied)."""
+def encode_payload(rec: Record, page_size: int) -> tuple[Frame, list[Buffer]]:
+    """-> the record's header fields and its payload as parts to send back to back (page data is
+    passed through, not copied; only RAM_PAGE_LIST has more than one part)."""
+    if isinstance(rec, RamPageList):
+        return page_list_payload(rec.block_id, rec.pages, rec.data, page_size)
+    frame, payload = _encode_one(rec, page_size)
+    return frame, [payload]
+
+
+def page_list_payload(block_id: int, pages: np.ndarray, data: Buffer,
+                      page_size: int) -> tuple[Frame, list[Buffer]]:
+    """RAM_PAGE_LIST: [index area, the caller's page data itself]."""
+    index = page_list_index_bytes(pages)
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    count = len(pages)
+    if view.nbytes != count * page_size:
+        raise ValueError(f"RAM_PAGE_LIST data is {view.nbytes} bytes, expected {count} pages of "
+                         f"{page_size} bytes ({count * page_size})")
+    return Frame(T.RAM_PAGE_LIST, block_id, count, 0), [index, view]
+
+
+def _encode_one(rec: Record, page_size: int) -> tuple[Frame, Buffer]:
     match rec:
         case RamPages(block_id, first_page, page_count, data):
             return Frame(T.RAM_PAGES, block_id, page_count, first_page), data
@@ -98,6 +148,8 @@ def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
         return RamPages(section, index, count, payload)
     if rtype == T.RAM_ZERO:
         return RamZero(section, index, count)
+    if rtype == T.RAM_PAGE_LIST:
+        return _parse_page_list(section, count, payload)
     if T.SECTION_FULL <= rtype <= T.SECTION_END:
         return DeviceSection(section, SectionPhase(rtype), bytes(payload))
     if rtype == T.BLOCK_DATA:
@@ -134,6 +186,21 @@ def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
             disks.append(DiskInfo(ident, name, size, unit))
         return BlockDevices(tuple(disks))
     raise AssertionError(f"parse_payload called for type {rtype}")  # rules.check_header let it through
+
+
+def _parse_page_list(block_id: int, count: int, payload: Buffer) -> RamPageList:
+    """Layout checks only (the header check already fixed the length; rules.py checks the indexes
+    against the block). `pages` is copied: 4 bytes a page, and it then outlives the input."""
+    view = memoryview(payload)
+    index_size = page_list_index_size(count)
+    pages = np.frombuffer(view, dtype=_LE_U32, count=count).astype(np.uint32)
+    if any(view[4 * count:index_size]):
+        raise StreamError("RAM_PAGE_LIST padding after the page indexes is not zero")
+    if count > 1 and not np.all(pages[1:] > pages[:-1]):  # not np.diff: uint32 differences wrap
+        i = int(np.flatnonzero(pages[1:] <= pages[:-1])[0])
+        raise StreamError(f"RAM_PAGE_LIST page indexes are not strictly increasing: entry {i + 1} is "
+                          f"page {pages[i + 1]} after page {pages[i]}")
+    return RamPageList(block_id, pages, view[index_size:])
 
 
 def _parse_command(frame: Frame, payload: bytes) -> Command:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vmferry.errors import StreamError
 from vmferry.stream.format import FLAG_SKIPPABLE, KNOWN_FLAGS
+from vmferry.stream.payloads import page_list_index_size
 from vmferry.stream.records import (
     RESERVED_TYPES,
     BlockDevices,
@@ -19,6 +20,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlockInfo,
     RamBlocks,
+    RamPageList,
     Record,
     RecordType,
     SectionInfo,
@@ -31,7 +33,8 @@ _RUN_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.BLOCK_DATA, T.BLOCK_ZERO)
 # Which generic header fields each type uses (s = section, c = count, i = index); the rest must be 0.
 _USES = {T.CONFIG: "", T.DESCRIPTION: "", T.RAM_BLOCKS: "", T.BLOCK_DEVICES: "", T.END: "",
          T.PASS: "i", T.COMMAND: "sci", **dict.fromkeys(_SECTION_TYPES, "s"),
-         **dict.fromkeys(_RUN_TYPES, "sci")}
+         **dict.fromkeys(_RUN_TYPES, "sci"), T.RAM_PAGE_LIST: "sc"}
+_RAM_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.RAM_PAGE_LIST)
 END_PAYLOAD = 16
 # Plain dicts on the per-record path: an IntEnum lookup costs more than the rest of a header check.
 _NAMES = {t.value: t.name for t in RecordType}
@@ -58,7 +61,7 @@ class StreamRules:
         """The name of what a record is about (device section, RAM block, disk), for error messages."""
         if rtype in _SECTION_TYPES and section in self.sections:
             return self.sections[section].name
-        if rtype in (T.RAM_PAGES, T.RAM_ZERO) and section in self.ram:
+        if rtype in _RAM_TYPES and section in self.ram:
             return self.ram[section].name
         if rtype in (T.BLOCK_DATA, T.BLOCK_ZERO) and section in self.disks:
             return self.disks[section].name
@@ -89,6 +92,8 @@ class StreamRules:
                             self.page_size)
             if length != count * self.page_size:
                 self._check_length(name, length, count * self.page_size)
+        elif rtype == T.RAM_PAGE_LIST:
+            self._check_page_list_header(name, section, length, count)
         elif rtype in _SECTION_TYPES:
             self._check_section(rtype, section)
         elif rtype in (T.RAM_PAGES, T.RAM_ZERO):
@@ -112,6 +117,19 @@ class StreamRules:
         elif rtype == T.CONFIG and self.config_seen:
             raise StreamError("a second CONFIG record")
         return True
+
+    def _check_page_list_header(self, name: str, section: int, length: int, count: int) -> None:
+        """What the header alone can say, before the payload is buffered: a listed block, 1..pages
+        of it, and the exact length. The indexes themselves are checked in `apply`."""
+        block = self.ram.get(section)
+        if block is None:
+            raise StreamError(f"{name} for unknown RAM block id {section} (not listed before)")
+        if count == 0:
+            raise StreamError(f"{name} with count 0")
+        npages = block.size // self.page_size
+        if count > npages:  # n strictly increasing indexes below npages: at most npages of them
+            raise StreamError(f"{name} of {count} pages, more than RAM block '{block.name}' has ({npages})")
+        self._check_length(name, length, page_list_index_size(count) + count * self.page_size)
 
     def _check_section(self, rtype: int, section: int) -> None:
         if section not in self.sections:
@@ -141,6 +159,14 @@ class StreamRules:
 
     def apply(self, rec: Record) -> None:
         match rec:
+            case RamPageList(block_id, pages):
+                # The payload layout (increasing, zero padding) was checked by the parser; whether
+                # the indexes lie inside the block is an order rule: it needs the declared block.
+                block = self.ram[block_id]
+                npages = block.size // self.page_size
+                if pages[-1] >= npages:
+                    raise StreamError(f"RAM_PAGE_LIST page {pages[-1]} lies outside RAM block "
+                                      f"'{block.name}' ({npages} pages of {self.page_size} bytes)")
             case DeviceSection(section_id, phase):
                 if phase == SectionPhase.START:
                     self.open_sections.add(section_id)
