@@ -31,7 +31,11 @@ def test_text(stream_file: Path) -> None:
     assert "machine type 'vmferry-1.0'" in out
     assert "    divisor = 12" in out and "subsection serial/fifo:" in out
     assert "RAM block pc.ram: base 0x0, 1048576 bytes (256 pages); pages sent 5, zero 200" in out
-    assert "end of stream: 18 records" in out
+    # the page list's 3 pages count as sent; bytes = RAM_ZERO (40) + 32 + 16 index + 3 pages + 8
+    assert ("RAM block vga.vram: base 0xfd000000, 262144 bytes (64 pages); pages sent 3, zero 64, "
+            "2 records (RAM_PAGE_LIST 1, RAM_ZERO 1), 12384 bytes; passes 1,2") in out
+    assert "pass 2: pages 4, zero pages 0" in out
+    assert "end of stream: 19 records" in out
 
 
 def test_json_from_stdin(stream_file: Path) -> None:
@@ -40,6 +44,9 @@ def test_json_from_stdin(stream_file: Path) -> None:
     assert r.returncode == 0 and doc["error"] is None
     ram = {b["name"]: b for b in doc["ram_blocks"]}
     assert (ram["pc.ram"]["sent"], ram["pc.ram"]["zero"], ram["pc.ram"]["passes"]) == (5, 200, [1, 2])
+    vram = ram["vga.vram"]
+    assert (vram["sent"], vram["bytes"]) == (3, 12384)
+    assert vram["record_types"] == {"RAM_ZERO": 1, "RAM_PAGE_LIST": 1}
     serial = next(d for d in doc["devices"] if d["name"] == "serial")
     assert serial["state"]["fields"]["regs"] == [1, 2, 3, 4]
     assert [p["number"] for p in doc["passes"]] == [1, 2]

@@ -72,7 +72,7 @@ def test_stream_without_end_record() -> None:
     data = sample_stream()
     cut = spans(data)[-1][0]
     assert str(error_of(data[:cut])) == (
-        f"stream truncated: no END record after 18 records (at record 18, byte offset {cut})")
+        f"stream truncated: no END record after 19 records (at record 19, byte offset {cut})")
 
 
 def test_flipped_bit_in_a_record_header() -> None:
@@ -161,7 +161,7 @@ def test_lowered_limit_is_enforced() -> None:
 def test_dropped_record_is_caught_by_the_count() -> None:
     data = sample_stream()
     start, end = spans(data)[11]  # a SECTION_PART: dropping it breaks no order rule
-    assert error_of(data[:start] + data[end:]).reason == "END says 18 records but 17 were read"
+    assert error_of(data[:start] + data[end:]).reason == "END says 19 records but 18 were read"
 
 
 def test_reordered_records_are_caught_by_the_digest() -> None:
@@ -173,7 +173,7 @@ def test_reordered_records_are_caught_by_the_digest() -> None:
 
 def test_bytes_after_end() -> None:
     assert str(error_of(sample_stream() + b"junk")) == (
-        "4 bytes after the end of stream (at record 19, byte offset 23091)")
+        "4 bytes after the end of stream (at record 20, byte offset 35435)")
 
 
 def test_run_outside_its_block() -> None:
@@ -201,6 +201,76 @@ def test_bad_sync_word() -> None:
     data[80:84] = b"XXXX"
     assert error_of(bytes(data)).reason == (
         "bad sync word 58 58 58 58 (expected 56 4d 46 52 'VMFR'): stream corrupt or misaligned")
+
+
+# -- RAM_PAGE_LIST: every check, each with a stream the encoder would refuse to write --------------
+
+
+def page_list(indexes: list[int], *, block: int = 2, count: int | None = None, pad: bytes | None = None,
+              pages: int | None = None, index: int = 0) -> str:
+    """The error for a prologue + one hand-built RAM_PAGE_LIST (block 2 = 'vga.vram', 64 pages)."""
+    enc = StreamEncoder()
+    raw = struct.pack(f"<{len(indexes)}I", *indexes)
+    raw += bytes(-len(raw) % 8) if pad is None else pad
+    raw += bytes(4096 * (len(indexes) if pages is None else pages))
+    count = len(indexes) if count is None else count
+    data = prologue(enc) + enc.raw_record(36, raw, section=block, count=count, index=index) + enc.end()
+    e = error_of(data)
+    assert e.record_index == 4 and e.offset == 902  # names the record, wherever the check ran
+    return str(e)
+
+
+def test_page_list_indexes_not_increasing() -> None:
+    assert page_list([3, 9, 9]) == (
+        "RAM_PAGE_LIST page indexes are not strictly increasing: entry 2 is page 9 after page 9 "
+        "(at record 4, section 'vga.vram', byte offset 902)")
+
+
+def test_page_list_indexes_decreasing() -> None:
+    # 3 - 5 wraps to 4294967294 in uint32: a check written as np.diff(p) > 0 would let this through
+    assert "entry 1 is page 3 after page 5" in page_list([5, 3])
+
+
+def test_page_list_index_beyond_its_block() -> None:
+    assert page_list([3, 64]) == (
+        "RAM_PAGE_LIST page 64 lies outside RAM block 'vga.vram' (64 pages of 4096 bytes) "
+        "(at record 4, section 'vga.vram', byte offset 902)")
+
+
+def test_page_list_nonzero_padding() -> None:
+    assert page_list([3], pad=b"\0\0\0\x01").startswith(
+        "RAM_PAGE_LIST padding after the page indexes is not zero (at record 4")
+
+
+def test_page_list_wrong_length() -> None:
+    # checked at the header, before the payload is buffered
+    assert page_list([3, 4], pages=1).startswith("RAM_PAGE_LIST payload length 4104, expected 8200 (")
+    assert page_list([3], pad=b"").startswith("RAM_PAGE_LIST payload length 4100, expected 4104 (")
+
+
+def test_page_list_count_zero() -> None:
+    assert page_list([], count=0, pages=0).startswith("RAM_PAGE_LIST with count 0 (at record 4")
+
+
+def test_page_list_header_checks() -> None:
+    assert page_list([3], index=5).startswith("RAM_PAGE_LIST record has index 5, must be 0 (")
+    assert page_list([3], block=7).startswith(
+        "RAM_PAGE_LIST for unknown RAM block id 7 (not listed before) (")
+    assert page_list(list(range(65))).startswith(
+        "RAM_PAGE_LIST of 65 pages, more than RAM block 'vga.vram' has (64) (")
+
+
+def test_page_list_bad_after_a_placed_run_writes_nothing_of_its_own() -> None:
+    """A page list is never placed: a bad one leaves guest memory exactly as the placed runs left it."""
+    enc = StreamEncoder()
+    bad = enc.raw_record(36, struct.pack("<2I", 5, 3) + bytes(2 * 4096), section=1, count=2)
+    data = prologue(enc) + bad + enc.end()
+    guest = bytearray(256 * 4096)
+    dec = StreamDecoder(place=lambda b, f, c: memoryview(guest)[f * 4096:(f + c) * 4096])
+    dec.feed(data)
+    with pytest.raises(StreamError, match="not strictly increasing"):
+        list(dec.records())
+    assert not any(guest)
 
 
 def _header(rtype: int, section: int, length: int, count: int, index: int) -> bytes:

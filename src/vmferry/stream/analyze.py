@@ -113,9 +113,10 @@ def render_text(s: StreamSummary) -> str:
     for title, table, word in (("RAM block", s.ram, "pages"), ("disk", s.disks, "sectors")):
         for r in table.values():
             passes = ",".join(map(str, sorted(r.passes))) or "-"
+            types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
             put(f"{title} {r.name}: base {r.base:#x}, {r.size} bytes ({r.size // r.unit} {word}); "
-                f"{word} sent {r.sent}, zero {r.zero}, {r.records} records, {r.nbytes} bytes; "
-                f"passes {passes}")
+                f"{word} sent {r.sent}, zero {r.zero}, {r.records} records ({types or 'none'}), "
+                f"{r.nbytes} bytes; passes {passes}")
     for p in s.passes:
         if p.number or p.pages or p.zero_pages:
             put(f"pass {p.number}: pages {p.pages}, zero pages {p.zero_pages}, {p.nbytes} bytes")

@@ -284,6 +284,9 @@ class StreamDecoder:
             self._digest = chain_digest(self._digest, trailer)
         self._ready.append(rec)
         self.record_index += 1
+        # Between records there is no subject: an error now (truncation before the next header)
+        # must not name the section of the record that just completed.
+        self._frame = None
 
     def _subject(self) -> str | None:
         if self._frame is None or self.rules is None:

@@ -1,10 +1,10 @@
 """What a stream holds, gathered record by record: the model behind `vmferry analyze`.
 
 Pure bookkeeping over decoded records (no I/O), so it works on a stream of any size: page data is
-counted, never kept. Definitions: "pages sent" = pages carried in RAM_PAGES records; "zero pages"
-= pages covered by RAM_ZERO runs; "bytes" = bytes on the wire for that block's records (headers,
-payloads and trailers); "passes" = the passes (PASS markers; pass 0 = before the first marker)
-in which the block appeared.
+counted, never kept. Definitions: "pages sent" = pages carried in RAM_PAGES and RAM_PAGE_LIST
+records; "zero pages" = pages covered by RAM_ZERO runs; "bytes" = bytes on the wire for that
+block's records (headers, payloads including a page list's index area, and trailers); "passes" =
+the passes (PASS markers; pass 0 = before the first marker) in which the block appeared.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from vmferry.errors import StreamError
 from vmferry.stream.format import RECORD_HEADER_SIZE, TRAILER_SIZE
+from vmferry.stream.payloads import page_list_index_size
 from vmferry.stream.records import (
     BlockData,
     BlockDevices,
@@ -27,6 +28,7 @@ from vmferry.stream.records import (
     EndOfStream,
     PassStart,
     RamBlocks,
+    RamPageList,
     RamPages,
     RamZero,
     Record,
@@ -53,11 +55,13 @@ class RunStats:
     records: int = 0
     nbytes: int = 0
     passes: set[int] = field(default_factory=set)
+    # records by type name (RAM_PAGES, RAM_PAGE_LIST, ...): shows how a sender split its pages
+    types: Counter[str] = field(default_factory=Counter)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "size": self.size, "unit": self.unit,
-                "sent": self.sent, "zero": self.zero, "records": self.records, "bytes": self.nbytes,
-                "passes": sorted(self.passes)}
+                "sent": self.sent, "zero": self.zero, "records": self.records,
+                "record_types": dict(self.types), "bytes": self.nbytes, "passes": sorted(self.passes)}
 
 
 @dataclass
@@ -93,13 +97,17 @@ class StreamSummary:
         current = self.passes[-1]
         match rec:
             case RamPages(block_id, _, count, data):
-                self._run(self.ram[block_id], count, 0, len(data), current)
+                self._run(self.ram[block_id], "RAM_PAGES", count, 0, len(data), current)
+            case RamPageList(block_id, pages, data):
+                n = len(pages)
+                self._run(self.ram[block_id], "RAM_PAGE_LIST", n, 0, page_list_index_size(n) + len(data),
+                          current)
             case RamZero(block_id, _, count):
-                self._run(self.ram[block_id], 0, count, 0, current)
+                self._run(self.ram[block_id], "RAM_ZERO", 0, count, 0, current)
             case BlockData(disk_id, _, count, data):
-                self._run(self.disks[disk_id], count, 0, len(data), current, pages=False)
+                self._run(self.disks[disk_id], "BLOCK_DATA", count, 0, len(data), current, pages=False)
             case BlockZero(disk_id, _, count):
-                self._run(self.disks[disk_id], 0, count, 0, current, pages=False)
+                self._run(self.disks[disk_id], "BLOCK_ZERO", 0, count, 0, current, pages=False)
             case DeviceSection():
                 self._device(rec, record_index)
             case PassStart(number):
@@ -121,11 +129,12 @@ class StreamSummary:
             case Skipped(type_code):
                 self.skipped[type_code] += 1
 
-    def _run(self, stats: RunStats, sent: int, zero: int, payload: int, current: PassStats,
+    def _run(self, stats: RunStats, rtype: str, sent: int, zero: int, payload: int, current: PassStats,
              pages: bool = True) -> None:
         stats.sent += sent
         stats.zero += zero
         stats.records += 1
+        stats.types[rtype] += 1
         stats.nbytes += payload + _FRAMING
         stats.passes.add(current.number)
         if pages:  # a pass's page counts are RAM pages only; disks count sectors

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import (
     BlockData,
@@ -22,6 +24,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlockInfo,
     RamBlocks,
+    RamPageList,
     RamPages,
     RamZero,
     Record,
@@ -67,6 +70,9 @@ def sample_records(seed: int = 0) -> list[Record]:
         DeviceSection(1, SectionPhase.FULL, encode_section(SERIAL, SERIAL_VALUE)),
         Command(CommandCode.POSTCOPY_RUN),
         Command(CommandCode.SHUT, index=1, data=b"bye"),
+        # Last before END so the record numbers and offsets of everything before it stay put. An
+        # odd count, so the index area carries padding; the block's last page, so the bound is tight.
+        RamPageList(2, np.array([3, 17, 63], dtype=np.uint32), pages[PAGE:]),
         EndOfStream(),
     ]
 
