@@ -104,11 +104,19 @@ class RamSaver:
                 if cancelled():
                     raise MigrationError("migration cancelled")
                 chunk = indexes[at : at + CHUNK_PAGES]
+                first_page = int(chunk[0])
+                # A run of consecutive pages (the common case in a first pass) is a plain slice:
+                # copied or scanned in place, ~2x faster than a gather by index.
+                contiguous = int(chunk[-1]) - first_page == chunk.size - 1
                 if stable:
-                    is_zero = zero_pages(guest_pages[chunk])
+                    in_place = guest_pages[first_page : first_page + chunk.size] if contiguous else None
+                    is_zero = zero_pages(in_place if in_place is not None else guest_pages[chunk])
                 else:
                     gathered = scratch_pages[: chunk.size]
-                    np.take(guest_pages, chunk, axis=0, out=gathered)
+                    if contiguous:
+                        gathered[:] = guest_pages[first_page : first_page + chunk.size]
+                    else:
+                        np.take(guest_pages, chunk, axis=0, out=gathered)
                     is_zero = zero_pages(gathered)
                 bufs: list[bytes | memoryview] = []
                 for pos, first, count, zero in segments(chunk, is_zero):
