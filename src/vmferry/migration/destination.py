@@ -32,6 +32,7 @@ from vmferry.stream.records import (
     EndOfStream,
     PassStart,
     RamBlocks,
+    RamPageList,
     RamPages,
     RamZero,
     SectionPhase,
@@ -159,6 +160,9 @@ class IncomingMigration:
             if not rec.placed:
                 self.ram.store(rec.block_id, rec.first_page, memoryview(rec.data))
             self.stats.normal += rec.page_count
+        elif isinstance(rec, RamPageList):
+            self.ram.store_list(rec.block_id, rec)
+            self.stats.normal += len(rec.pages)
         elif isinstance(rec, RamZero):
             self.ram.zero(rec.block_id, rec.first_page, rec.page_count)
             self.stats.duplicate += rec.page_count
