@@ -34,11 +34,6 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
-# Linux 5.14: populate (allocate and map writable) a range in one call instead of a page fault per
-# page — about twice as fast for a destination filling fresh RAM.
-MADV_POPULATE_WRITE = 23
 
 
 def pages_to_bitmap(page_mask: np.ndarray) -> np.ndarray:
@@ -84,7 +79,6 @@ class RamBlock:
         self.vm: Vm | None = None
         self.slot = slot
         self._flags = 0
-        self._populate_ok = True
         self._lock = threading.Lock()
         self._consumers: dict[str, np.ndarray] = {}
         self._nwords = (self.npages + 63) // 64
@@ -132,14 +126,6 @@ class RamBlock:
             raise VmferryError(f"{self.name}: read of {nbytes} bytes at {gpa:#x} outside the block")
         off = gpa - self.gpa
         return self.mem[off : off + nbytes]
-
-    def populate(self, first_page: int, npages: int) -> None:
-        """Allocate pages about to be written in bulk (the migration destination). Best effort:
-        where the kernel lacks MADV_POPULATE_WRITE the writes fault the pages in one by one."""
-        if self._populate_ok:
-            addr = self.host_addr + first_page * PAGE_SIZE
-            if _libc.madvise(addr, npages * PAGE_SIZE, MADV_POPULATE_WRITE) != 0:
-                self._populate_ok = False
 
     def populated_pages(self) -> np.ndarray:
         """Bool per page: has anything ever touched it (guest or host)? From mincore(2), which

@@ -224,7 +224,6 @@ class RamLoader:
         if view is None:
             return None
         self._received[block_id][first_page : first_page + page_count] = True
-        self._by_id[block_id].populate(first_page, page_count)
         self.pages += page_count
         return view[first_page * PAGE_SIZE : (first_page + page_count) * PAGE_SIZE]
 
