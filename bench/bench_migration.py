@@ -9,17 +9,18 @@ guest must print `verify ok` (its in-guest check of every page) after switchover
   S3   4 GiB, 1 GiB written, then static: ws=1024 rate=0
   S4   4 GiB, 1 GiB dirtied at 50 MiB/s: ws=1024 rate=50
   S5   4 GiB, 1 GiB dirtied at 200 MiB/s: ws=1024 rate=200
-  S5d  S5 with both sides' DEFAULT max-bandwidth (128 MiB/s), given --capped-timeout seconds
-       (default 60) to converge, then `migrate_cancel`; one run per side (--capped-runs)
+  S5d  S5 with each side's DEFAULT max-bandwidth (QEMU 7.2: 128 MiB/s; vmferry: unlimited),
+       given --capped-timeout seconds (default 60) to converge, then `migrate_cancel`; one run
+       per side (--capped-runs)
 
 QEMU side: `qemu-system-x86_64 -accel tcg` (this host has no usable nested VMX for QEMU), its own
 migration over loopback TCP, `max-bandwidth` raised to 100 GiB/s with `migrate-set-parameters`.
 QEMU runs S4/S5 with `-m 4194296k` (4 GiB - 8 KiB: QEMU 7.2's dirty-bitmap bug loses pages of a
 dirtying guest whose RAM is a multiple of 256 KiB; see BENCHMARKS.md), everything else as given.
 vmferry side: `python -m vmferry run` source and destination processes, vmferry's default
-migration parameters except `max-bandwidth`, raised the same way (vmferry's default is QEMU's
-128 MiB/s). The guest runs under KVM there (its page writes are native CPL3 stores) and under TCG
-for QEMU: the same program, not the same CPU speed.
+migration parameters except `max-bandwidth`, raised the same way (vmferry's default is
+unlimited, unlike QEMU's 128 MiB/s). The guest runs under KVM there (its page writes are native
+CPL3 stores) and under TCG for QEMU: the same program, not the same CPU speed.
 
 Each run: start the source, wait for `dirty: filled` and the first `verify ok` after it (and, for
 dirtying guests, two progress lines to measure the guest's real write rate), start the
@@ -84,7 +85,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S3", "4 GiB, 1 GiB written then static", "4G", "4G", "ws=1024 rate=0", 0),
         Scenario("S4", "4 GiB, 1 GiB dirtied at 50 MiB/s", "4G", "4194296k", "ws=1024 rate=50", 50),
         Scenario("S5", "4 GiB, 1 GiB dirtied at 200 MiB/s", "4G", "4194296k", "ws=1024 rate=200", 200),
-        Scenario("S5d", "S5, default max-bandwidth (128 MiB/s)", "4G", "4194296k", "ws=1024 rate=200",
+        Scenario("S5d", "S5, each side's default max-bandwidth", "4G", "4194296k", "ws=1024 rate=200",
                  200, capped=True),
     )
 }
