@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmferry.errors import MigrationError
-from vmferry.migration.convergence import convergence_verdict, expected_downtime_ms, should_switch_over
+from vmferry.migration.convergence import convergence_verdict, expected_downtime_ms, switch_now
 from vmferry.migration.pages import PAGE_SIZE, count_dirty, dirty_page_indexes, segments, zero_pages
 from vmferry.migration.state import MigrationState, MigrationStatus
 
@@ -56,14 +56,25 @@ def test_zero_pages() -> None:
     assert z.tolist() == [True, True, False, False, True, True]
 
 
-def test_expected_downtime_and_switch_over() -> None:
+def test_expected_downtime_and_verdict() -> None:
     assert expected_downtime_ms(0, 0) == 0
     assert expected_downtime_ms(100, 0) == float("inf")
     assert expected_downtime_ms(1_000_000, 1e9) == pytest.approx(1.0)
-    assert should_switch_over(1_000_000, 1e9, 300)
-    assert not should_switch_over(10**9, 1e9, 300)
     assert convergence_verdict(2e9, 1e9).startswith("not converging")
     assert convergence_verdict(0.5e9, 1e9).startswith("converging")
+
+
+def test_switch_over_only_within_the_limit_and_when_more_passes_do_not_pay() -> None:
+    # above the limit: never, however little the last pass left
+    assert not switch_now(301, 300, pages_sent=1000, dirty_after=999, extra_passes=50)
+    # within a tenth of the limit: at once
+    assert switch_now(30, 300, pages_sent=1000, dirty_after=10, extra_passes=0)
+    # within the limit but the last pass more than halved the backlog: one more pass
+    assert not switch_now(200, 300, pages_sent=1000, dirty_after=300, extra_passes=0)
+    # the last pass no longer halves the backlog (guest dirties at half the bandwidth): stop
+    assert switch_now(200, 300, pages_sent=1000, dirty_after=600, extra_passes=0)
+    # extra passes are bounded
+    assert switch_now(200, 300, pages_sent=1000, dirty_after=300, extra_passes=8)
 
 
 def test_state_machine_refuses_missing_transitions() -> None:

@@ -50,10 +50,26 @@ def expected_downtime_ms(remaining_bytes: int, bandwidth_bps: float, fixed_ms: f
     return remaining_bytes / bandwidth_bps * 1000.0 + fixed_ms
 
 
-def should_switch_over(
-    remaining_bytes: int, bandwidth_bps: float, downtime_limit_ms: int, fixed_ms: float = 0.0
-) -> bool:
-    return expected_downtime_ms(remaining_bytes, bandwidth_bps, fixed_ms) <= downtime_limit_ms
+# Within downtime-limit, keep iterating while passes still shrink the backlog fast: each extra pass
+# is short (it sends only what the previous one left), and every halving halves the pause. Stop
+# once the expected pause is this fraction of the limit, or a pass no longer halves the backlog.
+DOWNTIME_GOAL_FRACTION = 0.1
+SHRINK_RATIO = 0.5
+MAX_EXTRA_PASSES = 8
+
+
+def switch_now(expected_ms: float, downtime_limit_ms: int, pages_sent: int, dirty_after: int,
+               extra_passes: int) -> bool:
+    """Switch over after this pass? Never while the expected downtime is above the limit; at
+    once when it is within the goal; otherwise only when one more pass would not pay: the last
+    pass left at least half of what it sent, or the extra passes are used up."""
+    if expected_ms > downtime_limit_ms:
+        return False
+    if expected_ms <= downtime_limit_ms * DOWNTIME_GOAL_FRACTION:
+        return True
+    if dirty_after >= pages_sent * SHRINK_RATIO:
+        return True
+    return extra_passes >= MAX_EXTRA_PASSES
 
 
 def convergence_verdict(dirty_rate_bps: float, bandwidth_bps: float) -> str:

@@ -4,7 +4,8 @@ States (QMP's): setup -> active -> device -> completed, or failed / cancelling -
 - setup: the channel is open; header, configuration, RAM block table and device description are
   sent; dirty logging starts and every populated page is marked.
 - active: passes. Each pass sends the marked pages, then syncs the dirty log. After each sync,
-  expected downtime = dirty bytes / measured bandwidth; within downtime-limit -> switch over.
+  expected downtime = dirty bytes / measured bandwidth; within downtime-limit, passes go on
+  while they still halve the backlog (convergence.switch_now), then switch over.
 - device: vCPUs paused; final sync; the rest of RAM and all device state go with no scratch copy;
   END closes the stream. With a return path the source waits for the destination's ACK, sent once
   the destination has verified everything and started the guest.
@@ -28,7 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from vmferry import __version__
 from vmferry.errors import MigrationError, VmferryError
 from vmferry.machine.machine import Machine
-from vmferry.migration.convergence import PassReport, expected_downtime_ms, should_switch_over
+from vmferry.migration.convergence import PassReport, expected_downtime_ms, switch_now
 from vmferry.migration.device_state import DeviceStateSaver
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.ram import RamSaver, block_table
@@ -184,6 +185,7 @@ class OutgoingMigration:
 
     def _iterate(self) -> None:
         number = 0
+        extra = 0  # passes made after the expected downtime first fell within the limit
         last_sync = time.monotonic()
         while True:
             number += 1
@@ -214,8 +216,11 @@ class OutgoingMigration:
                 self.stats.bandwidth_bps = bw
                 self.stats.dirty_rate_pps = dirty_rate
                 self.stats.expected_downtime_ms = exp
-            if should_switch_over(remaining_bytes, bw, self.params.downtime_limit, DEVICE_STATE_MS):
+            limit = self.params.downtime_limit
+            if switch_now(exp, limit, c.pages + c.zero_pages, dirty, extra):
                 return
+            if exp <= limit:
+                extra += 1
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
 
