@@ -227,6 +227,16 @@ def test_stale_socket_is_replaced_but_a_regular_file_is_not(tmp_path) -> None:
     assert (tmp_path / "file").read_text() == "precious"
 
 
+def test_a_live_monitor_socket_is_never_taken_over(tmp_path) -> None:
+    """Regression: a second VMM given the same --qmp path unlinked the first one's socket,
+    leaving that VM without a monitor."""
+    path = f"{tmp_path}/live.sock"
+    with QmpServer(CommandDispatcher(FakeVm()), f"unix:{path}") as first:
+        with pytest.raises(VmferryError, match="another process listens there"):
+            QmpServer(CommandDispatcher(FakeVm()), f"unix:{path}")
+        healthy(first)
+
+
 @pytest.mark.parametrize("address", ["tcp:nohost", "tcp::", "udp:1.2.3.4:5", "unix:", "stdio"])
 def test_invalid_addresses(address: str) -> None:
     with pytest.raises(VmferryError, match="invalid QMP address"):

@@ -275,9 +275,12 @@ def _bind(address: str) -> _Listener:
 
 
 def _bind_unix(path: str) -> _Listener:
-    # Like QEMU, replace a stale socket file left by a previous run, but never another kind of file.
+    # Replace a stale socket file left by a previous run, but never another kind of file, and never
+    # the socket of a VMM still listening there (that would orphan its monitor).
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if _someone_listens(path):
+                raise VmferryError(f"cannot listen for QMP on unix:{path}: another process listens there")
             os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -289,6 +292,17 @@ def _bind_unix(path: str) -> _Listener:
         sock.close()
         raise VmferryError(f"cannot listen for QMP on unix:{path}: {e.strerror or e}") from e
     return _Listener(sock, f"unix:{path}", path, ino)
+
+
+def _someone_listens(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _bind_tcp(host: str, port: int) -> _Listener:
