@@ -67,8 +67,9 @@ def test_expected_downtime_and_verdict() -> None:
 def test_switch_over_only_within_the_limit_and_when_more_passes_do_not_pay() -> None:
     # above the limit: never, however little the last pass left
     assert not switch_now(301, 300, pages_sent=1000, dirty_after=999, extra_passes=50)
-    # within a tenth of the limit: at once
-    assert switch_now(30, 300, pages_sent=1000, dirty_after=10, extra_passes=0)
+    # within the goal (a twentieth of the limit): at once
+    assert switch_now(15, 300, pages_sent=1000, dirty_after=10, extra_passes=0)
+    assert not switch_now(30, 300, pages_sent=1000, dirty_after=10, extra_passes=0)
     # within the limit but the last pass more than halved the backlog: one more pass
     assert not switch_now(200, 300, pages_sent=1000, dirty_after=300, extra_passes=0)
     # the last pass no longer halves the backlog (guest dirties at half the bandwidth): stop

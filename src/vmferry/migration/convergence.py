@@ -53,7 +53,7 @@ def expected_downtime_ms(remaining_bytes: int, bandwidth_bps: float, fixed_ms: f
 # Within downtime-limit, keep iterating while passes still shrink the backlog fast: each extra pass
 # is short (it sends only what the previous one left), and every halving halves the pause. Stop
 # once the expected pause is this fraction of the limit, or a pass no longer halves the backlog.
-DOWNTIME_GOAL_FRACTION = 0.1
+DOWNTIME_GOAL_FRACTION = 0.05
 SHRINK_RATIO = 0.5
 MAX_EXTRA_PASSES = 8
 
