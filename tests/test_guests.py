@@ -7,10 +7,12 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -205,3 +207,26 @@ def test_dirty_ram_verifies_on_the_host_paused_anywhere_and_after_power_off(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _run_vmferry(guest: str, append: str, mem: str = "64M") -> tuple[int, list[str]]:
+    p = subprocess.run(
+        [sys.executable, "-m", "vmferry", "run", "-m", mem, "--guest", guest, "--append", append,
+         "--serial", "stdio"], capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout.splitlines()
+
+
+def _comparable(lines: list[str]) -> list[str]:
+    # The only thing allowed to differ: how long the host held the guest's loop (`stall=`).
+    return [re.sub(r" stall=\d+ us", "", line) for line in lines]
+
+
+@pytest.mark.qemu
+@pytest.mark.kvm
+@pytest.mark.parametrize(("guest", "append"), [("heartbeat", "hz=50 count=5"),
+                                               ("dirty", "ws=4 rate=0 verify=1 runtime=2")])
+def test_same_console_under_qemu_and_vmferry(guest: str, append: str) -> None:
+    q_value, q_lines = run_qemu(guest, append)
+    v_value, v_lines = _run_vmferry(guest, append)
+    assert (q_value, v_value) == (0, 0)
+    assert _comparable(q_lines) == _comparable(v_lines)
