@@ -229,3 +229,26 @@ def test_bad_uri_is_an_error_and_vm_keeps_running(tmp_path: Path, procs: list[Vm
         with pytest.raises(QmpReplyError, match=msg):
             src.cmd("migrate", uri=uri)
     _assert_source_survives(src)
+
+
+@pytest.mark.parametrize(("dest_args", "message"), [
+    (("-m", "128M"), "RAM block 'pc.ram' is 256 MiB"),
+    (("-m", MEM, "--smp", "2"), "the source has 1 vCPUs but this destination has 2"),
+    (("-m", MEM, "-M", "vmferry-9.9"), "unknown machine type"),
+])
+def test_mismatched_destination_is_refused_clearly(
+    tmp_path: Path, procs: list[VmProcess], dest_args: tuple[str, ...], message: str
+) -> None:
+    src = _source(tmp_path, procs)
+    try:
+        dst = VmProcess(tmp_path, "dst", *dest_args, "--incoming", "tcp:127.0.0.1:0")
+    except RuntimeError as e:  # refused before it could listen: the message is on its stderr
+        assert message in str(e)
+        return
+    procs.append(dst)
+    src.cmd("migrate", uri=_listen_uri(dst))
+    dinfo = dst.wait_migration()
+    assert dinfo["status"] == "failed" and message in dinfo["error-desc"], dinfo
+    sinfo = src.wait_migration()
+    assert sinfo["status"] == "failed" and message in sinfo["error-desc"], sinfo
+    _assert_source_survives(src)
