@@ -21,7 +21,7 @@ from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import OutgoingMigration
-from vmferry.migration.state import MigrationState, MigrationStatus
+from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import connect_outgoing, listen_incoming
 from vmferry.transport.uri import parse_uri
@@ -133,8 +133,7 @@ class VmControl:
         return [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(self.machine.vcpu_thread_ids())]
 
     def _migration_running(self) -> bool:
-        return self._state is not None and self._state.status in (
-            S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING, S.POSTCOPY_ACTIVE)
+        return self._state is not None and self._state.status in IN_PROGRESS
 
     def migrate(self, uri: str) -> None:
         with self._lock:

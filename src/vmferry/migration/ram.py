@@ -23,7 +23,14 @@ import numpy as np
 
 from vmferry.errors import MigrationError
 from vmferry.machine.ramblock import RamBlock
-from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, dirty_page_indexes, segments, zero_pages
+from vmferry.migration.pages import (
+    PAGE_SIZE,
+    WORDS_PER_PAGE,
+    count_dirty,
+    dirty_page_indexes,
+    segments,
+    zero_pages,
+)
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import RamBlockInfo, RamBlocks, RamPageList, RamZero
 
@@ -85,11 +92,11 @@ class RamSaver:
         total = 0
         for b in self.blocks:
             b.sync_dirty()
-            total += int(np.bitwise_count(b.dirty_bitmap(CONSUMER)).sum())
+            total += count_dirty(b.dirty_bitmap(CONSUMER))
         return total
 
     def remaining(self) -> int:
-        return sum(int(np.bitwise_count(b.dirty_bitmap(CONSUMER)).sum()) for b in self.blocks)
+        return sum(count_dirty(b.dirty_bitmap(CONSUMER)) for b in self.blocks)
 
     def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
         """Send every page set in the bitmaps. `stable`: the vCPUs are paused, so pages go

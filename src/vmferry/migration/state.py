@@ -43,7 +43,6 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.CANCELLED: frozenset({S.SETUP}),
 }
 
-TERMINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 IN_PROGRESS = frozenset({S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE, S.DEVICE, S.CANCELLING})
 
 
@@ -57,7 +56,6 @@ class MigrationState:
     def __init__(self, on_change: Callable[[MigrationStatus], None] | None = None) -> None:
         self._status = S.NONE
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._on_change = on_change
 
     @property
@@ -69,7 +67,6 @@ class MigrationState:
             if new not in TRANSITIONS[self._status]:
                 raise MigrationError(f"migration state cannot go from '{self._status}' to '{new}'")
             self._status = new
-            self._changed.notify_all()
         if self._on_change is not None:
             self._on_change(new)
 
@@ -79,11 +76,6 @@ class MigrationState:
             if self._status != expected or new not in TRANSITIONS[self._status]:
                 return False
             self._status = new
-            self._changed.notify_all()
         if self._on_change is not None:
             self._on_change(new)
         return True
-
-    def wait_for(self, states: frozenset[MigrationStatus], timeout: float | None = None) -> bool:
-        with self._lock:
-            return self._changed.wait_for(lambda: self._status in states, timeout)
