@@ -12,10 +12,7 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,6 +20,8 @@ from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
+
+from vmproc import VmProcess
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
 
@@ -33,40 +32,12 @@ DOCS = REPO / "docs" / "qmp.md"
 _TICK = re.compile(r"tick (\d+)\n")
 
 
-class Vm:
+class Vm(VmProcess):
     """One `vmferry run` process: a QMP unix socket and COM1 in a file. Nothing else talks to
     its monitor, so every client in these tests is the official qemu.qmp one or a raw socket."""
 
     def __init__(self, tmp: Path, name: str, *args: str) -> None:
-        self.name = name
-        self.qmp_path = tmp / f"{name}.qmp"
-        self.serial_path = tmp / f"{name}.serial"
-        self.log_path = tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{self.qmp_path}",
-               "--serial", f"file:{self.serial_path}", *args]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        # The vmferry of this checkout, whichever one happens to be installed.
-        path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": path})
-        deadline = time.monotonic() + 30
-        while not self.qmp_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"{name}: no QMP socket (exit {self.proc.poll()}): {self.log()}")
-            time.sleep(0.02)
-
-    def serial(self) -> str:
-        try:
-            return self.serial_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        super().__init__(tmp, name, *args, connect=False)
 
     def last_tick(self) -> int:
         ticks = _TICK.findall(self.serial())
@@ -91,16 +62,6 @@ class Vm:
                 raise AssertionError(f"{self.name} still running:\n{self.log()[-2000:]}")
             await asyncio.sleep(0.05)
         return code
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture

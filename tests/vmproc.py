@@ -19,10 +19,14 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 class VmProcess:
+    """`connect=False`: leave the monitor to the test's own client (no QMP connection here)."""
+
     def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), connect: bool = True) -> None:
         self.name = name
         self.qmp_path = tmp / f"{name}.qmp"
         self.serial_path = tmp / f"{name}.serial"
@@ -30,21 +34,26 @@ class VmProcess:
         cmd = [sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{self.qmp_path}",
                "--serial", f"file:{self.serial_path}", *args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        # The vmferry of this checkout, whichever one happens to be installed.
+        path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, pass_fds=pass_fds)
+                                     env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                                     pass_fds=pass_fds)
+        self.qmp: QEMUMonitorProtocol | None = None
         deadline = time.monotonic() + 30
         while not self.qmp_path.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited {self.proc.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: no QMP socket after 30 s: {self.log()}")
-            time.sleep(0.05)
-        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self.qmp.connect(negotiate=True)
-        self.qmp.settimeout(60)
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{name}: no QMP socket (exit {self.proc.poll()}): {self.log()}")
+            time.sleep(0.02)
+        if connect:
+            self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            self.qmp.connect(negotiate=True)
+            self.qmp.settimeout(60)
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a command; return its value or raise AssertionError with the QMP error."""
+        assert self.qmp is not None, "started with connect=False"
         reply = self.qmp.cmd_raw(name, args or None)
         if "error" in reply:
             raise QmpReplyError(reply["error"]["class"], reply["error"]["desc"])
@@ -92,8 +101,9 @@ class VmProcess:
             time.sleep(0.05)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):  # best effort: the process may be gone
-            self.qmp.close()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):  # best effort: the process may be gone
+                self.qmp.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
