@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from polling import ticks, wait_for
 from vmferry.devices.cpu import CpuState, VcpuDevice, save_vcpu, state_values
 from vmferry.devices.state import MachineDeviceState
 from vmferry.errors import StateLoadError
@@ -28,22 +27,6 @@ from vmferry.vmm import guest_image
 
 MiB = 1 << 20
 pytestmark = pytest.mark.kvm
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
-    """Poll until pred() is truthy; the deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def ticks(*paths: Path) -> list[int]:
-    text = "".join(p.read_text() for p in paths if p.exists())
-    return [int(n) for n in re.findall(r"^tick (\d+)$", text, re.M)]
 
 
 @pytest.fixture(scope="module")

@@ -5,38 +5,20 @@ restored into a second machine, keeps the guest running."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from polling import ticks, wait_for
 from vmferry.devices.cpu import restore_vcpu, save_vcpu
 from vmferry.guests.verify import HEADER_GPA, MAGIC, DirtyHeader, read_header, verify_dirty
 from vmferry.machine.machine import Machine
 from vmferry.vmm import guest_image
 
 MiB = 1 << 20
-
-
-def wait_for(pred, what: str, timeout_s: float = 60):  # type: ignore[no-untyped-def]
-    """Poll until pred() is truthy; a deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def ticks(*paths: Path) -> list[int]:
-    """The tick numbers in the concatenated serial output of `paths`."""
-    text = "".join(p.read_text() for p in paths if p.exists())
-    return [int(n) for n in re.findall(r"^tick (\d+)$", text, re.M)]
 
 
 @pytest.mark.kvm
