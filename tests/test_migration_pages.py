@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vmferry.errors import MigrationError
 from vmferry.migration.convergence import convergence_verdict, expected_downtime_ms, switch_now
-from vmferry.migration.pages import PAGE_SIZE, count_dirty, dirty_page_indexes, segments, zero_pages
+from vmferry.migration.pages import PAGE_SIZE, count_dirty, dirty_page_indexes, runs, segments, zero_pages
 from vmferry.migration.state import MigrationState, MigrationStatus
 
 
@@ -37,6 +37,15 @@ def test_segments_cover_exactly_the_pages(pages: set[int], data: st.DataObject) 
         assert idx[pos] == first and count >= 1
         assert list(range(first, first + count)) == idx[pos : pos + count].tolist()
         assert (zero[pos : pos + count] == is_zero).all()
+        covered.extend(range(first, first + count))
+    assert covered == sorted(pages)
+
+
+@given(st.sets(st.integers(0, 2000)), st.integers(1, 50))
+def test_runs_cover_exactly_the_pages(pages: set[int], max_run: int) -> None:
+    covered: list[int] = []
+    for first, count in runs(np.array(sorted(pages), dtype=np.int64), max_run):
+        assert 1 <= count <= max_run
         covered.extend(range(first, first + count))
     assert covered == sorted(pages)
 
@@ -88,3 +97,23 @@ def test_state_machine_refuses_missing_transitions() -> None:
     assert not st_.try_set(MigrationStatus.SETUP, MigrationStatus.ACTIVE)
     st_.set(MigrationStatus.COMPLETED)
     assert seen == ["setup", "active", "completed"]
+
+
+def test_populated_hint_allocates_exactly_the_hinted_pages() -> None:
+    """The destination's prefault thread allocates what the source said pass 1 will send, and
+    nothing else (a 4 GiB guest that used 100 MiB must still cost ~100 MiB there)."""
+    from vmferry.machine.ramblock import RamBlock
+    from vmferry.migration.ram import RamLoader
+    from vmferry.stream.records import RamBlockInfo, RamBlocks
+
+    block = RamBlock("pc.ram", 0, 64 << 20)
+    loader = RamLoader([block])
+    loader.check_layout(RamBlocks((RamBlockInfo(1, "pc.ram", 0, 64 << 20),)))
+    hinted = np.zeros(block.npages, dtype=bool)
+    hinted[10:600] = True
+    hinted[5000] = True
+    loader.prefault(1, np.packbits(hinted, bitorder="little").tobytes())
+    loader.wait_prefaulted()
+    assert (block.populated_pages() == hinted).all()
+    loader.release()
+    block.close()

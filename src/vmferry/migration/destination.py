@@ -182,6 +182,8 @@ class IncomingMigration:
             self.devices.check_description(rec)
         elif isinstance(rec, Config):
             self._check_config(rec.settings)
+        elif isinstance(rec, Command) and rec.code == CommandCode.POPULATED_HINT:
+            self.ram.prefault(rec.block_id, rec.data)
         elif isinstance(rec, Command) and rec.code == CommandCode.SHUT:
             raise MigrationError(f"the source gave up: {rec.message}")
 

@@ -23,6 +23,23 @@ def count_dirty(bitmap: np.ndarray) -> int:
     return int(np.bitwise_count(bitmap).sum())
 
 
+def runs(indexes: np.ndarray, max_run: int) -> Iterator[tuple[int, int]]:
+    """Group ascending page indexes into (first_page, count) runs of consecutive pages, none
+    longer than `max_run`."""
+    if indexes.size == 0:
+        return
+    cut = np.flatnonzero(np.diff(indexes) != 1) + 1
+    starts = [0, *cut.tolist()]
+    ends = [*cut.tolist(), indexes.size]
+    for s, e in zip(starts, ends, strict=True):
+        first, count = int(indexes[s]), e - s
+        while count > 0:
+            n = min(count, max_run)
+            yield first, n
+            first += n
+            count -= n
+
+
 def segments(indexes: np.ndarray, is_zero: np.ndarray) -> Iterator[tuple[int, int, int, bool]]:
     """Split ascending page indexes into records: (position in `indexes`, first page, count,
     zero) for each maximal stretch of consecutive pages that are all zero or all non-zero.

@@ -177,6 +177,7 @@ class OutgoingMigration:
         head.append(self.encoder.encode(self.devices.description()))
         self._send(head)
         self.stats.unpopulated = self.ram.setup()
+        self._send([self.encoder.encode(hint) for hint in self.ram.populated_hints()])
         self.stats.remaining_pages = self.ram.remaining()
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
         self.stats.setup_end_ns = time.monotonic_ns()

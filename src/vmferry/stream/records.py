@@ -67,6 +67,7 @@ class CommandCode(IntEnum):
     POSTCOPY_LISTEN = 7
     POSTCOPY_RUN = 8
     RECEIVED_BITMAP = 9
+    POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
 
 
 ADVISORY_COMMANDS = 0x8000
