@@ -113,7 +113,8 @@ class StreamSummary:
             case PassStart(number):
                 self.passes.append(PassStats(number))
             case Command(code):
-                self.commands[code.name if isinstance(code, CommandCode) else f"advisory-{code:#x}"] += 1
+                known = code in CommandCode._value2member_map_
+                self.commands[CommandCode(code).name if known else f"advisory-{code:#x}"] += 1
             case Description(sections):
                 self.sections.update({s.id: dict(s.schema) for s in sections})
             case RamBlocks(blocks):
