@@ -96,8 +96,12 @@ class IncomingMigration:
                 raise MigrationError("migration cancelled")
             if self.channel.has_return_path:
                 rp = ReturnPathWriter(self.channel)
+            # The destination's clock starts when the source connects, not while it waited.
+            self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
             self.state.set(S.ACTIVE)
             count = self._receive(self.channel)
+            elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
+            self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             self.devices.apply()
             self.on_loaded()
             if rp is not None:
