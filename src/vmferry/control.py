@@ -189,7 +189,7 @@ class VmControl:
         mig = self.outgoing or self.incoming
         if mig is None or self._state is None:
             return {}
-        out = mig.stats.query(self._state.status, source=self.outgoing is not None)
+        out = mig.stats.query(self._state.status)
         if self.incoming is not None:
             out["passes-received"] = self.incoming.passes
             if self._state.status in (S.SETUP,) and self.listen_address:

@@ -61,7 +61,7 @@ def block_table(blocks: Sequence[RamBlock]) -> RamBlocks:
 
 
 def _scattered(chunk: np.ndarray, is_zero: np.ndarray) -> bool:
-    """Do the chunk's non-zero pages fall into more runs than are worth a record each?"""
+    """Do the chunk's pages fall into more runs than are worth a record each?"""
     breaks = (np.diff(chunk) != 1) | (is_zero[1:] != is_zero[:-1])
     return int(np.count_nonzero(breaks)) >= SCATTERED_RUNS
 
@@ -70,8 +70,7 @@ class RamSaver:
     def __init__(self, blocks: Sequence[RamBlock], encoder: StreamEncoder) -> None:
         self.blocks = list(blocks)
         self.encoder = encoder
-        self._scratch = np.empty(CHUNK_PAGES * WORDS_PER_PAGE, dtype=np.uint64)
-        self._scratch_pages = self._scratch.reshape(-1, WORDS_PER_PAGE)
+        self._scratch_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._list_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._started = False
 
@@ -113,16 +112,14 @@ class RamSaver:
         return sum(count_dirty(b.dirty_bitmap(CONSUMER)) for b in self.blocks)
 
     def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
-        """Send every page set in the bitmaps. `stable`: the vCPUs are paused, so pages go
-        straight from guest memory without the scratch copy.
+        """Send every page set in the bitmaps. `stable`: the vCPUs are paused, so a run of
+        consecutive pages goes straight from guest memory without the scratch copy.
 
-        Dirty pages are taken CHUNK_PAGES at a time: gathered into the scratch buffer (one numpy
-        copy), scanned for zero pages, cut into records of consecutive pages, and sent with one
-        sendmsg — a sparse dirty set makes many one-page records, and a system call or a numpy
-        call per page would cost more than the copy."""
+        Dirty pages are taken CHUNK_PAGES at a time: held in the scratch buffer (one numpy copy;
+        or, paused and consecutive, a view of guest memory), scanned for zero pages, cut into
+        records, and sent with one sendmsg — a sparse dirty set makes many one-page records, and
+        a system call or a numpy call per page would cost more than the copy."""
         c = PassCounters()
-        scratch_pages = self._scratch_pages
-        scratch_bytes = memoryview(self._scratch).cast("B")
         for bid, b in enumerate(self.blocks, start=1):
             bm = b.dirty_bitmap(CONSUMER)
             indexes = dirty_page_indexes(bm, b.npages)
@@ -131,68 +128,59 @@ class RamSaver:
             # Claim the pages: from here a guest write re-dirties them through the KVM log.
             bm[:] = 0
             guest_pages = np.frombuffer(b.mem, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
-            guest_bytes = memoryview(b.mem)
             for at in range(0, indexes.size, CHUNK_PAGES):
                 if cancelled():
                     raise MigrationError("migration cancelled")
                 chunk = indexes[at : at + CHUNK_PAGES]
-                first_page = int(chunk[0])
-                # A run of consecutive pages (the common case in a first pass) is a plain slice:
-                # copied or scanned in place, ~2x faster than a gather by index.
-                contiguous = int(chunk[-1]) - first_page == chunk.size - 1
-                if stable:
-                    in_place = guest_pages[first_page : first_page + chunk.size] if contiguous else None
-                    is_zero = zero_pages(in_place if in_place is not None else guest_pages[chunk])
-                else:
-                    gathered = scratch_pages[: chunk.size]
-                    if contiguous:
-                        gathered[:] = guest_pages[first_page : first_page + chunk.size]
-                    else:
-                        np.take(guest_pages, chunk, axis=0, out=gathered)
-                    is_zero = zero_pages(gathered)
+                held = self._hold(guest_pages, chunk, stable)
+                is_zero = zero_pages(held)
+                held_bytes = memoryview(held).cast("B")
+                # Scattered non-zero pages go as one RAM_PAGE_LIST; runs of them as RAM_PAGES.
+                as_list = _scattered(chunk, is_zero)
                 bufs: list[bytes | memoryview] = []
-                if not contiguous and _scattered(chunk, is_zero):
-                    c.pages += self._page_list(bid, chunk, is_zero, guest_pages, stable, bufs)
-                    for _pos, first, count, zero in segments(chunk, is_zero):
-                        if zero:
-                            bufs.extend(self.encoder.encode_buffers(RamZero(bid, first, count)))
-                            c.zero_pages += count
-                    c.bytes += send(bufs)
-                    continue
+                if as_list:
+                    c.pages += self._page_list(bid, chunk, is_zero, held, bufs)
                 for pos, first, count, zero in segments(chunk, is_zero):
                     if zero:
                         bufs.extend(self.encoder.encode_buffers(RamZero(bid, first, count)))
                         c.zero_pages += count
-                        continue
-                    if stable:
-                        data = guest_bytes[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
-                    else:
-                        data = scratch_bytes[pos * PAGE_SIZE : (pos + count) * PAGE_SIZE]
-                    bufs.extend(self.encoder.encode_ram_pages(bid, first, data))
-                    c.pages += count
+                    elif not as_list:
+                        data = held_bytes[pos * PAGE_SIZE : (pos + count) * PAGE_SIZE]
+                        bufs.extend(self.encoder.encode_ram_pages(bid, first, data))
+                        c.pages += count
                 c.bytes += send(bufs)
-                del bufs
+                del bufs, held_bytes, held
             del guest_pages
-            guest_bytes.release()
         return c
 
-    def _page_list(self, bid: int, chunk: np.ndarray, is_zero: np.ndarray, guest_pages: np.ndarray,
-                   stable: bool, bufs: list[bytes | memoryview]) -> int:
+    def _hold(self, guest_pages: np.ndarray, chunk: np.ndarray, stable: bool) -> np.ndarray:
+        """The chunk's pages, in chunk order, as a (pages, 512) u64 array. A run of consecutive
+        pages (the common case in a first pass) is a plain slice — a view of guest memory when
+        the vCPUs are paused, else copied (~2x faster than a gather by index); scattered pages are
+        gathered into the scratch buffer."""
+        first = int(chunk[0])
+        held = self._scratch_pages[: chunk.size]
+        if int(chunk[-1]) - first == chunk.size - 1:
+            run = guest_pages[first : first + chunk.size]
+            if stable:
+                return run
+            held[:] = run
+        else:
+            np.take(guest_pages, chunk, axis=0, out=held)
+        return held
+
+    def _page_list(self, bid: int, chunk: np.ndarray, is_zero: np.ndarray, held: np.ndarray,
+                   bufs: list[bytes | memoryview]) -> int:
         """The chunk's non-zero pages as one RAM_PAGE_LIST record: one header and checksum for
         hundreds of scattered pages. Returns the page count."""
         keep = ~is_zero
         n = int(np.count_nonzero(keep))
         if n == 0:
             return 0
-        pages = chunk[keep] if n < chunk.size else chunk
-        if stable:  # guest memory is still: gather straight into the scratch
-            np.take(guest_pages, pages, axis=0, out=self._scratch_pages[:n])
-            data = self._scratch_pages[:n]
-        elif n < chunk.size:  # drop the zero pages from what was gathered
-            data = self._list_pages[:n]
-            np.compress(keep, self._scratch_pages[: chunk.size], axis=0, out=data)
-        else:
-            data = self._scratch_pages[:n]
+        pages, data = chunk, held
+        if n < chunk.size:  # leave the zero pages out (they go as RAM_ZERO runs)
+            pages, data = chunk[keep], self._list_pages[:n]
+            np.compress(keep, held, axis=0, out=data)
         bufs.extend(self.encoder.encode_ram_page_list(bid, pages.astype(np.uint32),
                                                       memoryview(data).cast("B")))
         return n

@@ -31,6 +31,7 @@ from vmferry.errors import MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.convergence import PassReport, expected_downtime_ms, switch_now
 from vmferry.migration.device_state import DeviceStateSaver
+from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
@@ -97,15 +98,8 @@ class OutgoingMigration:
         if self.channel is not None:
             self.channel.shutdown()
 
-    def set_max_bandwidth(self, bytes_per_s: int) -> None:
-        self.limiter.set_limit(bytes_per_s)
-
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
 
     # --- the migration thread ---
 
@@ -207,7 +201,7 @@ class OutgoingMigration:
             dirty_rate = dirty / max(now - last_sync, 1e-6)
             last_sync = now
             bw = self._bandwidth_bps()
-            remaining_bytes = dirty * 4096
+            remaining_bytes = dirty * PAGE_SIZE
             exp = expected_downtime_ms(remaining_bytes, bw, DEVICE_STATE_MS)
             report = PassReport(number, c.pages, c.zero_pages, self.stats.transferred - sent_before,
                                 now - t0, bw, dirty, dirty_rate, exp)

@@ -56,7 +56,7 @@ class MigrationStats:
             return 0
         return round(((until_ns or time.monotonic_ns()) - since_ns) / 1e6)
 
-    def query(self, status: MigrationStatus, *, source: bool = True) -> dict:
+    def query(self, status: MigrationStatus) -> dict:
         """The `query-migrate` return value."""
         with self.lock:
             out: dict = {"status": str(status)}
