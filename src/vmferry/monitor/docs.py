@@ -47,6 +47,21 @@ reply shapes, error classes and error texts, so QEMU's clients (`qemu.qmp`, libv
 `socat`) work unchanged. Start a VM with `vmferry run --qmp unix:PATH --qmp tcp:HOST:PORT` (as many
 as you like); every client gets its own session and every negotiated client gets every event.
 
+## Who may connect
+
+QMP has no authentication, in vmferry as in QEMU: whoever can connect to a monitor controls the
+VM (stops it, migrates it anywhere, reads its memory through a migration). So:
+
+* A unix socket is created owner-only (mode 0600); give other users access through a directory
+  you control, not by loosening the socket. It is bound and listening under a temporary name
+  before it appears at PATH, so a client that finds PATH always finds a monitor that answers.
+* A TCP address must be a loopback one (`127.0.0.1`, `::1`, `localhost`). Anything else
+  (`0.0.0.0`, a LAN address) is refused at start unless the option `allow-remote=on` says so:
+  `--qmp tcp:0.0.0.0:4444,allow-remote=on`. Then protect the port yourself (firewall, an SSH
+  tunnel); vmferry does not.
+* QEMU's `server=on` and `wait=off` are accepted (they describe what vmferry always does); any
+  other option is refused naming it. A comma therefore cannot appear in a unix socket's PATH.
+
 ## The wire
 
 * On connect the server sends the greeting:
