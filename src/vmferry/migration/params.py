@@ -7,8 +7,9 @@ Two plain objects shared by the monitor (which writes them from `migrate-set-par
   `-` -> `_`). `apply(changes)` validates *every* change first and then assigns them all under a
   lock, so a reader never sees half of a `migrate-set-parameters`. Reading one attribute is atomic
   under the GIL; read several that must agree through `snapshot()`.
-* `MigrationCapabilities` - the 7.2 capability list, all off by default; `set()` validates the whole
-  list (unknown names, incompatible combinations) before changing anything.
+* `MigrationCapabilities` - the 7.2 capability list, off by default but `return-path`; `set()`
+  validates the whole list (unknown names, unsupported ones, incompatible combinations) before
+  changing anything.
 
 The specs table (`PARAMETER_SPECS`) is the single source for QAPI types, ranges and docs: the
 monitor builds its argument schema and `docs/qmp.md` from it.
