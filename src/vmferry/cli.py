@@ -44,6 +44,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
              "allow-remote=on: QMP has no authentication",
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
+    p.add_argument(
+        "--object", action="append", default=[], metavar="TYPE,id=ID[,PROP=VALUE...]",
+        help="create an object as QMP object-add does (repeatable), e.g. "
+             "tls-creds-x509,id=tls0,dir=/etc/pki/vmferry,endpoint=server or "
+             "authz-simple,id=auth0,identity=CN=src.example.com,,O=Example (',,' is a comma)",
+    )
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
 
 

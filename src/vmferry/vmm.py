@@ -31,6 +31,7 @@ from vmferry.machine.machine import ExitStatus, Machine
 from vmferry.machine.machine_type import parse_size
 from vmferry.migration.state import MigrationStatus
 from vmferry.monitor.commands import CommandDispatcher
+from vmferry.monitor.objects import create_object, parse_object_option
 from vmferry.monitor.server import QmpServer
 
 log = logging.getLogger("vmferry.vmm")
@@ -69,12 +70,15 @@ class Vmm:
         qmp: list[str] | None = None,
         incoming: str | None = None,
         paused: bool = False,
+        objects: list[tuple[str, object]] | None = None,
     ) -> None:
         self.servers: list[QmpServer] = []
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event)
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
         self.control.emit = self._emit
+        for obj_id, obj in objects or ():
+            self.control.objects.add(obj_id, obj)
         self.incoming = incoming
         self.paused = paused
         try:
@@ -142,6 +146,11 @@ def main(args: argparse.Namespace) -> int:
         kernel = None
     else:
         raise VmferryError("nothing to run: give --guest NAME, --kernel PATH or --incoming URI")
+    # --object: built (files read, certificates checked) before anything else starts.
+    objects = []
+    for text in args.object:
+        qom_type, obj_id, props = parse_object_option(text)
+        objects.append((obj_id, create_object(qom_type, obj_id, props)))
     logging.basicConfig(level=logging.WARNING, format="vmferry: %(name)s: %(message)s")
     # SIGTERM stops the VM the way Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -157,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
             qmp=args.qmp,
             incoming=args.incoming,
             paused=args.paused,
+            objects=objects,
         )
         status = vmm.run()
     except KeyboardInterrupt:

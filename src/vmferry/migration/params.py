@@ -117,15 +117,17 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
 # The parameters something reads, and what reads them (docs/qmp.md prints this). The TLS strings
-# are read by `migrate` and by the destination when the stream arrives (monitor/objects.py): until
-# vmferry has TLS objects, any tls-creds refuses the migration, never sends plain text.
+# are read by `migrate` and by the destination when the stream arrives (monitor/objects.py): the
+# connection is then TLS 1.3 (transport/tls.py), or the migration is refused; never plain text.
 EFFECTIVE_PARAMETERS: dict[str, str] = {
     "max-bandwidth": "the source's rate limiter, from the next write on (may change during a migration)",
     "downtime-limit": "the source's switchover decision, after each pass (may change during a migration)",
-    "tls-creds": "`migrate` and the destination look the object up; a missing one refuses the "
-                 "migration (`No TLS credentials with id '...'`)",
-    "tls-hostname": "checked with tls-creds, as in QEMU; ignored while tls-creds is empty",
-    "tls-authz": "checked with tls-creds on the destination, as in QEMU; ignored while tls-creds is empty",
+    "tls-creds": "a `tls-creds-x509` object: the migration connection is TLS 1.3 with it; a "
+                 "missing one refuses the migration (`No TLS credentials with id '...'`)",
+    "tls-hostname": "the name the source checks the destination's certificate against (default: "
+                    "the URI's host); ignored while tls-creds is empty, as in QEMU",
+    "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
+                 "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
 }
 
 

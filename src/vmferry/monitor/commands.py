@@ -16,7 +16,7 @@ from vmferry import __version__
 from vmferry.errors import QmpError
 from vmferry.migration.params import CAPABILITIES, PARAMETER_SPECS, ParamSpec
 from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
-from vmferry.monitor.objects import TLS_UNSUPPORTED, migration_tls
+from vmferry.monitor.objects import OBJECT_TYPES, PSK_UNSUPPORTED, create_object, migration_tls
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
@@ -121,6 +121,11 @@ def _uri_host(uri: str) -> str:
     return uri[4:].rpartition(":")[0].strip("[]")
 
 
+def _socket_uri(uri: str) -> bool:
+    """tcp:, unix: or fd: (which may be a socket; checked again when it is opened)."""
+    return uri.split(":", 1)[0] in ("tcp", "unix", "fd")
+
+
 _MIGRATION_ACTIVE = "There's a migration process in progress"
 _POSTCOPY_UNSUPPORTED = "Postcopy is not supported yet"
 _RECOVERY_UNSUPPORTED = "Postcopy recovery is not supported yet"
@@ -223,9 +228,13 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
          errors=("GenericError: There's a migration process in progress",
                  "GenericError: Guest is waiting for an incoming migration",
                  "GenericError: Can't migrate the vm that was paused due to previous migration",
-                 "GenericError: No TLS credentials with id 'ID' (any non-empty tls-creds: vmferry "
-                 "has no object-add yet); nothing is connected or sent",
-                 "GenericError: " + TLS_UNSUPPORTED + " (once TLS objects exist)",
+                 "GenericError: No TLS credentials with id 'ID' (tls-creds names no object); "
+                 "nothing is connected or sent",
+                 "GenericError: Expected TLS credentials for a client endpoint",
+                 "GenericError: No hostname available for TLS (tls-creds set, no tls-hostname and "
+                 "the URI has no host)",
+                 "GenericError: TLS needs a socket (tcp:, unix: or a socket fd:) (tls-creds set with "
+                 "a file: or exec: URI)",
                  "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)"),
          example=({"uri": "tcp:192.0.2.7:4444"}, {}))
 def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
@@ -241,9 +250,12 @@ def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
         raise QmpError(_MIGRATION_ACTIVE)
     if run_state == "postmigrate":
         raise QmpError("Can't migrate the vm that was paused due to previous migration")
-    # Before any connection: encryption asked for and unavailable must never become plain text.
-    migration_tls(d.backend.migration_parameters, d.backend.objects, endpoint="client",
-                  uri_host=_uri_host(args["uri"]))
+    # Before any connection: encryption asked for and impossible must never become plain text.
+    tls = migration_tls(d.backend.migration_parameters, d.backend.objects, endpoint="client",
+                        uri_host=_uri_host(args["uri"]))
+    if tls is not None and not _socket_uri(args["uri"]):
+        raise QmpError("TLS needs a socket (tcp:, unix: or a socket fd:); "
+                       f"{args['uri'].split(':', 1)[0]}: carries the stream one way")
     d.backend.migrate(args["uri"])
     return {}
 
@@ -361,6 +373,58 @@ def _migrate_recover(d: CommandDispatcher, args: dict, session: Session) -> obje
          errors=("GenericError: " + _RECOVERY_UNSUPPORTED,))
 def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_pause", _RECOVERY_UNSUPPORTED)()
+    return {}
+
+
+# --- objects -----------------------------------------------------------------------------------
+
+_OBJECT_ARGS = (
+    Arg("qom-type", STR, doc="the object type: " + ", ".join(f"`{t}`" for t in OBJECT_TYPES)
+        + " (`tls-creds-psk` is refused: Python's ssl has no TLS-PSK)"),
+    Arg("id", STR, doc="the object's id, what `tls-creds` / `tls-authz` name"),
+    Arg("dir", STR, optional=True, doc="tls-creds-x509: directory of `ca-cert.pem`, "
+        "`server-cert.pem` + `server-key.pem` or `client-cert.pem` + `client-key.pem`, optional "
+        "`ca-crl.pem`"),
+    Arg("endpoint", Enum("QCryptoTLSCredsEndpoint", ("client", "server")), optional=True,
+        doc="tls-creds-x509: `client` (default, the source) or `server` (the destination)"),
+    Arg("verify-peer", BOOL, optional=True, doc="tls-creds-x509: check the peer's certificate "
+        "(default true): a server requires the client's, a client checks the server's and its hostname"),
+    Arg("sanity-check", BOOL, optional=True, doc="tls-creds-x509: refuse an expired or not yet "
+        "valid certificate or CA when the object is created (default true)"),
+    Arg("identity", STR, optional=True, doc="authz-simple: the one client distinguished name "
+        "allowed, RFC 4514 form, e.g. `CN=src.example.com,O=Example Org,C=GB`"),
+)
+
+
+@command("object-add", "Create an object: TLS credentials for a migration (`tls-creds`) or the "
+         "authorization a destination checks clients with (`tls-authz`). Certificate files are "
+         "read and checked now.",
+         args=_OBJECT_ARGS,
+         errors=("GenericError: attempt to add duplicate property 'ID' to object (type 'container')",
+                 "GenericError: Object type 'memory-backend-ram' is not supported by vmferry "
+                 "(supported: authz-simple, tls-creds-x509)",
+                 "GenericError: " + PSK_UNSUPPORTED,
+                 "GenericError: Property 'tls-creds-x509.identity' not found (a property of "
+                 "another type)",
+                 "GenericError: Unable to access credentials DIR/ca-cert.pem: No such file or directory",
+                 "GenericError: The certificate DIR/server-cert.pem has expired (...) (sanity-check)",
+                 "GenericError: tls-creds-x509 'ID': cannot load certificate ... with key ...: REASON"),
+         example=({"qom-type": "tls-creds-x509", "id": "tls0", "dir": "/etc/pki/vmferry",
+                   "endpoint": "server"}, {}))
+def _object_add(d: CommandDispatcher, args: dict, session: Session) -> object:
+    qom_type, obj_id = args.pop("qom-type"), args.pop("id")
+    obj = create_object(qom_type, obj_id, args)
+    d.backend.objects.add(obj_id, obj)
+    return {}
+
+
+@command("object-del", "Delete an object. A migration already running keeps the credentials it "
+         "started with.",
+         args=(Arg("id", STR, doc="the object's id"),),
+         errors=("GenericError: object 'ID' not found",),
+         example=({"id": "tls0"}, {}))
+def _object_del(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.objects.remove(args["id"])
     return {}
 
 
