@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,17 +22,21 @@ from vmferry.machine.machine import Machine
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
 from vmferry.monitor.objects import ObjectRegistry, TlsSetup, migration_tls
+from vmferry.stream.format import MAGIC as STREAM_MAGIC
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener, connect_outgoing, listen_incoming
-from vmferry.transport.tls import tls_accept, tls_connect
+from vmferry.transport.tls import HANDSHAKE_TIMEOUT_S, tls_accept, tls_connect
 from vmferry.transport.uri import TcpUri, parse_uri
 
 log = logging.getLogger("vmferry.control")
 # How long `migrate` waits for the channel before replying (see VmControl.migrate).
 CONNECT_WAIT_S = 0.5
+# How long a TLS destination reads a plain-text source's bytes after telling it why it is refused.
+PLAIN_DRAIN_S = 2.0
 S = MigrationStatus
 EmitEvent = Callable[[str, dict | None], None]
 
@@ -258,6 +264,14 @@ class _TlsListener(Listener):
             self._handshaking = channel
             if self._closed:  # cancelled while we were accepting
                 channel.shutdown()
+            if _sends_plain_stream(channel):
+                reason = (f"the destination requires TLS (tls-creds '{setup.creds.id}'); this "
+                          f"connection is plain text")
+                _refuse_plain_stream(channel, reason)
+                self._handshaking = None
+                log.warning("incoming migration connection refused: %s; still waiting on %s",
+                            reason, self.address)
+                continue
             try:
                 return tls_accept(channel, setup.context, setup.authorize)
             except TransportError as e:
@@ -274,6 +288,37 @@ class _TlsListener(Listener):
         if handshaking is not None:
             handshaking.shutdown()
         self._inner.close()
+
+
+def _sends_plain_stream(channel: Channel) -> bool:
+    """Does the peer start a plain-text stream (its magic's first byte) rather than a TLS
+    handshake (0x16)? Peeked, so the handshake still reads everything."""
+    sock = getattr(channel, "socket", None)
+    if sock is None:
+        return False
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        first = sock.recv(1, socket.MSG_PEEK)
+        sock.settimeout(None)
+    except OSError:
+        return False  # the handshake will fail with its own words
+    return first == STREAM_MAGIC[:1]
+
+
+def _refuse_plain_stream(channel: Channel, reason: str) -> None:
+    """Tell a plain-text source why, in its own return-path language, and let it read that: its
+    bytes are drained (bounded) instead of answered with a reset that would hide the reason."""
+    ReturnPathWriter(channel).shut(reason)
+    sock = channel.socket  # type: ignore[attr-defined]
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + PLAIN_DRAIN_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                if not sock.recv(1 << 16):
+                    break
+    channel.close()
 
 
 def _socket_address(uri: str) -> dict:
