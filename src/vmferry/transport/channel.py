@@ -8,6 +8,7 @@ the destination: neither copies a page in Python. Two kinds:
                  carries the destination's return path (acks, postcopy page requests).
   FdChannel      pipes and regular files (file:, fd: of a pipe); exec: adds a child process
                  (`ExecChannel`). One direction only: `has_return_path` is False.
+  TlsChannel     (transport/tls.py) a SocketChannel whose bytes are TLS 1.3 records.
 
 Threads: one thread sends and one thread receives at a time; `shutdown()` may be called from any
 thread (the cancel path) and makes a send or receive blocked in another thread fail promptly with a
