@@ -9,7 +9,7 @@ from vmferry.devices.chardev import open_chardev
 from vmferry.devices.debug_exit import DebugExit, DebugExitState
 from vmferry.devices.serial import Serial16550, SerialState
 from vmferry.errors import StateLoadError
-from vmferry.vmstate import registry
+from vmferry.machine.machine_type import get_machine_type, section_registry
 
 
 def uart() -> tuple[Serial16550, list[int]]:
@@ -62,8 +62,24 @@ def test_debug_exit_at_another_port_is_refused() -> None:
         DebugExitState.load(dev, moved)
 
 
-def test_every_device_section_is_registered_for_vmferry_0_1() -> None:
-    registry.load_device_registrations()
-    names = [e.cls.name for e in registry.entries("vmferry-0.1")]
-    assert names == ["clock", "cpu", "debug-exit", "irqchip", "pit", "serial"]
-    assert all(e.version == 1 and not e.load_only for e in registry.entries("vmferry-0.1"))
+def test_every_device_section_is_in_the_vmferry_0_1_table() -> None:
+    entries = section_registry().entries("vmferry-0.1")
+    assert [e.cls.name for e in entries] == ["clock", "cpu", "debug-exit", "irqchip", "pit", "serial"]
+    assert all(e.version == 1 and not e.load_only for e in entries)
+    # The apply order the destination uses comes from the table.
+    table = sorted(get_machine_type("vmferry-0.1").devices, key=lambda spec: spec.order)
+    assert [spec.section.name for spec in table] == ["cpu", "irqchip", "pit", "clock", "serial", "debug-exit"]
+
+
+def test_a_uart_whose_property_says_so_keeps_its_input_out_of_the_stream() -> None:
+    # The subsection's needed() follows the device's property (a machine type can pin it off).
+    dev = Serial16550(open_chardev("null"), None, {"migrate-rx-fifo": False})
+    dev.receive(b"pending")
+    assert SerialState.snapshot(dev).subsections == {}
+    dev.properties["migrate-rx-fifo"] = True
+    assert SerialState.snapshot(dev).subsections["serial/fifo"].fields == {"fifo": b"pending"}
+
+
+def test_a_uart_refuses_a_property_it_does_not_have() -> None:
+    with pytest.raises(ValueError, match="unknown properties \\['baud'\\]"):
+        Serial16550(open_chardev("null"), None, {"baud": 9600})

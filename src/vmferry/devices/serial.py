@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vmferry.devices.chardev import Chardev
-from vmferry.vmstate import U8, VarBytes, VMState, registry
+from vmferry.vmstate import U8, VarBytes, VMState
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -42,7 +42,7 @@ class SerialFifo(VMState):
 
     @classmethod
     def needed(cls, obj: Any) -> bool:
-        return len(obj.rx_fifo) > 0
+        return bool(obj.properties["migrate-rx-fifo"]) and len(obj.rx_fifo) > 0
 
     @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:
@@ -83,9 +83,26 @@ class SerialState(VMState):
 
 
 class Serial16550:
-    vmstate = SerialState
+    """Properties (from the machine type): "iobase" and "irq" (where it is wired) and
+    "migrate-rx-fifo" (whether pending input travels in the "serial/fifo" subsection)."""
 
-    def __init__(self, backend: Chardev, set_irq: Callable[[int], None] | None = None) -> None:
+    vmstate = SerialState
+    default_properties: Mapping[str, Any] = {"iobase": COM1_PORT, "irq": COM1_IRQ, "migrate-rx-fifo": True}
+
+    @classmethod
+    def create(cls, machine: Any, properties: Mapping[str, Any]) -> Serial16550:
+        dev = cls(machine.chardev, None, properties)
+        irq = dev.properties["irq"]
+        dev._set_irq = lambda level: machine.set_isa_irq(irq, level)
+        machine.pio_bus.register(dev.properties["iobase"], 8, dev)
+        return dev
+
+    def __init__(self, backend: Chardev, set_irq: Callable[[int], None] | None = None,
+                 properties: Mapping[str, Any] | None = None) -> None:
+        unknown = set(properties or {}) - set(self.default_properties)
+        if unknown:
+            raise ValueError(f"serial: unknown properties {sorted(unknown)}")
+        self.properties = {**self.default_properties, **(properties or {})}
         self.backend = backend
         self._set_irq = set_irq
         self._lock = threading.Lock()
@@ -234,4 +251,3 @@ class Serial16550:
             self._update_irq()
 
 
-registry.register("vmferry-0.1", SerialState, version=1)

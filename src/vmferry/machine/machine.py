@@ -1,5 +1,6 @@
-"""`Machine`: assembles a VM from a MachineType — RAM blocks, vCPUs and their threads, devices on
-the port-I/O and MMIO buses — and runs, pauses, resumes and stops it.
+"""`Machine`: assembles a VM from a MachineType — RAM blocks, vCPUs and their threads, and the
+devices its table names (each built by its class's `create(machine, properties)`, wiring itself
+on the port-I/O or MMIO bus) — and runs, pauses, resumes and stops it.
 
 Lifecycle: built (vCPUs not running) -> start() -> running <-> paused (pause()/resume()) ->
 finished (guest powered off through the debug-exit port, halted for good, crashed, or
@@ -20,10 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.devices.chardev import Chardev, open_chardev
-from vmferry.devices.debug_exit import DEBUG_EXIT_IOSIZE, DEBUG_EXIT_PORT, DebugExit
-from vmferry.devices.irqchip import InKernelIrqchip
-from vmferry.devices.pit import InKernelPit, KvmClock
-from vmferry.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from vmferry.errors import GuestError, VmferryError
 from vmferry.kvm.ioctls import Cap
 from vmferry.kvm.system import Kvm
@@ -87,12 +84,12 @@ class Machine:
         self.vm.set_identity_map_addr()
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
+        self.chardev = serial if isinstance(serial, Chardev) else open_chardev(serial)
+        # Built in table order: the irqchip comes first, so the PIT and each vCPU's LAPIC find it.
         self.devices: dict[str, object] = {}
-        # The irqchip and PIT must exist before the vCPUs (each vCPU gets its LAPIC then).
-        self.irqchip = InKernelIrqchip(self.vm)
-        self.devices["irqchip"] = self.irqchip
-        self.devices["pit"] = InKernelPit(self.vm)
-        self.devices["clock"] = KvmClock(self.vm)
+        for spec in self.machine_type.devices:
+            if not spec.per_vcpu:
+                self.devices[spec.id] = spec.device.create(self, spec.properties)
 
         self.ram_blocks: list[RamBlock] = []
         self.system_ram: list[tuple[int, int]] = []
@@ -108,20 +105,20 @@ class Machine:
             vcpu.set_cpuid2(_with_apic_id(cpuid, i))
             self.vcpus.append(vcpu)
 
-        self.chardev = serial if isinstance(serial, Chardev) else open_chardev(serial)
-        self.serial = Serial16550(self.chardev, lambda level: self.irqchip.set_irq(COM1_IRQ, level))
-        self.pio_bus.register(COM1_PORT, 8, self.serial)
-        self.devices["serial0"] = self.serial
-        debug_exit = DebugExit(self.power_off)
-        self.pio_bus.register(DEBUG_EXIT_PORT, DEBUG_EXIT_IOSIZE, debug_exit)
-        self.devices["debug-exit"] = debug_exit
-
         self._lock = threading.RLock()
         self._runners: list[VcpuRunner] = []
         self._running = False
         self._done = threading.Event()
         self.exit_status: ExitStatus | None = None
         self._closed = False
+
+    @property
+    def irqchip(self) -> object:
+        return self.devices["irqchip"]
+
+    def set_isa_irq(self, irq: int, level: int) -> None:
+        """Drive ISA IRQ line `irq` (what a device's interrupt output is wired to)."""
+        self.devices["irqchip"].set_irq(irq, level)  # type: ignore[attr-defined]
 
     # --- RAM ---
 

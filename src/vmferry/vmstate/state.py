@@ -48,7 +48,7 @@ class Section:
     subsections: dict[str, Section] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The shape `generic.decode_with_description` returns (bytes as lowercase hex)."""
+        """JSON form (bytes as lowercase hex): what `vmferry analyze` shows, plus name and version."""
         return {
             "name": self.name,
             "version": self.version,
