@@ -3,6 +3,8 @@ the debug-exit port's wiring check."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from vmferry.devices.chardev import open_chardev
@@ -83,3 +85,54 @@ def test_a_uart_whose_property_says_so_keeps_its_input_out_of_the_stream() -> No
 def test_a_uart_refuses_a_property_it_does_not_have() -> None:
     with pytest.raises(ValueError, match="unknown properties \\['baud'\\]"):
         Serial16550(open_chardev("null"), None, {"baud": 9600})
+
+
+def test_a_uart_snapshot_is_consistent_while_input_and_guest_reads_race() -> None:
+    # The input thread pushes, a "vCPU" pops; with the receive interrupt on, the IRQ level the
+    # registers record must agree with the FIFO subsection captured in the same snapshot.
+    dev, _ = uart()
+    dev.write(1, 1, 0x01)  # IER: receive interrupt on
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            dev.receive(b"ab")
+
+    def drain() -> None:
+        while not stop.is_set():
+            dev.read(0, 1)
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2000):
+            sec = SerialState.snapshot(dev)
+            fifo = sec.subsections.get("serial/fifo")
+            assert sec.fields["irq_level"] == (1 if fifo else 0)
+            assert fifo is None or fifo.fields["fifo"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+
+def test_a_quiesced_uart_holds_input_until_unquiesced() -> None:
+    dev, _ = uart()
+    dev.quiesce()
+    feeder = threading.Thread(target=dev.receive, args=(b"hi",), daemon=True)
+    feeder.start()
+    assert dev.get_state()["rx_fifo"] == b""  # if the feeder ran already, it is waiting
+    dev.unquiesce()
+    feeder.join(60)
+    assert not feeder.is_alive() and dev.get_state()["rx_fifo"] == b"hi"
+
+
+def test_closing_a_quiesced_uart_releases_a_waiting_receive() -> None:
+    dev, _ = uart()
+    dev.quiesce()
+    feeder = threading.Thread(target=dev.receive, args=(b"hi",), daemon=True)
+    feeder.start()
+    dev.close()
+    feeder.join(60)
+    assert not feeder.is_alive() and dev.get_state()["rx_fifo"] == b""

@@ -6,6 +6,11 @@ Transmission is instantaneous: THR is always empty (LSR.THRE|TEMT set), so a gue
 follows IIR: raised while an enabled interrupt is pending, lowered otherwise, through KVM_IRQ_LINE
 (only on level changes). Handlers run on vCPU threads, input arrives on a backend thread: one lock.
 
+The backend thread is the device's own: `quiesce()` (the machine calls it when it pauses) makes
+`receive()` wait until `unquiesce()`, so a paused machine's UART does not change — input stays
+in the backend (a socket's buffer) meanwhile. `state_lock()` is held by the vmstate layer across
+a whole capture (registers, `needed()`, the FIFO), so section and subsection agree.
+
 Registers and the FIFO are plain attributes; `get_state()/set_state()` expose all of them, and
 the section "serial" (`SerialState`, with the pending input in its subsection "serial/fifo")
 describes them for migration.
@@ -13,6 +18,7 @@ describes them for migration.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -105,7 +111,11 @@ class Serial16550:
         self.properties = {**self.default_properties, **(properties or {})}
         self.backend = backend
         self._set_irq = set_irq
-        self._lock = threading.Lock()
+        # Re-entrant: a capture holds it across get_state() calls (state_lock()).
+        self._lock = threading.RLock()
+        self._input_allowed = threading.Condition(self._lock)
+        self._quiesced = False
+        self._closed = False
         self.ier = 0
         self.fcr = 0
         self.lcr = 0
@@ -211,10 +221,36 @@ class Serial16550:
         self.rx_fifo.extend(data[: max(room, 0)])
 
     def receive(self, data: bytes) -> None:
-        """Bytes from the backend, for the guest to read from RBR."""
+        """Bytes from the backend, for the guest to read from RBR. Waits while quiesced."""
         with self._lock:
+            while self._quiesced and not self._closed:
+                self._input_allowed.wait()
+            if self._closed:
+                return
             self._push(data)
             self._update_irq()
+
+    # --- the machine's pause hook ---
+
+    def quiesce(self) -> None:
+        """Hold input until unquiesce(). Returns once no receive() is under way."""
+        with self._lock:
+            self._quiesced = True
+
+    def unquiesce(self) -> None:
+        with self._lock:
+            self._quiesced = False
+            self._input_allowed.notify_all()
+
+    def close(self) -> None:
+        """No more input: a receive() waiting on a quiesce returns (its bytes are dropped)."""
+        with self._lock:
+            self._closed = True
+            self._input_allowed.notify_all()
+
+    def state_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Held across one capture or one load of the whole section (see vmstate.snapshot)."""
+        return self._lock
 
     # --- migration ---
 

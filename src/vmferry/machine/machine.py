@@ -7,6 +7,11 @@ finished (guest powered off through the debug-exit port, halted for good, crashe
 shutdown() was called). `wait()` returns the `ExitStatus`. A migration destination builds a
 Machine without a kernel, fills RAM and state, then calls start().
 
+Pausing parks every vCPU, then quiesces every device that has a thread of its own (a device
+with `quiesce()`/`unquiesce()`: the serial input thread today): once pause() returns, nothing
+changes device state until resume(), so the device phase of a migration captures a still
+machine. resume() un-quiesces the devices, then lets the vCPUs run.
+
 `on_event(name, data)` is called on state changes: "STOP", "RESUME", "SHUTDOWN" (data has the
 exit status), from whichever thread caused them; the monitor turns them into QMP events.
 """
@@ -105,7 +110,13 @@ class Machine:
             vcpu.set_cpuid2(_with_apic_id(cpuid, i))
             self.vcpus.append(vcpu)
 
+        # _lock guards the run state and is only ever held briefly (a vCPU thread takes it when
+        # the guest powers off or a vCPU crashes). _transitions serialises start/pause/resume,
+        # which wait for vCPU threads: never while holding _lock, or such a thread would deadlock
+        # the pauser.
         self._lock = threading.RLock()
+        self._transitions = threading.RLock()
+        self._quiesced: list[object] = []
         self._runners: list[VcpuRunner] = []
         self._running = False
         self._done = threading.Event()
@@ -171,42 +182,70 @@ class Machine:
 
     def start(self) -> None:
         """Start the vCPU threads (first call) or resume them."""
-        with self._lock:
-            if self.finished:
-                raise VmferryError("the machine has already stopped for good")
-            if self._runners:
+        with self._transitions:
+            with self._lock:
+                if self.finished:
+                    raise VmferryError("the machine has already stopped for good")
+                if self._runners:
+                    started = False
+                else:
+                    self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
+                    self._running = True
+                    for r in self._runners:
+                        r.start()
+                    started = True
+            if not started:
                 self.resume()
                 return
-            self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
-            self._running = True
-            for r in self._runners:
-                r.start()
         self._emit("RESUME", {})
 
     def pause(self) -> None:
-        """Stop every vCPU; returns when each is out of KVM_RUN and parked. Idempotent; callable
-        from any thread except a vCPU thread."""
-        with self._lock:
-            if not self._running:
-                return
-            for r in self._runners:
-                r.request_pause()
-            for r in self._runners:
+        """Stop every vCPU, then quiesce the devices that own threads; returns when each vCPU is
+        out of KVM_RUN and parked (or gone: crashed or stopped) and no device thread changes
+        state. Idempotent; callable from any thread except a vCPU thread."""
+        with self._transitions:
+            with self._lock:
+                if not self._running:
+                    return
+                runners = list(self._runners)
+                for r in runners:
+                    r.request_pause()
+            # Not under _lock: a vCPU finishing its exit may need it (power-off, a crash).
+            for r in runners:
                 r.wait_parked()
-            self._running = False
+            self._quiesce_devices()
+            with self._lock:
+                self._running = False
         self._emit("STOP", {})
 
     def resume(self) -> None:
-        with self._lock:
-            if self._running or self.finished:
-                return
-            if not self._runners:
+        with self._transitions:
+            with self._lock:
+                if self._running or self.finished:
+                    return
+                fresh = not self._runners
+            if fresh:
                 self.start()
                 return
-            for r in self._runners:
-                r.resume()
-            self._running = True
+            self._unquiesce_devices()
+            with self._lock:
+                if self.finished:
+                    return
+                for r in self._runners:
+                    r.resume()
+                self._running = True
         self._emit("RESUME", {})
+
+    def _quiesce_devices(self) -> None:
+        for dev in self.devices.values():
+            quiesce = getattr(dev, "quiesce", None)
+            if quiesce is not None and dev not in self._quiesced:
+                quiesce()
+                self._quiesced.append(dev)
+
+    def _unquiesce_devices(self) -> None:
+        while self._quiesced:
+            self._quiesced.pop().unquiesce()  # type: ignore[attr-defined]
 
     def power_off(self, code: int) -> None:
         """The guest asked to power off with status `code` (debug-exit)."""
@@ -217,6 +256,8 @@ class Machine:
         self._finish(ExitStatus("shutdown", 0, "shutdown requested"))
         for r in self._runners:
             r.join(timeout=5)
+        with self._transitions:
+            self._unquiesce_devices()  # a device thread blocked by the quiesce may go now
 
     def guest_halted(self, vcpu_id: int) -> None:
         self._finish(ExitStatus("halted", 0, f"vCPU {vcpu_id} halted with interrupts off"))
@@ -261,6 +302,10 @@ class Machine:
             return
         self.shutdown()
         self._closed = True
+        for dev in self.devices.values():
+            close = getattr(dev, "close", None)
+            if close is not None:
+                close()
         self.chardev.close()
         for v in self.vcpus:
             v.close()
