@@ -232,3 +232,20 @@ def test_pause_quiesces_the_serial_input_thread_and_resume_lets_it_go(tmp_path: 
         feeder.join(60)
         m.pause()
         m.shutdown()
+
+
+@pytest.mark.kvm
+def test_the_dirty_log_has_both_producers_guest_writes_and_vmm_writes(tmp_path: Path) -> None:
+    body = "    movl $1, 0x200000\n" + poweroff(0)  # the guest writes page 0x200
+    with Machine(memory=32 * MiB) as m:
+        m.load_kernel(build_guest(tmp_path, body))
+        ram = m.ram_block("pc.ram")
+        ram.start_dirty_log()
+        ram.add_dirty_consumer("a")
+        m.start()
+        assert m.wait(30) is not None
+        m.write_gpa(0x300000, b"from the VMM")  # page 0x300
+        ram.view()[0x301000] = 1  # a device writing through a view, then saying so
+        ram.note_written(0x301000, 1)
+        ram.sync_dirty()
+        assert ram.dirty_pages("a").tolist() == [0x200, 0x300, 0x301]
