@@ -123,10 +123,6 @@ class Machine:
         self.exit_status: ExitStatus | None = None
         self._closed = False
 
-    @property
-    def irqchip(self) -> object:
-        return self.devices["irqchip"]
-
     def set_isa_irq(self, irq: int, level: int) -> None:
         """Drive ISA IRQ line `irq` (what a device's interrupt output is wired to)."""
         self.devices["irqchip"].set_irq(irq, level)  # type: ignore[attr-defined]

@@ -79,12 +79,6 @@ class MachineType:
     # The devices, in build order (the irqchip first: the PIT and each vCPU's LAPIC need it).
     devices: tuple[DeviceSpec, ...] = ()
 
-    def device(self, device_id: str) -> DeviceSpec:
-        for spec in self.devices:
-            if spec.id == device_id:
-                return spec
-        raise VmferryError(f"machine type {self.name} has no device {device_id!r}")
-
     def ram_layout(self, memory: int) -> list[RamRegion]:
         """The RAM blocks of a guest with `memory` bytes: pc.ram at 0 up to low_ram_max,
         pc.ram-high at 4 GiB for the rest, vga.vram."""
