@@ -21,7 +21,7 @@ HANDLERS = {
     "migrate": "vmferry.drive:main_migrate",
     "demo": "vmferry.demo:main",
     "analyze": "vmferry.stream.analyze:main",
-    "describe": "vmferry.vmstate.describe:main_describe",
+    "describe": "vmferry.machine.machine_type:main_describe",
     "check-compat": "vmferry.vmstate.compat:main_check_compat",
 }
 
