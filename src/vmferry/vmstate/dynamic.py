@@ -424,15 +424,22 @@ def _one(sender: type[VMState], receiver: type[VMState], sec: Section, version: 
             sub_cls = next(s for s in sender.subsections if s.name == sub)
             add(SUBSECTION_UNKNOWN, sub, _first_field(sub_cls, sub_cls.version),
                 f"subsection of '{name}' sent (its needed() is true for this state) but the destination "
-                f"does not know it and refuses the stream; state: {_short(sec.fields)}")
+                "does not know it and refuses the stream; subsection state: "
+                f"{_short(sec.subsections[sub].fields)}")
             return True
     where = "" if kind == REFUSED else f"at version {version}, which it claims to read (minimum_version " \
                                           f"{receiver.minimum_version}): "
     try:
         got = receiver.decode(payload, description=sender.stream_description(version))
     except StateLoadError as e:
+        hint = ""
+        if kind == REFUSED and "layout differs" in e.reason and receiver.version > version:
+            hint = (f" (the destination claims to read version {version} by its minimum_version "
+                    f"{receiver.minimum_version}: a changed layout needs a raised minimum_version, or the "
+                    "new layout in a new field with since=)")
         add(kind, e.section or name, e.field or _first_field(sender, version),
-            f"{where}the destination refuses the source's state: {e.reason}; state: {_short(sec.fields)}")
+            f"{where}the destination refuses the source's state: {e.reason}{hint}; "
+            f"state: {_short(sec.fields)}")
         return True
     diff = _difference(expected, got)
     if diff is not None:
