@@ -11,7 +11,10 @@ with an error naming that machine type.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ MEM = "64M"
 # A small working set that fills in well under a second and checks itself every second.
 DIRTY = "ws=8 rate=4 verify=1 check=full"
 CURRENT = "current"
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 
 def _known_here(machine: str) -> bool:
@@ -145,6 +149,26 @@ def test_snapshot_between_releases(tmp_path: Path, procs: list[VmProcess], relea
     assert src.wait_migration(timeout=120)["status"] == "completed"
     src.close()
     _assert_destination_verifies(ends.destination(dst_version, machine, f"file:{snap}"))
+
+
+@pytest.mark.parametrize(("release", "machine"),
+                         [pytest.param(r, m, id=f"{r.version}-{m}") for r, m in MATRIX])
+def test_release_describes_its_committed_schema_and_checks_compatible(
+        tmp_path: Path, releases: dict[str, Unpacked], release: Release, machine: str) -> None:
+    """The committed schema is what the release itself prints, and the dynamic check passes
+    between the release's own description and this build's same machine type, both ways."""
+    unpacked = releases[release.version]
+    described = subprocess.run([sys.executable, "-m", "vmferry", "describe", "-M", machine],
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, **unpacked.env()})
+    assert described.returncode == 0, described.stderr
+    schema = SCHEMAS / f"{machine}.json"
+    assert described.stdout == schema.read_text()
+    theirs = tmp_path / f"{machine}-{release.version}.json"
+    theirs.write_text(described.stdout)
+    r = subprocess.run([sys.executable, "-m", "vmferry", "check-compat", "--dynamic", "--both-directions",
+                        str(theirs), f"build:{machine}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _renamed(snapshot: bytes, machine: str) -> tuple[bytes, int]:
