@@ -46,7 +46,7 @@ class VmProcess:
         while not self.qmp_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"{name}: no QMP socket after 60 s (exit {self.proc.poll()}): {self.log()}")
+                raise RuntimeError(f"{name}: no QMP socket in 60 s (exit {self.proc.poll()}): {self.log()}")
             time.sleep(0.02)
         if connect:
             self.qmp = self._connect(deadline)
