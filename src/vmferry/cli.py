@@ -88,8 +88,15 @@ def _add_check_compat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-compat", help="list changes that would break migration between two descriptions"
     )
-    p.add_argument("old", help="description JSON of the source side")
-    p.add_argument("new", help="description JSON of the destination side")
+    p.add_argument("old", help="the source side: a description JSON file, or build:MACHINE for this "
+                               "build's machine type MACHINE")
+    p.add_argument("new", help="the destination side, as OLD")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also run generated device states through both sides' code (vmstate/dynamic.py)")
+    p.add_argument("--both-directions", action="store_true",
+                   help="check NEW -> OLD (backward migration) as well as OLD -> NEW")
+    p.add_argument("--examples", type=int, default=64, help="generated states per section (--dynamic)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the generated states (--dynamic)")
 
 
 def build_parser() -> argparse.ArgumentParser:
