@@ -42,6 +42,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT",
         help="QMP server (repeatable)",
     )
+    p.add_argument(
+        "--drive", action="append", default=[], metavar="file=PATH,format=raw,id=ID[,readonly=on]",
+        help="a virtio-blk disk on a raw image file (repeatable; docs/disks.md)",
+    )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
 

@@ -38,6 +38,11 @@ class MachineType:
     vram_nbytes: int = 8 * MiB
     # Device name -> the version of its migration state this machine type emits.
     device_versions: Mapping[str, int] = field(default_factory=dict)
+    # virtio-mmio transports (drives): transport i at base + 0x200 * i on GSI irq_base + i,
+    # QEMU microvm's base address; `slots` bounds how many drives a machine takes.
+    virtio_mmio_base: int = 0xFEB0_0000
+    virtio_mmio_irq_base: int = 16
+    virtio_mmio_slots: int = 8
     # Free-form compat properties ("device.property" -> value) older types pin.
     compat: Mapping[str, object] = field(default_factory=dict)
 
