@@ -36,14 +36,13 @@ def _run(*args: str, timeout: float = 120, prefix: tuple[str, ...] = ()) -> subp
                           text=True, timeout=timeout, env=ENV)
 
 
-def _qemu(img: Path, *extra: str, readonly: bool = False) -> list[str]:
-    ro = ",readonly=on" if readonly else ""
+def _qemu(img: Path, *extra: str) -> list[str]:
     return ["qemu-system-x86_64", "-accel", "kvm", "-M", "microvm",
             # microvm's transports are legacy (version 1) by default in QEMU 7.2; ours are 1.x
             "-global", "virtio-mmio.force-legacy=false",
             "-nodefaults", "-display", "none", "-no-reboot", "-m", "64M", "-serial", "stdio",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-drive", f"if=none,file={img},format=raw,id=d0{ro}",
+            "-drive", f"if=none,file={img},format=raw,id=d0",
             "-device", "virtio-blk-device,drive=d0,serial=disk0", *extra]
 
 

@@ -94,6 +94,10 @@ class VirtioBlk:
                 # A malformed ring: the device needs a reset; the VMM carries on.
                 log.warning("drive %s: %s; device needs reset", self.drive_id, e)
                 self.transport.fail()
+            except Exception:
+                # A bug of ours must not silently stop the disk: say so, and tell the driver.
+                log.exception("drive %s: request failed; device needs reset", self.drive_id)
+                self.transport.fail()
 
     def _gather(self, segs: list[tuple[int, int]], limit: int) -> bytes:
         if sum(n for _, n in segs) > limit:
