@@ -14,8 +14,18 @@ from polling import wait_for
 from vmferry.block.options import DriveSpec
 from vmferry.block.raw import RawImage
 from vmferry.devices import virtio_mmio as vm
-from vmferry.devices.virtio_blk import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlk
-from vmferry.devices.virtio_mmio import VirtioMmioState
+from vmferry.devices.virtio_blk import (
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    VirtioBlk,
+    VirtioBlkState,
+)
+from vmferry.errors import StateLoadError
 
 RAM = 1 << 20
 DESC, AVAIL, USED, HDR, STATUS, DATA = 0x1000, 0x2000, 0x3000, 0x4000, 0x4100, 0x10000
@@ -188,12 +198,31 @@ def test_reset_clears_queues_and_interrupt(blk) -> None:
     assert dev.transport.queues[0].num == 0 and d.reg(vm.R_STATUS) == 0
 
 
-def test_state_round_trips_through_its_description(blk) -> None:
-    dev, ram, _, _ = blk
+def test_state_round_trips_into_a_second_device(blk, tmp_path: Path) -> None:
+    dev, ram, _, img = blk
     d = Driver(dev, ram)
     d.start()
     d.request(T_FLUSH, 0)
-    payload = VirtioMmioState.save(dev.transport)
-    sec = VirtioMmioState.decode(payload)
-    assert sec.fields["queues"][0]["used_idx"] == 1 and sec.fields["queues"][0]["last_avail_idx"] == 1
-    assert sec.fields["status"] == dev.transport.status and sec.fields["driver_features"] == vm.F_VERSION_1
+    sec = VirtioBlkState.decode(VirtioBlkState.save(dev))
+    t = sec.fields["transport"]
+    assert sec.fields["capacity"] == 128 and t["driver_features"] == vm.F_VERSION_1
+    assert t["queues"][0]["used_idx"] == 1 and t["queues"][0]["last_avail_idx"] == 1
+    # The destination's own copy of the image (the source holds the lock on the original).
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(img.read_bytes())
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(32 << 10))
+    ro = VirtioBlk("disk0", RawImage(DriveSpec("disk0", str(small), readonly=True)), ram, lambda level: None)
+    try:
+        with pytest.raises(StateLoadError, match="'capacity'.*capacity is 128, this drive's 64"):
+            ro.check_loadable(sec.fields)
+    finally:
+        ro.close()
+    dev2 = VirtioBlk("disk0", RawImage(DriveSpec("disk0", str(copy))), ram, lambda level: None)
+    try:
+        dev2.check_loadable(sec.fields)
+        VirtioBlkState.apply_section(dev2, sec)
+        assert dev2.transport.get_state() == dev.transport.get_state()
+        assert Driver(dev2, ram).reg(vm.R_STATUS) & vm.STATUS_DRIVER_OK
+    finally:
+        dev2.close()

@@ -23,9 +23,10 @@ from typing import Any
 
 from vmferry.block.backend import SECTOR_SIZE, BlockBackend
 from vmferry.block.stats import BlockStats
-from vmferry.devices.virtio_mmio import F_VERSION_1, VirtioMmio
+from vmferry.devices.virtio_mmio import F_VERSION_1, VirtioMmio, VirtioMmioState
 from vmferry.devices.virtqueue import Chain, GuestMemory, dma_write
-from vmferry.errors import GuestError
+from vmferry.errors import GuestError, StateLoadError
+from vmferry.vmstate import U8, U64, Struct, VMState
 
 log = logging.getLogger("vmferry.devices")
 
@@ -41,7 +42,29 @@ _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 MAX_REQUEST_BYTES = 4 << 20
 
 
+class VirtioBlkState(VMState):
+    """A virtio-blk drive: its guest-visible config (capacity, read-only) and its transport.
+    Not yet in any machine type's section list: disks do not migrate yet (docs/disks.md). The
+    requests in flight join it as a list when they do."""
+
+    name = "virtio-blk"
+    version = 1
+    capacity: U64  # sectors; a destination whose image differs refuses the section
+    readonly: U8
+    transport: Struct(VirtioMmioState)
+
+    @classmethod
+    def capture(cls, obj: Any) -> dict[str, Any]:
+        return {"capacity": obj.backend.size // SECTOR_SIZE, "readonly": int(obj.backend.readonly),
+                "transport": obj.transport.get_state()}
+
+    @classmethod
+    def apply(cls, obj: Any, values: dict[str, Any]) -> None:
+        obj.transport.set_state(values["transport"])
+
+
 class VirtioBlk:
+    vmstate = VirtioBlkState
     device_id = DEVICE_ID_BLOCK
     num_queues = 1
 
@@ -174,6 +197,14 @@ class VirtioBlk:
             self.stats.invalid(kind)
             return S_IOERR
         return S_OK
+
+    def check_loadable(self, fields: dict[str, Any]) -> None:
+        """Refuse state from a drive this one could not continue: another size or writability."""
+        ours = {"capacity": self.backend.size // SECTOR_SIZE, "readonly": int(self.backend.readonly)}
+        for name, value in ours.items():
+            if fields[name] != value:
+                raise StateLoadError(f"drive {self.drive_id}: the source's {name} is {fields[name]}, "
+                                     f"this drive's {value}", section=VirtioBlkState.name, field=name)
 
     # --- host side ---
 

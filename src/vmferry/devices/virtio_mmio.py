@@ -77,10 +77,9 @@ class VirtQueueState(VMState):
 
 class VirtioMmioState(VMState):
     """The transport's part of a virtio device's state: negotiation, status, queues, interrupt.
-    Not yet in any machine type's section list: disks do not migrate yet."""
+    Nested in the device's own section (virtio-blk: `VirtioBlkState`)."""
 
     name = "virtio-mmio"
-    version = 1
     status: U8
     device_features_sel: U32
     driver_features_sel: U32
@@ -91,18 +90,8 @@ class VirtioMmioState(VMState):
     config_generation: U32
     queues: List(VirtQueueState, max=8)
 
-    @classmethod
-    def capture(cls, obj: Any) -> dict[str, Any]:
-        return obj.get_state()
-
-    @classmethod
-    def apply(cls, obj: Any, values: dict[str, Any]) -> None:
-        obj.set_state(values)
-
 
 class VirtioMmio:
-    vmstate = VirtioMmioState
-
     def __init__(self, device: VirtioDevice, mem: GuestMemory, set_irq: Callable[[int], None]) -> None:
         self.device = device
         self.mem = mem
