@@ -187,3 +187,11 @@ def test_image_locked_by_qemu_and_qemu_refused_by_vmferry(tmp_path: Path) -> Non
     while _locks_on(img) and time.monotonic() < deadline:  # the holder's exit drops its locks
         time.sleep(0.05)
     assert _locks_on(img) == 0
+
+
+def test_drive_with_incoming_is_refused(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    p = _run("--incoming", "defer", "--qmp", f"unix:{tmp_path}/q.sock", "--drive", f"file={img},id=disk0",
+             timeout=60)
+    _assert_refused(p, "--drive with --incoming: a VM with disks cannot migrate yet")
+    assert _locks_on(img) == 0  # refused before the image was opened
