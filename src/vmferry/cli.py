@@ -31,7 +31,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--memory", default="128M", help="guest RAM size, e.g. 512M, 4G (default 128M)")
     p.add_argument("--smp", type=int, default=1, help="number of vCPUs")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--guest", help="a bundled guest image: heartbeat or dirty")
+    src.add_argument("--guest", help="a bundled guest image: heartbeat, dirty or disk")
     src.add_argument("--kernel", help="path of a multiboot v1 ELF image")
     p.add_argument("--append", default="", help="guest command line")
     p.add_argument("-M", "--machine", default=None, help="machine type (default: the newest)")
@@ -42,6 +42,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT[,allow-remote=on]",
         help="QMP server (repeatable); unix sockets are owner-only, TCP is loopback-only unless "
              "allow-remote=on: QMP has no authentication",
+    )
+    p.add_argument(
+        "--drive", action="append", default=[], metavar="file=PATH,format=raw,id=ID[,readonly=on]",
+        help="a virtio-blk disk on a raw image file (repeatable; docs/disks.md)",
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument(

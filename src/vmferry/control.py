@@ -138,6 +138,12 @@ class VmControl:
         self.emit("POWERDOWN", None)
         self.machine.power_off(0)
 
+    def query_block(self) -> list[dict]:
+        return [d.query_block() for d in self.machine.block_devices]
+
+    def query_blockstats(self) -> list[dict]:
+        return [d.query_blockstats() for d in self.machine.block_devices]
+
     def query_cpus_fast(self) -> list[dict]:
         return [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(self.machine.vcpu_thread_ids())]
 
@@ -152,6 +158,9 @@ class VmControl:
                 raise MigrationError("There's a migration process in progress")
             if self.postmigrate and not self.machine.running:
                 raise MigrationError("Can't migrate the vm that was paused due to previous migration")
+            if self.machine.block_devices:
+                names = ", ".join(d.drive_id for d in self.machine.block_devices)
+                raise MigrationError(f"a VM with drives cannot migrate yet (drives: {names})")
             parsed = parse_uri(uri)  # a malformed URI is an error reply
             tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
                                 uri_host=parsed.host if isinstance(parsed, TcpUri) else "")

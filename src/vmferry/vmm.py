@@ -22,9 +22,13 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from vmferry.block.backend import BlockBackend
+from vmferry.block.options import DriveSpec, parse_drives
+from vmferry.block.raw import open_drive
 from vmferry.control import VmControl
 from vmferry.errors import GuestError, VmferryError
 from vmferry.machine.machine import ExitStatus, Machine
@@ -55,6 +59,19 @@ def _device_state(machine: Machine):  # noqa: ANN202 - MachineDeviceState, impor
     return MachineDeviceState(machine)
 
 
+def open_drives(specs: Sequence[DriveSpec]) -> list[tuple[str, BlockBackend]]:
+    """Open (and lock) every drive's image, or none: on an error the ones opened are closed."""
+    opened: list[tuple[str, BlockBackend]] = []
+    try:
+        for spec in specs:
+            opened.append((spec.id, open_drive(spec)))
+    except BaseException:
+        for _, backend in opened:
+            backend.close()
+        raise
+    return opened
+
+
 class Vmm:
     """One VM and everything that serves it."""
 
@@ -71,9 +88,11 @@ class Vmm:
         incoming: str | None = None,
         paused: bool = False,
         objects: list[tuple[str, object]] | None = None,
+        drives: Sequence[DriveSpec] = (),
     ) -> None:
         self.servers: list[QmpServer] = []
-        self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event)
+        self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event,
+                               drives=open_drives(drives))
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
         self.control.emit = self._emit
@@ -138,6 +157,9 @@ def main(args: argparse.Namespace) -> int:
         raise VmferryError("-S/--paused needs --qmp: without a monitor nothing could ever send 'cont'")
     if args.incoming == "defer" and not args.qmp:
         raise VmferryError("--incoming defer needs --qmp to receive 'migrate-incoming'")
+    drives = parse_drives(args.drive)
+    if drives and args.incoming:
+        raise VmferryError("--drive with --incoming: a VM with disks cannot migrate yet")
     if args.guest:
         kernel: Path | None = guest_image(args.guest)
     elif args.kernel:
@@ -167,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
             incoming=args.incoming,
             paused=args.paused,
             objects=objects,
+            drives=drives,
         )
         status = vmm.run()
     except KeyboardInterrupt:

@@ -21,11 +21,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmferry.block.backend import BlockBackend
 from vmferry.devices.chardev import Chardev, open_chardev
+from vmferry.devices.virtio_blk import VirtioBlk
+from vmferry.devices.virtio_mmio import MMIO_STRIDE
 from vmferry.errors import GuestError, VmferryError
 from vmferry.kvm.ioctls import Cap
 from vmferry.kvm.system import Kvm
@@ -65,7 +68,23 @@ class Machine:
         serial: str | Chardev = "null",
         kvm: Kvm | None = None,
         on_event: EventCallback | None = None,
+        drives: Sequence[tuple[str, BlockBackend]] = (),
     ) -> None:
+        """`drives`: (id, opened backend) pairs; the machine owns the backends from here on and
+        closes them in close() (also when construction fails)."""
+        self.block_devices: list[VirtioBlk] = []
+        try:
+            self._build(machine_type, memory, smp, serial, kvm, on_event, drives)
+        except BaseException:
+            for dev in self.block_devices:
+                dev.close()
+            for _, backend in drives[len(self.block_devices):]:
+                backend.close()
+            raise
+
+    def _build(self, machine_type: MachineType | str | None, memory: int, smp: int,
+               serial: str | Chardev, kvm: Kvm | None, on_event: EventCallback | None,
+               drives: Sequence[tuple[str, BlockBackend]]) -> None:
         install_kick_handler()
         self.machine_type = machine_type if isinstance(machine_type, MachineType) else get_machine_type(
             machine_type
@@ -110,6 +129,8 @@ class Machine:
             vcpu.set_cpuid2(_with_apic_id(cpuid, i))
             self.vcpus.append(vcpu)
 
+        self._add_drives(drives)
+
         # _lock guards the run state and is only ever held briefly (a vCPU thread takes it when
         # the guest powers off or a vCPU crashes). _transitions serialises start/pause/resume,
         # which wait for vCPU threads: never while holding _lock, or such a thread would deadlock
@@ -126,6 +147,21 @@ class Machine:
     def set_isa_irq(self, irq: int, level: int) -> None:
         """Drive ISA IRQ line `irq` (what a device's interrupt output is wired to)."""
         self.devices["irqchip"].set_irq(irq, level)  # type: ignore[attr-defined]
+
+    def _add_drives(self, drives: Sequence[tuple[str, BlockBackend]]) -> None:
+        """One virtio-blk on a virtio-mmio transport per drive, in order (docs/disks.md). Kept
+        out of `devices`: their state is described (VirtioMmioState) but not yet migrated, and
+        migration refuses a machine with drives (VmControl.migrate)."""
+        mt = self.machine_type
+        if len(drives) > mt.virtio_mmio_slots:
+            raise VmferryError(f"{len(drives)} drives: machine type '{mt.name}' has "
+                               f"{mt.virtio_mmio_slots} virtio-mmio slots")
+        for i, (drive_id, backend) in enumerate(drives):
+            gsi = mt.virtio_mmio_irq_base + i
+            dev = VirtioBlk(drive_id, backend, self, lambda level, gsi=gsi: self.set_isa_irq(gsi, level),
+                            qdev=f"/machine/virtio-mmio@{mt.virtio_mmio_base + i * MMIO_STRIDE:x}")
+            self.block_devices.append(dev)
+            self.mmio_bus.register(mt.virtio_mmio_base + i * MMIO_STRIDE, MMIO_STRIDE, dev.transport)
 
     # --- RAM ---
 
@@ -303,6 +339,9 @@ class Machine:
             if close is not None:
                 close()
         self.chardev.close()
+        # Before the RAM goes: a drive's I/O thread writes into it.
+        for dev in self.block_devices:
+            dev.close()
         for v in self.vcpus:
             v.close()
         for b in self.ram_blocks:

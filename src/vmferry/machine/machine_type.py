@@ -78,6 +78,11 @@ class MachineType:
     vram_nbytes: int = 8 * MiB
     # The devices, in build order (the irqchip first: the PIT and each vCPU's LAPIC need it).
     devices: tuple[DeviceSpec, ...] = ()
+    # virtio-mmio transports (drives): transport i at base + 0x200 * i on GSI irq_base + i,
+    # QEMU microvm's base address; `slots` bounds how many drives a machine takes.
+    virtio_mmio_base: int = 0xFEB0_0000
+    virtio_mmio_irq_base: int = 16
+    virtio_mmio_slots: int = 8
 
     def ram_layout(self, memory: int) -> list[RamRegion]:
         """The RAM blocks of a guest with `memory` bytes: pc.ram at 0 up to low_ram_max,

@@ -217,6 +217,38 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
     return cpus
 
 
+# --- block -------------------------------------------------------------------------------------
+
+_NO_BLOCK = "This VMM has no block devices"
+
+
+@command("query-block", "The drives (`--drive`): one entry per virtio-blk device and its image.",
+         returns='`[{"device": id, "qdev", "locked", "removable", "type", "tray_open", "io-status", '
+                 '"inserted": {"file", "ro", "drv", "node-name", "image": {"filename", "format", '
+                 '"virtual-size", "actual-size"}, ...}}, ...]`',
+         example=({}, [{"device": "disk0", "qdev": "/machine/virtio-mmio@feb00000", "locked": False,
+                        "removable": False, "type": "unknown", "tray_open": False, "io-status": "ok",
+                        "inserted": {"file": "disk.img", "ro": False, "drv": "raw", "node-name": "disk0",
+                                     "image": {"filename": "disk.img", "format": "raw",
+                                               "virtual-size": 67108864, "actual-size": 1048576}}}]))
+def _query_block(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_block", _NO_BLOCK)()
+
+
+@command("query-blockstats", "I/O statistics per drive, in QEMU's BlockDeviceStats names: "
+         "requests, bytes, and total service time (ns) for reads, writes and flushes.",
+         returns='`[{"device": id, "qdev", "node-name", "stats": {"rd_bytes", "wr_bytes", '
+                 '"rd_operations", "wr_operations", "flush_operations", "rd_total_time_ns", '
+                 '"wr_total_time_ns", "flush_total_time_ns", "failed_*_operations", '
+                 '"invalid_*_operations", "wr_highest_offset", "idle_time_ns", ...}}, ...]`',
+         example=({}, [{"device": "disk0", "node-name": "disk0", "stats": {
+             "rd_bytes": 4096, "wr_bytes": 1048576, "rd_operations": 1, "wr_operations": 16,
+             "flush_operations": 0, "rd_total_time_ns": 51000, "wr_total_time_ns": 2400000,
+             "flush_total_time_ns": 0}}]))
+def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_blockstats", _NO_BLOCK)()
+
+
 # --- migration ---------------------------------------------------------------------------------
 
 
