@@ -186,6 +186,18 @@ class Machine:
                 r.start()
         self._emit("RESUME", {})
 
+    def park_vcpus(self) -> None:
+        """Create and start the vCPU threads parked, before the first start(): start() then only
+        wakes them. An incoming migration does this while the stream arrives, so creating
+        threads is not part of the downtime."""
+        with self._lock:
+            if self._runners or self.finished:
+                return
+            self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
+            for r in self._runners:
+                r.request_pause()  # parked from their first instruction on
+                r.start()
+
     def pause(self) -> None:
         """Stop every vCPU; returns when each is out of KVM_RUN and parked. Idempotent; callable
         from any thread except a vCPU thread."""

@@ -25,6 +25,7 @@ arriving (the guest runs on the destination by then); without a return path, to 
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -134,6 +135,8 @@ class OutgoingMigration:
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             self._fail(e)
         finally:
+            gc.enable()
+            gc.unfreeze()
             if self.session is not None:
                 self.session.cleanup()
             else:
@@ -176,6 +179,9 @@ class OutgoingMigration:
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
+        # Objects alive now (the whole VMM) are never garbage; frozen, a collection during the
+        # migration only scans what the migration allocates, and stays short.
+        gc.freeze()
         self.stats.unpopulated = self.ram.unpopulated
         self.stats.remaining_pages = self.ram.remaining()
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
@@ -234,6 +240,9 @@ class OutgoingMigration:
     def _switch_over(self) -> None:
         session = self.session
         assert session is not None
+        # No garbage collection while the guest is stopped: a full collection costs tens of ms
+        # here (measured 50 ms under load). Re-enabled in _run's finally.
+        gc.disable()
         t0 = time.monotonic()
         self.stats.stop_ns = time.monotonic_ns()
         if self.machine.running:
