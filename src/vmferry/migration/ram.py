@@ -184,6 +184,8 @@ class RamSaver(Saver):
         writer marks meanwhile stays marked."""
         for i, b in enumerate(self.blocks):
             bm = b.dirty_bitmap(CONSUMER)
+            if not bm.any():
+                continue
             taken = bm.copy()
             np.bitwise_xor(bm, taken, out=bm)
             rest = self._queue[i][self._queue_pos[i]:]
