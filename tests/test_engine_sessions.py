@@ -223,6 +223,42 @@ def test_a_pass_spans_steps_and_a_session_switches_over_by_itself(pair: Pair) ->
     pair.assert_equal()
 
 
+def test_a_destination_without_progress_reports_does_not_stall_the_switchover() -> None:
+    """end_to_end but no PROGRESS ever arrives (an older destination): the session falls back
+    to what the channel accepted instead of waiting for a backlog that never drains."""
+    p = Pair(end_to_end=True)
+    try:
+        p.write(0, 1, 7)
+        p.setup()
+        for _ in range(20):
+            s = p.session.step(p.out, p.tick)
+            if s.switchover and p.session.confirm_switchover():
+                break
+        else:
+            pytest.fail("never switched over")
+        assert p.session.backlog() == 0
+        p.switch_over()
+        p.assert_equal()
+    finally:
+        p.close()
+
+
+def test_backlog_in_flight_holds_the_switchover_back() -> None:
+    """The destination reported little applied: what is in flight counts in the expected
+    downtime, and the session does not confirm a switchover it would not fit."""
+    p = Pair(downtime_limit_ms=300, end_to_end=True)
+    try:
+        p.setup()
+        p.session.progress(0, p.session.sent, 0.0)
+        p.session.progress(1 << 20, p.session.sent + (1 << 30), 1.0)  # 1 MiB/s, 1 GiB in flight
+        p.session.sent += 1 << 30
+        assert p.session.backlog() >= (1 << 30) - (1 << 20)
+        assert p.session.expected_downtime() > 300
+        assert not p.session.confirm_switchover()
+    finally:
+        p.close()
+
+
 def test_a_record_without_a_loader_is_refused_by_name(pair: Pair) -> None:
     pair.setup()
     with pytest.raises(MigrationError, match=r"BLOCK_DATA record \(record \d+\) has no loader"):

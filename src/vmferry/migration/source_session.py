@@ -83,8 +83,11 @@ class SourceSession:
         return sum(s.pending() for s in self.savers)
 
     def backlog(self) -> int:
-        """Bytes sent and not yet reported applied (0 without progress reports)."""
-        return max(0, self.sent - self.e2e.applied) if self.end_to_end else 0
+        """Bytes sent and not yet reported applied; 0 until a first report arrived (a
+        destination that does not send PROGRESS must not look infinitely behind)."""
+        if not self.end_to_end or self.e2e.samples == 0:
+            return 0
+        return max(0, self.sent - self.e2e.applied)
 
     def bandwidth(self) -> float:
         """End to end where the destination reports it, else what the channel accepted."""
