@@ -47,9 +47,24 @@ class VmProcess:
                 raise RuntimeError(f"{name}: no QMP socket (exit {self.proc.poll()}): {self.log()}")
             time.sleep(0.02)
         if connect:
-            self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-            self.qmp.connect(negotiate=True)
-            self.qmp.settimeout(60)
+            self.qmp = self._connect(deadline)
+
+    def _connect(self, deadline: float) -> QEMUMonitorProtocol:
+        """The socket file appears at bind(), before listen(): a connection refused then means
+        "not yet" (seen on a loaded machine), so try again until the deadline."""
+        while True:
+            qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                qmp.connect(negotiate=True)
+            except Exception:  # qemu.qmp wraps ConnectionRefusedError in its ConnectError
+                qmp.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise
+                time.sleep(0.05)
+                continue
+            qmp.settimeout(60)
+            return qmp
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a command; return its value or raise AssertionError with the QMP error."""

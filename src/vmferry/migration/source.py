@@ -215,12 +215,14 @@ class OutgoingMigration:
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
-            if step.switchover:
-                self._drain()
-                if session.confirm_switchover():
-                    return
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
+            if step.switchover:
+                self._drain()
+                if self._cancel.is_set():
+                    raise MigrationError("migration cancelled")
+                if session.confirm_switchover():
+                    return
 
     def _drain(self) -> None:
         """Wait (at most DRAIN_S) until the destination has applied everything sent, so the
