@@ -64,6 +64,7 @@ class IncomingMigration:
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes last reported in PROGRESS
+        self._poll: select.poll | None = None  # is more of the stream waiting to be read?
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -157,13 +158,13 @@ class IncomingMigration:
             # records. Records are drained before the chunk is reused.
             target = dec.get_buffer()
             if len(target) >= DIRECT_BYTES:
-                want = len(target)
                 n = channel.recv_into(target)
+                maybe_caught_up = True  # into place, done or not: perhaps all there was
                 if n:
                     dec.buffer_updated(n)
             else:
-                want = len(chunk)
                 n = channel.recv_into(chunk)
+                maybe_caught_up = n < len(chunk)  # a full chunk: more is coming
                 if n:
                     dec.feed(chunk[:n])
             if n == 0:
@@ -177,14 +178,22 @@ class IncomingMigration:
             if n == 0:  # feed_eof always queues an error or END; never loop on EOF
                 raise StreamError("stream ended without END", offset=dec.bytes_consumed)
             if self._rp is not None and dec.bytes_consumed != self._reported:
-                self._progress(channel, dec.bytes_consumed, caught_up_maybe=n < want)
+                self._progress(channel, dec.bytes_consumed, maybe_caught_up)
 
-    def _progress(self, channel: Channel, consumed: int, caught_up_maybe: bool) -> None:
+    def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool) -> None:
         """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
-        read right now): the report the source waits for before it pauses the guest."""
+        read right now): the report the source waits for before it pauses the guest. Whether
+        more is waiting is asked (one poll) only after a short read or a read straight into
+        place — a full 1 MiB chunk means more is coming."""
         per_mib = consumed - self._reported >= PROGRESS_BYTES
-        if not per_mib and (not caught_up_maybe or select.select([channel.fileno()], [], [], 0)[0]):
-            return
+        if not per_mib:
+            if not maybe_caught_up:
+                return
+            if self._poll is None:
+                self._poll = select.poll()
+                self._poll.register(channel.fileno(), select.POLLIN)
+            if self._poll.poll(0):
+                return
         self._reported = consumed
         self._rp.progress(consumed)  # type: ignore[union-attr]
 

@@ -235,7 +235,11 @@ class OutgoingMigration:
         while True:
             self._take_progress()
             now = time.monotonic()
-            if session.backlog() == 0 or now >= deadline or rp.closed.is_set() or self._cancel.is_set():
+            if session.backlog() == 0 or rp.closed.is_set() or self._cancel.is_set():
+                return
+            if now >= deadline:
+                log.info("switchover: %d bytes still in flight after waiting %.2f s for the "
+                         "destination", session.backlog(), DRAIN_S)
                 return
             rp.wait_progress(deadline - now)
 
