@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.records import BlockDevices, BlockZero, DiskInfo
 from vmproc import QmpReplyError, VmProcess
 
 pytestmark = [pytest.mark.kvm]
@@ -86,6 +88,12 @@ def test_live_migration_completes_and_guest_verifies(
     assert info["ram"]["normal"] > 0 and info["ram"]["transferred"] > 0
     assert info["downtime"] >= 0 and info["total-time"] >= info["downtime"]
     assert len(info["passes"]) == info["ram"]["dirty-sync-count"] - 2  # + setup and final syncs
+    # The return path's PROGRESS and ACK made it: the source planned with the destination's
+    # numbers and says where the pause went, the destination's part as it measured it.
+    assert info["expected-downtime-at-switchover"] <= 300  # within the default downtime-limit
+    phases = info["downtime-phases"]
+    assert {"pause", "stopped-ram", "stopped-devices", "end", "confirm", "destination-apply",
+            "destination-start"} <= set(phases), phases
     _assert_destination_runs_verified(dst)
     events = [e["event"] for e in src.qmp.get_events()]
     assert "STOP" in events and "MIGRATION" in events and "MIGRATION_PASS" in events
@@ -204,6 +212,20 @@ def test_corrupted_byte_is_refused_naming_the_record(tmp_path: Path, procs: list
     assert sinfo["status"] == "failed"
     assert "record" in sinfo["error-desc"]
     _assert_source_survives(src)
+
+
+def test_state_without_a_loader_is_refused_by_name(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """A stream carrying disk records into a destination without disks: refused, naming the
+    record, never silently dropped."""
+    enc = StreamEncoder()  # no machine type: any destination reads on
+    stream = tmp_path / "disk.stream"
+    stream.write_bytes(enc.header() + enc.encode(BlockDevices((DiskInfo(1, "vda", 1 << 20),)))
+                       + enc.encode(BlockZero(1, 0, 8)) + enc.end())
+    dst = _dest(tmp_path, procs, f"file:{stream}")
+    info = dst.wait_migration()
+    assert info["status"] == "failed", info
+    assert "BLOCK_DEVICES record (record 0) has no loader" in info["error-desc"], info
+    assert dst.status() == "inmigrate"  # the guest never started
 
 
 def test_max_bandwidth_holds(tmp_path: Path, procs: list[VmProcess]) -> None:

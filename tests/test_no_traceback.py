@@ -116,6 +116,11 @@ def test_source_gone_mid_record_leaves_no_traceback_on_the_destination(
         time.sleep(0.05)
     with socket.create_connection((m.group(1), int(m.group(2))), timeout=30) as sock:
         sock.sendall(data[:offset + length // 2])
+        # End the stream with a FIN, and read what the destination says back (PROGRESS) until it
+        # closes: closing with unread bytes would send a reset instead of ending the stream.
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
     info = dst.wait_migration()
     assert info["status"] == "failed" and "truncated inside a RAM_PAGES record" in info["error-desc"], info
     assert dst.status() == "inmigrate"

@@ -231,6 +231,18 @@ class Machine:
                 return
         self._emit("RESUME", {})
 
+    def park_vcpus(self) -> None:
+        """Create and start the vCPU threads parked, before the first start(): start() then only
+        wakes them. An incoming migration does this while the stream arrives, so creating
+        threads is not part of the downtime."""
+        with self._lock:
+            if self._runners or self.finished:
+                return
+            self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
+            for r in self._runners:
+                r.request_pause()  # parked from their first instruction on
+                r.start()
+
     def pause(self) -> None:
         """Stop every vCPU, then quiesce the devices that own threads; returns when each vCPU is
         out of KVM_RUN and parked (or gone: crashed or stopped) and no device thread changes

@@ -1,15 +1,21 @@
 """Convergence arithmetic: measured bandwidth, dirty rate, expected downtime. Pure logic.
 
 Definitions (reported in query-migrate and per pass):
-- bandwidth: bytes the channel accepted (returned from sendmsg) over the wall time they took,
-  measured per pass; never bytes written into a buffer.
+- pass bandwidth: the pass's own bytes (accepted by the channel) over the pass's own wall time;
+  never bytes written into a buffer, never an average over earlier passes.
+- bandwidth (end to end): with a return path, the rate at which the destination applied the
+  stream, from its PROGRESS reports, counted only over the time it had something to apply
+  (`EndToEndRate`). Without a return path, the bytes the channel accepted over the time the
+  passes took.
+- backlog: bytes sent that the destination has not reported applied yet (in flight).
 - dirty rate: pages found dirty by a sync, divided by the time since the previous sync.
-- expected downtime: bytes still dirty after a sync divided by the measured bandwidth, plus the
-  measured cost of sending device state (small). Switch over when it is within downtime-limit.
+- expected downtime: (bytes the savers still have to send + the backlog) / bandwidth + a small
+  fixed allowance (pausing, END, the confirmation). Switch over when it is within downtime-limit.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -22,7 +28,7 @@ class PassReport:
     zero_pages: int
     bytes_sent: int
     duration_s: float
-    bandwidth_bps: float  # bytes/s accepted by the channel during this pass
+    bandwidth_bps: float  # this pass's bytes over this pass's time
     dirty_pages_after: int  # dirty pages found by the sync that ended this pass
     dirty_rate_pps: float  # pages/s dirtied while this pass ran
     expected_downtime_ms: float
@@ -37,7 +43,9 @@ class PassReport:
             "mbps": round(self.bandwidth_bps * 8 / 1e6, 3),
             "dirty-pages": self.dirty_pages_after,
             "dirty-pages-rate": round(self.dirty_rate_pps),
-            "expected-downtime": round(self.expected_downtime_ms, 3),
+            # -1: nothing measured yet to expect anything from (as query-migrate says it)
+            "expected-downtime": (round(self.expected_downtime_ms, 3)
+                                  if self.expected_downtime_ms != float("inf") else -1),
         }
 
 
@@ -83,3 +91,44 @@ def convergence_verdict(dirty_rate_bps: float, bandwidth_bps: float) -> str:
         f"not converging: guest dirties {dirty_rate_bps / 2**20:.1f} MiB/s but the channel moves "
         f"{bandwidth_bps / 2**20:.1f} MiB/s ({ratio:.2f}x); raise max-bandwidth or downtime-limit"
     )
+
+
+class EndToEndRate:
+    """The destination's apply rate, from its PROGRESS reports (stream bytes applied), each
+    stamped on arrival with the source's clock and what the source had sent by then.
+
+    An interval between two reports counts only if the destination had a backlog at its start
+    (it was busy throughout: it reports again whenever it catches up, so idle time starts a new
+    interval that is left out). The rate is the busy intervals' bytes over their time, over the
+    most recent WINDOW_S of busy time: recent enough to follow a changing link, long enough to
+    smooth the reports' arrival jitter."""
+
+    WINDOW_S = 0.5
+
+    def __init__(self) -> None:
+        self.applied = 0
+        self.samples = 0
+        self._last: tuple[float, int, int] | None = None
+        self._intervals: deque[tuple[int, float]] = deque()
+        self._bytes = 0
+        self._secs = 0.0
+
+    def report(self, now: float, applied: int, sent: int) -> None:
+        """The destination has applied `applied` stream bytes; the source had sent `sent`."""
+        if self._last is not None:
+            t0, a0, s0 = self._last
+            if s0 > a0 and now > t0 and applied >= a0:
+                self._intervals.append((applied - a0, now - t0))
+                self._bytes += applied - a0
+                self._secs += now - t0
+                while len(self._intervals) > 1 and self._secs - self._intervals[0][1] >= self.WINDOW_S:
+                    b, t = self._intervals.popleft()
+                    self._bytes -= b
+                    self._secs -= t
+        self._last = (now, applied, sent)
+        self.applied = max(self.applied, applied)
+        self.samples += 1
+
+    def rate(self) -> float:
+        """Bytes/s, or 0.0 before any busy interval was measured."""
+        return self._bytes / self._secs if self._secs > 0 and self._bytes > 0 else 0.0

@@ -1,16 +1,21 @@
 """The destination side: an incoming thread, so the destination's monitor stays live throughout.
 
-The thread accepts the channel, feeds a StreamDecoder whose `place` callback points RAM_PAGES
-payloads straight at guest memory (the socket writes the pages there; the decoder then checks
-them), stages device sections without applying them, and only after END — record count and
-running digest verified — applies all device state, starts the vCPUs and acknowledges on the
-return path. Any error before that: the guest never starts, the source is told why (SHUT), and
-`query-migrate` here says `failed` with the reason, naming the record.
+A thin driver around `DestSession` (dest_session.py): it accepts the channel and feeds a
+StreamDecoder whose `place` callback points RAM_PAGES payloads straight at guest memory (the
+socket writes the pages there; the decoder then checks them); the session dispatches every
+record to its loader (RAM, device state), which stages device sections without applying them.
+Only after END — record count and running digest verified — do the loaders apply their state,
+the vCPUs start and the ACK goes back on the return path. Along the way the destination reports
+PROGRESS (stream bytes applied) per MiB and whenever it has caught up, so the source measures
+what actually arrives. Any error before the end: the guest never starts, the source is told why
+(SHUT), and `query-migrate` here says `failed` with the reason, naming the record.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import select
 import threading
 import time
 import traceback
@@ -18,27 +23,14 @@ from collections.abc import Callable
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
-from vmferry.migration.device_state import DeviceStateLoader
+from vmferry.migration.dest_session import DestSession
+from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
 from vmferry.stream.decoder import StreamDecoder
-from vmferry.stream.records import (
-    Command,
-    CommandCode,
-    Config,
-    Description,
-    DeviceSection,
-    EndOfStream,
-    PassStart,
-    RamBlocks,
-    RamPageList,
-    RamPages,
-    RamZero,
-    SectionPhase,
-    StreamHeader,
-)
+from vmferry.stream.records import StreamHeader
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener
 from vmferry.transport.uri import FileUri
@@ -47,6 +39,7 @@ log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
 CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
+PROGRESS_BYTES = 1 << 20
 
 
 class IncomingMigration:
@@ -68,10 +61,18 @@ class IncomingMigration:
         self.stats = MigrationStats()
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
         self.ram = RamLoader(machine.ram_blocks)
+        self.session = DestSession([self.ram, DeviceLoader(devices)],
+                                   check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
-        self.passes = 0
+        self._rp: ReturnPathWriter | None = None
+        self._reported = 0  # stream bytes last reported in PROGRESS
+        self._poll: select.poll | None = None  # is more of the stream waiting to be read?
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
+
+    @property
+    def passes(self) -> int:
+        return self.session.passes
 
     def start(self) -> None:
         self.stats.begin()
@@ -83,31 +84,44 @@ class IncomingMigration:
         self._cancel.set()
         self.listener.close()
         if self.channel is not None:
-            ReturnPathWriter(self.channel).shut("migration cancelled on the destination")
+            # The return path already carries a header (and PROGRESS) once the thread set it up.
+            rp = self._rp or ReturnPathWriter(self.channel)
+            rp.shut("migration cancelled on the destination")
             self.channel.shutdown()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        rp: ReturnPathWriter | None = None
+        # While the stream comes in nothing waits on the garbage collector: a full collection
+        # costs tens of ms, and one falling between END and the guest's start is downtime. What
+        # lives now is frozen (never garbage); collection resumes once the migration ended.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         try:
             self.channel = self.listener.accept()
             self.listener.close()
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if self.channel.has_return_path:
-                rp = ReturnPathWriter(self.channel)
+                self._rp = ReturnPathWriter(self.channel)
+            self.machine.park_vcpus()  # thread creation stays out of the downtime
             # The destination's clock starts when the source connects, not while it waited.
             self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
             self.state.set(S.ACTIVE)
-            count = self._receive(self.channel)
+            self._receive(self.channel)
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
-            self.devices.apply()
+            t0 = time.monotonic()
+            self.session.complete()
+            t1 = time.monotonic()
             self.on_loaded()
-            if rp is not None:
-                rp.send(Command(CommandCode.ACK, index=count))
+            t2 = time.monotonic()
+            if self._rp is not None:
+                self._rp.ack(self.session.record_count, {"apply": round((t1 - t0) * 1000, 3),
+                                                         "start": round((t2 - t1) * 1000, 3)})
+                self._rp.end()
             self.stats.end_ns = time.monotonic_ns()
             self.state.set(S.COMPLETED)
             log.info("incoming migration completed: %d pages, %d zero pages", self.ram.pages,
@@ -118,17 +132,19 @@ class IncomingMigration:
             # decoder, which also holds this exception: a cycle). Drop them now, or the mapping
             # cannot be closed at exit ("BufferError: cannot close exported pointers exist").
             traceback.clear_frames(e.__traceback__)
-            if rp is not None:
-                rp.shut(reason)
+            if self._rp is not None:
+                self._rp.shut(reason)
             self.stats.error = reason
             self.stats.end_ns = time.monotonic_ns()
             if self.state.status not in (S.FAILED, S.CANCELLED):
                 self.state.set(S.FAILED)
             log.error("incoming migration failed: %s", reason)
         finally:
-            self.ram.release()
+            self.session.release()
             if self.channel is not None:
                 self.channel.close()
+            gc.enable()
+            gc.unfreeze()
 
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
@@ -138,8 +154,8 @@ class IncomingMigration:
         log.exception("incoming migration thread failed")
         return f"internal error: {type(e).__name__}: {e}"
 
-    def _receive(self, channel: Channel) -> int:
-        """Read and load the whole stream; returns the record count END carried."""
+    def _receive(self, channel: Channel) -> None:
+        """Read and load the whole stream, up to and including END."""
         dec = StreamDecoder(place=self.ram.place)
         chunk = memoryview(bytearray(CHUNK_BYTES))
         while True:
@@ -149,23 +165,28 @@ class IncomingMigration:
             target = dec.get_buffer()
             if len(target) >= DIRECT_BYTES:
                 n = channel.recv_into(target)
+                maybe_caught_up = True  # into place, done or not: perhaps all there was
                 if n:
                     dec.buffer_updated(n)
             else:
                 n = channel.recv_into(chunk)
+                maybe_caught_up = n < len(chunk)  # a full chunk: more is coming
                 if n:
                     dec.feed(chunk[:n])
             if n == 0:
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
-                if isinstance(rec, EndOfStream):
+                if self.session.feed(rec):
+                    self._count()
                     if isinstance(self.listener.address, FileUri):
                         self._expect_end_of_file(channel, dec, chunk)
-                    return rec.record_count
-                self._handle(rec, dec)
+                    return
+            self._count()
             if n == 0:  # feed_eof always queues an error or END; never loop on EOF
                 raise StreamError("stream ended without END", offset=dec.bytes_consumed)
+            if self._rp is not None and dec.bytes_consumed != self._reported:
+                self._progress(channel, dec.bytes_consumed, maybe_caught_up)
 
     def _expect_end_of_file(self, channel: Channel, dec: StreamDecoder, chunk: memoryview) -> None:
         """A snapshot file holds one stream, to its end: nothing may follow END (stream spec).
@@ -175,37 +196,27 @@ class IncomingMigration:
             dec.feed(chunk[:n])
         dec.next_record()  # raises "N bytes after the end of stream", from this chunk or END's
 
-    def _handle(self, rec: object, dec: StreamDecoder) -> None:
-        if isinstance(rec, RamPages):
-            if not rec.placed:
-                self.ram.store(rec.block_id, rec.first_page, memoryview(rec.data))
-            self.stats.normal += rec.page_count
-        elif isinstance(rec, RamPageList):
-            self.ram.store_list(rec.block_id, rec)
-            self.stats.normal += len(rec.pages)
-        elif isinstance(rec, RamZero):
-            self.ram.zero(rec.block_id, rec.first_page, rec.page_count)
-            self.stats.duplicate += rec.page_count
-        elif isinstance(rec, DeviceSection):
-            if rec.phase != SectionPhase.FULL:
-                raise StreamError(f"device section phase {rec.phase.name} is not supported here",
-                                  record_index=dec.record_index)
-            self.devices.stage(rec.section_id, rec.data)
-        elif isinstance(rec, PassStart):
-            self.passes = rec.pass_number
-            self.stats.dirty_sync_count = rec.pass_number
-        elif isinstance(rec, StreamHeader):
-            self._check_header(rec)
-        elif isinstance(rec, RamBlocks):
-            self.ram.check_layout(rec)
-        elif isinstance(rec, Description):
-            self.devices.check_description(rec)
-        elif isinstance(rec, Config):
-            self._check_config(rec.settings)
-        elif isinstance(rec, Command) and rec.code == CommandCode.POPULATED_HINT:
-            self.ram.prefault(rec.block_id, rec.data)
-        elif isinstance(rec, Command) and rec.code == CommandCode.SHUT:
-            raise MigrationError(f"the source gave up: {rec.message}")
+    def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool) -> None:
+        """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
+        read right now): the report the source waits for before it pauses the guest. Whether
+        more is waiting is asked (one poll) only after a short read or a read straight into
+        place — a full 1 MiB chunk means more is coming."""
+        per_mib = consumed - self._reported >= PROGRESS_BYTES
+        if not per_mib:
+            if not maybe_caught_up:
+                return
+            if self._poll is None:
+                self._poll = select.poll()
+                self._poll.register(channel.fileno(), select.POLLIN)
+            if self._poll.poll(0):
+                return
+        self._reported = consumed
+        self._rp.progress(consumed)  # type: ignore[union-attr]
+
+    def _count(self) -> None:
+        self.stats.normal = self.ram.pages
+        self.stats.duplicate = self.ram.zero_pages
+        self.stats.dirty_sync_count = self.session.passes
 
     def _check_header(self, h: StreamHeader) -> None:
         if h.page_size != 4096:

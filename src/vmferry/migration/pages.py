@@ -14,9 +14,18 @@ WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
 def dirty_page_indexes(bitmap: np.ndarray, npages: int) -> np.ndarray:
-    """Indexes (ascending, int64) of the set bits of `bitmap`, below `npages`."""
-    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
-    return np.flatnonzero(bits[:npages])
+    """Indexes (ascending, int64) of the set bits of `bitmap`, below `npages`.
+
+    Only the non-zero u64 words are unpacked: a static guest's final sync leaves a few dirty
+    pages in a 2 GiB block, and unpacking all 512 Ki bits of it cost ~1 ms of the downtime."""
+    words = np.flatnonzero(bitmap)
+    if words.size * 4 > bitmap.size:  # dense: one pass over every bit is cheaper
+        bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits[:npages])
+    bits = np.unpackbits(bitmap[words].view(np.uint8), bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(bits)
+    pages = words[row] * 64 + col
+    return pages[pages < npages]
 
 
 def count_dirty(bitmap: np.ndarray) -> int:

@@ -1,10 +1,11 @@
-"""RAM: the saver on the source and the loader on the destination.
+"""RAM: the saver on the source and the loader on the destination (migration/saver.py).
 
 Source: each RamBlock gets a "migration" consumer of its dirty log. Setup marks every page that
 was ever populated (mincore: known without reading a page) and starts logging; pages never
-populated cost nothing on the wire because a destination's fresh RAM is zero too. Each pass sends
-the pages set in the consumer's bitmap, block by block, as runs of consecutive pages: zero
-pages as one RAM_ZERO record per run, others as RAM_PAGES.
+populated cost nothing on the wire because a destination's fresh RAM is zero too. A pass claims
+the pages set in the consumer's bitmap into a queue and sends them, within each step's budget,
+block by block, as runs of consecutive pages: zero pages as one RAM_ZERO record per run, others
+as RAM_PAGES (scattered ones as RAM_PAGE_LIST).
 
 While vCPUs run, a run is first copied into a scratch buffer: the record's checksum must cover
 exactly the bytes that go on the wire, and the guest may write the page between checksum and
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +34,17 @@ from vmferry.migration.pages import (
     segments,
     zero_pages,
 )
+from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput, Send
 from vmferry.stream.encoder import StreamEncoder
-from vmferry.stream.records import Command, CommandCode, RamBlockInfo, RamBlocks, RamPageList, RamZero
+from vmferry.stream.records import (
+    Command,
+    CommandCode,
+    RamBlockInfo,
+    RamBlocks,
+    RamPageList,
+    RamPages,
+    RamZero,
+)
 
 CONSUMER = "migration"
 # Dirty pages handled per step: 2 MiB, one sendmsg, and the longest record. At most 3 buffers a
@@ -44,8 +54,6 @@ PREFAULT_PAGES = 512  # 2 MiB per madvise: fine-grained enough to stay just ahea
 # From this many runs in a chunk on, its non-zero pages go as one RAM_PAGE_LIST record instead
 # of a RAM_PAGES record per run (a record costs ~15 us of Python on each side).
 SCATTERED_RUNS = 8
-
-Send = Callable[[Sequence[bytes | memoryview]], int]
 
 
 @dataclass
@@ -60,36 +68,72 @@ def block_table(blocks: Sequence[RamBlock]) -> RamBlocks:
     return RamBlocks(tuple(RamBlockInfo(i + 1, b.name, b.gpa, b.nbytes) for i, b in enumerate(blocks)))
 
 
+def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two ascending index arrays -> one ascending array without duplicates. Plain numpy
+    (concatenate, sort, drop repeats): np.union1d's first call imports a submodule, which once
+    cost 15-23 ms inside a downtime."""
+    both = np.concatenate((a, b))
+    both.sort(kind="stable")
+    if both.size < 2:
+        return both
+    keep = np.empty(both.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(both[1:], both[:-1], out=keep[1:])
+    return both[keep]
+
+
 def _scattered(chunk: np.ndarray, is_zero: np.ndarray) -> bool:
     """Do the chunk's pages fall into more runs than are worth a record each?"""
     breaks = (np.diff(chunk) != 1) | (is_zero[1:] != is_zero[:-1])
     return int(np.count_nonzero(breaks)) >= SCATTERED_RUNS
 
 
-class RamSaver:
+class RamSaver(Saver):
+    """Guest RAM as a saver. Pages waiting to be sent live in two places: the consumer's dirty
+    bitmap (what syncs found) and the claimed queue (what this pass took from the bitmap and has
+    not sent yet). `iterate` claims the bitmap when the queue is empty, then sends from the queue
+    within its budget; `complete` sends both, straight from guest memory."""
+
+    name = "ram"
+
     def __init__(self, blocks: Sequence[RamBlock], encoder: StreamEncoder) -> None:
         self.blocks = list(blocks)
         self.encoder = encoder
         self._scratch_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._list_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._started = False
+        # The claimed queue: per block, the page indexes taken from its bitmap and how many of
+        # them have gone out.
+        self._queue: list[np.ndarray] = []
+        self._queue_pos: list[int] = []
+        self.populated: list[np.ndarray] = []
+        self.unpopulated = 0
+        self.counters = PassCounters()  # everything sent so far
 
-    def setup(self) -> int:
-        """Start dirty logging and mark what must be sent first. Returns pages never populated
-        (skipped for free)."""
-        unpopulated = 0
+    def setup(self, out: SaverOutput | None = None) -> None:
+        """Start dirty logging and mark what must be sent first: every page ever populated.
+        With `out`, announce the block table and the POPULATED_HINTs. `unpopulated` is then the
+        pages skipped for free."""
+        self.unpopulated = 0
         self.populated = []
+        if out is not None:
+            out.send([out.encoder.encode(block_table(self.blocks))])
         for b in self.blocks:
             b.add_dirty_consumer(CONSUMER)
             # Logging first, then the population scan: a page first touched in between is in
-            # the log; one touched before is seen by mincore. Nothing falls between.
-            b.start_dirty_log()
+            # the log; one touched before is seen by mincore. Nothing falls between. A block
+            # without a VM (tests, tools) has no KVM log: its writers mark pages themselves.
+            if b.vm is not None:
+                b.start_dirty_log()
             populated = b.populated_pages()
             b.mark_dirty(CONSUMER, populated)
             self.populated.append(populated)
-            unpopulated += int(b.npages - np.count_nonzero(populated))
+            self.unpopulated += int(b.npages - np.count_nonzero(populated))
+        self._queue = [np.empty(0, dtype=np.int64) for _ in self.blocks]
+        self._queue_pos = [0] * len(self.blocks)
         self._started = True
-        return unpopulated
+        if out is not None:
+            out.send([out.encoder.encode(hint) for hint in self.populated_hints()])
 
     def populated_hints(self) -> list[Command]:
         """POPULATED_HINT commands: which pages pass 1 will send, block by block, so the
@@ -100,38 +144,80 @@ class RamSaver:
             for bid, mask in enumerate(self.populated, start=1) if mask.any()
         ]
 
-    def sync(self) -> int:
-        """Fold KVM's dirty log into our bitmaps; returns pages now waiting to be sent."""
-        total = 0
+    def sync(self) -> None:
+        """Fold KVM's dirty log into our bitmaps."""
         for b in self.blocks:
             b.sync_dirty()
-            total += count_dirty(b.dirty_bitmap(CONSUMER))
-        return total
 
     def remaining(self) -> int:
-        return sum(count_dirty(b.dirty_bitmap(CONSUMER)) for b in self.blocks)
+        """Pages waiting: set in the bitmaps or claimed and not sent yet."""
+        queued = sum(q.size - pos for q, pos in zip(self._queue, self._queue_pos, strict=True))
+        return queued + sum(count_dirty(b.dirty_bitmap(CONSUMER)) for b in self.blocks)
+
+    def pending(self) -> int:
+        return self.remaining() * PAGE_SIZE
+
+    def page_counts(self) -> tuple[int, int, int]:
+        return self.counters.pages, self.counters.zero_pages, self.remaining()
+
+    def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
+        if not any(q.size - pos for q, pos in zip(self._queue, self._queue_pos, strict=True)):
+            self._claim()
+        c = self._send_queue(out.send, stable=False, cancelled=out.cancelled, budget=budget_bytes)
+        return c.bytes
+
+    def complete(self, out: SaverOutput) -> None:
+        """The vCPUs are paused: the last sync, then the queue and the bitmaps straight from
+        guest memory."""
+        self.sync()
+        self._claim()
+        self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
 
     def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
-        """Send every page set in the bitmaps. `stable`: the vCPUs are paused, so a run of
-        consecutive pages goes straight from guest memory without the scratch copy.
+        """Claim and send every page set in the bitmaps (and any still queued), in one go."""
+        self._claim()
+        return self._send_queue(send, stable=stable, cancelled=cancelled, budget=None)
 
-        Dirty pages are taken CHUNK_PAGES at a time: held in the scratch buffer (one numpy copy;
-        or, paused and consecutive, a view of guest memory), scanned for zero pages, cut into
-        records, and sent with one sendmsg — a sparse dirty set makes many one-page records, and
-        a system call or a numpy call per page would cost more than the copy."""
-        c = PassCounters()
-        for bid, b in enumerate(self.blocks, start=1):
+    def _claim(self) -> None:
+        """Move every page set in the bitmaps into the queue. From here a guest write
+        re-dirties a page through the KVM log; only the bits taken are cleared, so a page a
+        writer marks meanwhile stays marked."""
+        for i, b in enumerate(self.blocks):
             bm = b.dirty_bitmap(CONSUMER)
-            indexes = dirty_page_indexes(bm, b.npages)
-            if indexes.size == 0:
+            if not bm.any():
                 continue
-            # Claim the pages: from here a guest write re-dirties them through the KVM log.
-            bm[:] = 0
+            taken = bm.copy()
+            np.bitwise_xor(bm, taken, out=bm)
+            rest = self._queue[i][self._queue_pos[i]:]
+            fresh = dirty_page_indexes(taken, b.npages)
+            self._queue[i] = fresh if rest.size == 0 else _merge_sorted(rest, fresh)
+            self._queue_pos[i] = 0
+
+    def _send_queue(self, send: Send, *, stable: bool, cancelled: Callable[[], bool],
+                    budget: int | None) -> PassCounters:
+        """Send claimed pages, CHUNK_PAGES at a time, until the queue is empty or `budget`
+        bytes went out. `stable`: the vCPUs are paused, so a run of consecutive pages goes
+        straight from guest memory without the scratch copy.
+
+        Each chunk is held in the scratch buffer (one numpy copy; or, paused and consecutive,
+        a view of guest memory), scanned for zero pages, cut into records, and sent with one
+        sendmsg — a sparse dirty set makes many one-page records, and a system call or a numpy
+        call per page would cost more than the copy."""
+        c = PassCounters()
+        for i, b in enumerate(self.blocks):
+            bid = i + 1
+            indexes = self._queue[i]
+            if self._queue_pos[i] >= indexes.size:
+                continue
             guest_pages = np.frombuffer(b.mem, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
-            for at in range(0, indexes.size, CHUNK_PAGES):
+            while self._queue_pos[i] < indexes.size:
+                if budget is not None and c.bytes >= budget:
+                    break
                 if cancelled():
                     raise MigrationError("migration cancelled")
+                at = self._queue_pos[i]
                 chunk = indexes[at : at + CHUNK_PAGES]
+                self._queue_pos[i] = at + chunk.size
                 held = self._hold(guest_pages, chunk, stable)
                 is_zero = zero_pages(held)
                 held_bytes = memoryview(held).cast("B")
@@ -151,6 +237,11 @@ class RamSaver:
                 c.bytes += send(bufs)
                 del bufs, held_bytes, held
             del guest_pages
+            if budget is not None and c.bytes >= budget:
+                break
+        self.counters.pages += c.pages
+        self.counters.zero_pages += c.zero_pages
+        self.counters.bytes += c.bytes
         return c
 
     def _hold(self, guest_pages: np.ndarray, chunk: np.ndarray, stable: bool) -> np.ndarray:
@@ -192,12 +283,16 @@ class RamSaver:
             b.remove_dirty_consumer(CONSUMER)
             if b.vm is not None:
                 b.stop_dirty_log()
+        self._queue = []
+        self._queue_pos = []
         self._started = False
 
 
-class RamLoader:
+class RamLoader(Loader):
     """Places incoming pages straight into guest RAM (the decoder's `place` callback) and applies
     zero runs, writing zeros only over pages this migration already filled (fresh RAM is zero)."""
+
+    name = "ram"
 
     def __init__(self, blocks: Sequence[RamBlock]) -> None:
         self.blocks = list(blocks)
@@ -208,6 +303,19 @@ class RamLoader:
         self.zero_pages = 0
         self._done = threading.Event()
         self._prefaulters: list[threading.Thread] = []
+
+    def handlers(self) -> Mapping[type | CommandCode, Handler]:
+        return {
+            RamBlocks: self.check_layout,
+            RamPages: self._on_pages,
+            RamPageList: lambda rec: self.store_list(rec.block_id, rec),
+            RamZero: lambda rec: self.zero(rec.block_id, rec.first_page, rec.page_count),
+            CommandCode.POPULATED_HINT: lambda cmd: self.prefault(cmd.block_id, cmd.data),
+        }
+
+    def _on_pages(self, rec: RamPages) -> None:
+        if not rec.placed:  # placed payloads were received straight into guest memory
+            self.store(rec.block_id, rec.first_page, memoryview(rec.data))
 
     def check_layout(self, table: RamBlocks) -> None:
         """The stream's RAM blocks must match ours by name, address and size."""

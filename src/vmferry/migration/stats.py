@@ -10,7 +10,9 @@ Definitions (QEMU's, where QEMU has the field):
 - ram.transferred: bytes of RAM records written to the channel (headers included).
 - ram.duplicate: zero pages sent as runs; ram.normal(-bytes): pages sent with their contents.
 - ram.unpopulated (ours): pages never touched by the guest, skipped without being read.
-- ram.mbps: megabits/s measured over the last pass on the channel.
+- ram.mbps: megabits/s the migration measures as its bandwidth: end to end (what the destination
+  applied, from its PROGRESS reports) with a return path, else what the channel accepted.
+- expected-downtime-at-switchover (ours): the expected downtime when the vCPUs were paused.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class MigrationStats:
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
     expected_downtime_ms: float | None = None
+    expected_at_switchover_ms: float | None = None  # what the source expected when it paused
     error: str | None = None
     passes: list[PassReport] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -69,6 +72,8 @@ class MigrationStats:
                 out["downtime"] = round(self.downtime_ms)
             if self.downtime_phases:
                 out["downtime-phases"] = dict(self.downtime_phases)
+            if self.expected_at_switchover_ms is not None:
+                out["expected-downtime-at-switchover"] = round(self.expected_at_switchover_ms, 3)
             running = status in (MigrationStatus.ACTIVE, MigrationStatus.SETUP)
             if running and self.expected_downtime_ms is not None:
                 out["expected-downtime"] = (

@@ -68,6 +68,7 @@ class CommandCode(IntEnum):
     POSTCOPY_RUN = 8
     RECEIVED_BITMAP = 9
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
+    PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
 
 
 ADVISORY_COMMANDS = 0x8000
@@ -251,3 +252,28 @@ class Skipped:
 
 Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamPageList | RamZero
           | BlockData | BlockZero | Command | PassStart | EndOfStream | Skipped)
+
+
+_TYPE_OF: dict[type, RecordType] = {
+    Config: RecordType.CONFIG, Description: RecordType.DESCRIPTION, RamBlocks: RecordType.RAM_BLOCKS,
+    BlockDevices: RecordType.BLOCK_DEVICES, RamPages: RecordType.RAM_PAGES,
+    RamPageList: RecordType.RAM_PAGE_LIST, RamZero: RecordType.RAM_ZERO, BlockData: RecordType.BLOCK_DATA,
+    BlockZero: RecordType.BLOCK_ZERO, Command: RecordType.COMMAND, PassStart: RecordType.PASS,
+    EndOfStream: RecordType.END,
+}
+
+
+def record_type_name(rec: object) -> str:
+    """The spec's name of a record's type (RAM_PAGES, SECTION_FULL, COMMAND POPULATED_HINT...),
+    for messages that must say which record was refused."""
+    if isinstance(rec, DeviceSection):
+        return rec.phase.name.join(("SECTION_", ""))
+    if isinstance(rec, Command):
+        try:
+            return f"COMMAND {CommandCode(int(rec.code)).name}"
+        except ValueError:
+            return f"COMMAND 0x{int(rec.code):04x}"
+    if isinstance(rec, Skipped):
+        return f"type {rec.type_code}"
+    rtype = _TYPE_OF.get(type(rec))
+    return rtype.name if rtype is not None else type(rec).__name__

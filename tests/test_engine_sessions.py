@@ -1,0 +1,306 @@
+"""The migration engine's two protocol objects wired together in memory: a SourceSession's bytes
+go through the real StreamDecoder into a DestSession. RAM is plain RamBlocks without a VM: the
+test is the guest, writing pages and marking them dirty (as KVM's log would) before and during
+passes. Device state is a test-only "blob" saver and loader, plugged in without touching either
+session — the proof that a new kind of state is one saver, one loader and a table entry.
+
+After every switchover — wherever it falls — the destination's memory and blob must equal the
+source's.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmferry.errors import MigrationError
+from vmferry.machine.ramblock import RamBlock
+from vmferry.migration.convergence import EndToEndRate
+from vmferry.migration.dest_session import DestSession
+from vmferry.migration.ram import CONSUMER, RamLoader, RamSaver
+from vmferry.migration.return_path import ReturnPathReader, ReturnPathWriter
+from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
+from vmferry.migration.source_session import SourceSession
+from vmferry.stream.decoder import StreamDecoder
+from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.records import (
+    BlockData,
+    Command,
+    CommandCode,
+    Description,
+    DeviceSection,
+    SectionInfo,
+    SectionPhase,
+)
+from vmferry.transport.channel import SocketChannel
+
+PAGE = 4096
+# Two blocks, each larger than the RAM saver's 512-page step, so a pass spans several steps and
+# the guest writes land mid-pass, in pages already sent, queued and not yet claimed.
+BLOCKS = (("pc.ram", 0, 1100), ("extra", 1 << 30, 700))
+
+
+class BlobSaver(Saver):
+    """Test-only state: a byte string the "guest" changes while it runs, sent whole at the end."""
+
+    name = "blob"
+
+    def __init__(self) -> None:
+        self.value = b"initial"
+
+    def setup(self, out: SaverOutput) -> None:
+        schema = {"id": 1, "name": "blob", "instance": 0, "version": 1, "fields": [], "subsections": []}
+        out.send([out.encoder.encode(Description((SectionInfo(1, "blob", 0, 1, schema),)))])
+
+    def pending(self) -> int:
+        return len(self.value)
+
+    def complete(self, out: SaverOutput) -> None:
+        out.send([out.encoder.encode(DeviceSection(1, SectionPhase.FULL, self.value))])
+
+
+class BlobLoader(Loader):
+    name = "blob"
+
+    def __init__(self) -> None:
+        self.staged: bytes | None = None
+        self.value: bytes | None = None
+
+    def handlers(self) -> Mapping[type | CommandCode, Handler]:
+        return {Description: lambda rec: None, DeviceSection: self._stage}
+
+    def _stage(self, rec: DeviceSection) -> None:
+        self.staged = bytes(rec.data)
+
+    def complete(self) -> None:
+        self.value = self.staged
+
+
+@dataclass
+class Out:
+    """The in-memory channel: what the source sends is decoded and applied at once."""
+
+    encoder: StreamEncoder
+    dec: StreamDecoder
+    dest: DestSession
+
+    def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        data = b"".join(bytes(b) for b in bufs)
+        self.dec.feed(data)
+        while (rec := self.dec.next_record()) is not None:
+            self.dest.feed(rec)
+        return len(data)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+class Pair:
+    def __init__(self, downtime_limit_ms: int = 300, end_to_end: bool = False) -> None:
+        self.src_blocks = [RamBlock(n, gpa, pages * PAGE) for n, gpa, pages in BLOCKS]
+        self.dst_blocks = [RamBlock(n, gpa, pages * PAGE) for n, gpa, pages in BLOCKS]
+        self.encoder = StreamEncoder(machine_type="test")
+        self.blob = BlobSaver()
+        self.ram = RamSaver(self.src_blocks, self.encoder)
+        self.session = SourceSession([self.ram, self.blob], self.encoder, {"smp": 1},
+                                     lambda: downtime_limit_ms, end_to_end=end_to_end, step_budget=1)
+        self.ram_loader = RamLoader(self.dst_blocks)
+        self.blob_loader = BlobLoader()
+        self.dest = DestSession([self.ram_loader, self.blob_loader])
+        self.dec = StreamDecoder(place=self.ram_loader.place)
+        self.out = Out(self.encoder, self.dec, self.dest)
+        self.now = 0.0
+        self.tracking = False
+
+    def tick(self) -> float:
+        self.now += 0.001
+        return self.now
+
+    def write(self, block: int, page: int, value: int) -> None:
+        """The guest writes a page (value 0 makes it a zero page), and the dirty log sees it."""
+        b = self.src_blocks[block]
+        page %= b.npages
+        b.mem[page * PAGE:(page + 1) * PAGE] = bytes([value]) * PAGE
+        if self.tracking:
+            mask = np.zeros(b.npages, dtype=bool)
+            mask[page] = True
+            b.mark_dirty(CONSUMER, mask)
+
+    def setup(self) -> None:
+        self.session.setup(self.out, self.tick())
+        self.tracking = True
+
+    def step(self) -> bool:
+        if self.session.end_to_end:
+            self.session.progress(self.dec.bytes_consumed, self.session.sent, self.now)
+        s = self.session.step(self.out, self.tick)
+        return s.switchover and self.session.confirm_switchover()
+
+    def switch_over(self) -> None:
+        self.tracking = False  # the guest is paused
+        self.session.complete(self.out, self.tick)
+        self.session.end(self.out)
+        assert self.dest.ended, "END did not arrive"
+        self.dest.complete()
+
+    def assert_equal(self) -> None:
+        for s, d in zip(self.src_blocks, self.dst_blocks, strict=True):
+            a = np.frombuffer(s.mem, dtype=np.uint8).reshape(-1, PAGE)
+            b = np.frombuffer(d.mem, dtype=np.uint8).reshape(-1, PAGE)
+            bad = np.flatnonzero((a != b).any(axis=1))
+            assert bad.size == 0, f"{s.name}: {bad.size} pages differ, first {bad[:5].tolist()}"
+            del a, b
+        assert self.blob_loader.value == self.blob.value
+
+    def close(self) -> None:
+        self.session.cleanup()
+        self.dest.release()
+        for b in self.src_blocks + self.dst_blocks:
+            b.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    yield p
+    p.close()
+
+
+writes = st.tuples(st.integers(0, 1), st.integers(0, 1099), st.integers(0, 3))
+actions = st.lists(st.one_of(st.tuples(st.just("write"), writes), st.tuples(st.just("step"), st.none()),
+                             st.tuples(st.just("blob"), st.binary(max_size=64))), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(before=st.lists(writes, max_size=40), during=actions, end_to_end=st.booleans(),
+       limit=st.sampled_from([0, 1, 300]))
+def test_destination_equals_source_after_any_switchover(
+    before: list[tuple[int, int, int]], during: list[tuple[str, object]], end_to_end: bool, limit: int
+) -> None:
+    """Writes before setup (found by the population scan), then steps interleaved with writes
+    and blob changes; the switchover falls where the session decides or where the actions end,
+    whichever is first."""
+    p = Pair(downtime_limit_ms=limit, end_to_end=end_to_end)
+    try:
+        for block, page, value in before:
+            p.write(block, page, value)
+        p.setup()
+        for kind, arg in during:
+            if kind == "write":
+                p.write(*arg)  # type: ignore[misc]
+            elif kind == "blob":
+                p.blob.value = arg  # type: ignore[assignment]
+            elif p.step():
+                break
+        p.switch_over()
+        p.assert_equal()
+    finally:
+        p.close()
+
+
+def test_a_pass_spans_steps_and_a_session_switches_over_by_itself(pair: Pair) -> None:
+    for page in range(0, 1100, 3):
+        pair.write(0, page, 1 + page % 5)
+    pair.setup()
+    starts = []
+    for _ in range(100):
+        s = pair.session.step(pair.out, pair.tick)
+        starts += [s.pass_started] if s.pass_started else []
+        if s.switchover and pair.session.confirm_switchover():
+            break
+    else:
+        pytest.fail("the session never switched over on an idle guest")
+    assert starts == [1] and len(pair.session.passes) == 1
+    assert pair.session.passes[0].pages_sent == len(range(0, 1100, 3))
+    assert pair.dest.passes == 1
+    pair.switch_over()
+    pair.assert_equal()
+
+
+def test_a_destination_without_progress_reports_does_not_stall_the_switchover() -> None:
+    """end_to_end but no PROGRESS ever arrives (an older destination): the session falls back
+    to what the channel accepted instead of waiting for a backlog that never drains."""
+    p = Pair(end_to_end=True)
+    try:
+        p.write(0, 1, 7)
+        p.setup()
+        for _ in range(20):
+            s = p.session.step(p.out, p.tick)
+            if s.switchover and p.session.confirm_switchover():
+                break
+        else:
+            pytest.fail("never switched over")
+        assert p.session.backlog() == 0
+        p.switch_over()
+        p.assert_equal()
+    finally:
+        p.close()
+
+
+def test_backlog_in_flight_holds_the_switchover_back() -> None:
+    """The destination reported little applied: what is in flight counts in the expected
+    downtime, and the session does not confirm a switchover it would not fit."""
+    p = Pair(downtime_limit_ms=300, end_to_end=True)
+    try:
+        p.setup()
+        p.session.progress(0, p.session.sent, 0.0)
+        p.session.progress(1 << 20, p.session.sent + (1 << 30), 1.0)  # 1 MiB/s, 1 GiB in flight
+        p.session.sent += 1 << 30
+        assert p.session.backlog() >= (1 << 30) - (1 << 20)
+        assert p.session.expected_downtime() > 300
+        assert not p.session.confirm_switchover()
+    finally:
+        p.close()
+
+
+def test_a_record_without_a_loader_is_refused_by_name(pair: Pair) -> None:
+    pair.setup()
+    with pytest.raises(MigrationError, match=r"BLOCK_DATA record \(record \d+\) has no loader"):
+        pair.dest.feed(BlockData(1, 0, 1, b"\0" * 512))
+
+
+def test_an_unknown_command_is_refused_and_an_advisory_one_ignored(pair: Pair) -> None:
+    pair.setup()
+    pair.dest.feed(Command(0x8123))
+    with pytest.raises(MigrationError, match=r"COMMAND PAGE_REQUEST \(record \d+\) is not supported"):
+        pair.dest.feed(Command(CommandCode.PAGE_REQUEST))
+
+
+def test_two_loaders_cannot_claim_one_record_type() -> None:
+    with pytest.raises(ValueError, match="both handle"):
+        DestSession([BlobLoader(), BlobLoader()])
+
+
+def test_end_to_end_rate_counts_only_busy_time() -> None:
+    r = EndToEndRate()
+    r.report(0.0, 0, 10 << 20)  # 10 MiB in flight
+    r.report(0.01, 1 << 20, 10 << 20)  # 1 MiB applied in 10 ms
+    r.report(0.02, 2 << 20, 2 << 20)  # caught up
+    r.report(5.0, 2 << 20, 2 << 20)  # idle for seconds: not counted
+    assert r.rate() == pytest.approx((2 << 20) / 0.02)
+    assert r.applied == 2 << 20
+
+
+def test_return_path_carries_progress_ack_timings_and_end() -> None:
+    a, b = socket.socketpair()
+    dst, src = SocketChannel(a, "dst"), SocketChannel(b, "src")
+    try:
+        reader = ReturnPathReader(src, sent=lambda: 12345)
+        reader.start()
+        w = ReturnPathWriter(dst)
+        w.progress(4096)
+        w.ack(7, {"apply": 1.5, "start": 0.25})
+        w.end()
+        assert reader.closed.wait(10)
+        assert reader.ended and reader.ack_index == 7
+        assert reader.ack_timings == {"apply": 1.5, "start": 0.25}
+        assert [(applied, sent) for applied, sent, _ in reader.take_progress()] == [(4096, 12345)]
+    finally:
+        dst.close()
+        src.close()
