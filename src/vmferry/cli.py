@@ -53,6 +53,9 @@ def _add_migrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", help="migration URI: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
     p.add_argument("--max-bandwidth", type=int, help="bytes per second")
     p.add_argument("--downtime-limit", type=int, help="milliseconds")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write the source's JSON-lines trace to FILE (docs/trace.md), and with --dest-qmp "
+                        "the destination's to FILE with .destination before its suffix")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -22,6 +22,7 @@ from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
+from vmferry.migration.trace import NULL_TRACE, NullTrace, TraceWriter
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import connect_outgoing, listen_incoming
 from vmferry.transport.uri import parse_uri
@@ -82,6 +83,26 @@ class VmControl:
             self.postmigrate = True
         if self.migration_capabilities.enabled("events"):
             self.emit("MIGRATION", {"status": str(status)})
+        self._trace_status(status)
+
+    def _trace_status(self, status: MigrationStatus) -> None:
+        """Each phase goes into the migration's trace; a terminal one ends it."""
+        mig = self.outgoing or self.incoming
+        if mig is None:
+            return
+        mig.trace.event("phase", phase=str(status))
+        if status in (S.COMPLETED, S.FAILED, S.CANCELLED):
+            info = mig.stats.query(status)
+            mig.trace.close(str(status), total_time_ms=info.get("total-time", 0),
+                            transferred_bytes=mig.stats.transferred, error=info.get("error-desc"))
+
+    def _open_trace(self, side: str) -> NullTrace:
+        """The trace `x-trace-file` asks for, or none."""
+        path = self.migration_parameters.x_trace_file
+        if not path:
+            return NULL_TRACE
+        return TraceWriter(path, side, ram_bytes=sum(b.nbytes for b in self.machine.ram_blocks),
+                           machine_type=self.machine.machine_type.name)
 
     def _on_pass(self, number: int) -> None:
         if self.migration_capabilities.enabled("events"):
@@ -151,9 +172,10 @@ class VmControl:
             with contextlib.suppress(FutureTimeout):
                 channel.result(timeout=CONNECT_WAIT_S)
             saver = self._device_saver(self.machine)
+            trace = self._open_trace("source")  # a path it cannot write is refused here
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
-                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass
+                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace
             )
             self.incoming = None
             self.outgoing.start()
@@ -167,7 +189,8 @@ class VmControl:
             listener = listen_incoming(uri)
             self._state = MigrationState(self._on_migration_status)
             self.incoming = IncomingMigration(
-                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded
+                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
+                lambda: self._open_trace("destination"),
             )
             self.incoming.start()
             self.listen_address = str(listener.address)

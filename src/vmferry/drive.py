@@ -7,6 +7,7 @@ everything shown is what QMP reports, so it is exactly what any management tool 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -102,15 +103,27 @@ def report(out: Outcome, console: Console) -> Table:
     return t
 
 
+def destination_trace_path(path: str) -> str:
+    """Where the destination's trace goes beside the source's: a.jsonl -> a.destination.jsonl."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.destination{ext or '.jsonl'}"
+
+
 def main_migrate(args: argparse.Namespace) -> int:
     console = Console()
     src = QmpClient(args.qmp)
     dst = QmpClient(args.dest_qmp) if args.dest_qmp else None
-    params: dict[str, int] = {}
+    params: dict[str, object] = {}
     if args.max_bandwidth is not None:
         params["max-bandwidth"] = args.max_bandwidth
     if args.downtime_limit is not None:
         params["downtime-limit"] = args.downtime_limit
+    if args.trace:
+        # Each VM process writes its trace on its own host; absolute, whatever its working directory.
+        path = os.path.abspath(args.trace)
+        params["x-trace-file"] = path
+        if dst is not None:
+            dst.execute("migrate-set-parameters", **{"x-trace-file": destination_trace_path(path)})
     if params:
         src.execute("migrate-set-parameters", **params)
     try:

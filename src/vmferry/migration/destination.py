@@ -22,6 +22,7 @@ from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.records import (
     Command,
@@ -55,6 +56,7 @@ class IncomingMigration:
         listener: Listener,
         state: MigrationState,
         on_loaded: Callable[[], None],
+        trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -68,6 +70,7 @@ class IncomingMigration:
         self.ram = RamLoader(machine.ram_blocks)
         self.channel: Channel | None = None
         self.passes = 0
+        self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -98,12 +101,16 @@ class IncomingMigration:
                 rp = ReturnPathWriter(self.channel)
             # The destination's clock starts when the source connects, not while it waited.
             self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
+            self.trace = self._trace_opener()
             self.state.set(S.ACTIVE)
             count = self._receive(self.channel)
+            self._applied("ram", self.passes)
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             self.devices.apply()
+            self._applied("devices", self.passes)
             self.on_loaded()
+            self._applied("started", self.passes)
             if rp is not None:
                 rp.send(Command(CommandCode.ACK, index=count))
             self.stats.end_ns = time.monotonic_ns()
@@ -176,6 +183,7 @@ class IncomingMigration:
                                   record_index=dec.record_index)
             self.devices.stage(rec.section_id, rec.data)
         elif isinstance(rec, PassStart):
+            self._applied("pass-start", rec.pass_number)
             self.passes = rec.pass_number
             self.stats.dirty_sync_count = rec.pass_number
         elif isinstance(rec, StreamHeader):
@@ -190,6 +198,11 @@ class IncomingMigration:
             self.ram.prefault(rec.block_id, rec.data)
         elif isinstance(rec, Command) and rec.code == CommandCode.SHUT:
             raise MigrationError(f"the source gave up: {rec.message}")
+
+    def _applied(self, what: str, number: int) -> None:
+        """Trace what this side has applied so far (docs/trace.md, event `applied`)."""
+        self.trace.event("applied", what=what, pass_=number, bytes=self.stats.transferred,
+                         pages=self.stats.normal, zero_pages=self.stats.duplicate)
 
     def _check_header(self, h: StreamHeader) -> None:
         if h.page_size != 4096:

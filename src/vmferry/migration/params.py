@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "a value between 0 and 9"),
     ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
               "a value between 0 and 20"),
+    ParamSpec("x-trace-file", "str", "vmferry: write the next migration's JSON-lines trace "
+              "(docs/trace.md) to this path on this side's host; \"\" means no trace",
+              expects="a path in an existing directory"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -143,6 +147,7 @@ class MigrationParameters:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    x_trace_file: str = ""
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -196,6 +201,8 @@ def _check_one(spec: ParamSpec, value: object) -> object:
             return ""
         if not isinstance(value, str):
             raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+        if name == "x-trace-file" and value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+            raise QmpError(f"Parameter '{name}' expects {spec.expects}")
         return value
     if spec.choices:
         if not isinstance(value, str):

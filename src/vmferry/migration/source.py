@@ -37,6 +37,7 @@ from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Config, DeviceSection, EndOfStream, PassStart, SectionPhase
 from vmferry.transport.bandwidth import RateLimiter
@@ -59,6 +60,7 @@ class OutgoingMigration:
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
+        trace: NullTrace = NULL_TRACE,
     ) -> None:
         self.machine = machine
         self.devices = devices
@@ -68,6 +70,7 @@ class OutgoingMigration:
         self.state = state
         self.stats = MigrationStats()
         self.on_pass = on_pass
+        self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
         self.limiter = RateLimiter(params.max_bandwidth)
@@ -175,6 +178,8 @@ class OutgoingMigration:
         self.stats.remaining_pages = self.ram.remaining()
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
         self.stats.setup_end_ns = time.monotonic_ns()
+        self.trace.event("setup", pages_to_send=self.stats.remaining_pages,
+                         unpopulated_pages=self.stats.unpopulated)
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
 
@@ -198,6 +203,8 @@ class OutgoingMigration:
             self._pass_time_s += now - t0
             dirty = self.ram.sync()
             self.stats.dirty_sync_count += 1
+            self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=dirty,
+                             remaining_bytes=dirty * PAGE_SIZE, duration_ms=(time.monotonic() - now) * 1000)
             dirty_rate = dirty / max(now - last_sync, 1e-6)
             last_sync = now
             bw = self._bandwidth_bps()
@@ -211,6 +218,13 @@ class OutgoingMigration:
                 self.stats.bandwidth_bps = bw
                 self.stats.dirty_rate_pps = dirty_rate
                 self.stats.expected_downtime_ms = exp
+            self.trace.event(  # throttle: vmferry does not throttle vCPUs (yet)
+                "pass", pass_=number, duration_ms=report.duration_s * 1000, bytes=report.bytes_sent,
+                pages=c.pages, zero_pages=c.zero_pages,
+                unpopulated_pages=self.stats.unpopulated if number == 1 else 0,
+                transferred_bytes=self.stats.transferred, remaining_bytes=remaining_bytes,
+                bandwidth_bps=bw, dirty_rate_bps=dirty_rate * PAGE_SIZE, expected_downtime_ms=exp,
+                throttle_percent=0)
             limit = self.params.downtime_limit
             if switch_now(exp, limit, c.pages + c.zero_pages, dirty, extra):
                 return
@@ -228,8 +242,10 @@ class OutgoingMigration:
         self.state.set(S.DEVICE)
         t_paused = time.monotonic()
         before = self.stats.transferred
-        self.ram.sync()
+        dirty = self.ram.sync()
         self.stats.dirty_sync_count += 1
+        self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=dirty,
+                         remaining_bytes=dirty * PAGE_SIZE, duration_ms=(time.monotonic() - t_paused) * 1000)
         c = self.ram.send_dirty(self._send, stable=True, cancelled=self._cancel.is_set)
         self.stats.normal += c.pages
         self.stats.duplicate += c.zero_pages
@@ -261,6 +277,8 @@ class OutgoingMigration:
             "devices": round((t_devices - t_ram) * 1000, 3),
             "confirm": round((t_done - t_devices) * 1000, 3),
         }
+        self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=self.stats.downtime_bytes,
+                         phases=self.stats.downtime_phases)
         self.state.set(S.COMPLETED)
         log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
                  self.stats.downtime_phases)
