@@ -1,4 +1,4 @@
-"""`vmferry` command line: run, migrate, demo, analyze, describe, check-compat.
+"""`vmferry` command line: run, migrate, demo, report, analyze, describe, check-compat.
 
 Each subcommand's work lives in its package; this module only parses arguments and turns any
 VmferryError into a one-line message and a non-zero exit (never a traceback at a user).
@@ -20,6 +20,7 @@ HANDLERS = {
     "run": "vmferry.vmm:main",
     "migrate": "vmferry.drive:main_migrate",
     "demo": "vmferry.demo:main",
+    "report": "vmferry.report:main",
     "analyze": "vmferry.stream.analyze:main",
     "describe": "vmferry.vmstate.describe:main_describe",
     "check-compat": "vmferry.vmstate.compat:main_check_compat",
@@ -66,6 +67,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds the guest runs before migrating")
     p.add_argument("--after", type=float, default=4.0, help="seconds to watch the destination afterwards")
     p.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="where to write the report (default: report.html in a new temporary directory)")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="draw migration traces (docs/trace.md) into an HTML or PNG report")
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (JSON lines); several overlay")
+    p.add_argument("-o", "--output", required=True, help="report.html or report.png")
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmferry", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_migrate, _add_demo, _add_analyze, _add_describe, _add_check_compat):
+    for add in (_add_run, _add_migrate, _add_demo, _add_report, _add_analyze, _add_describe,
+                _add_check_compat):
         add(sub)
     return parser
 

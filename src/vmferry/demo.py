@@ -3,7 +3,9 @@
 It starts a source VM running the `dirty` guest (which rewrites its working set at a steady
 rate and checks its own memory), and a destination waiting on a loopback TCP port; migrates with
 a live progress display; then reports the numbers and the proof: the host-side verifier over the
-destination's RAM, and the guest's own `verify ok` lines printed after it moved.
+destination's RAM, and the guest's own `verify ok` lines printed after it moved. Both sides
+trace the migration (docs/trace.md); the demo ends by drawing the traces into an HTML report
+(`vmferry report`) and printing its path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.console import Console
 from vmferry.drive import report, watch
 from vmferry.errors import VmferryError
 from vmferry.monitor.client import QmpClient
+from vmferry.report import write_report
 
 
 class _VmProcess:
@@ -67,6 +70,7 @@ class _VmProcess:
 def main(args: argparse.Namespace) -> int:
     console = Console()
     append = f"ws={args.ws} rate={args.rate} verify=1"
+    report_path = _report_path(args.report)
     with tempfile.TemporaryDirectory(prefix="vmferry-demo-") as tmp:
         work = Path(tmp)
         vms: list[_VmProcess] = []
@@ -89,6 +93,9 @@ def main(args: argparse.Namespace) -> int:
             src.qmp.execute("migrate-set-capabilities", capabilities=events_on)
             # Uncapped, as the benchmark compares; QEMU's default cap is 128 MiB/s.
             src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 0})
+            traces = [report_path.with_name("source.jsonl"), report_path.with_name("destination.jsonl")]
+            src.qmp.execute("migrate-set-parameters", **{"x-trace-file": str(traces[0])})
+            dst.qmp.execute("migrate-set-parameters", **{"x-trace-file": str(traces[1])})
             mark = len(dst.text())
             src.qmp.execute("migrate", uri=uri)
             outcome = watch(src.qmp, dst.qmp, console)
@@ -110,11 +117,26 @@ def main(args: argparse.Namespace) -> int:
                               "(its longest stall, by its own TSC, in the seconds after the move)")
             console.print("destination console (last lines):")
             console.print("\n".join(dst.text()[mark:].strip().splitlines()[-4:]), markup=False)
+            # Both traces are closed once each side's migration has ended (watch() waited).
+            write_report(traces, report_path)
+            console.print(f"report (plots of both sides' traces): [bold]{report_path}[/]")
+            print(report_path)
             ok = verdict["ok"] and "FAIL" not in dst.text()
             return 0 if ok else 1
         finally:
             for vm in vms:
                 vm.stop()
+
+
+def _report_path(requested: str | None) -> Path:
+    """Where the report goes: as asked, or report.html in a new directory that outlives the demo;
+    the traces go beside it."""
+    if requested:
+        path = Path(requested).resolve()
+        if not path.parent.is_dir():
+            raise VmferryError(f"--report {requested}: no such directory {path.parent}")
+        return path
+    return Path(tempfile.mkdtemp(prefix="vmferry-demo-report-")) / "report.html"
 
 
 def _listening_uri(info: dict, requested: str) -> str:

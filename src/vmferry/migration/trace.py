@@ -186,6 +186,8 @@ def parse_trace(lines: Iterable[str], path: Path) -> Trace:
         spec = EVENT_FIELDS.get(kind)
         if spec is None:
             raise TraceError(f"{where}: unknown event '{kind}' (known: {', '.join(EVENT_FIELDS)})")
+        if not events and kind != "start":
+            raise TraceError(f"{where}: a trace begins with a 'start' event, not '{kind}'")
         t = record.get("t")
         if not _is(t, NUM) or not math.isfinite(t) or t < 0:
             raise TraceError(f"{where}: field 't' of a '{kind}' event must be a number of seconds >= 0")
@@ -203,8 +205,6 @@ def parse_trace(lines: Iterable[str], path: Path) -> Trace:
                 raise TraceError(f"{where}: field '{name}' of a '{kind}' event must be "
                                  f"{_TYPE_WORDS[types]}, not {_json_kind(value)}")
         if not events:
-            if kind != "start":
-                raise TraceError(f"{where}: a trace begins with a 'start' event, not '{kind}'")
             if record["version"] != TRACE_VERSION:
                 raise TraceError(f"{where}: field 'version' is {record['version']}; this reader "
                                  f"knows version {TRACE_VERSION}")
