@@ -45,6 +45,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
+    p.add_argument("--metrics", metavar="tcp:HOST:PORT",
+                   help="serve the VM's state and migration counters for Prometheus at http://HOST:PORT/metrics")
 
 
 def _add_migrate(sub: argparse._SubParsersAction) -> None:

@@ -31,6 +31,8 @@ from vmferry.machine.machine import ExitStatus, Machine
 from vmferry.machine.machine_type import parse_size
 from vmferry.migration.state import MigrationStatus
 from vmferry.monitor.commands import CommandDispatcher
+from vmferry.monitor.metrics import MetricsServer
+from vmferry.monitor.metrics import render as render_metrics
 from vmferry.monitor.server import QmpServer
 
 log = logging.getLogger("vmferry.vmm")
@@ -69,8 +71,10 @@ class Vmm:
         qmp: list[str] | None = None,
         incoming: str | None = None,
         paused: bool = False,
+        metrics: str | None = None,
     ) -> None:
         self.servers: list[QmpServer] = []
+        self.metrics: MetricsServer | None = None
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event)
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
@@ -82,6 +86,9 @@ class Vmm:
                 self.machine.load_kernel(kernel, cmdline)
             if qmp:
                 self.servers.append(QmpServer(CommandDispatcher(self.control), qmp))
+            if metrics:
+                self.metrics = MetricsServer(metrics, self._metrics_text)
+                print(f"vmferry: metrics on {self.metrics.address}", file=sys.stderr, flush=True)
             if incoming is not None and incoming != "defer":
                 self.control.migrate_incoming(incoming)
                 print(f"vmferry: waiting for an incoming migration on {self.control.listen_address}",
@@ -92,6 +99,11 @@ class Vmm:
 
     def _on_event(self, name: str, data: dict) -> None:
         self.control.on_machine_event(name, data)
+
+    def _metrics_text(self) -> str:
+        ram_bytes = sum(b.nbytes for b in self.machine.ram_blocks)
+        return render_metrics(self.control.query_status(), self.control.query_migrate(),
+                              ram_bytes=ram_bytes, vcpus=self.machine.smp)
 
     def _emit(self, name: str, data: dict | None = None) -> None:
         for server in self.servers:
@@ -120,6 +132,8 @@ class Vmm:
         self.control.close()
         for server in self.servers:
             server.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.machine.close()
 
 
@@ -157,6 +171,7 @@ def main(args: argparse.Namespace) -> int:
             qmp=args.qmp,
             incoming=args.incoming,
             paused=args.paused,
+            metrics=args.metrics,
         )
         status = vmm.run()
     except KeyboardInterrupt:
