@@ -19,6 +19,7 @@ from vmferry.guests.verify import verify_dirty
 from vmferry.machine.machine import Machine
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
+from vmferry.migration.dirty_rate import DirtyRateMeter
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
@@ -67,6 +68,7 @@ class VmControl:
         self._state: MigrationState | None = None
         self.listen_address = ""
         self._lock = threading.Lock()
+        self.dirty_rate = DirtyRateMeter(machine.ram_blocks)
 
     # --- events ---
 
@@ -234,9 +236,18 @@ class VmControl:
         return {"ok": verdict.ok, "pages": verdict.pages, "generation": verdict.generation,
                 "first-bad-page": verdict.first_bad_page, "reason": str(verdict)}
 
+    def calc_dirty_rate(self, calc_time: int, mode: str | None, sample_pages: int | None) -> None:
+        if self.inmigrate:
+            raise QmpError("the dirty rate cannot be measured while waiting for an incoming migration")
+        self.dirty_rate.calc(calc_time, mode, sample_pages)
+
+    def query_dirty_rate(self) -> dict:
+        return self.dirty_rate.query()
+
     # --- lifetime ---
 
     def close(self) -> None:
+        self.dirty_rate.close()
         if self._migration_running():
             self.migrate_cancel()
         for mig in (self.outgoing, self.incoming):

@@ -19,6 +19,7 @@ from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
+    INT,
     SCALARS_BY_NAME,
     STR,
     STR_OR_NULL,
@@ -330,6 +331,45 @@ def _migrate_recover(d: CommandDispatcher, args: dict, session: Session) -> obje
 def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_pause", _RECOVERY_UNSUPPORTED)()
     return {}
+
+
+# --- dirty rate -------------------------------------------------------------------------------
+
+_DIRTY_RATE_MODE = Enum("DirtyRateMeasureMode", ("page-sampling", "dirty-ring", "dirty-bitmap"))
+
+
+@command("calc-dirty-rate", "Start measuring how fast the guest dirties memory, for `calc-time` seconds; "
+         "read the result with query-dirty-rate. `dirty-bitmap` counts the distinct pages written, from "
+         "the dirty log, through a consumer of its own (a running migration is not disturbed); "
+         "`page-sampling` compares `sample-pages` random pages per GiB.",
+         args=(Arg("calc-time", INT, doc="seconds to measure, 1 to 60"),
+               Arg("sample-pages", INT, optional=True, doc="pages sampled per GiB, 128 to 4096 "
+                   "(page-sampling only; default 512)"),
+               Arg("mode", _DIRTY_RATE_MODE, optional=True, doc="page-sampling (default), dirty-bitmap; "
+                   "dirty-ring is refused (vmferry uses KVM's dirty bitmap)")),
+         errors=("GenericError: the dirty rate is already being measured.",
+                 "GenericError: calc-time is out of range[1, 60].",
+                 "GenericError: sample-pages is out of range[128, 4096].",
+                 "GenericError: sample-pages is used only in page-sampling mode",
+                 "GenericError: mode dirty-ring is not enabled, use other method instead."),
+         example=({"calc-time": 1, "mode": "dirty-bitmap"}, {}))
+def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
+    _optional(d.backend, "calc_dirty_rate", "calc-dirty-rate is not supported here")(
+        args["calc-time"], args.get("mode"), args.get("sample-pages"))
+    return {}
+
+
+@command("query-dirty-rate", "The result of the last calc-dirty-rate. `dirty-rate` (MiB/s, QEMU's "
+         "\"MB/s\") is there once `status` is `measured`; `-1` if the measurement failed (then "
+         "`x-error` says why). vmferry adds `x-dirty-bytes` (bytes found dirty) and `x-elapsed-ms` (the "
+         "window as measured).",
+         returns='`{"status": "unstarted"|"measuring"|"measured", "dirty-rate": int, "start-time": int, '
+                 '"calc-time": int, "sample-pages": int, "mode": DirtyRateMeasureMode, ...}`',
+         example=({}, {"status": "measured", "dirty-rate": 8, "start-time": 1700000000, "calc-time": 1,
+                       "sample-pages": 0, "mode": "dirty-bitmap", "x-dirty-bytes": 8388608,
+                       "x-elapsed-ms": 1000.4}))
+def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_dirty_rate", "query-dirty-rate is not supported here")()
 
 
 # --- vmferry extensions ------------------------------------------------------------------------
