@@ -102,3 +102,28 @@ def test_trace_file_in_a_missing_directory_is_refused(tmp_path: Path, procs: lis
     assert src.cmd("query-migrate-parameters")["x-trace-file"] == str(tmp_path / "t.jsonl")
     src.cmd("migrate-set-parameters", **{"x-trace-file": None})
     assert src.cmd("query-migrate-parameters")["x-trace-file"] == ""
+
+
+def test_migrate_with_forecast(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
+    procs.append(src)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
+    procs.append(dst)
+    src.wait_serial(r"verify ok")
+    with pytest.raises(QmpReplyError, match="no dirty rate measured"):
+        src.cmd("x-migrate-forecast")
+    with pytest.raises(QmpReplyError, match="no bandwidth known"):
+        src.cmd("x-migrate-forecast", **{"dirty-rate": 1 << 20})
+    with pytest.raises(QmpReplyError, match="Parameter 'bandwidth' expects a value of 0 or more"):
+        src.cmd("x-migrate-forecast", **{"dirty-rate": 1, "bandwidth": -1})
+    f = src.cmd("x-migrate-forecast", **{"dirty-rate": 0, "bandwidth": 100 << 20})
+    assert f["converges"] is True and f["passes"] == 1
+    assert f["inputs"]["initial-bytes"] == f["total-bytes"] > 0
+    r = subprocess.run(
+        [sys.executable, "-m", "vmferry", "migrate", "--qmp", f"unix:{src.qmp_path}", "--forecast",
+         "--forecast-bandwidth", str(200 << 20), listen_uri(dst)],
+        capture_output=True, text=True, timeout=300, env={**_env(), "COLUMNS": "160"},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "forecast against what happened" in r.stdout
+    assert src.wait_migration()["status"] == "completed"

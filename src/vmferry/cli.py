@@ -56,6 +56,12 @@ def _add_migrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", help="migration URI: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
     p.add_argument("--max-bandwidth", type=int, help="bytes per second")
     p.add_argument("--downtime-limit", type=int, help="milliseconds")
+    p.add_argument("--forecast", action="store_true",
+                   help="first measure the dirty rate (1 s) and print the forecast (x-migrate-forecast); "
+                        "at the end, print it against what happened")
+    p.add_argument("--forecast-bandwidth", type=int, metavar="BYTES_PER_S",
+                   help="the bandwidth the forecast assumes (default: the last migration's measured "
+                        "bandwidth, else --max-bandwidth)")
     p.add_argument("--trace", metavar="FILE",
                    help="write the source's JSON-lines trace to FILE (docs/trace.md), and with --dest-qmp "
                         "the destination's to FILE with .destination before its suffix")

@@ -20,6 +20,7 @@ from vmferry.machine.machine import Machine
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.dirty_rate import DirtyRateMeter
+from vmferry.migration.forecast import ForecastInput, forecast
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
@@ -243,6 +244,36 @@ class VmControl:
 
     def query_dirty_rate(self) -> dict:
         return self.dirty_rate.query()
+
+    def migrate_forecast(self, args: dict) -> dict:
+        """x-migrate-forecast: the inputs the caller gave, else the last measurements."""
+        for name, value in args.items():
+            if value < 0:
+                raise QmpError(f"Parameter '{name}' expects a value of 0 or more")
+        populated = sum(int(b.populated_pages().sum()) for b in self.machine.ram_blocks) * 4096
+        dirty = args.get("dirty-rate")
+        if dirty is None:
+            info = self.dirty_rate.query()
+            if "x-dirty-bytes" not in info or info["mode"] != "dirty-bitmap":
+                raise QmpError("no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
+                               "or give 'dirty-rate'")
+            dirty = info["x-dirty-bytes"] / (float(info["x-elapsed-ms"]) / 1000)
+        bandwidth = args.get("bandwidth")
+        if bandwidth is None:
+            measured = self.outgoing.stats.bandwidth_bps if self.outgoing is not None else 0.0
+            bandwidth = measured or self.migration_parameters.max_bandwidth
+        if not bandwidth or bandwidth <= 0:
+            raise QmpError("no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or migrate "
+                           "once to measure it")
+        inputs = ForecastInput(
+            initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
+            downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
+            working_set_bytes=args.get("working-set", populated))
+        out = forecast(inputs).as_qmp()
+        out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
+                         "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
+                         "working-set": inputs.working_set_bytes}
+        return out
 
     # --- lifetime ---
 

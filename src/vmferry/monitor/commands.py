@@ -21,6 +21,7 @@ from vmferry.monitor.schema import (
     BOOL,
     INT,
     SCALARS_BY_NAME,
+    SIZE,
     STR,
     STR_OR_NULL,
     Arg,
@@ -370,6 +371,33 @@ def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obje
                        "x-elapsed-ms": 1000.4}))
 def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
     return _optional(d.backend, "query_dirty_rate", "query-dirty-rate is not supported here")()
+
+
+@command("x-migrate-forecast",
+         "vmferry extension: forecast a precopy migration before starting it (docs/migration.md, "
+         "\"Forecast\"): will it converge under downtime-limit, in how many passes, how long, how "
+         "many bytes, how long a pause; if not, the least bandwidth, downtime-limit or throttle that "
+         "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap) "
+         "and the last migration's measured bandwidth (else max-bandwidth).",
+         args=(Arg("bandwidth", SIZE, optional=True, doc="end-to-end bytes per second"),
+               Arg("dirty-rate", SIZE, optional=True, doc="bytes the guest dirties per second"),
+               Arg("downtime-limit", SIZE, optional=True, doc="ms (default: the parameter)"),
+               Arg("working-set", SIZE, optional=True,
+                   doc="bytes the guest writes into (default: all populated RAM)")),
+         returns='`{"converges": bool, "passes": int, "total-time-ms": number|null, "total-bytes": int, '
+                 '"downtime-ms": number, "bandwidth-needed", "downtime-limit-needed", '
+                 '"throttle-percent-needed" (when not converging), "inputs": {...}}`',
+         errors=("GenericError: no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
+                 "or give 'dirty-rate'",
+                 "GenericError: no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or "
+                 "migrate once to measure it"),
+         example=({"bandwidth": 104857600, "dirty-rate": 10485760},
+                  {"converges": True, "passes": 3, "total-time-ms": 2847.6, "total-bytes": 298139852,
+                   "downtime-ms": 4.56, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
+                                                   "bandwidth": 104857600, "downtime-limit": 300,
+                                                   "working-set": 268435456}}))
+def _migrate_forecast(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "migrate_forecast", "x-migrate-forecast is not supported here")(args)
 
 
 # --- vmferry extensions ------------------------------------------------------------------------
