@@ -40,8 +40,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--serial", default="stdio", help="COM1 backend: stdio, file:PATH, unix:PATH, null (default stdio)"
     )
     p.add_argument(
-        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT",
-        help="QMP server (repeatable)",
+        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT[,allow-remote=on]",
+        help="QMP server (repeatable); unix sockets are owner-only, TCP is loopback-only unless "
+             "allow-remote=on: QMP has no authentication",
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")

@@ -25,8 +25,9 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
 from vmferry.migration.trace import NULL_TRACE, NullTrace, TraceWriter
+from vmferry.monitor.objects import ObjectRegistry, migration_tls
 from vmferry.transport.channel import Channel
-from vmferry.transport.connect import connect_outgoing, listen_incoming
+from vmferry.transport.connect import Listener, connect_outgoing, listen_incoming
 from vmferry.transport.uri import parse_uri
 
 log = logging.getLogger("vmferry.control")
@@ -59,6 +60,7 @@ class VmControl:
         self._device_loader = device_loader
         self.migration_parameters = MigrationParameters()
         self.migration_capabilities = MigrationCapabilities()
+        self.objects = ObjectRegistry()
         self.emit: EmitEvent = lambda name, data=None: None
         self.quit_requested = threading.Event()
         self.inmigrate = incoming
@@ -189,7 +191,7 @@ class VmControl:
                 raise QmpError("'-incoming' was not specified on the command line")
             if self.incoming is not None:
                 raise QmpError("The incoming migration has already been started")
-            listener = listen_incoming(uri)
+            listener = _TlsCheckedListener(listen_incoming(uri), self._check_incoming_tls)
             self._state = MigrationState(self._on_migration_status)
             self.incoming = IncomingMigration(
                 self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
@@ -198,6 +200,10 @@ class VmControl:
             self.incoming.start()
             self.listen_address = str(listener.address)
             log.info("waiting for an incoming migration on %s", self.listen_address)
+
+    def _check_incoming_tls(self) -> None:
+        # As QEMU: tls-creds are read when the stream arrives (they may be set after -incoming).
+        migration_tls(self.migration_parameters, self.objects, endpoint="server")
 
     def _loaded(self) -> None:
         """Incoming stream fully verified and applied: start the guest unless -S / stop."""
@@ -284,6 +290,28 @@ class VmControl:
         for mig in (self.outgoing, self.incoming):
             if mig is not None:
                 mig.join(5.0)
+
+
+class _TlsCheckedListener(Listener):
+    """A listener whose accepted channel is refused (closed, nothing read) when the TLS
+    parameters ask for encryption the destination cannot give."""
+
+    def __init__(self, inner: Listener, check: Callable[[], None]) -> None:
+        self._inner = inner
+        self._check = check
+        self.address = inner.address
+
+    def accept(self, timeout_s: float | None = None) -> Channel:
+        channel = self._inner.accept(timeout_s)
+        try:
+            self._check()
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def _socket_address(uri: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
@@ -41,6 +42,7 @@ from vmferry.stream.records import (
 )
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener
+from vmferry.transport.uri import FileUri
 
 log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
@@ -119,6 +121,10 @@ class IncomingMigration:
                      self.ram.zero_pages)
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             reason = self._reason(e)
+            # The failed receive's frames hold views of guest memory (the placed payload, the
+            # decoder, which also holds this exception: a cycle). Drop them now, or the mapping
+            # cannot be closed at exit ("BufferError: cannot close exported pointers exist").
+            traceback.clear_frames(e.__traceback__)
             if rp is not None:
                 rp.shut(reason)
             self.stats.error = reason
@@ -161,10 +167,20 @@ class IncomingMigration:
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
                 if isinstance(rec, EndOfStream):
+                    if isinstance(self.listener.address, FileUri):
+                        self._expect_end_of_file(channel, dec, chunk)
                     return rec.record_count
                 self._handle(rec, dec)
             if n == 0:  # feed_eof always queues an error or END; never loop on EOF
                 raise StreamError("stream ended without END", offset=dec.bytes_consumed)
+
+    def _expect_end_of_file(self, channel: Channel, dec: StreamDecoder, chunk: memoryview) -> None:
+        """A snapshot file holds one stream, to its end: nothing may follow END (stream spec).
+        (A socket cannot be read to its end here: the source waits for the ACK on it.)"""
+        n = channel.recv_into(chunk)
+        if n:
+            dec.feed(chunk[:n])
+        dec.next_record()  # raises "N bytes after the end of stream", from this chunk or END's
 
     def _handle(self, rec: object, dec: StreamDecoder) -> None:
         if isinstance(rec, RamPages):

@@ -16,6 +16,7 @@ from vmferry import __version__
 from vmferry.errors import QmpError
 from vmferry.migration.params import CAPABILITIES, PARAMETER_SPECS, ParamSpec
 from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
+from vmferry.monitor.objects import TLS_UNSUPPORTED, migration_tls
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
@@ -103,6 +104,23 @@ def _optional(backend: object, method: str, unsupported: str) -> Callable[..., o
 
 def _migration_running(backend: MonitorBackend) -> bool:
     return backend.query_migrate().get("status", "none") in MIGRATION_RUNNING_STATES
+
+
+def _capabilities_locked(backend: MonitorBackend) -> bool:
+    """What refuses migrate-set-capabilities. On a destination (`inmigrate`) a migration in
+    `setup` is only listening: as in QEMU, capabilities may still be set until the stream arrives
+    (QEMU's postcopy and multifd how-tos set them on a destination started with -incoming)."""
+    status = backend.query_migrate().get("status", "none")
+    if status == "setup" and backend.query_status().get("status") == "inmigrate":
+        return False
+    return status in MIGRATION_RUNNING_STATES
+
+
+def _uri_host(uri: str) -> str:
+    """The host of a tcp: URI (what a TLS client checks the certificate against), else ""."""
+    if not uri.startswith("tcp:"):
+        return ""
+    return uri[4:].rpartition(":")[0].strip("[]")
 
 
 _MIGRATION_ACTIVE = "There's a migration process in progress"
@@ -207,6 +225,9 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
          errors=("GenericError: There's a migration process in progress",
                  "GenericError: Guest is waiting for an incoming migration",
                  "GenericError: Can't migrate the vm that was paused due to previous migration",
+                 "GenericError: No TLS credentials with id 'ID' (any non-empty tls-creds: vmferry "
+                 "has no object-add yet); nothing is connected or sent",
+                 "GenericError: " + TLS_UNSUPPORTED + " (once TLS objects exist)",
                  "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)"),
          example=({"uri": "tcp:192.0.2.7:4444"}, {}))
 def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
@@ -222,6 +243,9 @@ def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
         raise QmpError(_MIGRATION_ACTIVE)
     if run_state == "postmigrate":
         raise QmpError("Can't migrate the vm that was paused due to previous migration")
+    # Before any connection: encryption asked for and unavailable must never become plain text.
+    migration_tls(d.backend.migration_parameters, d.backend.objects, endpoint="client",
+                  uri_host=_uri_host(args["uri"]))
     d.backend.migrate(args["uri"])
     return {}
 
@@ -268,10 +292,14 @@ _PARAM_ARGS = tuple(Arg(s.qmp_name, _param_type(s), optional=True, doc=s.doc) fo
 
 
 @command("migrate-set-parameters", "Change migration parameters; all or nothing. May be used during a "
-         "migration (e.g. max-bandwidth, downtime-limit take effect on the next pass).",
+         "migration (max-bandwidth and downtime-limit take effect at once). Only the parameters "
+         "marked effective in [Migration parameters](#migration-parameters) may change; the others "
+         "accept only their default.",
          args=_PARAM_ARGS,
          errors=("GenericError: Parameter 'downtime-limit' expects an integer in the range of 0 to "
-                 "2000000 ms (and the like for each parameter)",),
+                 "2000000 ms (and the like for each parameter)",
+                 "GenericError: Parameter 'multifd-channels' is not supported by vmferry yet (any "
+                 "parameter not marked effective, set to anything but its default)"),
          example=({"max-bandwidth": 1073741824, "downtime-limit": 500}, {}))
 def _migrate_set_parameters(d: CommandDispatcher, args: dict, session: Session) -> object:
     d.backend.migration_parameters.apply(args)
@@ -291,15 +319,19 @@ _CAP_STATUS = Struct("MigrationCapabilityStatus",
 
 
 @command("migrate-set-capabilities", "Turn migration capabilities on or off; all or nothing. Refused "
-         "while a migration runs.",
+         "while a migration runs; on a destination, accepted until the incoming stream arrives. Only "
+         "the capabilities marked effective in [Migration capabilities](#migration-capabilities) may "
+         "be turned on.",
          args=(Arg("capabilities", ListOf(_CAP_STATUS), doc="`[{\"capability\": NAME, \"state\": bool}]`"),),
          errors=("GenericError: " + _MIGRATION_ACTIVE,
                  "GenericError: Parameter 'capabilities[0].capability' does not accept value 'x'",
-                 "GenericError: Postcopy preempt requires postcopy-ram (and QEMU's other "
-                 "combination checks)"),
+                 "GenericError: Capability 'xbzrle' is not supported by vmferry yet (any capability "
+                 "not marked effective, turned on)",
+                 "GenericError: Capability 'return-path' cannot be turned off in vmferry: the "
+                 "destination confirms the switchover on it"),
          example=({"capabilities": [{"capability": "events", "state": True}]}, {}))
 def _migrate_set_capabilities(d: CommandDispatcher, args: dict, session: Session) -> object:
-    if _migration_running(d.backend):
+    if _capabilities_locked(d.backend):
         raise QmpError(_MIGRATION_ACTIVE)
     d.backend.migration_capabilities.set(args["capabilities"])
     return {}

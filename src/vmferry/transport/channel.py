@@ -152,11 +152,13 @@ class Channel:
         raise NotImplementedError
 
     def _error(self, op: str, exc: OSError) -> TransportError:
+        """`op` names the operation with its preposition ("send on", "write to", "read from"),
+        so the message reads "write to exec:CMD failed: ..."."""
         if self._shut_down:
-            return TransportError(f"{op} on {self.label} failed: the channel was shut down")
+            return TransportError(f"{op} {self.label} failed: the channel was shut down")
         if isinstance(exc, TimeoutError):
-            return TransportError(f"{op} on {self.label} timed out")
-        return TransportError(f"{op} on {self.label} failed: {exc.strerror or exc}")
+            return TransportError(f"{op} {self.label} timed out")
+        return TransportError(f"{op} {self.label} failed: {exc.strerror or exc}")
 
 
 class SocketChannel(Channel):
@@ -178,7 +180,7 @@ class SocketChannel(Channel):
         try:
             n = self._sock.sendmsg(views)
         except OSError as e:
-            raise self._error("send", e) from e
+            raise self._error("send on", e) from e
         self.bytes_sent += n
         return n
 
@@ -186,7 +188,7 @@ class SocketChannel(Channel):
         try:
             n = self._sock.recv_into(view)
         except OSError as e:
-            raise self._error("receive", e) from e
+            raise self._error("receive on", e) from e
         if n == 0 and self._shut_down:
             # shutdown() from another thread looks like EOF to recv; say what really happened.
             raise TransportError(f"receive on {self.label} failed: the channel was shut down")
