@@ -130,6 +130,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                  "migration (`No TLS credentials with id '...'`)",
     "tls-hostname": "checked with tls-creds, as in QEMU; ignored while tls-creds is empty",
     "tls-authz": "checked with tls-creds on the destination, as in QEMU; ignored while tls-creds is empty",
+    "x-trace-file": "opened by `migrate` (source) or when the source connects (destination); "
+                    "docs/trace.md",
 }
 
 
