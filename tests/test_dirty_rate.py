@@ -80,9 +80,7 @@ def _measured(vm: VmProcess, timeout: float = 120) -> dict:
 
 
 def test_calc_dirty_rate_over_qmp(tmp_path: Path, procs: list[VmProcess]) -> None:
-    rate_mib = 8
-    vm = VmProcess(tmp_path, "vm", "-m", "128M", "--guest", "dirty",
-                   "--append", f"ws=64 rate={rate_mib} verify=0")
+    vm = VmProcess(tmp_path, "vm", "-m", "128M", "--guest", "dirty", "--append", "ws=64 rate=8 verify=0")
     procs.append(vm)
     assert vm.cmd("query-dirty-rate")["status"] == "unstarted"
     vm.wait_serial(r"dirty: filled")
@@ -108,14 +106,16 @@ def test_calc_dirty_rate_over_qmp(tmp_path: Path, procs: list[VmProcess]) -> Non
     pages = info["x-dirty-bytes"] // 4096
     assert 0 < pages <= (gen1 - gen0) + 64  # + the table, header and stack pages
     assert info["dirty-rate"] == round(info["x-dirty-bytes"] / MiB / (info["x-elapsed-ms"] / 1000))
-    # The guest never writes faster than its rate (it forgives, rather than bursts, beyond
-    # 100 ms of lag), so the rate has a hard ceiling; below it, a slow host may go anywhere.
-    assert info["dirty-rate"] <= rate_mib * 1.5 + 1
+    # No assertion against `rate` itself: the guest paces by its PIT ticks, and on a loaded host
+    # the in-kernel PIT re-injects missed ticks in a burst, so over one second the guest may write
+    # less or more than `rate`. Its own count above is the reference (measured on a quiet host:
+    # docs/migration.md, "Seeing a migration").
 
     vm.cmd("calc-dirty-rate", **{"calc-time": 1, "sample-pages": 4096})
     sampled = _measured(vm)
     assert sampled["mode"] == "page-sampling" and sampled["sample-pages"] == 4096
-    assert 0 <= sampled["dirty-rate"] <= 128 * 1.5  # never more than all populated RAM per second
+    # Never more than all populated RAM (at most the 128 MiB and the firmware area) per second.
+    assert 0 <= sampled["dirty-rate"] <= 128 + 16
 
     vm.cmd("calc-dirty-rate", **{"calc-time": 60, "mode": "dirty-bitmap"})
     with pytest.raises(QmpReplyError, match="the dirty rate is already being measured"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from polling import wait_for
 from test_trace_migration import listen_uri
 from vmferry.monitor.metrics import render
 from vmproc import REPO, VmProcess
@@ -99,8 +100,9 @@ def test_metrics_endpoint_is_scraped_before_and_after_a_migration(
                     "--metrics", "tcp:127.0.0.1:0")
     procs.append(src)
     url = _metrics_url(src)
-    before = scrape(url)
-    assert before[("vmferry_vm_state", '{state="running"}')] == 1
+    # The endpoint is up before the vCPUs start: wait for them.
+    before = wait_for(lambda: (m := scrape(url))[("vmferry_vm_state", '{state="running"}')] == 1 and m,
+                      "the VM running")
     assert before[("vmferry_vm_running", "")] == 1
     assert before[("vmferry_vm_ram_bytes", "")] >= 128 << 20
     assert before[("vmferry_migration_status", '{status="none"}')] == 1
@@ -112,8 +114,9 @@ def test_metrics_endpoint_is_scraped_before_and_after_a_migration(
     src.cmd("migrate", uri=listen_uri(dst))
     info = src.wait_migration()
     assert info["status"] == "completed"
-    after = scrape(url)
-    assert after[("vmferry_vm_state", '{state="postmigrate"}')] == 1
+    # query-migrate says completed a moment before the run state says postmigrate.
+    after = wait_for(lambda: (m := scrape(url))[("vmferry_vm_state", '{state="postmigrate"}')] == 1 and m,
+                     "the source in postmigrate")
     assert after[("vmferry_migration_status", '{status="completed"}')] == 1
     assert after[("vmferry_migration_transferred_bytes_total", "")] == info["ram"]["transferred"]
     assert after[("vmferry_migration_normal_pages_total", "")] == info["ram"]["normal"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from polling import wait_for
 from vmferry.migration.trace import read_trace
 from vmproc import REPO, QmpReplyError, VmProcess
 
@@ -63,7 +64,8 @@ def test_both_sides_trace_a_migration(tmp_path: Path, procs: list[VmProcess]) ->
     # The destination closes its trace when its migration completes; the source may finish first.
     assert dst.wait_migration()["status"] == "completed"
 
-    source = read_trace(trace_path)
+    # Each side ends its trace just after its status turns final: wait for the `end` lines.
+    source = wait_for(lambda: (t := read_trace(trace_path)).end and t, "the source trace's end")
     assert source.side == "source"
     phases = [e["phase"] for e in source.of("phase")]
     assert phases == ["setup", "active", "device", "completed"]
@@ -81,7 +83,8 @@ def test_both_sides_trace_a_migration(tmp_path: Path, procs: list[VmProcess]) ->
     assert source.end is not None and source.end["status"] == "completed"
     assert source.end["transferred-bytes"] == info["ram"]["transferred"]
 
-    dest = read_trace(tmp_path / "mig.destination.jsonl")
+    dest = wait_for(lambda: (t := read_trace(tmp_path / "mig.destination.jsonl")).end and t,
+                    "the destination trace's end")
     assert dest.side == "destination"
     applied = dest.of("applied")
     assert [a["what"] for a in applied if a["what"] != "pass-start"] == ["ram", "devices", "started"]

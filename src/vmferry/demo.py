@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
                               "(its longest stall, by its own TSC, in the seconds after the move)")
             console.print("destination console (last lines):")
             console.print("\n".join(dst.text()[mark:].strip().splitlines()[-4:]), markup=False)
-            # Both traces are closed once each side's migration has ended (watch() waited).
+            _wait_closed(traces)
             write_report(traces, report_path)
             console.print(f"report (plots of both sides' traces): [bold]{report_path}[/]")
             print(report_path)
@@ -126,6 +126,16 @@ def main(args: argparse.Namespace) -> int:
         finally:
             for vm in vms:
                 vm.stop()
+
+
+def _wait_closed(traces: list[Path], timeout_s: float = 10) -> None:
+    """Each side writes its trace's `end` line just after its status turns final; a trace still
+    without it after timeout_s is drawn as it is (the report marks it unfinished)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(p.exists() and '"event": "end"' in p.read_text(errors="replace") for p in traces):
+            return
+        time.sleep(0.05)
 
 
 def _report_path(requested: str | None) -> Path:
