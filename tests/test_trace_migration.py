@@ -130,3 +130,27 @@ def test_migrate_with_forecast(tmp_path: Path, procs: list[VmProcess]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "forecast against what happened" in r.stdout
     assert src.wait_migration()["status"] == "completed"
+
+
+def test_trace_of_a_refused_migrate_and_an_unwritable_destination_trace(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
+    procs.append(src)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
+    procs.append(dst)
+    src.wait_serial(r"verify ok")
+    src.cmd("migrate-set-parameters", **{"x-trace-file": str(tmp_path / "refused.jsonl")})
+    with pytest.raises(QmpReplyError, match="Connection refused"):
+        src.cmd("migrate", uri="tcp:127.0.0.1:1")
+    refused = read_trace(tmp_path / "refused.jsonl")
+    assert [e["event"] for e in refused.events] == ["start", "end"]
+    assert refused.end is not None and "Connection refused" in refused.end["error"]
+
+    # A directory cannot be opened as the trace: the destination refuses the stream, naming it.
+    dst.cmd("migrate-set-parameters", **{"x-trace-file": str(tmp_path)})
+    src.cmd("migrate-set-parameters", **{"x-trace-file": ""})
+    src.cmd("migrate", uri=listen_uri(dst))
+    dinfo = dst.wait_migration()
+    assert dinfo["status"] == "failed" and "cannot write the trace file" in dinfo["error-desc"], dinfo
+    assert src.wait_migration()["status"] == "failed"
+    assert src.status() == "running"

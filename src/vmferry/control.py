@@ -170,14 +170,18 @@ class VmControl:
             if self.postmigrate and not self.machine.running:
                 raise MigrationError("Can't migrate the vm that was paused due to previous migration")
             parse_uri(uri)  # a malformed URI is an error reply
+            trace = self._open_trace("source")  # a path it cannot write is refused here
             channel = _connect_in_background(uri)
             # A refused or unreachable peer answers at once: an error reply, as the user
             # expects. A peer that is slow to answer must not hold the monitor: the migration
             # thread waits for it and reports a failure as `failed`.
-            with contextlib.suppress(FutureTimeout):
-                channel.result(timeout=CONNECT_WAIT_S)
+            try:
+                with contextlib.suppress(FutureTimeout):
+                    channel.result(timeout=CONNECT_WAIT_S)
+            except Exception as e:
+                trace.close("failed", error=str(e))  # the trace says why it is so short
+                raise
             saver = self._device_saver(self.machine)
-            trace = self._open_trace("source")  # a path it cannot write is refused here
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
                 self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace
