@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             incoming = "tcp:127.0.0.1:0" if args.transport == "tcp" else f"unix:{work}/migration.sock"
             dst = _VmProcess(work, "destination", ["-m", args.memory, "--incoming", incoming])
             vms.append(dst)
-            uri = _listening_uri(dst.qmp.execute("query-migrate"), incoming)
+            uri = _listening_uri(dst.qmp, incoming)
             console.print(f"destination: waiting on {uri}")
             src.wait_for(r"dirty: filled", 120)
             src.wait_for(r"verify ok", 60)
@@ -149,10 +149,18 @@ def _report_path(requested: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="vmferry-demo-report-")) / "report.html"
 
 
-def _listening_uri(info: dict, requested: str) -> str:
-    for addr in info.get("socket-address", []):
-        if addr.get("type") == "inet":
-            return f"tcp:{addr['host']}:{addr['port']}"
-        if addr.get("type") == "unix":
-            return f"unix:{addr['path']}"
-    return requested
+def _listening_uri(qmp: QmpClient, requested: str, timeout_s: float = 30) -> str:
+    """Where the destination listens (its port when it asked for port 0). Its monitor answers
+    before the incoming migration is set up, so ask until query-migrate shows the address."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for addr in qmp.execute("query-migrate").get("socket-address", []):
+            if addr.get("type") == "inet":
+                return f"tcp:{addr['host']}:{addr['port']}"
+            if addr.get("type") == "unix":
+                return f"unix:{addr['path']}"
+        if time.monotonic() > deadline:
+            if requested.endswith(":0"):
+                raise VmferryError(f"the destination did not say where it listens within {timeout_s:.0f} s")
+            return requested
+        time.sleep(0.05)
