@@ -278,12 +278,18 @@ class VmControl:
         inputs = ForecastInput(
             initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
             downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
-            working_set_bytes=args.get("working-set", populated))
+            working_set_bytes=args.get("working-set", populated),
+            switchover_ms=args.get("switchover-ms", self._last_switchover_ms()))
         out = forecast(inputs).as_qmp()
         out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
                          "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
-                         "working-set": inputs.working_set_bytes}
+                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms}
         return out
+
+    def _last_switchover_ms(self) -> float | None:
+        """The last outgoing migration's pause minus its RAM: the fixed part of a switchover."""
+        phases = self.outgoing.stats.downtime_phases if self.outgoing is not None else {}
+        return sum(v for k, v in phases.items() if k != "ram") if phases else None
 
     # --- lifetime ---
 

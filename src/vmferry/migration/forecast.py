@@ -9,7 +9,9 @@ The model replays the source's own loop (source.py) on numbers instead of pages:
 * after each pass the expected downtime is remaining / bandwidth + the device-state allowance,
   and the engine's own `convergence.switch_now` decides whether to switch over, so the forecast
   follows the policy the migration will really use;
-* the final round (paused) sends what is left: that is the pause.
+* the final round (paused) sends what is left: that, plus the switchover's fixed cost
+  (`switchover_ms`: vCPU pause, device state, the destination's load and ACK — known from the
+  last migration's `downtime-phases`), is the pause.
 
 It does not converge when the backlog stops shrinking while the expected downtime is above
 `downtime-limit` (a fixed point), or after MAX_PASSES passes. Then it says what would make it
@@ -37,7 +39,11 @@ class ForecastInput:
     bandwidth_bps: float  # end-to-end bytes per second
     downtime_limit_ms: float
     working_set_bytes: int  # the most that can be dirty at once
-    device_state_ms: float = DEVICE_STATE_MS
+    device_state_ms: float = DEVICE_STATE_MS  # the engine's allowance in its switchover decision
+    # What the pause costs besides the last RAM (pausing vCPUs, device state, the destination's
+    # load, start and ACK): in the forecast pause, not in the decision (the engine does not know
+    # it). None: the device-state allowance.
+    switchover_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,9 @@ def _simulate(f: ForecastInput) -> Forecast:
         exp = expected_downtime_ms(round(remaining), f.bandwidth_bps, f.device_state_ms)
         pages_sent = round(to_send / PAGE_SIZE)
         if switch_now(exp, int(f.downtime_limit_ms), pages_sent, round(remaining / PAGE_SIZE), extra):
-            return Forecast(True, number, elapsed + exp / 1000, round(sent + remaining), exp)
+            fixed = f.device_state_ms if f.switchover_ms is None else f.switchover_ms
+            pause = exp - f.device_state_ms + fixed
+            return Forecast(True, number, elapsed + pause / 1000, round(sent + remaining), pause)
         if exp <= f.downtime_limit_ms:
             extra += 1
         elif remaining >= previous_remaining:

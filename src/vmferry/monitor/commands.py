@@ -415,7 +415,10 @@ def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obj
                Arg("dirty-rate", SIZE, optional=True, doc="bytes the guest dirties per second"),
                Arg("downtime-limit", SIZE, optional=True, doc="ms (default: the parameter)"),
                Arg("working-set", SIZE, optional=True,
-                   doc="bytes the guest writes into (default: all populated RAM)")),
+                   doc="bytes the guest writes into (default: all populated RAM)"),
+               Arg("switchover-ms", SIZE, optional=True,
+                   doc="the pause's fixed cost besides RAM (default: the last migration's "
+                       "downtime-phases without `ram`, else 2 ms)")),
          returns='`{"converges": bool, "passes": int, "total-time-ms": number|null, "total-bytes": int, '
                  '"downtime-ms": number, "bandwidth-needed", "downtime-limit-needed", '
                  '"throttle-percent-needed" (when not converging), "inputs": {...}}`',
