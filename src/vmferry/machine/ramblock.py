@@ -175,6 +175,14 @@ class RamBlock:
     def remove_dirty_consumer(self, name: str) -> None:
         self.dirty.remove_consumer(name)
 
+    def release_dirty_consumer(self, name: str) -> None:
+        """Remove the consumer and, if it was the last, stop the dirty log — atomically, so a
+        consumer that another thread adds meanwhile never finds the log stopped under it."""
+        with self._lock:
+            self._consumers.pop(name, None)
+            if not self._consumers and self.dirty_log_active and self.vm is not None:
+                self._register(self._flags & ~nr.MEM_LOG_DIRTY_PAGES)
+
     def dirty_bitmap(self, name: str) -> np.ndarray:
         """The consumer's own u64 bitmap, live: the consumer clears bits in it as it goes
         (bit i of little-endian u64 word j = page 64*j+i)."""

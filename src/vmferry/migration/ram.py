@@ -280,9 +280,7 @@ class RamSaver(Saver):
         if not self._started:
             return
         for b in self.blocks:
-            b.remove_dirty_consumer(CONSUMER)
-            if b.vm is not None:
-                b.stop_dirty_log()
+            b.release_dirty_consumer(CONSUMER)  # the log keeps running for other consumers
         self._queue = []
         self._queue_pos = []
         self._started = False
