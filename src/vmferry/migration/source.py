@@ -297,6 +297,9 @@ class OutgoingMigration:
             self.stats.downtime_bytes = self.stats.transferred - before
             self.stats.remaining_pages = 0
             self.stats.expected_at_switchover_ms = session.expected_at_switchover_ms
+        pages, sync_ms = self.ram.final_sync
+        self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=pages,
+                         remaining_bytes=pages * PAGE_SIZE, duration_ms=sync_ms)
         if self.return_path is not None:
             self._wait_for_ack()
         else:
