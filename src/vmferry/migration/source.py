@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from vmferry import __version__
-from vmferry.errors import MigrationError, VmferryError
+from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
@@ -53,6 +53,8 @@ from vmferry.transport.channel import Channel
 log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
 
+# How long a failed send waits for the destination's reason on the return path.
+RETURN_PATH_LAST_WORD_S = 2.0
 ACK_TIMEOUT_S = 30.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
@@ -337,6 +339,12 @@ class OutgoingMigration:
             )
 
     def _fail(self, e: BaseException) -> None:
+        if (isinstance(e, TransportError) and self.return_path is not None
+                and not self.return_path.shut_reason):
+            # A destination that refuses the stream says why on the return path, then closes:
+            # our next write may fail (broken pipe) before the reader thread has read the why.
+            # It reads to the end of a closed connection promptly; give it a moment.
+            self.return_path.join(RETURN_PATH_LAST_WORD_S)
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self.return_path is not None and self.return_path.shut_reason:
