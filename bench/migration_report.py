@@ -59,11 +59,14 @@ def results_table(results: dict[str, dict[str, Any]], capped: set[str]) -> str:
         for side, data in per.items():
             s = data["summary"]
             comp = _capped_outcome(data["runs"]) if sid in capped else f"{s['completed']}/{s['runs']}"
+            stall = fmt(s, "stall_ms", 1)
+            if "stall_ms" in s and s["stall_ms"]["n"] < s["completed"]:
+                stall += f" (n={s['stall_ms']['n']})"  # the others switched over in a verify pass
             rates = ("-" if "guest_rate_mibs" not in s and "guest_rate_during_mibs" not in s
                      else f"{fmt(s, 'guest_rate_mibs')} / {fmt(s, 'guest_rate_during_mibs')}")
             lines.append(
                 f"| {sid} | {side} | {comp} | {fmt(s, 'total_ms')} | {fmt(s, 'downtime_ms')} | "
-                f"{fmt(s, 'stall_ms', 1)} | {fmt(s, 'expected_ms')} | {fmt(s, 'setup_ms')} | "
+                f"{stall} | {fmt(s, 'expected_ms')} | {fmt(s, 'setup_ms')} | "
                 f"{fmt(s, 'transferred_mib')} | {fmt(s, 'passes')} | {rates} | "
                 f"{s['dest_ok']}/{s['completed']} |")
         if "vmferry" in per and sid not in capped:
@@ -131,11 +134,11 @@ def targets_table(results: dict[str, dict[str, Any]], over: dict[str, float] | N
         for r in _runs(results, sid):
             any_run = True
             pauses = [r[k] for k in PAUSE_KEYS if r.get(k) is not None]
-            if len(pauses) < len(PAUSE_KEYS) or max(pauses) > 30:
+            if not pauses or max(pauses) > 30:
                 ok_all = False
                 worst.append(f"{sid}: " + "/".join(f"{r.get(k)}" for k in PAUSE_KEYS))
     if any_run:
-        lines.append(f"| no run of S1-S5 pauses > 30 ms (downtime and stall) | "
+        lines.append(f"| no run of S1-S5 pauses > 30 ms (downtime and stall, where seen) | "
                      f"{'over (downtime/stall ms): ' + '; '.join(worst) if worst else 'all ≤ 30 ms'} | "
                      f"{'yes' if ok_all else 'no'} |")
     for sid in ("S4", "S5"):
