@@ -70,6 +70,7 @@ class IncomingMigration:
         self._reported = 0  # stream bytes last reported in PROGRESS
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
         self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
+        self._traced_pass = 0
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -184,7 +185,11 @@ class IncomingMigration:
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
-                if self.session.feed(rec):
+                ended = self.session.feed(rec)
+                if self.session.passes != self._traced_pass:  # a PASS record: trace each one
+                    self._traced_pass = self.session.passes
+                    self._applied("pass-start", self._traced_pass)
+                if ended:
                     self._count()
                     if isinstance(self.listener.address, FileUri):
                         self._expect_end_of_file(channel, dec, chunk)
@@ -223,9 +228,7 @@ class IncomingMigration:
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
         self.stats.duplicate = self.ram.zero_pages
-        if self.stats.dirty_sync_count != self.session.passes:
-            self.stats.dirty_sync_count = self.session.passes
-            self._applied("pass-start", self.session.passes)
+        self.stats.dirty_sync_count = self.session.passes
 
     def _applied(self, what: str, number: int) -> None:
         """Trace what this side has applied so far (docs/trace.md, event `applied`)."""
