@@ -38,6 +38,7 @@ S = MigrationStatus
 CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
+CAUGHT_UP_S = 0.001
 
 
 class IncomingMigration:
@@ -64,6 +65,7 @@ class IncomingMigration:
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes last reported in PROGRESS
+        self._reported_at = 0.0
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
@@ -184,7 +186,10 @@ class IncomingMigration:
         """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
         read right now): the report the source waits for before it pauses the guest. Whether
         more is waiting is asked (one poll) only after a short read or a read straight into
-        place — a full 1 MiB chunk means more is coming."""
+        place — a full 1 MiB chunk means more is coming. Caught-up reports come at most once
+        per CAUGHT_UP_S: within it, the poll waits that long for more data, and reports only
+        if none came (so the last report is never held back, and a destination that keeps
+        catching up does not flood the source with one report per read)."""
         per_mib = consumed - self._reported >= PROGRESS_BYTES
         if not per_mib:
             if not maybe_caught_up:
@@ -192,9 +197,11 @@ class IncomingMigration:
             if self._poll is None:
                 self._poll = select.poll()
                 self._poll.register(channel.fileno(), select.POLLIN)
-            if self._poll.poll(0):
-                return
+            wait_s = CAUGHT_UP_S - (time.monotonic() - self._reported_at)
+            if self._poll.poll(max(0, round(wait_s * 1000))):
+                return  # more is waiting: not caught up after all
         self._reported = consumed
+        self._reported_at = time.monotonic()
         self._rp.progress(consumed)  # type: ignore[union-attr]
 
     def _count(self) -> None:

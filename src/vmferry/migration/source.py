@@ -238,7 +238,7 @@ class OutgoingMigration:
             if session.backlog() == 0 or rp.closed.is_set() or self._cancel.is_set():
                 return
             if now >= deadline:
-                log.info("switchover: %d bytes still in flight after waiting %.2f s for the "
+                log.warning("switchover: %d bytes still in flight after waiting %.2f s for the "
                          "destination", session.backlog(), DRAIN_S)
                 return
             rp.wait_progress(deadline - now)
@@ -289,8 +289,8 @@ class OutgoingMigration:
                 if key in self.return_path.ack_timings:
                     self.stats.downtime_phases[f"destination-{key}"] = self.return_path.ack_timings[key]
         self.state.set(S.COMPLETED)
-        log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
-                 self.stats.downtime_phases)
+        log.info("migration completed: downtime %.1f ms (%s); %d progress reports", self.stats.downtime_ms,
+                 self.stats.downtime_phases, session.e2e.samples)
 
     def _wait_for_ack(self) -> None:
         assert self.return_path is not None
