@@ -200,7 +200,9 @@ def test_pending_serial_input_travels_in_its_subsection(source: tuple[Machine, P
     slot = saver._by_key[("serial", 0)]
     idle = slot.cls.snapshot(serial)
     assert idle.subsections == {}  # an idle UART sends no FIFO
-    serial.receive(b"hi")  # type: ignore[attr-defined]
+    # Input that arrived before the pause (the paused machine's UART holds new input back).
+    serial.load_rx_fifo(b"hi")  # type: ignore[attr-defined]
+    serial.sync_irq()  # type: ignore[attr-defined]
     try:
         info = next(s for s in saver.description().sections if s.name == "serial")
         payload = dict(saver.save())[slot.id]

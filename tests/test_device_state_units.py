@@ -3,13 +3,15 @@ the debug-exit port's wiring check."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from vmferry.devices.chardev import open_chardev
 from vmferry.devices.debug_exit import DebugExit, DebugExitState
 from vmferry.devices.serial import Serial16550, SerialState
 from vmferry.errors import StateLoadError
-from vmferry.vmstate import registry
+from vmferry.machine.machine_type import get_machine_type, section_registry
 
 
 def uart() -> tuple[Serial16550, list[int]]:
@@ -62,8 +64,75 @@ def test_debug_exit_at_another_port_is_refused() -> None:
         DebugExitState.load(dev, moved)
 
 
-def test_every_device_section_is_registered_for_vmferry_0_1() -> None:
-    registry.load_device_registrations()
-    names = [e.cls.name for e in registry.entries("vmferry-0.1")]
-    assert names == ["clock", "cpu", "debug-exit", "irqchip", "pit", "serial"]
-    assert all(e.version == 1 and not e.load_only for e in registry.entries("vmferry-0.1"))
+def test_every_device_section_is_in_the_vmferry_0_1_table() -> None:
+    entries = section_registry().entries("vmferry-0.1")
+    assert [e.cls.name for e in entries] == ["clock", "cpu", "debug-exit", "irqchip", "pit", "serial"]
+    assert all(e.version == 1 and not e.load_only for e in entries)
+    # The apply order the destination uses comes from the table.
+    table = sorted(get_machine_type("vmferry-0.1").devices, key=lambda spec: spec.order)
+    assert [spec.section.name for spec in table] == ["cpu", "irqchip", "pit", "clock", "serial", "debug-exit"]
+
+
+def test_a_uart_whose_property_says_so_keeps_its_input_out_of_the_stream() -> None:
+    # The subsection's needed() follows the device's property (a machine type can pin it off).
+    dev = Serial16550(open_chardev("null"), None, {"migrate-rx-fifo": False})
+    dev.receive(b"pending")
+    assert SerialState.snapshot(dev).subsections == {}
+    dev.properties["migrate-rx-fifo"] = True
+    assert SerialState.snapshot(dev).subsections["serial/fifo"].fields == {"fifo": b"pending"}
+
+
+def test_a_uart_refuses_a_property_it_does_not_have() -> None:
+    with pytest.raises(ValueError, match="unknown properties \\['baud'\\]"):
+        Serial16550(open_chardev("null"), None, {"baud": 9600})
+
+
+def test_a_uart_snapshot_is_consistent_while_input_and_guest_reads_race() -> None:
+    # The input thread pushes, a "vCPU" pops; with the receive interrupt on, the IRQ level the
+    # registers record must agree with the FIFO subsection captured in the same snapshot.
+    dev, _ = uart()
+    dev.write(1, 1, 0x01)  # IER: receive interrupt on
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            dev.receive(b"ab")
+
+    def drain() -> None:
+        while not stop.is_set():
+            dev.read(0, 1)
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2000):
+            sec = SerialState.snapshot(dev)
+            fifo = sec.subsections.get("serial/fifo")
+            assert sec.fields["irq_level"] == (1 if fifo else 0)
+            assert fifo is None or fifo.fields["fifo"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+
+def test_a_quiesced_uart_holds_input_until_unquiesced() -> None:
+    dev, _ = uart()
+    dev.quiesce()
+    feeder = threading.Thread(target=dev.receive, args=(b"hi",), daemon=True)
+    feeder.start()
+    assert dev.get_state()["rx_fifo"] == b""  # if the feeder ran already, it is waiting
+    dev.unquiesce()
+    feeder.join(60)
+    assert not feeder.is_alive() and dev.get_state()["rx_fifo"] == b"hi"
+
+
+def test_closing_a_quiesced_uart_releases_a_waiting_receive() -> None:
+    dev, _ = uart()
+    dev.quiesce()
+    feeder = threading.Thread(target=dev.receive, args=(b"hi",), daemon=True)
+    feeder.start()
+    dev.close()
+    feeder.join(60)
+    assert not feeder.is_alive() and dev.get_state()["rx_fifo"] == b""

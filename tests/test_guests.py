@@ -44,7 +44,7 @@ def run_qemu(guest: str, append: str, *, timeout: float = 60, **kw) -> tuple[int
 
 
 def test_image_path():
-    assert set(GUESTS) == {"heartbeat", "dirty"}
+    assert set(GUESTS) == {"heartbeat", "dirty", "disk"}
     for g in GUESTS:
         assert image_path(g).is_file()
     with pytest.raises(GuestError, match="unknown guest 'nope'"):

@@ -1,17 +1,21 @@
-"""The Machine on real KVM: dirty log exactness, pause/resume, power-off, serial, crash status,
-lazy RAM, and `vmferry run`'s one-line error without KVM."""
+"""The Machine on real KVM: dirty log exactness, pause/resume (with device quiesce, and a vCPU
+crashing while being paused), power-off, serial, crash status, lazy RAM, and `vmferry run`'s
+one-line error without KVM."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from polling import wait_for
 from test_machine_asm import build_guest, poweroff
+from vmferry.devices.serial import SerialState
 from vmferry.machine.machine import Machine
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -160,3 +164,88 @@ def test_run_with_a_non_kvm_device_gives_one_line_error(tmp_path: Path) -> None:
 def test_run_paused_without_a_monitor_is_refused() -> None:
     r = _run_cli("--guest", "heartbeat", "-S", env_extra={})
     assert r.returncode == 1 and "needs --qmp" in r.stderr
+
+
+class _TrapPort:
+    """A port device whose first write waits for the test, then does `then` (raise, power off)."""
+
+    def __init__(self, then) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.then = then
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.entered.set()
+        self.release.wait(120)
+        self.then()
+
+
+def _crash() -> None:
+    raise RuntimeError("device model bug")
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("outcome", ["crash", "poweroff"])
+def test_pause_returns_when_a_vcpu_crashes_or_powers_off_while_being_paused(tmp_path: Path,
+                                                                           outcome: str) -> None:
+    # The vCPU is inside an exit handler when pause() is asked for; the handler then crashes
+    # the vCPU thread (or powers the machine off). Both need the machine's lock on the vCPU
+    # thread while pause() waits for that vCPU: pause() must not hold that lock while waiting.
+    body = "1:  out %al, $0x80\n    jmp 1b\n"
+    with Machine(memory=16 * MiB) as m:
+        trap = _TrapPort(_crash if outcome == "crash" else lambda: m.power_off(3))
+        m.pio_bus.register(0x80, 1, trap)
+        m.load_kernel(build_guest(tmp_path, body))
+        m.start()
+        assert trap.entered.wait(60)
+        pauser = threading.Thread(target=m.pause, daemon=True)
+        pauser.start()
+        wait_for(lambda: m._runners[0]._pause, "pause() to ask the vCPU to park")
+        trap.release.set()
+        pauser.join(60)
+        assert not pauser.is_alive(), "pause() deadlocked"
+        status = m.wait(60)
+        assert status is not None
+        assert (status.kind, status.code) == (("error", 1) if outcome == "crash" else ("poweroff", 3))
+        if outcome == "crash":
+            assert "device model bug" in status.reason
+
+
+@pytest.mark.kvm
+def test_pause_quiesces_the_serial_input_thread_and_resume_lets_it_go(tmp_path: Path) -> None:
+    body = "1:  pause\n    jmp 1b\n"
+    with Machine(memory=16 * MiB) as m:
+        uart = m.devices["serial0"]
+        m.load_kernel(build_guest(tmp_path, body))
+        m.start()
+        m.pause()
+        before = SerialState.snapshot(uart)
+        feeder = threading.Thread(target=uart.receive, args=(b"typed while paused",), daemon=True)
+        feeder.start()
+        # Held back while the machine is paused (if the feeder ran at all, it is waiting).
+        assert SerialState.snapshot(uart) == before
+        m.resume()
+        wait_for(lambda: uart.get_state()["rx_fifo"] == b"typed while paused", "the input after resume")
+        feeder.join(60)
+        m.pause()
+        m.shutdown()
+
+
+@pytest.mark.kvm
+def test_the_dirty_log_has_both_producers_guest_writes_and_vmm_writes(tmp_path: Path) -> None:
+    body = "    movl $1, 0x200000\n" + poweroff(0)  # the guest writes page 0x200
+    with Machine(memory=32 * MiB) as m:
+        m.load_kernel(build_guest(tmp_path, body))
+        ram = m.ram_block("pc.ram")
+        ram.start_dirty_log()
+        ram.add_dirty_consumer("a")
+        m.start()
+        assert m.wait(30) is not None
+        m.write_gpa(0x300000, b"from the VMM")  # page 0x300
+        ram.view()[0x301000] = 1  # a device writing through a view, then saying so
+        ram.note_written(0x301000, 1)
+        ram.sync_dirty()
+        assert ram.dirty_pages("a").tolist() == [0x200, 0x300, 0x301]

@@ -11,10 +11,38 @@ from vmferry.errors import QmpError
 from vmferry.migration.params import (
     CAPABILITIES,
     CAPABILITY_DOCS,
+    EFFECTIVE_CAPABILITIES,
+    EFFECTIVE_PARAMETERS,
     PARAMETER_SPECS,
     MigrationCapabilities,
     MigrationParameters,
+    ParamSpec,
+    _check_caps,
 )
+
+# What vmferry honours, listed here by hand so that making a name effective is a deliberate act
+# with its own test of the effect: max-bandwidth (test_migration.py::test_max_bandwidth_holds),
+# downtime-limit and events (test_monitor_migration.py), the TLS strings (test_monitor_objects.py,
+# test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
+# test_migration.py's killed/refusing destination tests).
+EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz"}
+EFFECTIVE_CAPS = {"events", "return-path"}
+UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
+UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
+
+
+def other_value(spec: ParamSpec) -> object:
+    """A valid value of `spec` that is not its default."""
+    default = DEFAULTS[spec.py_name]
+    if spec.qapi_type == "bool":
+        return not default
+    if spec.choices:
+        return next(c for c in spec.choices if c != default)
+    if spec.qmp_name == "xbzrle-cache-size":
+        return 2 * default
+    assert spec.lo is not None and spec.hi is not None
+    return spec.lo if default != spec.lo else spec.lo + 1
 
 
 def test_every_field_has_a_spec_and_back() -> None:
@@ -52,10 +80,61 @@ def test_qemu_7_2_defaults_but_unlimited_bandwidth() -> None:
 
 def test_round_trip_through_qmp_names() -> None:
     p = MigrationParameters.from_qmp(
-        {"max-bandwidth": 10, "tls-creds": "tls0", "multifd-compression": "zlib"}
+        {"max-bandwidth": 10, "tls-creds": "tls0", "downtime-limit": 7}
     )
-    assert (p.max_bandwidth, p.tls_creds, p.multifd_compression) == (10, "tls0", "zlib")
-    assert MigrationParameters.from_qmp(p.to_qmp()) == p
+    assert (p.max_bandwidth, p.tls_creds, p.downtime_limit) == (10, "tls0", 7)
+    assert MigrationParameters.from_qmp(p.to_qmp()) == p  # every default written back is accepted
+
+
+def test_the_effective_names_are_the_listed_ones() -> None:
+    assert set(EFFECTIVE_PARAMETERS) == EFFECTIVE
+    assert set(EFFECTIVE_CAPABILITIES) == EFFECTIVE_CAPS
+    assert all(EFFECTIVE_PARAMETERS.values()) and all(EFFECTIVE_CAPABILITIES.values())
+
+
+@pytest.mark.parametrize("name", sorted(EFFECTIVE - {"tls-creds", "tls-hostname", "tls-authz"}))
+def test_effective_numeric_parameter_changes(name: str) -> None:
+    spec = next(s for s in PARAMETER_SPECS if s.qmp_name == name)
+    p = MigrationParameters()
+    p.apply({name: other_value(spec)})
+    assert getattr(p, spec.py_name) == other_value(spec)
+
+
+@pytest.mark.parametrize("spec", UNSUPPORTED, ids=[s.qmp_name for s in UNSUPPORTED])
+def test_unsupported_parameter_is_refused_by_name(spec: ParamSpec) -> None:
+    p = MigrationParameters()
+    with pytest.raises(QmpError, match=f"^Parameter '{spec.qmp_name}' is not supported by vmferry yet$"):
+        p.apply({"downtime-limit": 1, spec.qmp_name: other_value(spec)})
+    assert p == MigrationParameters()  # all or nothing
+    p.apply({spec.qmp_name: DEFAULTS[spec.py_name]})  # its default changes nothing: accepted
+    assert p == MigrationParameters()
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_CAPS)
+def test_unsupported_capability_is_refused_by_name(name: str) -> None:
+    caps = MigrationCapabilities()
+    with pytest.raises(QmpError, match=f"^Capability '{name}' is not supported by vmferry yet$"):
+        caps.set([{"capability": "events", "state": True}, {"capability": name, "state": True}])
+    assert not caps.enabled(name) and not caps.enabled("events")  # all or nothing
+    caps.set([{"capability": name, "state": False}])  # off is what it is: accepted
+    assert not caps.enabled(name)
+
+
+def test_return_path_is_on_and_cannot_be_turned_off() -> None:
+    caps = MigrationCapabilities()
+    assert caps.enabled("return-path")
+    caps.set([{"capability": "return-path", "state": True}])
+    with pytest.raises(QmpError, match="^Capability 'return-path' cannot be turned off in vmferry"):
+        caps.set([{"capability": "return-path", "state": False}])
+    assert caps.enabled("return-path")
+
+
+def test_events_capability_turns_on_and_off() -> None:
+    caps = MigrationCapabilities()
+    caps.set([{"capability": "events", "state": True}])
+    assert caps.enabled("events")
+    caps.set([{"capability": "events", "state": False}])
+    assert not caps.enabled("events")
 
 
 @pytest.mark.parametrize(
@@ -121,26 +200,26 @@ def test_readers_never_see_half_an_update() -> None:
         t.join()
 
 
-def test_capabilities_default_off_in_qemu_order() -> None:
+def test_capabilities_default_off_in_qemu_order_but_return_path() -> None:
     caps = MigrationCapabilities()
-    assert caps.query() == [{"capability": c, "state": False} for c in CAPABILITIES]
+    assert caps.query() == [{"capability": c, "state": c == "return-path"} for c in CAPABILITIES]
     assert "postcopy-preempt" in CAPABILITIES and "zero-copy-send" in CAPABILITIES
 
 
 def test_capabilities_set_is_all_or_nothing() -> None:
     caps = MigrationCapabilities()
-    caps.set([{"capability": "events", "state": True}, {"capability": "multifd", "state": True}])
-    assert caps.enabled("events") and caps.enabled("multifd")
     with pytest.raises(QmpError, match="does not accept value 'nope'"):
-        caps.set([{"capability": "xbzrle", "state": True}, {"capability": "nope", "state": True}])
-    assert not caps.enabled("xbzrle")
-    with pytest.raises(QmpError, match="Postcopy preempt requires postcopy-ram"):
-        caps.set([{"capability": "postcopy-preempt", "state": True}])
-    caps.set(
-        [{"capability": "postcopy-ram", "state": True}, {"capability": "postcopy-preempt", "state": True}]
-    )
-    with pytest.raises(QmpError, match="Postcopy is not currently compatible with compression"):
-        caps.set([{"capability": "compress", "state": True}])
+        caps.set([{"capability": "events", "state": True}, {"capability": "nope", "state": True}])
+    assert not caps.enabled("events")
     with pytest.raises(KeyError):
         caps.enabled("warp")
-    assert caps.to_dict()["postcopy-preempt"] is True
+    assert caps.to_dict()["events"] is False
+
+
+def test_qemu_combination_checks_kept_for_when_the_capabilities_land() -> None:
+    on = dict.fromkeys(CAPABILITIES, False)
+    with pytest.raises(QmpError, match="Postcopy preempt requires postcopy-ram"):
+        _check_caps({**on, "postcopy-preempt": True})
+    with pytest.raises(QmpError, match="Postcopy is not currently compatible with compression"):
+        _check_caps({**on, "postcopy-ram": True, "compress": True})
+    _check_caps({**on, "postcopy-ram": True, "postcopy-preempt": True})

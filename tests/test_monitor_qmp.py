@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -10,9 +11,16 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from vmferry.errors import MigrationError
-from vmferry.migration.params import CAPABILITIES, MigrationCapabilities, MigrationParameters
+from vmferry.migration.params import (
+    CAPABILITIES,
+    EFFECTIVE_PARAMETERS,
+    PARAMETER_SPECS,
+    MigrationCapabilities,
+    MigrationParameters,
+)
 from vmferry.monitor import CommandDispatcher, QmpServer
 from vmferry.monitor.backend import MonitorBackend
+from vmferry.monitor.objects import ObjectRegistry
 
 TIMEOUT = 20
 
@@ -26,6 +34,8 @@ class FakeVm:
         self.migration: dict = {}
         self.migration_parameters = MigrationParameters()
         self.migration_capabilities = MigrationCapabilities()
+        self.objects = ObjectRegistry()
+        self.migrate_calls: list[str] = []
         self.emit: Callable[..., None] = lambda name, data=None: None
         self.quit_requested = threading.Event()
         self.incoming: str | None = None
@@ -60,6 +70,7 @@ class FakeVm:
             self.emit("MIGRATION", {"status": status})
 
     def migrate(self, uri: str) -> None:
+        self.migrate_calls.append(uri)
         if uri == "crash:":
             raise RuntimeError("a bug in the migration code")
         if not uri.startswith(("tcp:", "unix:")):
@@ -218,15 +229,17 @@ def test_migration_parameters_and_capabilities(vm_server) -> None:
                 "max-bandwidth": 1 << 30,
                 "downtime-limit": 500,
                 "tls-creds": None,
-                "multifd-compression": "zstd",
+                "multifd-compression": "none",  # its default: accepted, changes nothing
             },
         )
         params = await qmp.execute("query-migrate-parameters")
         assert (params["max-bandwidth"], params["downtime-limit"], params["multifd-compression"]) == (
             1 << 30,
             500,
-            "zstd",
+            "none",
         )
+        assert await error_of(qmp, "migrate-set-parameters", {"multifd-compression": "zstd"}) == (
+            "GenericError", "Parameter 'multifd-compression' is not supported by vmferry yet")
         assert await error_of(
             qmp, "migrate-set-parameters", {"downtime-limit": 2_000_001, "max-bandwidth": 1}
         ) == ("GenericError", "Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 ms")
@@ -239,7 +252,7 @@ def test_migration_parameters_and_capabilities(vm_server) -> None:
 
         caps = await qmp.execute("query-migrate-capabilities")
         assert [c["capability"] for c in caps] == list(CAPABILITIES)
-        assert not any(c["state"] for c in caps)
+        assert [c["capability"] for c in caps if c["state"]] == ["return-path"]
         await qmp.execute(
             "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
         )
@@ -248,7 +261,7 @@ def test_migration_parameters_and_capabilities(vm_server) -> None:
             qmp,
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "postcopy-preempt", "state": True}]},
-        ) == ("GenericError", "Postcopy preempt requires postcopy-ram")
+        ) == ("GenericError", "Capability 'postcopy-preempt' is not supported by vmferry yet")
 
     run(server, body)
     assert vm.migration_parameters.downtime_limit == 500  # what the migration thread will read
@@ -318,6 +331,101 @@ def test_migration_commands_and_events(vm_server) -> None:
 
     run(server, body)
     assert vm.incoming == "tcp:0.0.0.0:4444"
+
+
+_UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in ("events", "return-path")]
+
+
+@pytest.mark.parametrize("name", _UNSUPPORTED_CAPS)
+def test_unsupported_capability_refused_over_qmp(vm_server, name: str) -> None:
+    vm, server = vm_server
+
+    async def body(qmp: QMPClient) -> None:
+        assert await error_of(qmp, "migrate-set-capabilities",
+                              {"capabilities": [{"capability": name, "state": True}]}) == (
+            "GenericError", f"Capability '{name}' is not supported by vmferry yet")
+        off = {"capabilities": [{"capability": name, "state": False}]}
+        await qmp.execute("migrate-set-capabilities", off)
+        caps = await qmp.execute("query-migrate-capabilities")
+        assert {"capability": name, "state": False} in caps  # still listed for clients that probe
+
+    run(server, body)
+
+
+_UNSUPPORTED_PARAMS = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE_PARAMETERS]
+
+
+@pytest.mark.parametrize("spec", _UNSUPPORTED_PARAMS, ids=[s.qmp_name for s in _UNSUPPORTED_PARAMS])
+def test_unsupported_parameter_refused_over_qmp(vm_server, spec) -> None:
+    vm, server = vm_server
+    default = MigrationParameters().to_qmp()[spec.qmp_name]
+    if isinstance(default, bool):
+        other: object = not default
+    elif isinstance(default, str):
+        other = next(c for c in spec.choices if c != default)
+    else:
+        other = default * 2 if spec.qmp_name == "xbzrle-cache-size" else (
+            spec.lo if default != spec.lo else spec.lo + 1)
+
+    async def body(qmp: QMPClient) -> None:
+        assert await error_of(qmp, "migrate-set-parameters", {spec.qmp_name: other}) == (
+            "GenericError", f"Parameter '{spec.qmp_name}' is not supported by vmferry yet")
+        await qmp.execute("migrate-set-parameters", {spec.qmp_name: default})
+        assert (await qmp.execute("query-migrate-parameters"))[spec.qmp_name] == default
+
+    run(server, body)
+
+
+def test_return_path_cannot_be_turned_off_over_qmp(vm_server) -> None:
+    vm, server = vm_server
+
+    async def body(qmp: QMPClient) -> None:
+        klass, desc = await error_of(qmp, "migrate-set-capabilities",
+                                     {"capabilities": [{"capability": "return-path", "state": False}]})
+        assert klass == "GenericError" and desc.startswith("Capability 'return-path' cannot be turned off")
+        await qmp.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "return-path", "state": True}]})
+
+    run(server, body)
+    assert vm.migration_capabilities.enabled("return-path")
+
+
+def test_destination_accepts_capabilities_until_the_stream_arrives(vm_server) -> None:
+    vm, server = vm_server
+    vm.status = "inmigrate"
+    vm.migration = {"status": "setup"}  # listening, as after --incoming tcp:...
+    events_on = {"capabilities": [{"capability": "events", "state": True}]}
+
+    async def body(qmp: QMPClient) -> None:
+        assert await qmp.execute("migrate-set-capabilities", events_on) == {}
+        await qmp.execute("migrate-set-parameters", {"downtime-limit": 100})
+        vm.migration = {"status": "active"}  # the stream arrived
+        assert await error_of(qmp, "migrate-set-capabilities", events_on) == (
+            "GenericError", "There's a migration process in progress")
+        vm.status, vm.migration = "running", {"status": "setup"}  # a source in setup: refused
+        assert await error_of(qmp, "migrate-set-capabilities", events_on) == (
+            "GenericError", "There's a migration process in progress")
+
+    run(server, body)
+    assert vm.migration_capabilities.enabled("events")
+
+
+@pytest.mark.parametrize("uri", ["tcp:127.0.0.1:4444", "unix:/tmp/x.sock", "exec:cat > /dev/null",
+                                 "file:/tmp/snap"])
+def test_missing_tls_creds_refuse_migrate_before_anything_is_sent(vm_server, uri: str) -> None:
+    vm, server = vm_server
+
+    async def body(qmp: QMPClient) -> None:
+        await qmp.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "dst.example"})
+        assert await error_of(qmp, "migrate", {"uri": uri}) == (
+            "GenericError", "No TLS credentials with id 'tls0'")
+        assert await qmp.execute("query-migrate") == {}
+        await qmp.execute("migrate-set-parameters", {"tls-creds": ""})  # plain text asked: goes
+        with contextlib.suppress(ExecuteError):  # the fake VMM knows only tcp: and unix:
+            await qmp.execute("migrate", {"uri": uri})
+
+    run(server, body)
+    assert vm.migrate_calls == [uri]  # only the plain-text migration reached the VMM
 
 
 def test_two_clients_both_receive_events_from_other_threads(vm_server) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ class Raw:
             self.sock.connect(rest)
         else:
             host, _, port = rest.rpartition(":")
-            self.sock = socket.create_connection((host, int(port)))
+            self.sock = socket.create_connection((host.strip("[]"), int(port)))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(TIMEOUT)
         self.buf = b""
@@ -265,3 +267,80 @@ def test_quit_handler_may_close_the_server_from_its_own_thread(tmp_path) -> None
     assert got[1] == {"return": {}}  # the reply goes out before the monitor stops
     assert vm.quit_requested.is_set()
     server.close()
+
+
+def test_unix_socket_is_owner_only_and_appears_listening(tmp_path) -> None:
+    path = tmp_path / "q.sock"
+    old_umask = os.umask(0)  # the most permissive umask must not make it reachable by others
+    try:
+        server = QmpServer(CommandDispatcher(FakeVm()), f"unix:{path}")
+    finally:
+        os.umask(old_umask)
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["q.sock"]  # no temporary name left
+        healthy(server)
+    finally:
+        server.close()
+    assert not path.exists()
+
+
+def test_a_file_appearing_at_the_path_is_never_replaced(tmp_path) -> None:
+    (tmp_path / "q.sock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(VmferryError, match="cannot listen for QMP on unix:.*File exists"):
+        QmpServer(CommandDispatcher(FakeVm()), f"unix:{tmp_path}/q.sock")
+    assert (tmp_path / "q.sock").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.sock"]
+
+
+def _non_loopback_ipv4() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a source address
+        addr = s.getsockname()[0]
+        return None if addr.startswith("127.") else addr
+    return None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "local-address"])
+def test_tcp_beyond_loopback_needs_allow_remote(host: str) -> None:
+    if host == "local-address":
+        host = _non_loopback_ipv4() or pytest.skip("this machine has no non-loopback IPv4 address")
+    with pytest.raises(VmferryError, match=r"refusing to listen for QMP on tcp:.*no authentication.*"
+                                           r"',allow-remote=on'"):
+        QmpServer(CommandDispatcher(FakeVm()), f"tcp:{host}:0")
+    with pytest.raises(VmferryError, match="refusing"):
+        QmpServer(CommandDispatcher(FakeVm()), f"tcp:{host}:0,allow-remote=off")
+    try:
+        server = QmpServer(CommandDispatcher(FakeVm()), f"tcp:{host}:0,allow-remote=on")
+    except VmferryError as e:  # e.g. no IPv6 on this machine: not what this test is about
+        pytest.skip(str(e))
+    with server:
+        port = int(server.addresses[0].rpartition(":")[2])
+        loop = "[::1]" if host.startswith("[") else "127.0.0.1"
+        c = Raw(f"tcp:{loop if host in ('0.0.0.0', '[::]') else host}:{port}")
+        assert c.cmd(NEGOTIATE) == {"return": {}}
+        c.close()
+
+
+@pytest.mark.parametrize("address", ["tcp:127.0.0.1:0", "tcp:localhost:0", "tcp:[::1]:0",
+                                     "tcp:127.0.0.1:0,server=on,wait=off"])
+def test_loopback_tcp_needs_no_option(address: str) -> None:
+    try:
+        server = QmpServer(CommandDispatcher(FakeVm()), address)
+    except VmferryError as e:
+        if "::1" in address:
+            pytest.skip(f"no IPv6 loopback here: {e}")
+        raise
+    with server:
+        healthy(server)
+
+
+@pytest.mark.parametrize(("address", "option"), [
+    ("tcp:127.0.0.1:0,allow-remote=yes", "allow-remote=yes"), ("tcp:127.0.0.1:0,wait=on", "wait=on"),
+    ("tcp:127.0.0.1:0,server=off", "server=off"), ("unix:/tmp/x,tls=on", "tls=on"),
+])
+def test_unknown_or_unsupported_options_are_refused_by_name(address: str, option: str) -> None:
+    with pytest.raises(VmferryError, match=f"option '{option}' is not supported"):
+        QmpServer(CommandDispatcher(FakeVm()), address)

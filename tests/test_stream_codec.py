@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+from vmferry import __version__
 from vmferry.stream import RamPageList, RamPages, StreamDecoder, StreamEncoder, StreamHeader
 from vmferry.stream.format import checksum
 from vmferry.stream.records import EndOfStream
@@ -28,7 +29,7 @@ def without_end(records: list) -> list:
 @pytest.mark.parametrize("chunk", [1, 3, 32, 33, 4096, 1 << 30])
 def test_round_trip_in_any_chunk_size(chunk: int) -> None:
     out = decode(sample_stream(), chunk)
-    assert out[0] == StreamHeader(PAGE, "vmferry 0.1.0", "vmferry-1.0")
+    assert out[0] == StreamHeader(PAGE, f"vmferry {__version__}", "vmferry-1.0")
     assert without_end(out[1:]) == without_end(sample_records())
     assert isinstance(out[-1], EndOfStream) and out[-1].record_count == len(sample_records()) - 1
 

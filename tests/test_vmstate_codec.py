@@ -323,10 +323,10 @@ class ThreeEmpties(VMState):
 
 
 def test_generic_bound_counts_an_empty_array_as_zero_bytes():
-    # Regression: the generic decoder's "can N elements fit?" check took a zero-length array
-    # for one element and refused a valid payload.
-    from vmferry.vmstate.generic import decode_with_description
+    # Regression: the description-driven decoder's "can N elements fit?" check took a
+    # zero-length array for one element and refused a valid payload.
+    from vmferry.stream.sections import decode_section
 
     payload = ThreeEmpties.encode(Section("three", 1, {"items": [{"nothing": []}] * 3, "tail": 7}))
-    decoded = decode_with_description(ThreeEmpties.stream_description(), payload)
-    assert decoded["fields"] == {"items": [{"nothing": []}] * 3, "tail": 7}
+    decoded = decode_section(ThreeEmpties.stream_description(), payload)
+    assert decoded.fields == {"items": [{"nothing": []}] * 3, "tail": 7}

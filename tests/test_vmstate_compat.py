@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-
 from vmferry.cli import main
 from vmferry.vmstate import (
     I16,
@@ -26,7 +24,7 @@ from vmferry.vmstate import (
     registry,
 )
 from vmferry.vmstate import compat as c
-from vmferry.vmstate.describe import json_differences, schema_problems, write_schema
+from vmferry.vmstate.describe import dumps, json_differences, schema_problems, write_schema
 from vmferry.vmstate.testdev import register_testdev
 
 
@@ -177,36 +175,41 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "cannot read description" in capsys.readouterr().err
 
 
-@pytest.fixture
-def testdev_machines():
-    register_testdev(registry.default)
-    yield
-    registry.unregister("testdev-1")
-    registry.unregister("testdev-2")
-
-
-def test_describe_prints_sorted_stable_json(testdev_machines, capsys):
-    assert main(["describe", "-M", "testdev-2"]) == 0
+def test_describe_prints_sorted_stable_json(capsys):
+    assert main(["describe", "-M", "vmferry-0.1"]) == 0
     first = capsys.readouterr().out
-    assert main(["describe", "-M", "testdev-2"]) == 0
+    assert main(["describe"]) == 0  # the newest is the default
     assert capsys.readouterr().out == first
     described = json.loads(first)
     assert list(described) == sorted(described)
+    assert described["serial"]["fields"][0] == {
+        "field": "ier", "field_exists": False, "size": 1, "type": "u8", "version_id": 0}
+
+
+def test_a_load_only_section_is_described_as_such():
+    reg = registry.Registry()
+    register_testdev(reg)
+    described = json.loads(dumps(reg.describe("testdev-2")))
     assert described["testdev"]["load_only"] is True
     assert described["testdev-front"]["fields"][0] == {
         "field": "a", "field_exists": False, "size": 4, "type": "u32", "version_id": 0}
+
+
+def test_describe_names_an_unknown_machine_type(capsys):
     assert main(["describe", "-M", "nonesuch"]) == 1
     assert "unknown machine type 'nonesuch'" in capsys.readouterr().err
 
 
-def test_schema_helper_flags_a_changed_release(testdev_machines, tmp_path):
+def test_schema_helper_flags_a_changed_release(tmp_path):
+    reg = registry.Registry()
+    register_testdev(reg)
     schema = tmp_path / "testdev-1.json"
-    write_schema("testdev-1", schema)
-    assert schema_problems("testdev-1", schema, newest="testdev-2") == []
+    write_schema("testdev-1", schema, reg)
+    assert schema_problems("testdev-1", schema, reg, newest="testdev-2") == []
     frozen = json.loads(schema.read_text())
     frozen["testdev"]["fields"][1]["size"] = 4  # as if the release had a u32 where code has u16
     schema.write_text(json.dumps(frozen))
-    problems = schema_problems("testdev-1", schema, newest="testdev-2")
+    problems = schema_problems("testdev-1", schema, reg, newest="testdev-2")
     assert "testdev-1: $.testdev.fields[1].size: 4 -> 2" in problems
     assert any("field-resized" in p for p in problems)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from vmferry.errors import StateLoadError
+from vmferry.stream.sections import decode_section
 from vmferry.vmstate import registry, testdev
-from vmferry.vmstate.generic import decode_with_description
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAYLOAD = (FIXTURES / "testdev-v1.bin").read_bytes()
@@ -59,5 +59,5 @@ def test_the_retired_declaration_still_produces_the_fixture():
 
 
 def test_the_fixture_reads_without_classes():
-    assert decode_with_description(DESCRIPTION, PAYLOAD)["fields"] == {
-        "a": 0xDEADBEEF, "b": 0x1234, "c": [1, 2, 3, 4], "d": b"vmferry!".hex()}
+    assert decode_section(DESCRIPTION, PAYLOAD).fields == {
+        "a": 0xDEADBEEF, "b": 0x1234, "c": [1, 2, 3, 4], "d": b"vmferry!"}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,31 +41,33 @@ class VmProcess:
                                      env={**os.environ, "PYTHONPATH": path, **(env or {})},
                                      pass_fds=pass_fds)
         self.qmp: QEMUMonitorProtocol | None = None
-        deadline = time.monotonic() + 30
+        # Generous: starting Python, numpy and the VMM takes seconds on a loaded 2-core machine.
+        deadline = time.monotonic() + 60
         while not self.qmp_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"{name}: no QMP socket (exit {self.proc.poll()}): {self.log()}")
+                raise RuntimeError(f"{name}: no QMP socket in 60 s (exit {self.proc.poll()}): {self.log()}")
             time.sleep(0.02)
         if connect:
             self.qmp = self._connect(deadline)
+            self.qmp.settimeout(60)
 
     def _connect(self, deadline: float) -> QEMUMonitorProtocol:
-        """The socket file appears at bind(), before listen(): a connection refused then means
-        "not yet" (seen on a loaded machine), so try again until the deadline."""
+        # The socket file appears at bind(), an instant before listen(): a busy machine can run
+        # the test in between, and that connect is refused. Retry until the process is ready.
         while True:
             qmp = QEMUMonitorProtocol(str(self.qmp_path))
             try:
                 qmp.connect(negotiate=True)
-            except Exception:  # qemu.qmp wraps ConnectionRefusedError in its ConnectError
-                qmp.close()
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                return qmp
+            except ConnectError as e:
+                with contextlib.suppress(Exception):
+                    qmp.close()
+                if (not isinstance(e.exc, ConnectionRefusedError) or self.proc.poll() is not None
+                        or time.monotonic() > deadline):
                     self.close()
                     raise
-                time.sleep(0.05)
-                continue
-            qmp.settimeout(60)
-            return qmp
+            time.sleep(0.05)
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a command; return its value or raise AssertionError with the QMP error."""

@@ -21,7 +21,7 @@ HANDLERS = {
     "migrate": "vmferry.drive:main_migrate",
     "demo": "vmferry.demo:main",
     "analyze": "vmferry.stream.analyze:main",
-    "describe": "vmferry.vmstate.describe:main_describe",
+    "describe": "vmferry.machine.machine_type:main_describe",
     "check-compat": "vmferry.vmstate.compat:main_check_compat",
 }
 
@@ -31,7 +31,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--memory", default="128M", help="guest RAM size, e.g. 512M, 4G (default 128M)")
     p.add_argument("--smp", type=int, default=1, help="number of vCPUs")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--guest", help="a bundled guest image: heartbeat or dirty")
+    src.add_argument("--guest", help="a bundled guest image: heartbeat, dirty or disk")
     src.add_argument("--kernel", help="path of a multiboot v1 ELF image")
     p.add_argument("--append", default="", help="guest command line")
     p.add_argument("-M", "--machine", default=None, help="machine type (default: the newest)")
@@ -39,10 +39,21 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--serial", default="stdio", help="COM1 backend: stdio, file:PATH, unix:PATH, null (default stdio)"
     )
     p.add_argument(
-        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT",
-        help="QMP server (repeatable)",
+        "--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT[,allow-remote=on]",
+        help="QMP server (repeatable); unix sockets are owner-only, TCP is loopback-only unless "
+             "allow-remote=on: QMP has no authentication",
+    )
+    p.add_argument(
+        "--drive", action="append", default=[], metavar="file=PATH,format=raw,id=ID[,readonly=on]",
+        help="a virtio-blk disk on a raw image file (repeatable; docs/disks.md)",
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
+    p.add_argument(
+        "--object", action="append", default=[], metavar="TYPE,id=ID[,PROP=VALUE...]",
+        help="create an object as QMP object-add does (repeatable), e.g. "
+             "tls-creds-x509,id=tls0,dir=/etc/pki/vmferry,endpoint=server or "
+             "authz-simple,id=auth0,identity=CN=src.example.com,,O=Example (',,' is a comma)",
+    )
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
 
 
@@ -81,8 +92,15 @@ def _add_check_compat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-compat", help="list changes that would break migration between two descriptions"
     )
-    p.add_argument("old", help="description JSON of the source side")
-    p.add_argument("new", help="description JSON of the destination side")
+    p.add_argument("old", help="the source side: a description JSON file, or build:MACHINE for this "
+                               "build's machine type MACHINE")
+    p.add_argument("new", help="the destination side, as OLD")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also run generated device states through both sides' code (vmstate/dynamic.py)")
+    p.add_argument("--both-directions", action="store_true",
+                   help="check NEW -> OLD (backward migration) as well as OLD -> NEW")
+    p.add_argument("--examples", type=int, default=64, help="generated states per section (--dynamic)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the generated states (--dynamic)")
 
 
 def build_parser() -> argparse.ArgumentParser:

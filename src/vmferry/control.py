@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from vmferry.errors import MigrationError, QmpError
+from vmferry.errors import MigrationError, QmpError, TransportError
 from vmferry.guests.verify import verify_dirty
 from vmferry.machine.machine import Machine
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
+from vmferry.monitor.objects import ObjectRegistry, TlsSetup, migration_tls
+from vmferry.stream.format import MAGIC as STREAM_MAGIC
 from vmferry.transport.channel import Channel
-from vmferry.transport.connect import connect_outgoing, listen_incoming
-from vmferry.transport.uri import parse_uri
+from vmferry.transport.connect import Listener, connect_outgoing, listen_incoming
+from vmferry.transport.tls import HANDSHAKE_TIMEOUT_S, tls_accept, tls_connect
+from vmferry.transport.uri import TcpUri, parse_uri
 
 log = logging.getLogger("vmferry.control")
 # How long `migrate` waits for the channel before replying (see VmControl.migrate).
 CONNECT_WAIT_S = 0.5
+# How long a TLS destination reads a plain-text source's bytes after telling it why it is refused.
+PLAIN_DRAIN_S = 2.0
 S = MigrationStatus
 EmitEvent = Callable[[str, dict | None], None]
 
@@ -56,6 +64,7 @@ class VmControl:
         self._device_loader = device_loader
         self.migration_parameters = MigrationParameters()
         self.migration_capabilities = MigrationCapabilities()
+        self.objects = ObjectRegistry()
         self.emit: EmitEvent = lambda name, data=None: None
         self.quit_requested = threading.Event()
         self.inmigrate = incoming
@@ -129,6 +138,12 @@ class VmControl:
         self.emit("POWERDOWN", None)
         self.machine.power_off(0)
 
+    def query_block(self) -> list[dict]:
+        return [d.query_block() for d in self.machine.block_devices]
+
+    def query_blockstats(self) -> list[dict]:
+        return [d.query_blockstats() for d in self.machine.block_devices]
+
     def query_cpus_fast(self) -> list[dict]:
         return [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(self.machine.vcpu_thread_ids())]
 
@@ -143,13 +158,19 @@ class VmControl:
                 raise MigrationError("There's a migration process in progress")
             if self.postmigrate and not self.machine.running:
                 raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-            parse_uri(uri)  # a malformed URI is an error reply
-            channel = _connect_in_background(uri)
+            if self.machine.block_devices:
+                names = ", ".join(d.drive_id for d in self.machine.block_devices)
+                raise MigrationError(f"a VM with drives cannot migrate yet (drives: {names})")
+            parsed = parse_uri(uri)  # a malformed URI is an error reply
+            tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
+                                uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
+            channel, connected = _connect_in_background(uri, tls)
             # A refused or unreachable peer answers at once: an error reply, as the user
             # expects. A peer that is slow to answer must not hold the monitor: the migration
-            # thread waits for it and reports a failure as `failed`.
+            # thread waits for it and reports a failure as `failed`. The TLS handshake is not
+            # waited for here: its failures always end as `failed`, with the reason.
             with contextlib.suppress(FutureTimeout):
-                channel.result(timeout=CONNECT_WAIT_S)
+                connected.result(timeout=CONNECT_WAIT_S)
             saver = self._device_saver(self.machine)
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
@@ -164,7 +185,7 @@ class VmControl:
                 raise QmpError("'-incoming' was not specified on the command line")
             if self.incoming is not None:
                 raise QmpError("The incoming migration has already been started")
-            listener = listen_incoming(uri)
+            listener = _TlsListener(listen_incoming(uri), self._incoming_tls)
             self._state = MigrationState(self._on_migration_status)
             self.incoming = IncomingMigration(
                 self.machine, self._device_loader(self.machine), listener, self._state, self._loaded
@@ -172,6 +193,10 @@ class VmControl:
             self.incoming.start()
             self.listen_address = str(listener.address)
             log.info("waiting for an incoming migration on %s", self.listen_address)
+
+    def _incoming_tls(self) -> TlsSetup | None:
+        # As QEMU: tls-creds are read when the stream arrives (they may be set after -incoming).
+        return migration_tls(self.migration_parameters, self.objects, endpoint="server")
 
     def _loaded(self) -> None:
         """Incoming stream fully verified and applied: start the guest unless -S / stop."""
@@ -221,6 +246,90 @@ class VmControl:
                 mig.join(5.0)
 
 
+class _TlsListener(Listener):
+    """The destination's listener as the migration sees it: when the TLS parameters ask for
+    encryption, each accepted connection must complete the TLS handshake (and pass tls-authz)
+    before it is handed over. A connection that fails is logged with its reason and closed, and
+    the destination goes back to waiting, as QEMU's does; cancel (close) ends a handshake under
+    way. Parameters that are wrong (tls-creds naming nothing) refuse the migration itself."""
+
+    def __init__(self, inner: Listener, tls: Callable[[], TlsSetup | None]) -> None:
+        self._inner = inner
+        self._tls = tls
+        self.address = inner.address
+        self._handshaking: Channel | None = None
+        self._closed = False
+
+    def accept(self, timeout_s: float | None = None) -> Channel:
+        while True:
+            channel = self._inner.accept(timeout_s)
+            try:
+                setup = self._tls()
+            except BaseException:
+                channel.close()
+                raise
+            if setup is None:
+                return channel
+            self._handshaking = channel
+            if self._closed:  # cancelled while we were accepting
+                channel.shutdown()
+            if _sends_plain_stream(channel):
+                reason = (f"the destination requires TLS (tls-creds '{setup.creds.id}'); this "
+                          f"connection is plain text")
+                _refuse_plain_stream(channel, reason)
+                self._handshaking = None
+                log.warning("incoming migration connection refused: %s; still waiting on %s",
+                            reason, self.address)
+                continue
+            try:
+                return tls_accept(channel, setup.context, setup.authorize)
+            except TransportError as e:
+                if self._closed:
+                    raise TransportError(f"listener on {self.address} was closed") from e
+                log.warning("incoming migration connection refused: %s; still waiting on %s",
+                            e, self.address)
+            finally:
+                self._handshaking = None
+
+    def close(self) -> None:
+        self._closed = True
+        handshaking = self._handshaking
+        if handshaking is not None:
+            handshaking.shutdown()
+        self._inner.close()
+
+
+def _sends_plain_stream(channel: Channel) -> bool:
+    """Does the peer start a plain-text stream (its magic's first byte) rather than a TLS
+    handshake (0x16)? Peeked, so the handshake still reads everything."""
+    sock = getattr(channel, "socket", None)
+    if sock is None:
+        return False
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        first = sock.recv(1, socket.MSG_PEEK)
+        sock.settimeout(None)
+    except OSError:
+        return False  # the handshake will fail with its own words
+    return first == STREAM_MAGIC[:1]
+
+
+def _refuse_plain_stream(channel: Channel, reason: str) -> None:
+    """Tell a plain-text source why, in its own return-path language, and let it read that: its
+    bytes are drained (bounded) instead of answered with a reset that would hide the reason."""
+    ReturnPathWriter(channel).shut(reason)
+    sock = channel.socket  # type: ignore[attr-defined]
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + PLAIN_DRAIN_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                if not sock.recv(1 << 16):
+                    break
+    channel.close()
+
+
 def _socket_address(uri: str) -> dict:
     """QEMU's SocketAddress shape for a listening URI (query-migrate on a destination)."""
     if uri.startswith("tcp:"):
@@ -231,14 +340,23 @@ def _socket_address(uri: str) -> dict:
     return {"type": "uri", "uri": uri}
 
 
-def _connect_in_background(uri: str) -> Future[Channel]:
+def _connect_in_background(uri: str, tls: TlsSetup | None) -> tuple[Future[Channel], Future[None]]:
+    """(the channel, ready for the stream; the connection alone, done before any TLS handshake)."""
     fut: Future[Channel] = Future()
+    connected: Future[None] = Future()
 
     def connect() -> None:
         try:
-            fut.set_result(connect_outgoing(uri))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            channel = connect_outgoing(uri)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the futures
+            connected.set_exception(e)
+            fut.set_exception(e)
+            return
+        connected.set_result(None)
+        try:
+            fut.set_result(channel if tls is None else tls_connect(channel, tls.context, tls.hostname))
+        except BaseException as e:  # noqa: BLE001 - handed to the migration thread
             fut.set_exception(e)
 
     threading.Thread(target=connect, name="migration-connect", daemon=True).start()
-    return fut
+    return fut, connected

@@ -22,15 +22,20 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from vmferry.block.backend import BlockBackend
+from vmferry.block.options import DriveSpec, parse_drives
+from vmferry.block.raw import open_drive
 from vmferry.control import VmControl
 from vmferry.errors import GuestError, VmferryError
 from vmferry.machine.machine import ExitStatus, Machine
 from vmferry.machine.machine_type import parse_size
 from vmferry.migration.state import MigrationStatus
 from vmferry.monitor.commands import CommandDispatcher
+from vmferry.monitor.objects import create_object, parse_object_option
 from vmferry.monitor.server import QmpServer
 
 log = logging.getLogger("vmferry.vmm")
@@ -54,6 +59,19 @@ def _device_state(machine: Machine):  # noqa: ANN202 - MachineDeviceState, impor
     return MachineDeviceState(machine)
 
 
+def open_drives(specs: Sequence[DriveSpec]) -> list[tuple[str, BlockBackend]]:
+    """Open (and lock) every drive's image, or none: on an error the ones opened are closed."""
+    opened: list[tuple[str, BlockBackend]] = []
+    try:
+        for spec in specs:
+            opened.append((spec.id, open_drive(spec)))
+    except BaseException:
+        for _, backend in opened:
+            backend.close()
+        raise
+    return opened
+
+
 class Vmm:
     """One VM and everything that serves it."""
 
@@ -69,12 +87,17 @@ class Vmm:
         qmp: list[str] | None = None,
         incoming: str | None = None,
         paused: bool = False,
+        objects: list[tuple[str, object]] | None = None,
+        drives: Sequence[DriveSpec] = (),
     ) -> None:
         self.servers: list[QmpServer] = []
-        self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event)
+        self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event,
+                               drives=open_drives(drives))
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
         self.control.emit = self._emit
+        for obj_id, obj in objects or ():
+            self.control.objects.add(obj_id, obj)
         self.incoming = incoming
         self.paused = paused
         try:
@@ -134,6 +157,9 @@ def main(args: argparse.Namespace) -> int:
         raise VmferryError("-S/--paused needs --qmp: without a monitor nothing could ever send 'cont'")
     if args.incoming == "defer" and not args.qmp:
         raise VmferryError("--incoming defer needs --qmp to receive 'migrate-incoming'")
+    drives = parse_drives(args.drive)
+    if drives and args.incoming:
+        raise VmferryError("--drive with --incoming: a VM with disks cannot migrate yet")
     if args.guest:
         kernel: Path | None = guest_image(args.guest)
     elif args.kernel:
@@ -142,6 +168,11 @@ def main(args: argparse.Namespace) -> int:
         kernel = None
     else:
         raise VmferryError("nothing to run: give --guest NAME, --kernel PATH or --incoming URI")
+    # --object: built (files read, certificates checked) before anything else starts.
+    objects = []
+    for text in args.object:
+        qom_type, obj_id, props = parse_object_option(text)
+        objects.append((obj_id, create_object(qom_type, obj_id, props)))
     logging.basicConfig(level=logging.WARNING, format="vmferry: %(name)s: %(message)s")
     # SIGTERM stops the VM the way Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -157,6 +188,8 @@ def main(args: argparse.Namespace) -> int:
             qmp=args.qmp,
             incoming=args.incoming,
             paused=args.paused,
+            objects=objects,
+            drives=drives,
         )
         status = vmm.run()
     except KeyboardInterrupt:

@@ -1,8 +1,6 @@
 """vmferry.devices: one module per device, its behaviour and its state description side by side.
 
-Importing the package imports every device module, and each registers its VMState sections with
-`vmferry.vmstate.registry` for the machine types that carry them; that is what
-`registry.load_device_registrations()` relies on.
+A device class names its section (`vmstate = ...`) and builds and wires itself with
+`create(machine, properties)`; which devices a machine has, with which properties and at which
+section version, is the machine type's table (`vmferry.machine.machine_type`).
 """
-
-from vmferry.devices import cpu, debug_exit, irqchip, pit, serial  # noqa: F401 - registration

@@ -17,7 +17,7 @@ from vmferry.devices import kstruct
 from vmferry.errors import StateLoadError
 from vmferry.kvm import structs as s
 from vmferry.kvm.vcpu import Vcpu
-from vmferry.vmstate import U8, U16, U32, U64, Array, Bytes, List, Struct, VMState, registry
+from vmferry.vmstate import U8, U16, U32, U64, Array, Bytes, List, Struct, VMState
 
 # Restore order. Each name is a Vcpu get_<name>/set_<name> pair.
 VCPU_STATE_ORDER = (
@@ -353,6 +353,3 @@ class VcpuDevice:
                     f"MSR {msr['index']:#x} is not one this host's KVM saves and restores",
                     section=CpuState.name, field=f"msrs[{i}].index",
                 )
-
-
-registry.register("vmferry-0.1", CpuState, version=1)

@@ -8,11 +8,11 @@ Under QEMU (`-device isa-debug-exit,iobase=0xf4,iosize=0x04`) the *process* exit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vmferry.errors import StateLoadError
-from vmferry.vmstate import U16, VMState, registry
+from vmferry.vmstate import U16, VMState
 
 DEBUG_EXIT_PORT = 0xF4
 DEBUG_EXIT_IOSIZE = 4
@@ -47,6 +47,12 @@ class DebugExit:
     iobase = DEBUG_EXIT_PORT
     iosize = DEBUG_EXIT_IOSIZE
 
+    @classmethod
+    def create(cls, machine: Any, properties: Mapping[str, Any]) -> DebugExit:
+        dev = cls(machine.power_off)
+        machine.pio_bus.register(cls.iobase, cls.iosize, dev)
+        return dev
+
     def __init__(self, power_off: Callable[[int], None]) -> None:
         # power_off(status) is the machine's: it stops every vCPU and records the status.
         self._power_off = power_off
@@ -62,6 +68,3 @@ class DebugExit:
 
     def set_state(self, state: dict) -> None:
         pass
-
-
-registry.register("vmferry-0.1", DebugExitState, version=1)

@@ -7,12 +7,13 @@ per vCPU (saved with the vCPU, see devices/cpu.py). Created at machine build, be
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from vmferry.devices import kstruct
 from vmferry.kvm import structs as s
 from vmferry.kvm.vm import Vm
-from vmferry.vmstate import U8, U32, U64, Array, Struct, VMState, registry
+from vmferry.vmstate import U8, U32, U64, Array, Struct, VMState
 
 CHIPS = {
     "pic-master": s.KVM_IRQCHIP_PIC_MASTER,
@@ -93,6 +94,10 @@ def _chip_bytes(state: type[VMState], member: str, values: dict[str, Any]) -> by
 class InKernelIrqchip:
     vmstate = IrqchipState
 
+    @classmethod
+    def create(cls, machine: Any, properties: Mapping[str, Any]) -> InKernelIrqchip:
+        return cls(machine.vm)
+
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         vm.create_irqchip()
@@ -110,6 +115,3 @@ class InKernelIrqchip:
             chip = s.KvmIrqchip.from_buffer_copy(state[name])
             chip.chip_id = chip_id
             self.vm.set_irqchip(chip)
-
-
-registry.register("vmferry-0.1", IrqchipState, version=1)

@@ -3,12 +3,13 @@ state description: sections "pit" and "clock"."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from vmferry.devices import kstruct
 from vmferry.kvm import structs as s
 from vmferry.kvm.vm import Vm
-from vmferry.vmstate import I64, U8, U16, U32, U64, Array, Struct, VMState, registry
+from vmferry.vmstate import I64, U8, U16, U32, U64, Array, Struct, VMState
 
 PIT_CHANNELS = 3
 
@@ -56,6 +57,10 @@ class InKernelPit:
 
     vmstate = PitState
 
+    @classmethod
+    def create(cls, machine: Any, properties: Mapping[str, Any]) -> InKernelPit:
+        return cls(machine.vm)
+
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         vm.create_pit2()
@@ -102,6 +107,10 @@ class KvmClock:
 
     vmstate = ClockState
 
+    @classmethod
+    def create(cls, machine: Any, properties: Mapping[str, Any]) -> KvmClock:
+        return cls(machine.vm)
+
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
 
@@ -111,7 +120,3 @@ class KvmClock:
 
     def set_state(self, state: bytes) -> None:
         self.vm.set_clock(s.KvmClockData.from_buffer_copy(state))
-
-
-registry.register("vmferry-0.1", PitState, version=1)
-registry.register("vmferry-0.1", ClockState, version=1)

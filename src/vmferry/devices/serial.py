@@ -6,6 +6,11 @@ Transmission is instantaneous: THR is always empty (LSR.THRE|TEMT set), so a gue
 follows IIR: raised while an enabled interrupt is pending, lowered otherwise, through KVM_IRQ_LINE
 (only on level changes). Handlers run on vCPU threads, input arrives on a backend thread: one lock.
 
+The backend thread is the device's own: `quiesce()` (the machine calls it when it pauses) makes
+`receive()` wait until `unquiesce()`, so a paused machine's UART does not change — input stays
+in the backend (a socket's buffer) meanwhile. `state_lock()` is held by the vmstate layer across
+a whole capture (registers, `needed()`, the FIFO), so section and subsection agree.
+
 Registers and the FIFO are plain attributes; `get_state()/set_state()` expose all of them, and
 the section "serial" (`SerialState`, with the pending input in its subsection "serial/fifo")
 describes them for migration.
@@ -13,13 +18,14 @@ describes them for migration.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vmferry.devices.chardev import Chardev
-from vmferry.vmstate import U8, VarBytes, VMState, registry
+from vmferry.vmstate import U8, VarBytes, VMState
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -42,7 +48,7 @@ class SerialFifo(VMState):
 
     @classmethod
     def needed(cls, obj: Any) -> bool:
-        return len(obj.rx_fifo) > 0
+        return bool(obj.properties["migrate-rx-fifo"]) and len(obj.rx_fifo) > 0
 
     @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:
@@ -83,12 +89,33 @@ class SerialState(VMState):
 
 
 class Serial16550:
-    vmstate = SerialState
+    """Properties (from the machine type): "iobase" and "irq" (where it is wired) and
+    "migrate-rx-fifo" (whether pending input travels in the "serial/fifo" subsection)."""
 
-    def __init__(self, backend: Chardev, set_irq: Callable[[int], None] | None = None) -> None:
+    vmstate = SerialState
+    default_properties: Mapping[str, Any] = {"iobase": COM1_PORT, "irq": COM1_IRQ, "migrate-rx-fifo": True}
+
+    @classmethod
+    def create(cls, machine: Any, properties: Mapping[str, Any]) -> Serial16550:
+        dev = cls(machine.chardev, None, properties)
+        irq = dev.properties["irq"]
+        dev._set_irq = lambda level: machine.set_isa_irq(irq, level)
+        machine.pio_bus.register(dev.properties["iobase"], 8, dev)
+        return dev
+
+    def __init__(self, backend: Chardev, set_irq: Callable[[int], None] | None = None,
+                 properties: Mapping[str, Any] | None = None) -> None:
+        unknown = set(properties or {}) - set(self.default_properties)
+        if unknown:
+            raise ValueError(f"serial: unknown properties {sorted(unknown)}")
+        self.properties = {**self.default_properties, **(properties or {})}
         self.backend = backend
         self._set_irq = set_irq
-        self._lock = threading.Lock()
+        # Re-entrant: a capture holds it across get_state() calls (state_lock()).
+        self._lock = threading.RLock()
+        self._input_allowed = threading.Condition(self._lock)
+        self._quiesced = False
+        self._closed = False
         self.ier = 0
         self.fcr = 0
         self.lcr = 0
@@ -194,10 +221,36 @@ class Serial16550:
         self.rx_fifo.extend(data[: max(room, 0)])
 
     def receive(self, data: bytes) -> None:
-        """Bytes from the backend, for the guest to read from RBR."""
+        """Bytes from the backend, for the guest to read from RBR. Waits while quiesced."""
         with self._lock:
+            while self._quiesced and not self._closed:
+                self._input_allowed.wait()
+            if self._closed:
+                return
             self._push(data)
             self._update_irq()
+
+    # --- the machine's pause hook ---
+
+    def quiesce(self) -> None:
+        """Hold input until unquiesce(). Returns once no receive() is under way."""
+        with self._lock:
+            self._quiesced = True
+
+    def unquiesce(self) -> None:
+        with self._lock:
+            self._quiesced = False
+            self._input_allowed.notify_all()
+
+    def close(self) -> None:
+        """No more input: a receive() waiting on a quiesce returns (its bytes are dropped)."""
+        with self._lock:
+            self._closed = True
+            self._input_allowed.notify_all()
+
+    def state_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Held across one capture or one load of the whole section (see vmstate.snapshot)."""
+        return self._lock
 
     # --- migration ---
 
@@ -234,4 +287,3 @@ class Serial16550:
             self._update_irq()
 
 
-registry.register("vmferry-0.1", SerialState, version=1)

@@ -1,8 +1,9 @@
 """`MachineDeviceState`: a Machine's device state as migration moves it — the saver on the source
 and the loader on the destination (the protocols of vmferry.migration.device_state).
 
-Sections, in the one order used for ids, saving and applying (KVM-FACTS.md, "State that must
-move": the vCPUs, then the irqchip, the PIT, and the clock last of the kernel state):
+Sections, in the one order used for ids, saving and applying — the machine type's table
+(`DeviceSpec.order`; KVM-FACTS.md, "State that must move": the vCPUs, then the irqchip, the
+PIT, and the clock last of the kernel state). For vmferry-0.1:
 
     id 1..n    "cpu"         instance = vCPU index          devices/cpu.py
     n+1        "irqchip"     PIC master, PIC slave, IOAPIC  devices/irqchip.py
@@ -12,9 +13,8 @@ move": the vCPUs, then the irqchip, the PIT, and the clock last of the kernel st
     n+5        "debug-exit"                                 devices/debug_exit.py
 
 Each device object names its own description (`vmstate = SerialState`); the machine type's
-registry entry gives the version it is sent at. A device of the machine without a description,
-or one its machine type does not register, is an error at construction: state never silently
-stays behind.
+table gives the version it is sent at. A device of the machine that is not in its machine type's
+table, or has no description, is an error at construction: state never silently stays behind.
 
 The destination is all-or-nothing: `stage` decodes and validates each section against the
 *stream's* description (so an older stream version loads) and keeps the decoded values;
@@ -27,16 +27,12 @@ import dataclasses
 import logging
 from typing import Any
 
-from vmferry.devices.cpu import VcpuDevice
 from vmferry.errors import KvmError, StateLoadError, VmferryError
 from vmferry.stream.records import Description, SectionInfo
-from vmferry.vmstate import Section, VMState, registry
+from vmferry.vmstate import Section, VMState
 from vmferry.vmstate.description import layout_mismatch
 
 log = logging.getLogger("vmferry.migration")
-
-# Apply order by section name; sections of other names follow, by name.
-APPLY_ORDER = ("cpu", "irqchip", "pit", "clock", "serial", "debug-exit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +51,12 @@ class MachineDeviceState:
     """Both sides of device-state migration for one Machine (DeviceStateSaver and
     DeviceStateLoader). Call `save` with the vCPUs paused, and `apply` before they start."""
 
-    def __init__(self, machine: Any, reg: registry.Registry = registry.default) -> None:
-        registry.load_device_registrations()
+    def __init__(self, machine: Any) -> None:
         self.machine = machine
         self.machine_type = machine.machine_type.name
-        self._reg = reg
-        self._slots = _slots(machine, self.machine_type, reg)
+        self._slots = _slots(machine)
         self._by_key = {(s.name, s.instance): s for s in self._slots}
+        self._classes = {s.name: s.cls for s in self._slots}
         self._incoming: dict[int, SectionInfo] = {}  # section id -> the stream's entry
         self._staged: dict[tuple[str, int], Section] = {}
         self._applied = False
@@ -91,16 +86,13 @@ class MachineDeviceState:
         for info in description.sections:
             if info.id in self._incoming:
                 raise StateLoadError(f"section id {info.id} is described twice", section=info.name)
-            entry = self._reg.lookup(self.machine_type, info.name)
-            if entry is None or entry.load_only:
-                # load_only sections (a device since split) need a machine type that routes them;
-                # none does yet, so they are refused like any unknown state.
+            cls = self._classes.get(info.name)
+            if cls is None:
                 raise StateLoadError(
                     f"unknown section: machine type '{self.machine_type}' has no such device state"
                     f" (it has {', '.join(sorted({s.name for s in self._slots}))})",
                     section=info.name,
                 )
-            cls = entry.cls
             if not cls.minimum_version <= info.version <= cls.version:
                 raise StateLoadError(
                     f"the stream has version {info.version}; this build reads versions "
@@ -166,26 +158,29 @@ class MachineDeviceState:
         return {"machine_type": self.machine_type, "sections": sections, "applied": self._applied}
 
 
-def _slots(machine: Any, machine_type: str, reg: registry.Registry) -> list[_Slot]:
-    targets: list[Any] = [VcpuDevice(v, machine.msr_indices) for v in machine.vcpus]
-    targets += list(machine.devices.values())
-    found: list[tuple[str, int, type[VMState], Any]] = []
+def _slots(machine: Any) -> list[_Slot]:
+    """One slot per section instance, in the table's apply order (instances of one section in
+    vCPU index / device order)."""
+    mt = machine.machine_type
+    found: list[tuple[int, str, int, Any, Any]] = []  # (order, name, instance, spec, target)
+    for spec in mt.devices:
+        if spec.per_vcpu:
+            targets = [spec.device(v, machine.msr_indices) for v in machine.vcpus]
+        else:
+            targets = [machine.devices[spec.id]]
+        for target in targets:
+            found.append((spec.order, spec.section.name, 0, spec, target))
+    unlisted = set(machine.devices) - {spec.id for spec in mt.devices}
+    if unlisted:
+        raise VmferryError(f"machine type '{mt.name}' has no table entry for device(s) {sorted(unlisted)}")
     counts: dict[str, int] = {}
-    for key, target in zip(["vcpu"] * len(machine.vcpus) + list(machine.devices), targets, strict=True):
-        cls = getattr(target, "vmstate", None)
-        if cls is None:
-            raise VmferryError(f"device '{key}' ({type(target).__name__}) has no state description")
-        instance = counts.get(cls.name, 0)
-        counts[cls.name] = instance + 1
-        found.append((cls.name, instance, cls, target))
-    rank = {name: i for i, name in enumerate(APPLY_ORDER)}
-    # sorted() is stable: instances of one name keep their order (vCPU index, device order).
-    found.sort(key=lambda f: (rank.get(f[0], len(rank)), "" if f[0] in rank else f[0]))
     slots = []
-    for i, (name, instance, cls, target) in enumerate(found, start=1):
-        entry = reg.lookup(machine_type, name)
-        if entry is None or entry.cls is not cls or entry.load_only:
-            raise VmferryError(f"machine type '{machine_type}' does not register section '{name}'"
-                               f" ({cls.__name__})")
-        slots.append(_Slot(i, name, instance, cls, entry.version, target))
+    # sorted() is stable: instances of one section keep their order (vCPU index, device order).
+    for i, (_, name, _, spec, target) in enumerate(sorted(found, key=lambda f: f[0]), start=1):
+        cls = getattr(target, "vmstate", None)
+        if cls is not spec.section:
+            raise VmferryError(f"device '{spec.id}' ({type(target).__name__}) has no state description")
+        instance = counts.get(name, 0)
+        counts[name] = instance + 1
+        slots.append(_Slot(i, name, instance, cls, spec.version, target))
     return slots

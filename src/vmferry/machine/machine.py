@@ -1,10 +1,16 @@
-"""`Machine`: assembles a VM from a MachineType — RAM blocks, vCPUs and their threads, devices on
-the port-I/O and MMIO buses — and runs, pauses, resumes and stops it.
+"""`Machine`: assembles a VM from a MachineType — RAM blocks, vCPUs and their threads, and the
+devices its table names (each built by its class's `create(machine, properties)`, wiring itself
+on the port-I/O or MMIO bus) — and runs, pauses, resumes and stops it.
 
 Lifecycle: built (vCPUs not running) -> start() -> running <-> paused (pause()/resume()) ->
 finished (guest powered off through the debug-exit port, halted for good, crashed, or
 shutdown() was called). `wait()` returns the `ExitStatus`. A migration destination builds a
 Machine without a kernel, fills RAM and state, then calls start().
+
+Pausing parks every vCPU, then quiesces every device that has a thread of its own (a device
+with `quiesce()`/`unquiesce()`: the serial input thread today): once pause() returns, nothing
+changes device state until resume(), so the device phase of a migration captures a still
+machine. resume() un-quiesces the devices, then lets the vCPUs run.
 
 `on_event(name, data)` is called on state changes: "STOP", "RESUME", "SHUTDOWN" (data has the
 exit status), from whichever thread caused them; the monitor turns them into QMP events.
@@ -15,15 +21,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmferry.block.backend import BlockBackend
 from vmferry.devices.chardev import Chardev, open_chardev
-from vmferry.devices.debug_exit import DEBUG_EXIT_IOSIZE, DEBUG_EXIT_PORT, DebugExit
-from vmferry.devices.irqchip import InKernelIrqchip
-from vmferry.devices.pit import InKernelPit, KvmClock
-from vmferry.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
+from vmferry.devices.virtio_blk import VirtioBlk
+from vmferry.devices.virtio_mmio import MMIO_STRIDE
 from vmferry.errors import GuestError, VmferryError
 from vmferry.kvm.ioctls import Cap
 from vmferry.kvm.system import Kvm
@@ -63,7 +68,23 @@ class Machine:
         serial: str | Chardev = "null",
         kvm: Kvm | None = None,
         on_event: EventCallback | None = None,
+        drives: Sequence[tuple[str, BlockBackend]] = (),
     ) -> None:
+        """`drives`: (id, opened backend) pairs; the machine owns the backends from here on and
+        closes them in close() (also when construction fails)."""
+        self.block_devices: list[VirtioBlk] = []
+        try:
+            self._build(machine_type, memory, smp, serial, kvm, on_event, drives)
+        except BaseException:
+            for dev in self.block_devices:
+                dev.close()
+            for _, backend in drives[len(self.block_devices):]:
+                backend.close()
+            raise
+
+    def _build(self, machine_type: MachineType | str | None, memory: int, smp: int,
+               serial: str | Chardev, kvm: Kvm | None, on_event: EventCallback | None,
+               drives: Sequence[tuple[str, BlockBackend]]) -> None:
         install_kick_handler()
         self.machine_type = machine_type if isinstance(machine_type, MachineType) else get_machine_type(
             machine_type
@@ -87,12 +108,12 @@ class Machine:
         self.vm.set_identity_map_addr()
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
+        self.chardev = serial if isinstance(serial, Chardev) else open_chardev(serial)
+        # Built in table order: the irqchip comes first, so the PIT and each vCPU's LAPIC find it.
         self.devices: dict[str, object] = {}
-        # The irqchip and PIT must exist before the vCPUs (each vCPU gets its LAPIC then).
-        self.irqchip = InKernelIrqchip(self.vm)
-        self.devices["irqchip"] = self.irqchip
-        self.devices["pit"] = InKernelPit(self.vm)
-        self.devices["clock"] = KvmClock(self.vm)
+        for spec in self.machine_type.devices:
+            if not spec.per_vcpu:
+                self.devices[spec.id] = spec.device.create(self, spec.properties)
 
         self.ram_blocks: list[RamBlock] = []
         self.system_ram: list[tuple[int, int]] = []
@@ -108,20 +129,39 @@ class Machine:
             vcpu.set_cpuid2(_with_apic_id(cpuid, i))
             self.vcpus.append(vcpu)
 
-        self.chardev = serial if isinstance(serial, Chardev) else open_chardev(serial)
-        self.serial = Serial16550(self.chardev, lambda level: self.irqchip.set_irq(COM1_IRQ, level))
-        self.pio_bus.register(COM1_PORT, 8, self.serial)
-        self.devices["serial0"] = self.serial
-        debug_exit = DebugExit(self.power_off)
-        self.pio_bus.register(DEBUG_EXIT_PORT, DEBUG_EXIT_IOSIZE, debug_exit)
-        self.devices["debug-exit"] = debug_exit
+        self._add_drives(drives)
 
+        # _lock guards the run state and is only ever held briefly (a vCPU thread takes it when
+        # the guest powers off or a vCPU crashes). _transitions serialises start/pause/resume,
+        # which wait for vCPU threads: never while holding _lock, or such a thread would deadlock
+        # the pauser.
         self._lock = threading.RLock()
+        self._transitions = threading.RLock()
+        self._quiesced: list[object] = []
         self._runners: list[VcpuRunner] = []
         self._running = False
         self._done = threading.Event()
         self.exit_status: ExitStatus | None = None
         self._closed = False
+
+    def set_isa_irq(self, irq: int, level: int) -> None:
+        """Drive ISA IRQ line `irq` (what a device's interrupt output is wired to)."""
+        self.devices["irqchip"].set_irq(irq, level)  # type: ignore[attr-defined]
+
+    def _add_drives(self, drives: Sequence[tuple[str, BlockBackend]]) -> None:
+        """One virtio-blk on a virtio-mmio transport per drive, in order (docs/disks.md). Kept
+        out of `devices`: their state is described (VirtioMmioState) but not yet migrated, and
+        migration refuses a machine with drives (VmControl.migrate)."""
+        mt = self.machine_type
+        if len(drives) > mt.virtio_mmio_slots:
+            raise VmferryError(f"{len(drives)} drives: machine type '{mt.name}' has "
+                               f"{mt.virtio_mmio_slots} virtio-mmio slots")
+        for i, (drive_id, backend) in enumerate(drives):
+            gsi = mt.virtio_mmio_irq_base + i
+            dev = VirtioBlk(drive_id, backend, self, lambda level, gsi=gsi: self.set_isa_irq(gsi, level),
+                            qdev=f"/machine/virtio-mmio@{mt.virtio_mmio_base + i * MMIO_STRIDE:x}")
+            self.block_devices.append(dev)
+            self.mmio_bus.register(mt.virtio_mmio_base + i * MMIO_STRIDE, MMIO_STRIDE, dev.transport)
 
     # --- RAM ---
 
@@ -174,16 +214,21 @@ class Machine:
 
     def start(self) -> None:
         """Start the vCPU threads (first call) or resume them."""
-        with self._lock:
-            if self.finished:
-                raise VmferryError("the machine has already stopped for good")
-            if self._runners:
+        with self._transitions:
+            with self._lock:
+                if self.finished:
+                    raise VmferryError("the machine has already stopped for good")
+                if self._runners:
+                    started = False
+                else:
+                    self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
+                    self._running = True
+                    for r in self._runners:
+                        r.start()
+                    started = True
+            if not started:
                 self.resume()
                 return
-            self._runners = [VcpuRunner(v, self._handle_exit, self._crash) for v in self.vcpus]
-            self._running = True
-            for r in self._runners:
-                r.start()
         self._emit("RESUME", {})
 
     def park_vcpus(self) -> None:
@@ -199,29 +244,52 @@ class Machine:
                 r.start()
 
     def pause(self) -> None:
-        """Stop every vCPU; returns when each is out of KVM_RUN and parked. Idempotent; callable
-        from any thread except a vCPU thread."""
-        with self._lock:
-            if not self._running:
-                return
-            for r in self._runners:
-                r.request_pause()
-            for r in self._runners:
+        """Stop every vCPU, then quiesce the devices that own threads; returns when each vCPU is
+        out of KVM_RUN and parked (or gone: crashed or stopped) and no device thread changes
+        state. Idempotent; callable from any thread except a vCPU thread."""
+        with self._transitions:
+            with self._lock:
+                if not self._running:
+                    return
+                runners = list(self._runners)
+                for r in runners:
+                    r.request_pause()
+            # Not under _lock: a vCPU finishing its exit may need it (power-off, a crash).
+            for r in runners:
                 r.wait_parked()
-            self._running = False
+            self._quiesce_devices()
+            with self._lock:
+                self._running = False
         self._emit("STOP", {})
 
     def resume(self) -> None:
-        with self._lock:
-            if self._running or self.finished:
-                return
-            if not self._runners:
+        with self._transitions:
+            with self._lock:
+                if self._running or self.finished:
+                    return
+                fresh = not self._runners
+            if fresh:
                 self.start()
                 return
-            for r in self._runners:
-                r.resume()
-            self._running = True
+            self._unquiesce_devices()
+            with self._lock:
+                if self.finished:
+                    return
+                for r in self._runners:
+                    r.resume()
+                self._running = True
         self._emit("RESUME", {})
+
+    def _quiesce_devices(self) -> None:
+        for dev in self.devices.values():
+            quiesce = getattr(dev, "quiesce", None)
+            if quiesce is not None and dev not in self._quiesced:
+                quiesce()
+                self._quiesced.append(dev)
+
+    def _unquiesce_devices(self) -> None:
+        while self._quiesced:
+            self._quiesced.pop().unquiesce()  # type: ignore[attr-defined]
 
     def power_off(self, code: int) -> None:
         """The guest asked to power off with status `code` (debug-exit)."""
@@ -232,6 +300,8 @@ class Machine:
         self._finish(ExitStatus("shutdown", 0, "shutdown requested"))
         for r in self._runners:
             r.join(timeout=5)
+        with self._transitions:
+            self._unquiesce_devices()  # a device thread blocked by the quiesce may go now
 
     def guest_halted(self, vcpu_id: int) -> None:
         self._finish(ExitStatus("halted", 0, f"vCPU {vcpu_id} halted with interrupts off"))
@@ -276,7 +346,14 @@ class Machine:
             return
         self.shutdown()
         self._closed = True
+        for dev in self.devices.values():
+            close = getattr(dev, "close", None)
+            if close is not None:
+                close()
         self.chardev.close()
+        # Before the RAM goes: a drive's I/O thread writes into it.
+        for dev in self.block_devices:
+            dev.close()
         for v in self.vcpus:
             v.close()
         for b in self.ram_blocks:

@@ -1,18 +1,31 @@
-"""Machine types: named, versioned choices of RAM layout and device versions.
+"""Machine types as data: per named type, its RAM layout and a table of the devices it builds —
+with which properties, which section version each sends, and in which order the destination
+applies them.
 
 A newer vmferry started with `-M vmferry-0.1` must build exactly what 0.1 built and emit device
 state 0.1 can read (DESIGN.md: backward migration at the device level). So every choice that
 shapes the guest-visible machine or its migration stream lives here, keyed by the type's name,
-and a new release adds a new entry instead of changing an old one.
+and a new release adds a new entry instead of changing an old one. `Machine` builds its devices
+from the table, `devices/state.py` takes section versions and the apply order from it, and
+`vmferry describe` prints the sections it names.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
+from vmferry.devices.cpu import VcpuDevice
+from vmferry.devices.debug_exit import DebugExit
+from vmferry.devices.irqchip import InKernelIrqchip
+from vmferry.devices.pit import InKernelPit, KvmClock
+from vmferry.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from vmferry.errors import VmferryError
+from vmferry.vmstate.registry import Registry
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -27,6 +40,33 @@ class RamRegion:
 
 
 @dataclass(frozen=True)
+class DeviceSpec:
+    """One device of a machine type.
+
+    `device` is the device class: its `vmstate` names the section, and `create(machine,
+    properties)` builds and wires it. `version` is the section version this machine type sends
+    (a newer build pins an older one here), `order` the destination's apply order (lower first;
+    KVM-FACTS.md, "State that must move": vCPUs, irqchip, PIT, then the clock). A `per_vcpu`
+    device has one instance per vCPU, built with the vCPUs instead of by `create`."""
+
+    id: str  # the key in Machine.devices
+    device: type
+    version: int
+    order: int
+    properties: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    per_vcpu: bool = False
+
+    @property
+    def section(self) -> Any:
+        """The VMState class of the device's section."""
+        return self.device.vmstate
+
+
+def _props(**values: Any) -> Mapping[str, Any]:
+    return MappingProxyType({k.replace("_", "-"): v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
 class MachineType:
     name: str
     description: str
@@ -36,10 +76,13 @@ class MachineType:
     # A framebuffer-like second block, so nothing may assume guest RAM is one flat range.
     vram_gpa: int = 0xE000_0000
     vram_nbytes: int = 8 * MiB
-    # Device name -> the version of its migration state this machine type emits.
-    device_versions: Mapping[str, int] = field(default_factory=dict)
-    # Free-form compat properties ("device.property" -> value) older types pin.
-    compat: Mapping[str, object] = field(default_factory=dict)
+    # The devices, in build order (the irqchip first: the PIT and each vCPU's LAPIC need it).
+    devices: tuple[DeviceSpec, ...] = ()
+    # virtio-mmio transports (drives): transport i at base + 0x200 * i on GSI irq_base + i,
+    # QEMU microvm's base address; `slots` bounds how many drives a machine takes.
+    virtio_mmio_base: int = 0xFEB0_0000
+    virtio_mmio_irq_base: int = 16
+    virtio_mmio_slots: int = 8
 
     def ram_layout(self, memory: int) -> list[RamRegion]:
         """The RAM blocks of a guest with `memory` bytes: pc.ram at 0 up to low_ram_max,
@@ -57,8 +100,14 @@ class MachineType:
 _V0_1 = MachineType(
     name="vmferry-0.1",
     description="vmferry 0.1 PC: COM1 16550, isa-debug-exit, KVM irqchip + PIT",
-    device_versions=MappingProxyType(
-        {"serial": 1, "debug-exit": 1, "irqchip": 1, "pit": 1, "clock": 1, "cpu": 1}
+    devices=(
+        DeviceSpec("irqchip", InKernelIrqchip, version=1, order=1),
+        DeviceSpec("pit", InKernelPit, version=1, order=2),
+        DeviceSpec("clock", KvmClock, version=1, order=3),
+        DeviceSpec("cpu", VcpuDevice, version=1, order=0, per_vcpu=True),
+        DeviceSpec("serial0", Serial16550, version=1, order=4,
+                   properties=_props(iobase=COM1_PORT, irq=COM1_IRQ, migrate_rx_fifo=True)),
+        DeviceSpec("debug-exit", DebugExit, version=1, order=5),
     ),
 )
 
@@ -75,6 +124,26 @@ def get_machine_type(name: str | None = None) -> MachineType:
     except KeyError:
         known = ", ".join(sorted(MACHINE_TYPES))
         raise VmferryError(f"unknown machine type {name!r} (known: {known})") from None
+
+
+@functools.cache
+def section_registry() -> Registry:
+    """Every machine type's sections, at the versions its table pins (what `vmferry describe`
+    prints and what the committed schemas/ pin)."""
+    reg = Registry()
+    for mt in MACHINE_TYPES.values():
+        for spec in mt.devices:
+            reg.register(mt.name, spec.section, version=spec.version)
+    return reg
+
+
+def main_describe(args: argparse.Namespace) -> int:
+    """`vmferry describe [-M TYPE]`: the machine type's device-state description as JSON."""
+    from vmferry.vmstate.describe import dumps
+
+    reg = section_registry()
+    print(dumps(reg.describe(args.machine or reg.newest())), end="")
+    return 0
 
 
 def parse_size(text: str) -> int:

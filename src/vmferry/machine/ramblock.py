@@ -1,11 +1,11 @@
-"""`RamBlock`: one named range of guest RAM — its host mapping, its KVM memory slot and its dirty
-bitmaps.
+"""`RamBlock`: one named range of guest RAM — its host mapping, its KVM memory slot, and its
+dirty log (a `DirtyLog` of 4 KiB pages).
 
-Dirty tracking has ONE producer and many consumers. The producer is KVM's dirty log for the
-block's slot; each consumer ("migration", a display, a test) owns a bitmap and folds the
-producer in on demand with `sync_dirty()`, which harvests KVM's log once and ORs it into every
-consumer's bitmap. A consumer clears bits in its own bitmap as it handles pages; that never
-affects another consumer.
+The dirty log has two producers: KVM's dirty log for the slot (guest writes; a harvester polled
+at each sync) and every write the VMM itself makes to the block — `write()` notes the pages it
+wrote, and a writer that goes through `view()` (a device doing DMA from its own thread) calls
+`note_written(gpa, nbytes)` right after writing. A block without a VM (no KVM slot) has the VMM
+producer only. Consumers (migration) each keep their own bitmap, filled at `sync_dirty()`.
 
 Bitmap layout everywhere: bit i of little-endian u64 word j = page 64*j+i (KVM_GET_DIRTY_LOG
 layout); page numbers are offsets inside the block, not guest addresses.
@@ -27,6 +27,7 @@ import numpy as np
 from vmferry.errors import VmferryError
 from vmferry.kvm import ioctls as nr
 from vmferry.kvm.vm import Vm
+from vmferry.machine.dirty_log import DirtyLog
 
 PAGE_SIZE = 4096
 # Python 3.11's mmap module lacks the constant; 0x4000 is its value on Linux (all arches).
@@ -37,21 +38,6 @@ _libc.mincore.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 MADV_POPULATE_WRITE = 23  # Linux 5.14
-
-
-def pages_to_bitmap(page_mask: np.ndarray) -> np.ndarray:
-    """A bool array (one entry per page) -> u64 bitmap in the KVM_GET_DIRTY_LOG layout."""
-    nwords = (len(page_mask) + 63) // 64
-    packed = np.packbits(page_mask.astype(bool), bitorder="little")
-    out = np.zeros(nwords * 8, dtype=np.uint8)
-    out[: len(packed)] = packed
-    return out.view(np.uint64)
-
-
-def bitmap_to_pages(bitmap: np.ndarray, npages: int) -> np.ndarray:
-    """u64 bitmap (KVM layout) -> sorted array of set page indexes below npages."""
-    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
-    return np.flatnonzero(bits)
 
 
 class RamBlock:
@@ -82,11 +68,8 @@ class RamBlock:
         self.vm: Vm | None = None
         self.slot = slot
         self._flags = 0
-        self._lock = threading.Lock()
-        self._consumers: dict[str, np.ndarray] = {}
-        self._nwords = (self.npages + 63) // 64
-        # Scratch for the producer: KVM writes its log here, then it is ORed into consumers.
-        self._harvest = np.zeros(self._nwords, dtype=np.uint64)
+        self._lock = threading.Lock()  # the slot's registration
+        self.dirty = DirtyLog(self.npages, f"RAM block {name}")
         if vm is not None:
             self.attach(vm, slot)
 
@@ -103,6 +86,7 @@ class RamBlock:
         """Register the block as KVM memory slot `slot` of `vm`."""
         self.vm, self.slot = vm, slot
         self._register(0)
+        self.dirty.add_harvester("kvm", self._harvest_kvm_log)
 
     def _register(self, flags: int) -> None:
         assert self.vm is not None, "RAM block not attached to a VM"
@@ -123,6 +107,19 @@ class RamBlock:
             raise VmferryError(f"{self.name}: write of {len(data)} bytes at {gpa:#x} outside the block")
         off = gpa - self.gpa
         self.mem[off : off + len(data)] = data
+        self._note(off, len(data))
+
+    def note_written(self, gpa: int, nbytes: int) -> None:
+        """Someone on the host side wrote [gpa, gpa+nbytes) through `view()` (a device doing DMA,
+        a loader): record it in the dirty log. Call right after the write, never before."""
+        if not self.contains_gpa(gpa, nbytes):
+            raise VmferryError(f"{self.name}: {nbytes} bytes written at {gpa:#x} lie outside the block")
+        self._note(gpa - self.gpa, nbytes)
+
+    def _note(self, off: int, nbytes: int) -> None:
+        if nbytes > 0:
+            first = off // PAGE_SIZE
+            self.dirty.note(first, (off + nbytes - 1) // PAGE_SIZE - first + 1)
 
     def read(self, gpa: int, nbytes: int) -> bytes:
         if not self.contains_gpa(gpa, nbytes):
@@ -145,86 +142,73 @@ class RamBlock:
             raise OSError(ctypes.get_errno(), f"mincore on RAM block {self.name}")
         return (vec & 1).astype(bool)
 
-    # --- dirty tracking: one producer (KVM's log), many consumers ---
+    # --- dirty tracking: the block's DirtyLog (KVM's log + VMM writes -> consumers) ---
 
     @property
     def dirty_log_active(self) -> bool:
-        return bool(self._flags & nr.MEM_LOG_DIRTY_PAGES)
+        return self.dirty.active
 
     def start_dirty_log(self) -> None:
-        """Re-register the slot with KVM_MEM_LOG_DIRTY_PAGES. The log starts empty: with manual
-        protect KVM pre-sets every bit (INITIALLY_SET), so that first harvest is discarded —
-        consumers decide themselves which pages to start from (see the module docstring)."""
+        """Start the dirty log: with a VM, re-register the slot with KVM_MEM_LOG_DIRTY_PAGES.
+        The log starts empty: with manual protect KVM pre-sets every bit (INITIALLY_SET), so that
+        first harvest is discarded — consumers decide themselves which pages to start from (see
+        the module docstring)."""
         with self._lock:
-            if self.dirty_log_active:
+            if self.dirty.active:
                 return
-            self._register(self._flags | nr.MEM_LOG_DIRTY_PAGES)
-            self._harvest_log()
+            if self.vm is not None:
+                self._register(self._flags | nr.MEM_LOG_DIRTY_PAGES)
+            self.dirty.start()
 
     def stop_dirty_log(self) -> None:
-        """Re-register the slot without dirty logging. Call sync_dirty() first to keep what
-        KVM logged until now."""
+        """Stop the dirty log (and KVM's, re-registering the slot without it). Call sync_dirty()
+        first to keep what was logged until now."""
         with self._lock:
-            if self.dirty_log_active:
+            self.dirty.stop()
+            if self.vm is not None and self._flags & nr.MEM_LOG_DIRTY_PAGES:
                 self._register(self._flags & ~nr.MEM_LOG_DIRTY_PAGES)
 
     def add_dirty_consumer(self, name: str) -> None:
-        """A new consumer: it sees the pages dirtied from now on. What KVM logged before is
-        first folded into the existing consumers, so the newcomer starts all-clear."""
-        with self._lock:
-            if name in self._consumers:
-                raise VmferryError(f"{self.name}: dirty consumer {name!r} already exists")
-            self._sync_locked()
-            self._consumers[name] = np.zeros(self._nwords, dtype=np.uint64)
+        """A new consumer: it sees the pages dirtied from now on (see DirtyLog.add_consumer)."""
+        self.dirty.add_consumer(name)
 
     def remove_dirty_consumer(self, name: str) -> None:
-        with self._lock:
-            self._consumers.pop(name, None)
+        self.dirty.remove_consumer(name)
 
     def dirty_bitmap(self, name: str) -> np.ndarray:
         """The consumer's own u64 bitmap, live: the consumer clears bits in it as it goes
         (bit i of little-endian u64 word j = page 64*j+i)."""
-        try:
-            return self._consumers[name]
-        except KeyError:
-            raise VmferryError(f"{self.name}: no dirty consumer {name!r}") from None
+        return self.dirty.bitmap(name)
 
     def mark_dirty(self, name: str, page_mask: np.ndarray) -> None:
         """OR a bool-per-page mask into a consumer's bitmap (e.g. populated_pages())."""
-        bm = self.dirty_bitmap(name)
-        with self._lock:
-            bm |= pages_to_bitmap(page_mask)
+        self.dirty.mark(name, page_mask)
 
     def dirty_pages(self, name: str) -> np.ndarray:
         """Indexes of the pages set in the consumer's bitmap."""
-        return bitmap_to_pages(self.dirty_bitmap(name), self.npages)
+        return self.dirty.units(name)
 
     def sync_dirty(self) -> int:
-        """Harvest KVM's dirty log for this slot (resetting it) and OR it into every consumer's
-        bitmap. Returns the number of pages the harvest found dirty. No-op without logging."""
-        with self._lock:
-            return self._sync_locked()
+        """Harvest KVM's dirty log for this slot (resetting it) and the VMM's noted writes, and
+        OR them into every consumer's bitmap. Returns the number of pages found dirty. No-op
+        while the log is not started."""
+        return self.dirty.sync()
 
-    def _sync_locked(self) -> int:
-        if not self.dirty_log_active:
-            return 0
-        self._harvest_log()
-        for bm in self._consumers.values():
-            bm |= self._harvest
-        return int(np.bitwise_count(self._harvest).sum())
-
-    def _harvest_log(self) -> None:
-        """KVM's log -> self._harvest, and reset KVM's log. With manual protect GET does not
-        reset, so the same bitmap is handed to CLEAR_DIRTY_LOG over the whole slot (first page
-        0 is 64-aligned as CLEAR requires). A write racing between GET and CLEAR hits a page
-        already in the harvest, so nothing is lost."""
-        assert self.vm is not None
-        self.vm.get_dirty_log(self.slot, self._harvest)
-        if self.vm.manual_dirty_protect and self._harvest.any():
-            self.vm.clear_dirty_log(self.slot, 0, self.npages, self._harvest)
+    def _harvest_kvm_log(self, out: np.ndarray) -> None:
+        """KVM's log -> out, and reset KVM's log. With manual protect GET does not reset, so the
+        same bitmap is handed to CLEAR_DIRTY_LOG over the whole slot (first page 0 is 64-aligned
+        as CLEAR requires). A write racing between GET and CLEAR hits a page already in the
+        harvest, so nothing is lost."""
+        vm = self.vm
+        if vm is None or not self._flags & nr.MEM_LOG_DIRTY_PAGES:
+            return
+        vm.get_dirty_log(self.slot, out)
+        if vm.manual_dirty_protect and out.any():
+            vm.clear_dirty_log(self.slot, 0, self.npages, out)
 
     def close(self) -> None:
         """Remove the slot from the VM and unmap the RAM."""
+        self.dirty.remove_harvester("kvm")
         if self.vm is not None and self.vm.fd >= 0:
             self.vm.set_user_memory_region(self.slot, self.gpa, 0, self.host_addr, 0)
         self.vm = None

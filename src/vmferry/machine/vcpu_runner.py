@@ -67,6 +67,7 @@ class VcpuRunner:
     def _loop(self) -> None:
         # Leave SIGINT/SIGTERM to the main thread (Ctrl-C handling); keep the kick deliverable.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        crash: str | None = None
         try:
             while True:
                 with self._cond:
@@ -86,12 +87,16 @@ class VcpuRunner:
                 reason = self.vcpu.run_struct.exit_reason
                 self._pending_completion = reason in (nr.Exit.IO, nr.Exit.MMIO)
         except Exception as e:  # a bug or a KVM error must stop the machine, never hang it
-            self._on_crash(f"vCPU {self.vcpu.id}: {e}")
+            crash = f"vCPU {self.vcpu.id}: {e}"
         finally:
+            # Exited first, then report: a pauser waiting for this thread must see it gone
+            # whatever on_crash waits for.
             with self._cond:
                 self.exited = True
                 self.parked = False
                 self._cond.notify_all()
+        if crash is not None:
+            self._on_crash(crash)
 
     def _kick(self) -> None:
         self.vcpu.immediate_exit = True

@@ -18,6 +18,7 @@ import logging
 import select
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
@@ -32,6 +33,7 @@ from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.records import StreamHeader
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener
+from vmferry.transport.uri import FileUri
 
 log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
@@ -128,6 +130,10 @@ class IncomingMigration:
                      self.ram.zero_pages)
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             reason = self._reason(e)
+            # The failed receive's frames hold views of guest memory (the placed payload, the
+            # decoder, which also holds this exception: a cycle). Drop them now, or the mapping
+            # cannot be closed at exit ("BufferError: cannot close exported pointers exist").
+            traceback.clear_frames(e.__traceback__)
             if self._rp is not None:
                 self._rp.shut(reason)
             self.stats.error = reason
@@ -175,12 +181,22 @@ class IncomingMigration:
             while (rec := dec.next_record()) is not None:
                 if self.session.feed(rec):
                     self._count()
+                    if isinstance(self.listener.address, FileUri):
+                        self._expect_end_of_file(channel, dec, chunk)
                     return
             self._count()
             if n == 0:  # feed_eof always queues an error or END; never loop on EOF
                 raise StreamError("stream ended without END", offset=dec.bytes_consumed)
             if self._rp is not None and dec.bytes_consumed != self._reported:
                 self._progress(channel, dec.bytes_consumed, maybe_caught_up)
+
+    def _expect_end_of_file(self, channel: Channel, dec: StreamDecoder, chunk: memoryview) -> None:
+        """A snapshot file holds one stream, to its end: nothing may follow END (stream spec).
+        (A socket cannot be read to its end here: the source waits for the ACK on it.)"""
+        n = channel.recv_into(chunk)
+        if n:
+            dec.feed(chunk[:n])
+        dec.next_record()  # raises "N bytes after the end of stream", from this chunk or END's
 
     def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool) -> None:
         """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to

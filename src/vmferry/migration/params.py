@@ -7,11 +7,19 @@ Two plain objects shared by the monitor (which writes them from `migrate-set-par
   `-` -> `_`). `apply(changes)` validates *every* change first and then assigns them all under a
   lock, so a reader never sees half of a `migrate-set-parameters`. Reading one attribute is atomic
   under the GIL; read several that must agree through `snapshot()`.
-* `MigrationCapabilities` - the 7.2 capability list, all off by default; `set()` validates the whole
-  list (unknown names, incompatible combinations) before changing anything.
+* `MigrationCapabilities` - the 7.2 capability list, off by default but `return-path`; `set()`
+  validates the whole list (unknown names, unsupported ones, incompatible combinations) before
+  changing anything.
 
 The specs table (`PARAMETER_SPECS`) is the single source for QAPI types, ranges and docs: the
 monitor builds its argument schema and `docs/qmp.md` from it.
+
+Say yes only to what works: every name keeps QEMU 7.2's spelling, type and default (clients probe
+them with `query-migrate-parameters` / `query-migrate-capabilities`), but only the names in
+`EFFECTIVE_PARAMETERS` / `EFFECTIVE_CAPABILITIES` may be changed — each says what reads it. Any
+other name is refused ("Parameter 'multifd-channels' is not supported by vmferry yet") unless the
+value asked for is the one it already has: setting a parameter to its default, or a capability to
+off, changes nothing and is accepted, so clients that write back what they read keep working.
 """
 
 from __future__ import annotations
@@ -108,6 +116,24 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
+# The parameters something reads, and what reads them (docs/qmp.md prints this). The TLS strings
+# are read by `migrate` and by the destination when the stream arrives (monitor/objects.py): the
+# connection is then TLS 1.3 (transport/tls.py), or the migration is refused; never plain text.
+EFFECTIVE_PARAMETERS: dict[str, str] = {
+    "max-bandwidth": "the source's rate limiter, from the next write on (may change during a migration)",
+    "downtime-limit": "the source's switchover decision, after each pass (may change during a migration)",
+    "tls-creds": "a `tls-creds-x509` object: the migration connection is TLS 1.3 with it; a "
+                 "missing one refuses the migration (`No TLS credentials with id '...'`)",
+    "tls-hostname": "the name the source checks the destination's certificate against (default: "
+                    "the URI's host); ignored while tls-creds is empty, as in QEMU",
+    "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
+                 "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+}
+
+
+def parameter_unsupported(name: str) -> str:
+    return f"Parameter '{name}' is not supported by vmferry yet"
+
 
 @dataclass
 class MigrationParameters:
@@ -149,7 +175,8 @@ class MigrationParameters:
 
     def apply(self, changes: Mapping[str, object]) -> None:
         """Validate every change (QMP names), then assign them all at once. Raises QmpError
-        (GenericError) naming the parameter; on error nothing is changed."""
+        (GenericError) naming the parameter; on error nothing is changed. A parameter outside
+        EFFECTIVE_PARAMETERS accepts only its default (see the module doc)."""
         checked = {SPECS_BY_NAME[name].py_name: value for name, value in _check_params(changes).items()}
         with self._lock:
             for py_name, value in checked.items():
@@ -174,13 +201,23 @@ class MigrationParameters:
         return params
 
 
+_DEFAULTS: dict[str, object] = {
+    f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init
+}
+
+
 def _check_params(changes: Mapping[str, object]) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, value in changes.items():
         spec = SPECS_BY_NAME.get(name)
         if spec is None:
             raise QmpError(f"Parameter '{name}' is unexpected")
-        out[name] = _check_one(spec, value)
+        checked = _check_one(spec, value)
+        # Type and range first (QEMU's input checks), then whether anything would read it. An
+        # unsupported parameter never leaves its default, so "equal to the default" is "unchanged".
+        if name not in EFFECTIVE_PARAMETERS and checked != _DEFAULTS[spec.py_name]:
+            raise QmpError(parameter_unsupported(name))
+        out[name] = checked
     return out
 
 
@@ -232,7 +269,8 @@ CAPABILITY_DOCS: dict[str, str] = {
     "x-colo": "COLO fault tolerance",
     "release-ram": "the source frees RAM already sent during postcopy",
     "block": "migrate disks too (block migration)",
-    "return-path": "open a return path from destination to source",
+    "return-path": "the destination answers on the same connection (acknowledges the switchover, "
+                   "or says why it refused the stream)",
     "pause-before-switchover": "pause in pre-switchover until migrate-continue",
     "multifd": "send pages over several channels",
     "dirty-bitmaps": "migrate persistent dirty bitmaps",
@@ -246,12 +284,31 @@ CAPABILITY_DOCS: dict[str, str] = {
 }
 
 
+# The capabilities something reads, and what reads them (docs/qmp.md prints this).
+EFFECTIVE_CAPABILITIES: dict[str, str] = {
+    "events": "MIGRATION and MIGRATION_PASS events are sent only while it is on, on either side",
+    "return-path": "always on (QEMU's default is off) and cannot be turned off: on every two-way "
+                   "channel (tcp:, unix:, an fd: socket) the source completes only when the destination "
+                   "acknowledges, so a failure there resumes the source instead of losing the guest. "
+                   "One-way channels (file:, exec:, an fd: pipe or file) carry no return path: "
+                   "there the source completes once END is written",
+}
+
+# vmferry's defaults where they differ from QEMU's all-off.
+CAPABILITY_DEFAULTS: dict[str, bool] = {"return-path": True}
+
+
+def capability_unsupported(name: str) -> str:
+    return f"Capability '{name}' is not supported by vmferry yet"
+
+
 class MigrationCapabilities:
-    """On/off switches under QMP's names; all off by default (as in QEMU)."""
+    """On/off switches under QMP's names; all off by default as in QEMU, except `return-path`
+    (CAPABILITY_DEFAULTS). Only EFFECTIVE_CAPABILITIES may be turned on."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._state: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
+        self._state: dict[str, bool] = {name: CAPABILITY_DEFAULTS.get(name, False) for name in CAPABILITIES}
 
     def enabled(self, name: str) -> bool:
         try:
@@ -270,6 +327,7 @@ class MigrationCapabilities:
                     raise QmpError(f"Parameter 'capabilities[{i}].capability' does not accept value '{name}'")
                 if not isinstance(state, bool):
                     raise QmpError(f"Invalid parameter type for 'capabilities[{i}].state', expected: boolean")
+                _check_supported(name, state)
                 candidate[name] = state
             _check_caps(candidate)
             self._state = candidate
@@ -282,6 +340,16 @@ class MigrationCapabilities:
     def to_dict(self) -> dict[str, bool]:
         with self._lock:
             return dict(self._state)
+
+
+def _check_supported(name: str, state: bool) -> None:
+    """Refuse, by name, a state nothing would honour. Asking for the state a capability always
+    has (off for the unsupported ones, on for return-path) changes nothing and is accepted."""
+    if name == "return-path" and not state:
+        raise QmpError("Capability 'return-path' cannot be turned off in vmferry: the destination "
+                       "confirms the switchover on it")
+    if name not in EFFECTIVE_CAPABILITIES and state:
+        raise QmpError(capability_unsupported(name))
 
 
 def _check_caps(caps: Mapping[str, bool]) -> None:

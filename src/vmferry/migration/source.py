@@ -143,7 +143,12 @@ class OutgoingMigration:
                 self.ram.cleanup()
             self.stats.end_ns = time.monotonic_ns()
             if self.channel is not None:
-                self.channel.close()
+                try:
+                    self.channel.close()
+                except VmferryError as e:
+                    # Only after a failure or cancel (a completed migration closed it already):
+                    # the state says why, and an exec: command's exit status is in that reason.
+                    log.debug("closing the channel of the ended migration: %s", e)
             if self.return_path is not None:
                 self.return_path.join(1.0)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.monitor.objects import ObjectRegistry
 
 # QEMU's RunState names that query-status may report.
 RUN_STATES = (
@@ -51,6 +52,9 @@ class MonitorBackend(Protocol):
     #: Read by the migration thread; written by migrate-set-parameters / -capabilities.
     migration_parameters: MigrationParameters
     migration_capabilities: MigrationCapabilities
+    #: Objects by id (QEMU's object-add namespace; empty until object-add exists): `migrate` and
+    #: the incoming migration look tls-creds up here.
+    objects: ObjectRegistry
 
     def query_status(self) -> dict:
         """`{"status": RUN_STATE, "running": bool}`; the monitor adds `"singlestep": false`.

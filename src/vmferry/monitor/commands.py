@@ -16,6 +16,7 @@ from vmferry import __version__
 from vmferry.errors import QmpError
 from vmferry.migration.params import CAPABILITIES, PARAMETER_SPECS, ParamSpec
 from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
+from vmferry.monitor.objects import OBJECT_TYPES, PSK_UNSUPPORTED, create_object, migration_tls
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
@@ -101,6 +102,28 @@ def _optional(backend: object, method: str, unsupported: str) -> Callable[..., o
 
 def _migration_running(backend: MonitorBackend) -> bool:
     return backend.query_migrate().get("status", "none") in MIGRATION_RUNNING_STATES
+
+
+def _capabilities_locked(backend: MonitorBackend) -> bool:
+    """What refuses migrate-set-capabilities. On a destination (`inmigrate`) a migration in
+    `setup` is only listening: as in QEMU, capabilities may still be set until the stream arrives
+    (QEMU's postcopy and multifd how-tos set them on a destination started with -incoming)."""
+    status = backend.query_migrate().get("status", "none")
+    if status == "setup" and backend.query_status().get("status") == "inmigrate":
+        return False
+    return status in MIGRATION_RUNNING_STATES
+
+
+def _uri_host(uri: str) -> str:
+    """The host of a tcp: URI (what a TLS client checks the certificate against), else ""."""
+    if not uri.startswith("tcp:"):
+        return ""
+    return uri[4:].rpartition(":")[0].strip("[]")
+
+
+def _socket_uri(uri: str) -> bool:
+    """tcp:, unix: or fd: (which may be a socket; checked again when it is opened)."""
+    return uri.split(":", 1)[0] in ("tcp", "unix", "fd")
 
 
 _MIGRATION_ACTIVE = "There's a migration process in progress"
@@ -194,6 +217,38 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
     return cpus
 
 
+# --- block -------------------------------------------------------------------------------------
+
+_NO_BLOCK = "This VMM has no block devices"
+
+
+@command("query-block", "The drives (`--drive`): one entry per virtio-blk device and its image.",
+         returns='`[{"device": id, "qdev", "locked", "removable", "type", "tray_open", "io-status", '
+                 '"inserted": {"file", "ro", "drv", "node-name", "image": {"filename", "format", '
+                 '"virtual-size", "actual-size"}, ...}}, ...]`',
+         example=({}, [{"device": "disk0", "qdev": "/machine/virtio-mmio@feb00000", "locked": False,
+                        "removable": False, "type": "unknown", "tray_open": False, "io-status": "ok",
+                        "inserted": {"file": "disk.img", "ro": False, "drv": "raw", "node-name": "disk0",
+                                     "image": {"filename": "disk.img", "format": "raw",
+                                               "virtual-size": 67108864, "actual-size": 1048576}}}]))
+def _query_block(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_block", _NO_BLOCK)()
+
+
+@command("query-blockstats", "I/O statistics per drive, in QEMU's BlockDeviceStats names: "
+         "requests, bytes, and total service time (ns) for reads, writes and flushes.",
+         returns='`[{"device": id, "qdev", "node-name", "stats": {"rd_bytes", "wr_bytes", '
+                 '"rd_operations", "wr_operations", "flush_operations", "rd_total_time_ns", '
+                 '"wr_total_time_ns", "flush_total_time_ns", "failed_*_operations", '
+                 '"invalid_*_operations", "wr_highest_offset", "idle_time_ns", ...}}, ...]`',
+         example=({}, [{"device": "disk0", "node-name": "disk0", "stats": {
+             "rd_bytes": 4096, "wr_bytes": 1048576, "rd_operations": 1, "wr_operations": 16,
+             "flush_operations": 0, "rd_total_time_ns": 51000, "wr_total_time_ns": 2400000,
+             "flush_total_time_ns": 0}}]))
+def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_blockstats", _NO_BLOCK)()
+
+
 # --- migration ---------------------------------------------------------------------------------
 
 
@@ -205,6 +260,13 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
          errors=("GenericError: There's a migration process in progress",
                  "GenericError: Guest is waiting for an incoming migration",
                  "GenericError: Can't migrate the vm that was paused due to previous migration",
+                 "GenericError: No TLS credentials with id 'ID' (tls-creds names no object); "
+                 "nothing is connected or sent",
+                 "GenericError: Expected TLS credentials for a client endpoint",
+                 "GenericError: No hostname available for TLS (tls-creds set, no tls-hostname and "
+                 "the URI has no host)",
+                 "GenericError: TLS needs a socket (tcp:, unix: or a socket fd:) (tls-creds set with "
+                 "a file: or exec: URI)",
                  "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)"),
          example=({"uri": "tcp:192.0.2.7:4444"}, {}))
 def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
@@ -220,6 +282,12 @@ def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
         raise QmpError(_MIGRATION_ACTIVE)
     if run_state == "postmigrate":
         raise QmpError("Can't migrate the vm that was paused due to previous migration")
+    # Before any connection: encryption asked for and impossible must never become plain text.
+    tls = migration_tls(d.backend.migration_parameters, d.backend.objects, endpoint="client",
+                        uri_host=_uri_host(args["uri"]))
+    if tls is not None and not _socket_uri(args["uri"]):
+        raise QmpError("TLS needs a socket (tcp:, unix: or a socket fd:); "
+                       f"{args['uri'].split(':', 1)[0]}: carries the stream one way")
     d.backend.migrate(args["uri"])
     return {}
 
@@ -266,10 +334,14 @@ _PARAM_ARGS = tuple(Arg(s.qmp_name, _param_type(s), optional=True, doc=s.doc) fo
 
 
 @command("migrate-set-parameters", "Change migration parameters; all or nothing. May be used during a "
-         "migration (e.g. max-bandwidth, downtime-limit take effect on the next pass).",
+         "migration (max-bandwidth and downtime-limit take effect at once). Only the parameters "
+         "marked effective in [Migration parameters](#migration-parameters) may change; the others "
+         "accept only their default.",
          args=_PARAM_ARGS,
          errors=("GenericError: Parameter 'downtime-limit' expects an integer in the range of 0 to "
-                 "2000000 ms (and the like for each parameter)",),
+                 "2000000 ms (and the like for each parameter)",
+                 "GenericError: Parameter 'multifd-channels' is not supported by vmferry yet (any "
+                 "parameter not marked effective, set to anything but its default)"),
          example=({"max-bandwidth": 1073741824, "downtime-limit": 500}, {}))
 def _migrate_set_parameters(d: CommandDispatcher, args: dict, session: Session) -> object:
     d.backend.migration_parameters.apply(args)
@@ -289,15 +361,19 @@ _CAP_STATUS = Struct("MigrationCapabilityStatus",
 
 
 @command("migrate-set-capabilities", "Turn migration capabilities on or off; all or nothing. Refused "
-         "while a migration runs.",
+         "while a migration runs; on a destination, accepted until the incoming stream arrives. Only "
+         "the capabilities marked effective in [Migration capabilities](#migration-capabilities) may "
+         "be turned on.",
          args=(Arg("capabilities", ListOf(_CAP_STATUS), doc="`[{\"capability\": NAME, \"state\": bool}]`"),),
          errors=("GenericError: " + _MIGRATION_ACTIVE,
                  "GenericError: Parameter 'capabilities[0].capability' does not accept value 'x'",
-                 "GenericError: Postcopy preempt requires postcopy-ram (and QEMU's other "
-                 "combination checks)"),
+                 "GenericError: Capability 'xbzrle' is not supported by vmferry yet (any capability "
+                 "not marked effective, turned on)",
+                 "GenericError: Capability 'return-path' cannot be turned off in vmferry: the "
+                 "destination confirms the switchover on it"),
          example=({"capabilities": [{"capability": "events", "state": True}]}, {}))
 def _migrate_set_capabilities(d: CommandDispatcher, args: dict, session: Session) -> object:
-    if _migration_running(d.backend):
+    if _capabilities_locked(d.backend):
         raise QmpError(_MIGRATION_ACTIVE)
     d.backend.migration_capabilities.set(args["capabilities"])
     return {}
@@ -329,6 +405,58 @@ def _migrate_recover(d: CommandDispatcher, args: dict, session: Session) -> obje
          errors=("GenericError: " + _RECOVERY_UNSUPPORTED,))
 def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_pause", _RECOVERY_UNSUPPORTED)()
+    return {}
+
+
+# --- objects -----------------------------------------------------------------------------------
+
+_OBJECT_ARGS = (
+    Arg("qom-type", STR, doc="the object type: " + ", ".join(f"`{t}`" for t in OBJECT_TYPES)
+        + " (`tls-creds-psk` is refused: Python's ssl has no TLS-PSK)"),
+    Arg("id", STR, doc="the object's id, what `tls-creds` / `tls-authz` name"),
+    Arg("dir", STR, optional=True, doc="tls-creds-x509: directory of `ca-cert.pem`, "
+        "`server-cert.pem` + `server-key.pem` or `client-cert.pem` + `client-key.pem`, optional "
+        "`ca-crl.pem`"),
+    Arg("endpoint", Enum("QCryptoTLSCredsEndpoint", ("client", "server")), optional=True,
+        doc="tls-creds-x509: `client` (default, the source) or `server` (the destination)"),
+    Arg("verify-peer", BOOL, optional=True, doc="tls-creds-x509: check the peer's certificate "
+        "(default true): a server requires the client's, a client checks the server's and its hostname"),
+    Arg("sanity-check", BOOL, optional=True, doc="tls-creds-x509: refuse an expired or not yet "
+        "valid certificate or CA when the object is created (default true)"),
+    Arg("identity", STR, optional=True, doc="authz-simple: the one client distinguished name "
+        "allowed, RFC 4514 form, e.g. `CN=src.example.com,O=Example Org,C=GB`"),
+)
+
+
+@command("object-add", "Create an object: TLS credentials for a migration (`tls-creds`) or the "
+         "authorization a destination checks clients with (`tls-authz`). Certificate files are "
+         "read and checked now.",
+         args=_OBJECT_ARGS,
+         errors=("GenericError: attempt to add duplicate property 'ID' to object (type 'container')",
+                 "GenericError: Object type 'memory-backend-ram' is not supported by vmferry "
+                 "(supported: authz-simple, tls-creds-x509)",
+                 "GenericError: " + PSK_UNSUPPORTED,
+                 "GenericError: Property 'tls-creds-x509.identity' not found (a property of "
+                 "another type)",
+                 "GenericError: Unable to access credentials DIR/ca-cert.pem: No such file or directory",
+                 "GenericError: The certificate DIR/server-cert.pem has expired (...) (sanity-check)",
+                 "GenericError: tls-creds-x509 'ID': cannot load certificate ... with key ...: REASON"),
+         example=({"qom-type": "tls-creds-x509", "id": "tls0", "dir": "/etc/pki/vmferry",
+                   "endpoint": "server"}, {}))
+def _object_add(d: CommandDispatcher, args: dict, session: Session) -> object:
+    qom_type, obj_id = args.pop("qom-type"), args.pop("id")
+    obj = create_object(qom_type, obj_id, args)
+    d.backend.objects.add(obj_id, obj)
+    return {}
+
+
+@command("object-del", "Delete an object. A migration already running keeps the credentials it "
+         "started with.",
+         args=(Arg("id", STR, doc="the object's id"),),
+         errors=("GenericError: object 'ID' not found",),
+         example=({"id": "tls0"}, {}))
+def _object_del(d: CommandDispatcher, args: dict, session: Session) -> object:
+    d.backend.objects.remove(args["id"])
     return {}
 
 

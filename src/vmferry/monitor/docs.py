@@ -14,7 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from vmferry.migration.params import CAPABILITIES, CAPABILITY_DOCS, PARAMETER_SPECS, MigrationParameters
+from vmferry.migration.params import (
+    CAPABILITIES,
+    CAPABILITY_DEFAULTS,
+    CAPABILITY_DOCS,
+    EFFECTIVE_CAPABILITIES,
+    EFFECTIVE_PARAMETERS,
+    PARAMETER_SPECS,
+    MigrationParameters,
+)
 from vmferry.monitor.commands import COMMANDS, QEMU_DIALECT, Command
 from vmferry.monitor.events import EVENTS
 from vmferry.monitor.protocol import DEFAULT_MAX_INPUT_BYTES
@@ -38,6 +46,21 @@ vmferry's monitor speaks QMP exactly as QEMU 7.2 does: the same command names, a
 reply shapes, error classes and error texts, so QEMU's clients (`qemu.qmp`, libvirt-style tools,
 `socat`) work unchanged. Start a VM with `vmferry run --qmp unix:PATH --qmp tcp:HOST:PORT` (as many
 as you like); every client gets its own session and every negotiated client gets every event.
+
+## Who may connect
+
+QMP has no authentication, in vmferry as in QEMU: whoever can connect to a monitor controls the
+VM (stops it, migrates it anywhere, reads its memory through a migration). So:
+
+* A unix socket is created owner-only (mode 0600); give other users access through a directory
+  you control, not by loosening the socket. It is bound and listening under a temporary name
+  before it appears at PATH, so a client that finds PATH always finds a monitor that answers.
+* A TCP address must be a loopback one (`127.0.0.1`, `::1`, `localhost`). Anything else
+  (`0.0.0.0`, a LAN address) is refused at start unless the option `allow-remote=on` says so:
+  `--qmp tcp:0.0.0.0:4444,allow-remote=on`. Then protect the port yourself (firewall, an SSH
+  tunnel); vmferry does not.
+* QEMU's `server=on` and `wait=off` are accepted (they describe what vmferry always does); any
+  other option is refused naming it. A comma therefore cannot appear in a unix socket's PATH.
 
 ## The wire
 
@@ -148,23 +171,36 @@ def _command(cmd: Command) -> list[str]:
 def _parameters() -> list[str]:
     defaults = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
     lines = ["## Migration parameters", "",
-             "Set with `migrate-set-parameters`, read with `query-migrate-parameters`. Defaults are "
-             "QEMU 7.2's. An out-of-range value is refused naming the parameter, e.g. "
+             "Set with `migrate-set-parameters`, read with `query-migrate-parameters`. Every QEMU 7.2 "
+             "parameter is listed, with QEMU's default (but `max-bandwidth`), so clients that probe "
+             "them keep working. An out-of-range value is refused naming the parameter, e.g. "
              "`Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 ms`.", "",
-             "| parameter | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+             "Only the parameters marked **effective** may change; each says what reads it. Any other "
+             "is refused when set to anything but its default (`Parameter 'multifd-channels' is not "
+             "supported by vmferry yet`); setting it to its default changes nothing and is accepted.",
+             "",
+             "| parameter | type | default | allowed | meaning | in vmferry |", "|---|---|---|---|---|---|"]
     for s in PARAMETER_SPECS:
         allowed = " / ".join(s.choices) if s.choices else (s.expects or "")
         default = _j(defaults[s.py_name])
-        lines.append(f"| `{s.qmp_name}` | {s.qapi_type} | `{default}` | {allowed} | {s.doc} |")
+        effect = EFFECTIVE_PARAMETERS.get(s.qmp_name)
+        status = f"**effective**: {effect}" if effect else "not supported yet: only the default"
+        lines.append(f"| `{s.qmp_name}` | {s.qapi_type} | `{default}` | {allowed} | {s.doc} | {status} |")
     return lines + [""]
 
 
 def _capabilities() -> list[str]:
     lines = ["## Migration capabilities", "",
-             "Set with `migrate-set-capabilities`, read with `query-migrate-capabilities`; all are off "
-             "by default. QEMU 7.2's list, in its order:", "",
-             "| capability | meaning |", "|---|---|"]
-    lines += [f"| `{c}` | {CAPABILITY_DOCS[c]} |" for c in CAPABILITIES]
+             "Set with `migrate-set-capabilities`, read with `query-migrate-capabilities`: QEMU 7.2's "
+             "list, in its order. All are off by default as in QEMU, except `return-path`. Only the "
+             "capabilities marked **effective** may be turned on; turning any other on is refused "
+             "(`Capability 'xbzrle' is not supported by vmferry yet`), turning it off is accepted.", "",
+             "| capability | default | meaning | in vmferry |", "|---|---|---|---|"]
+    for c in CAPABILITIES:
+        effect = EFFECTIVE_CAPABILITIES.get(c)
+        status = f"**effective**: {effect}" if effect else "not supported yet: only off"
+        default = "on" if CAPABILITY_DEFAULTS.get(c, False) else "off"
+        lines.append(f"| `{c}` | {default} | {CAPABILITY_DOCS[c]} | {status} |")
     return lines + [""]
 
 

@@ -17,8 +17,10 @@ Command handlers run on this thread and must return promptly (see backend.py).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import secrets
 import selectors
 import socket
 import stat
@@ -262,16 +264,54 @@ class QmpServer:
                         os.unlink(lst.unix_path)
 
 
-def _bind(address: str) -> _Listener:
-    kind, _, rest = address.partition(":")
-    if kind == "unix" and rest:
-        return _bind_unix(rest)
+# QMP has no authentication (as in QEMU): whoever can connect controls the VM. So a unix socket is
+# owner-only unless asked otherwise, and TCP listens beyond loopback only when asked by name.
+UNIX_SOCKET_MODE = 0o600
+_ON_OFF = {"on": True, "off": False}
+_ADDRESS_HELP = "expected unix:PATH or tcp:HOST:PORT, optionally followed by ,allow-remote=on (tcp)"
+
+
+@dataclass(frozen=True)
+class QmpAddress:
+    """One --qmp address: `unix:PATH` or `tcp:HOST:PORT[,allow-remote=on]`. QEMU's `server=on`
+    and `wait=off` are accepted as what vmferry does anyway; any other option is refused."""
+
+    kind: str  # "unix" | "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    allow_remote: bool = False
+
+
+def parse_qmp_address(address: str) -> QmpAddress:
+    head, *options = address.split(",")
+    allow_remote = False
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        state = _ON_OFF.get(value) if eq else None
+        if key == "allow-remote" and state is not None:
+            allow_remote = state
+        elif (key, state) in (("server", True), ("wait", False)):
+            pass  # vmferry's monitor always listens and never waits for a client
+        else:
+            raise VmferryError(f"invalid QMP address {address!r}: option {opt!r} is not supported "
+                               f"({_ADDRESS_HELP})")
+    kind, _, rest = head.partition(":")
+    if kind == "unix" and rest and not allow_remote:
+        return QmpAddress("unix", path=rest)
     if kind == "tcp":
         host, _, port = rest.rpartition(":")
         host = host.strip("[]")  # tcp:[::1]:4444
         if host and port.isdigit():
-            return _bind_tcp(host, int(port))
-    raise VmferryError(f"invalid QMP address {address!r}: expected unix:PATH or tcp:HOST:PORT")
+            return QmpAddress("tcp", host=host, port=int(port), allow_remote=allow_remote)
+    raise VmferryError(f"invalid QMP address {address!r}: {_ADDRESS_HELP}")
+
+
+def _bind(address: str) -> _Listener:
+    a = parse_qmp_address(address)
+    if a.kind == "unix":
+        return _bind_unix(a.path)
+    return _bind_tcp(a.host, a.port, allow_remote=a.allow_remote)
 
 
 def _bind_unix(path: str) -> _Listener:
@@ -282,12 +322,29 @@ def _bind_unix(path: str) -> _Listener:
             if _someone_listens(path):
                 raise VmferryError(f"cannot listen for QMP on unix:{path}: another process listens there")
             os.unlink(path)
+    # Bound, made owner-only and listening under a temporary name first, then linked into place:
+    # a client that finds `path` always finds a monitor that answers (no ECONNREFUSED window), and
+    # link() never replaces a file that appeared at `path` meanwhile. The short name keeps the
+    # temporary path within sun_path whenever `path` itself fits.
+    tmp = os.path.join(os.path.dirname(path), f".q{os.getpid() % 100000}{secrets.token_hex(2)}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        sock.listen(16)
-        sock.setblocking(False)
-        ino = os.stat(path).st_ino
+        try:
+            sock.bind(tmp)
+        except OSError:  # the temporary name does not fit or cannot be made: bind in place
+            tmp = path
+            sock.bind(path)
+        try:
+            os.chmod(tmp, UNIX_SOCKET_MODE)  # before listen(): nobody else can ever connect
+            sock.listen(16)
+            sock.setblocking(False)
+            if tmp != path:
+                os.link(tmp, path)
+            ino = os.stat(path).st_ino
+        finally:
+            if tmp != path:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
     except OSError as e:
         sock.close()
         raise VmferryError(f"cannot listen for QMP on unix:{path}: {e.strerror or e}") from e
@@ -305,10 +362,17 @@ def _someone_listens(path: str) -> bool:
         probe.close()
 
 
-def _bind_tcp(host: str, port: int) -> _Listener:
+def _bind_tcp(host: str, port: int, *, allow_remote: bool) -> _Listener:
     try:
         family, socktype, proto, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError as e:
+        raise VmferryError(f"cannot listen for QMP on tcp:{host}:{port}: {e.strerror or e}") from e
+    if not allow_remote and not ipaddress.ip_address(sockaddr[0].split("%")[0]).is_loopback:
+        raise VmferryError(
+            f"refusing to listen for QMP on tcp:{host}:{port}: it is not a loopback address, and QMP has "
+            f"no authentication (whoever connects controls the VM); add ',allow-remote=on' to do it anyway")
+    try:
         sock = socket.socket(family, socktype, proto)
     except OSError as e:
         raise VmferryError(f"cannot listen for QMP on tcp:{host}:{port}: {e.strerror or e}") from e

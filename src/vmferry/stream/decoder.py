@@ -298,4 +298,7 @@ class StreamDecoder:
             e = StreamError(e.reason, offset=self._rec_offset, record_index=self.record_index,
                             section=self._subject())
         self._error = e
+        # Nothing more is received: let go of the caller's placement target (guest memory) and
+        # of a half-assembled payload.
+        self._target = self._body = None
         self._state = _S.DONE

@@ -1,8 +1,15 @@
-"""The field encoding of a device section's payload, driven by the stream's own description.
+"""The field encoding of a device section's payload, driven by the stream's own description: the
+one description-driven codec (docs/stream-format.md, "Field encoding").
 
-Reference codec for "Field encoding" in docs/stream-format.md. The `vmstate/` package produces the
-same bytes from its declarations; this module lets a reader that knows nothing about the devices
-(the analyzer, a test) turn a SECTION_FULL payload into named values, and build one for tests.
+`vmferry analyze` decodes every SECTION_FULL payload with `decode_section` and the section's
+entry in the stream's DESCRIPTION record, knowing nothing about the devices. The `vmstate/`
+package produces and reads the same bytes from its declarations; property tests check that this
+decoder agrees with it, so the documented layout is the real one. `encode_section` builds
+payloads for tests.
+
+Both inputs of `decode_section` are untrusted: every length and count is checked against the
+bytes left before anything is allocated, nesting is bounded, and every failure is a StreamError
+naming the section and the field.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ _INTS = {t: struct.Struct("<" + c) for t, c in
          (("u8", "B"), ("u16", "H"), ("u32", "I"), ("u64", "Q"),
           ("i8", "b"), ("i16", "h"), ("i32", "i"), ("i64", "q"))}
 _U16, _U32 = _INTS["u16"], _INTS["u32"]
-MAX_DEPTH = 16
+MAX_DEPTH = 16  # docs/stream-format.md: struct/list nesting, and subsections
 # A fixed "count" or a list's element count beyond this must be backed by that many payload bytes,
 # so a corrupt count cannot spin the decoder over zero-sized elements.
 _FREE_COUNT = 1 << 16
@@ -46,96 +53,182 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
+class _Cursor:
+    def __init__(self, data: bytes | memoryview, section: str) -> None:
+        self.data = memoryview(data).cast("B")
+        self.pos = 0
+        self.section = section
 
-    def take(self, n: int, what: str) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise StreamError(f"{what}: needs {n} bytes, {len(self.data) - self.pos} left")
-        self.pos += n
-        return self.data[self.pos - n:self.pos]
+    def error(self, reason: str, path: str | None = None) -> StreamError:
+        return StreamError(f"field '{path}': {reason}" if path else reason, section=self.section)
 
-    def int(self, s: struct.Struct, what: str) -> int:
-        return s.unpack(self.take(s.size, what))[0]
+    def take(self, nbytes: int, path: str) -> bytes:
+        if nbytes > len(self.data) - self.pos:
+            raise self.error(f"payload truncated: need {nbytes} bytes at offset {self.pos}, "
+                             f"{len(self.data) - self.pos} left", path)
+        chunk = bytes(self.data[self.pos : self.pos + nbytes])
+        self.pos += nbytes
+        return chunk
 
+    def uint(self, nbytes: int, path: str) -> int:
+        return int.from_bytes(self.take(nbytes, path), "little")
 
-def decode_section(schema: Mapping[str, Any], data: bytes) -> SectionValue:
-    """Decode a SECTION_FULL payload with its description entry; StreamError names the field."""
-    r = _Reader(bytes(data))
-    value = _section(schema, r, 0, schema.get("name", "?"))
-    if r.pos != len(r.data):
-        raise StreamError(f"{len(r.data) - r.pos} bytes left over after the section's fields")
-    return value
-
-
-def _section(schema: Mapping[str, Any], r: _Reader, depth: int, path: str) -> SectionValue:
-    out = SectionValue(_fields(schema.get("fields", []), r, depth, path))
-    subs = schema.get("subsections", [])
-    last = -1
-    for _ in range(r.int(_U16, f"{path}: subsection count")):
-        idx = r.int(_U16, f"{path}: subsection index")
-        if not last < idx < len(subs):
-            raise StreamError(f"{path}: subsection index {idx} out of order or not in the description")
-        last = idx
-        sub = subs[idx]
-        name = sub.get("name", str(idx))
-        body = _Reader(r.take(r.int(_U32, f"{path}/{name}: length"), f"{path}/{name}: body"))
-        out.subsections[name] = _section(sub, body, depth + 1, name)
-        if body.pos != len(body.data):
-            raise StreamError(f"subsection '{name}': {len(body.data) - body.pos} bytes left over")
-    return out
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
 
 
-def _fields(fields: list, r: _Reader, depth: int, path: str) -> dict[str, Any]:
+def decode_section(schema: Any, data: bytes) -> SectionValue:
+    """Decode a SECTION_FULL payload with its description entry (name, version, fields,
+    subsections). Fields come back by name with integers, booleans, bytes, arrays and lists as
+    lists, structs and bit fields as dicts; padding does not appear. StreamError names the
+    section and the field."""
+    try:
+        return _section(schema, _Cursor(data, _name(schema)), 0)
+    except RecursionError:
+        raise StreamError("description nests too deeply") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise StreamError(f"malformed description: {e}") from None
+
+
+def _name(d: Any) -> str:
+    if not isinstance(d, Mapping) or not isinstance(d.get("name"), str):
+        raise StreamError("malformed description: a section needs a string name")
+    return d["name"]
+
+
+def _section(d: Mapping[str, Any], c: _Cursor, depth: int) -> SectionValue:
     if depth > MAX_DEPTH:
-        raise StreamError(f"{path}: nesting deeper than {MAX_DEPTH}")
-    out = {}
-    for f in fields:
-        name = f"{path}.{f.get('name', '?')}"
-        count = f.get("count")
-        if count is None or f.get("type") == "list":
-            out[f.get("name")] = _value(f, r, depth, name)
-        else:
-            _check_count(count, r, name)
-            out[f.get("name")] = [_value(f, r, depth, f"{name}[{i}]") for i in range(count)]
+        raise c.error("subsections nest too deeply")
+    fields = d.get("fields")
+    subs = d.get("subsections", [])
+    if not isinstance(fields, list) or not isinstance(subs, list):
+        raise c.error("malformed description: needs fields and subsections lists")
+    out = SectionValue(_fields(fields, c, "", 0))
+    last = -1
+    for _ in range(c.uint(2, "subsection count")):
+        index = c.uint(2, "subsection index")
+        if index <= last or index >= len(subs):
+            raise c.error(f"subsection index {index} is out of order or not in the description")
+        last = index
+        body = c.take(c.uint(4, "subsection length"), "subsection body")
+        sub = subs[index]
+        out.subsections[_name(sub)] = _section(sub, _Cursor(body, _name(sub)), depth + 1)
+    if c.left:
+        raise c.error(f"{c.left} bytes left over after the section")
     return out
 
 
-def _check_count(count: Any, r: _Reader, name: str) -> None:
-    if not isinstance(count, int) or count < 0 or (count > _FREE_COUNT and count > len(r.data) - r.pos):
-        raise StreamError(f"field '{name}': bad count {count!r}")
+def _fields(entries: list[Any], c: _Cursor, path: str, depth: int) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise c.error(f"fields nest deeper than {MAX_DEPTH}", path)
+    values: dict[str, Any] = {}
+    for e in entries:
+        if not isinstance(e, Mapping) or not isinstance(e.get("name"), str):
+            raise c.error("malformed description: a field entry needs a string name", path or None)
+        where = f"{path}{e['name']}"
+        count = e.get("count")
+        if count is None:
+            value = _one(e, c, where, depth)
+        else:
+            if e.get("type") == "list" or not isinstance(count, int) or count < 0:
+                raise c.error(f"malformed description: bad count {count!r}", where)
+            _bound(count, _min_size(e, depth), c, where)
+            value = [_one(e, c, f"{where}[{i}]", depth) for i in range(count)]
+        if not e.get("pad"):
+            values[e["name"]] = value
+    return values
 
 
-def _value(f: Mapping[str, Any], r: _Reader, depth: int, name: str) -> Any:
-    t = f.get("type")
-    if t in _INTS:
-        return r.int(_INTS[t], f"field '{name}'")
-    if t == "bool":
-        b = r.int(_INTS["u8"], f"field '{name}'")
-        if b > 1:
-            raise StreamError(f"field '{name}': bool is {b}, not 0 or 1")
-        return bool(b)
-    if t == "bytes":
-        size = f.get("size")
+def _one(e: Mapping[str, Any], c: _Cursor, path: str, depth: int) -> Any:
+    kind = e.get("type")
+    if kind in _INTS:
+        s = _INTS[kind]
+        value = s.unpack(c.take(s.size, path))[0]
+        return _unpack_bits(e["bits"], value, s.size, c, path) if "bits" in e else value
+    if kind == "bool":
+        byte = c.take(1, path)[0]
+        if byte > 1:
+            raise c.error(f"bool byte is {byte}, not 0 or 1", path)
+        return byte == 1
+    if kind == "bytes":
+        size = e.get("size")
         if not isinstance(size, int) or size < 0:
-            raise StreamError(f"field '{name}': bytes without a valid size")
-        return r.take(size, f"field '{name}'")
-    if t in ("vbytes", "str"):
-        raw = r.take(r.int(_U32, f"field '{name}' length"), f"field '{name}'")
-        if t == "vbytes":
+            raise c.error(f"malformed description: bytes needs a size, got {size!r}", path)
+        return c.take(size, path)
+    if kind in ("vbytes", "str"):
+        nbytes = c.uint(4, path)
+        if isinstance(e.get("max"), int) and nbytes > e["max"]:
+            raise c.error(f"length {nbytes} exceeds the described max {e['max']}", path)
+        raw = c.take(nbytes, path)
+        if kind == "vbytes":
             return raw
         try:
             return raw.decode()
-        except UnicodeDecodeError:
-            raise StreamError(f"field '{name}': str is not UTF-8") from None
-    if t == "struct":
-        return _fields(f.get("fields", []), r, depth + 1, name)
-    if t == "list":
-        n = r.int(_U32, f"field '{name}' count")
-        _check_count(n, r, name)
-        return [_fields(f.get("fields", []), r, depth + 1, f"{name}[{i}]") for i in range(n)]
-    raise StreamError(f"field '{name}': unknown type {t!r}")
+        except UnicodeDecodeError as err:
+            raise c.error(f"not UTF-8: {err.reason}", path) from None
+    if kind == "struct":
+        return _fields(_nested(e, c, path), c, f"{path}.", depth + 1)
+    if kind == "list":
+        nested = _nested(e, c, path)
+        count = c.uint(4, path)
+        if isinstance(e.get("max"), int) and count > e["max"]:
+            raise c.error(f"list count {count} exceeds the described max {e['max']}", path)
+        _bound(count, _min_size({"type": "struct", "fields": nested}, depth), c, path)
+        return [_fields(nested, c, f"{path}[{i}].", depth + 1) for i in range(count)]
+    raise c.error(f"unknown field type {kind!r}", path)
+
+
+def _bound(count: int, min_size: int, c: _Cursor, path: str) -> None:
+    """Refuse a count the bytes left cannot hold, before looping over it. Elements of size 0
+    take no bytes, so their count is capped instead (a hostile count would otherwise spin)."""
+    if count * min_size > c.left or (min_size == 0 and count > _FREE_COUNT):
+        raise c.error(f"{count} elements cannot fit in the {c.left} bytes left", path)
+
+
+def _nested(e: Mapping[str, Any], c: _Cursor, path: str) -> list[Any]:
+    if not isinstance(e.get("fields"), list):
+        raise c.error(f"malformed description: {e.get('type')} needs a fields list", path)
+    return e["fields"]
+
+
+def _unpack_bits(layout: Any, packed: int, nbytes: int, c: _Cursor, path: str) -> dict[str, int]:
+    if not isinstance(layout, list):
+        raise c.error("malformed description: bits must be a list", path)
+    values, shift = {}, 0
+    for b in layout:
+        if not isinstance(b, Mapping) or not isinstance(b.get("width"), int) or b["width"] < 1:
+            raise c.error("malformed description: a bit needs a name and a width", path)
+        if shift + b["width"] > nbytes * 8:
+            raise c.error("malformed description: bits wider than their integer", path)
+        values[str(b.get("name"))] = (packed >> shift) & ((1 << b["width"]) - 1)
+        shift += b["width"]
+    if packed >> shift:
+        raise c.error(f"reserved bits set in {packed:#x}", path)
+    return values
+
+
+def _min_size(e: Any, depth: int) -> int:
+    """Fewest bytes one element of entry `e` takes (0 if the entry is malformed: caught later)."""
+    if not isinstance(e, Mapping) or depth > MAX_DEPTH:
+        return 0
+    kind = e.get("type")
+    if kind in _INTS:
+        return _INTS[kind].size
+    if kind == "bool":
+        return 1
+    if kind == "bytes":
+        return e["size"] if isinstance(e.get("size"), int) and e["size"] > 0 else 0
+    if kind in ("vbytes", "str", "list"):
+        return 4
+    if kind == "struct" and isinstance(e.get("fields"), list):
+        total = 0
+        for n in e["fields"]:
+            one = _min_size(n, depth + 1)
+            count = n.get("count", 1) if isinstance(n, Mapping) else 1
+            total += one * count if isinstance(count, int) and count >= 0 else 0
+        return total
+    return 0
 
 
 def encode_section(schema: Mapping[str, Any], value: SectionValue) -> bytes:
@@ -153,6 +246,9 @@ def encode_section(schema: Mapping[str, Any], value: SectionValue) -> bytes:
 
 def _enc_fields(fields: list, values: Mapping[str, Any], out: list[bytes]) -> None:
     for f in fields:
+        if f.get("pad"):
+            out.append(bytes(f["size"] * f.get("count", 1)))  # padding carries no value
+            continue
         v = values[f["name"]]
         if "count" in f and f["type"] != "list":
             for x in v:
@@ -164,6 +260,12 @@ def _enc_fields(fields: list, values: Mapping[str, Any], out: list[bytes]) -> No
 def _enc_value(f: Mapping[str, Any], v: Any, out: list[bytes]) -> None:
     t = f["type"]
     if t in _INTS:
+        if "bits" in f:
+            packed, shift = 0, 0
+            for b in f["bits"]:
+                packed |= (v[b["name"]] & ((1 << b["width"]) - 1)) << shift
+                shift += b["width"]
+            v = packed
         out.append(_INTS[t].pack(v))
     elif t == "bool":
         out.append(b"\x01" if v else b"\x00")

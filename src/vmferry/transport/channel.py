@@ -8,6 +8,7 @@ the destination: neither copies a page in Python. Two kinds:
                  carries the destination's return path (acks, postcopy page requests).
   FdChannel      pipes and regular files (file:, fd: of a pipe); exec: adds a child process
                  (`ExecChannel`). One direction only: `has_return_path` is False.
+  TlsChannel     (transport/tls.py) a SocketChannel whose bytes are TLS 1.3 records.
 
 Threads: one thread sends and one thread receives at a time; `shutdown()` may be called from any
 thread (the cancel path) and makes a send or receive blocked in another thread fail promptly with a
@@ -152,11 +153,13 @@ class Channel:
         raise NotImplementedError
 
     def _error(self, op: str, exc: OSError) -> TransportError:
+        """`op` names the operation with its preposition ("send on", "write to", "read from"),
+        so the message reads "write to exec:CMD failed: ..."."""
         if self._shut_down:
-            return TransportError(f"{op} on {self.label} failed: the channel was shut down")
+            return TransportError(f"{op} {self.label} failed: the channel was shut down")
         if isinstance(exc, TimeoutError):
-            return TransportError(f"{op} on {self.label} timed out")
-        return TransportError(f"{op} on {self.label} failed: {exc.strerror or exc}")
+            return TransportError(f"{op} {self.label} timed out")
+        return TransportError(f"{op} {self.label} failed: {exc.strerror or exc}")
 
 
 class SocketChannel(Channel):
@@ -178,7 +181,7 @@ class SocketChannel(Channel):
         try:
             n = self._sock.sendmsg(views)
         except OSError as e:
-            raise self._error("send", e) from e
+            raise self._error("send on", e) from e
         self.bytes_sent += n
         return n
 
@@ -186,7 +189,7 @@ class SocketChannel(Channel):
         try:
             n = self._sock.recv_into(view)
         except OSError as e:
-            raise self._error("receive", e) from e
+            raise self._error("receive on", e) from e
         if n == 0 and self._shut_down:
             # shutdown() from another thread looks like EOF to recv; say what really happened.
             raise TransportError(f"receive on {self.label} failed: the channel was shut down")

@@ -1,5 +1,7 @@
 """`vmferry check-compat OLD NEW`: what would break a migration from OLD (the source) to NEW (the
-destination), read from two `-dump-vmstate`-shaped descriptions (`vmferry describe` output).
+destination), read from two `-dump-vmstate`-shaped descriptions (`vmferry describe` output, or
+`build:MACHINE` for this build's own). `--dynamic` adds a pass that runs generated states through
+both sides' code (vmstate/dynamic.py); this module is the static, declarations-only part.
 
 The question asked of every section is the destination's: "given what the source sends at its
 version, can I read it?" So the destination's fields are taken as they are at the *source's*
@@ -186,20 +188,53 @@ def _bits(f: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{b['name']}:{b['width']}" for b in f.get("bits") or []) + "}"
 
 
+BUILD_PREFIX = "build:"
+
+
 def main_check_compat(args: argparse.Namespace) -> int:
-    old, new = _read(args.old), _read(args.new)
-    try:
-        problems = check_compat(old, new)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise VmferryError(f"malformed description: {e!r}") from None
-    for p in problems:
-        print(p)
-    if not problems:
-        print(f"compatible: a stream from {args.old} loads on {args.new}")
-    return 1 if problems else 0
+    """Static check OLD -> NEW (and NEW -> OLD with --both-directions); with --dynamic, the same
+    directions again through generated states (vmstate/dynamic.py). Exit 1 if anything breaks."""
+    if args.examples < 1:
+        raise VmferryError(f"--examples must be at least 1, not {args.examples}")
+    pairs = [(args.old, args.new)] + ([(args.new, args.old)] if args.both_directions else [])
+    lines: list[str] = []
+    for src, dst in pairs:
+        try:
+            lines += [str(p) for p in check_compat(_read(src), _read(dst))]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise VmferryError(f"malformed description: {e!r}") from None
+    coverage = None
+    if args.dynamic:
+        from vmferry.vmstate import dynamic
+
+        coverage = dynamic.Coverage()
+        for src, dst in pairs:
+            lines += [str(f) for f in dynamic.check_dynamic(_side(src), _side(dst), examples=args.examples,
+                                                            seed=args.seed, coverage=coverage)]
+    for line in lines:
+        print(line)
+    if not lines:
+        both = " and back" if args.both_directions else ""
+        print(f"compatible: a stream from {args.old} loads on {args.new}{both}")
+    if coverage is not None:
+        print(f"dynamic: {coverage}")
+    return 1 if lines else 0
+
+
+def _side(spec: str) -> Any:
+    from vmferry.vmstate import dynamic
+
+    if spec.startswith(BUILD_PREFIX):
+        return dynamic.build_side(spec.removeprefix(BUILD_PREFIX))
+    return dynamic.description_side(_read(spec), spec)
 
 
 def _read(path: str) -> dict[str, Any]:
+    """A description file, or `build:MACHINE`: this build's description of that machine type."""
+    if path.startswith(BUILD_PREFIX):
+        from vmferry.machine.machine_type import section_registry
+
+        return section_registry().describe(path.removeprefix(BUILD_PREFIX))
     try:
         with open(path) as f:
             return json.load(f)

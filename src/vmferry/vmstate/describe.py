@@ -1,9 +1,8 @@
-"""`vmferry describe`: print a machine type's device-state description, and the helpers the
-committed `schemas/` test uses to pin released machine types."""
+"""The canonical text of a machine type's device-state description (what `vmferry describe`
+prints), and the helpers the committed `schemas/` test uses to pin released machine types."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,13 @@ def dumps(description: dict[str, Any]) -> str:
     return json.dumps(description, indent=2, sort_keys=True) + "\n"
 
 
-def main_describe(args: argparse.Namespace) -> int:
-    registry.load_device_registrations()
-    machine = args.machine or registry.newest()
-    print(dumps(registry.describe(machine)), end="")
-    return 0
-
-
-def write_schema(machine: str, path: str | Path, reg: registry.Registry = registry.default) -> None:
+def write_schema(machine: str, path: str | Path, reg: registry.Registry) -> None:
     """Freeze a machine type's description (when it is released)."""
     Path(path).write_text(dumps(reg.describe(machine)))
 
 
-def schema_problems(machine: str, path: str | Path, newest: str | None = None,
-                    reg: registry.Registry = registry.default) -> list[str]:
+def schema_problems(machine: str, path: str | Path, reg: registry.Registry,
+                    newest: str | None = None) -> list[str]:
     """What the schemas test asserts is empty, for one released machine type:
 
     1. the code still describes `machine` exactly as the committed file does (a released

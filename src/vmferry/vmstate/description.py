@@ -2,7 +2,7 @@
 
 - `stream_entry`: the section entry of a stream's DESCRIPTION record (docs/stream-format.md,
   "The description"): exactly the fields a stream of one version carries. A generic reader
-  (`generic.decode_with_description`) decodes a payload from it alone.
+  (`stream.sections.decode_section`) decodes a payload from it alone.
 - `qemu_description`: the shape of QEMU's `-dump-vmstate` (name, version_id, minimum_version_id,
   fields with field / version_id / field_exists / size, nested `Description`, subsections), which
   `vmferry describe` prints and `compat.check_compat` compares.

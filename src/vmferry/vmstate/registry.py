@@ -1,11 +1,12 @@
 """Which VMState sections each machine type carries, and at which version.
 
-Device modules register their state classes at import time:
+A `Registry` is filled from a table (vmferry's own machine types: `machine_type.section_registry()`
+builds one from each type's device table; tests build their own):
 
 ```python
-registry.register(("vmferry-1.0", "vmferry-1.1"), SerialState, version=2)  # 1.0/1.1 send v2
-registry.register("vmferry-1.2", SerialState)                               # newest version
-registry.register("vmferry-1.2", OldThingState, load_only=True)            # reads old streams
+reg.register(("vmferry-1.0", "vmferry-1.1"), SerialState, version=2)  # 1.0/1.1 send v2
+reg.register("vmferry-1.2", SerialState)                               # newest version
+reg.register("vmferry-1.2", OldThingState, load_only=True)            # reads old streams
 ```
 
 Pinning `version` per machine type is how a newer build "boots a device as version foo": started
@@ -16,16 +17,12 @@ it lets this machine type accept a section an older build sent (a device since s
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from collections.abc import Iterable
 from typing import Any
 
 from vmferry.errors import VmferryError
 from vmferry.vmstate.state import VMState
-
-# The package whose import registers every device's state (each device module registers itself).
-DEVICE_PACKAGE = "vmferry.devices"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +41,7 @@ class Entry:
 
 
 class Registry:
-    """Machine type -> section name -> Entry. The module keeps one (`default`); tests make their own."""
+    """Machine type -> section name -> Entry."""
 
     def __init__(self) -> None:
         self._machines: dict[str, dict[str, Entry]] = {}
@@ -99,18 +96,3 @@ class Registry:
 
 def _version_key(machine: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", machine))
-
-
-default = Registry()
-register = default.register
-unregister = default.unregister
-machine_types = default.machine_types
-newest = default.newest
-entries = default.entries
-lookup = default.lookup
-describe = default.describe
-
-
-def load_device_registrations() -> None:
-    """Import the device package so every device module has registered its state."""
-    importlib.import_module(DEVICE_PACKAGE)

@@ -17,6 +17,7 @@ subsections included, is decoded and validated before the first attribute is wri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ class Section:
     subsections: dict[str, Section] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The shape `generic.decode_with_description` returns (bytes as lowercase hex)."""
+        """JSON form (bytes as lowercase hex): what `vmferry analyze` shows, plus name and version."""
         return {
             "name": self.name,
             "version": self.version,
@@ -131,14 +132,19 @@ class VMState:
     @classmethod
     def snapshot(cls, obj: Any, version: int | None = None) -> Section:
         """Capture `obj` as a Section: pre_save, the fields, then each subsection whose
-        `needed(obj)` is true. `version` pins an older layout (a machine type's)."""
-        v = cls.version if version is None else version
-        cls.pre_save(obj)
-        sec = Section(cls.name, v, cls.capture(obj))
-        for sub in cls.subsections:
-            if sub.needed(obj):
-                sec.subsections[sub.name] = sub.snapshot(obj)
-        return sec
+        `needed(obj)` is true. `version` pins an older layout (a machine type's).
+
+        A device whose state another thread may change offers `state_lock()` (a re-entrant
+        lock's context): it is held across the whole capture — section, every `needed()` and
+        every subsection — so they are one consistent snapshot."""
+        with _state_lock(obj):
+            v = cls.version if version is None else version
+            cls.pre_save(obj)
+            sec = Section(cls.name, v, cls.capture(obj))
+            for sub in cls.subsections:
+                if sub.needed(obj):
+                    sec.subsections[sub.name] = sub.snapshot(obj)
+            return sec
 
     @classmethod
     def save(cls, obj: Any, version: int | None = None) -> bytes:
@@ -191,6 +197,11 @@ class VMState:
     def apply_section(cls, obj: Any, sec: Section) -> None:
         """Apply already validated values: every pre_load, then the values, then every post_load
         (subsections' before the section's own, as QEMU orders them)."""
+        with _state_lock(obj):  # all of it or none of it, as another thread sees the device
+            cls._apply_section(obj, sec)
+
+    @classmethod
+    def _apply_section(cls, obj: Any, sec: Section) -> None:
         present = [(sub, sec.subsections[sub.name]) for sub in cls.subsections if sub.name in sec.subsections]
         cls.pre_load(obj)
         for sub, _ in present:
@@ -257,6 +268,11 @@ class VMState:
     def to_description(cls, version: int | None = None) -> dict[str, Any]:
         """`-dump-vmstate`-shaped description (what `vmferry describe` prints)."""
         return desc.qemu_description(cls, version)
+
+
+def _state_lock(obj: Any) -> contextlib.AbstractContextManager[Any]:
+    lock = getattr(obj, "state_lock", None)
+    return lock() if callable(lock) else contextlib.nullcontext()
 
 
 def _described_version(cls: type[VMState], description: Any) -> int:

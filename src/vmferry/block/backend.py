@@ -1,0 +1,53 @@
+"""`BlockBackend`: what a block device asks of the storage behind it.
+
+Offsets and lengths are bytes; a device works in 512-byte sectors and checks a request fits in
+`size` before calling. Calls come from the device's I/O thread, one at a time per backend, so a
+backend need not be thread-safe; `close()` comes after that thread has stopped.
+
+An NBD client backend (qcow2 or remote storage served by `qemu-storage-daemon`) fits this shape:
+`read_into`/`write` become NBD_CMD_READ/WRITE, `flush` NBD_CMD_FLUSH, `allocated_extents` the
+base:allocation metadata context, and `lock` is the server's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from vmferry.errors import VmferryError
+
+SECTOR_SIZE = 512
+
+
+class BlockError(VmferryError):
+    """A drive could not be opened, locked or served; the message names the drive and the image."""
+
+
+class BlockBackend(Protocol):
+    @property
+    def size(self) -> int:
+        """Bytes the guest may address (the image size)."""
+        ...
+
+    @property
+    def readonly(self) -> bool: ...
+
+    def describe(self) -> dict:
+        """QMP's BlockDeviceInfo shape for query-block's "inserted" member."""
+        ...
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill `buf` from the image at `offset`; holes read as zeros without being read."""
+        ...
+
+    def write(self, offset: int, data: memoryview | bytes) -> None: ...
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync for a file)."""
+        ...
+
+    def allocated_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """(offset, nbytes) of each range in [start, end) that may hold data; the rest are holes."""
+        ...
+
+    def close(self) -> None: ...
