@@ -139,9 +139,11 @@ class DirtyLog:
             self._sync_locked()
             self._consumers[name] = np.zeros(self.nwords, dtype=np.uint64)
 
-    def remove_consumer(self, name: str) -> None:
+    def remove_consumer(self, name: str) -> int:
+        """Drop a consumer; returns how many consumers remain."""
         with self._lock:
             self._consumers.pop(name, None)
+            return len(self._consumers)
 
     def bitmap(self, name: str) -> np.ndarray:
         """The consumer's own u64 bitmap, live: the consumer clears bits in it as it goes."""

@@ -29,6 +29,7 @@ from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.records import StreamHeader
 from vmferry.transport.channel import Channel
@@ -51,6 +52,7 @@ class IncomingMigration:
         listener: Listener,
         state: MigrationState,
         on_loaded: Callable[[], None],
+        trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -69,6 +71,7 @@ class IncomingMigration:
         self._reported = 0  # stream bytes last reported in PROGRESS
         self._reported_at = 0.0
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
+        self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -111,14 +114,18 @@ class IncomingMigration:
             self.machine.park_vcpus()  # thread creation stays out of the downtime
             # The destination's clock starts when the source connects, not while it waited.
             self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
+            self.trace = self._trace_opener()
             self.state.set(S.ACTIVE)
             self._receive(self.channel)
+            self._applied("ram", self.session.passes)
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             t0 = time.monotonic()
             self.session.complete()
+            self._applied("devices", self.session.passes)
             t1 = time.monotonic()
             self.on_loaded()
+            self._applied("started", self.session.passes)
             t2 = time.monotonic()
             if self._rp is not None:
                 self._rp.ack(self.session.record_count, {"apply": round((t1 - t0) * 1000, 3),
@@ -223,7 +230,14 @@ class IncomingMigration:
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
         self.stats.duplicate = self.ram.zero_pages
-        self.stats.dirty_sync_count = self.session.passes
+        if self.stats.dirty_sync_count != self.session.passes:
+            self.stats.dirty_sync_count = self.session.passes
+            self._applied("pass-start", self.session.passes)
+
+    def _applied(self, what: str, number: int) -> None:
+        """Trace what this side has applied so far (docs/trace.md, event `applied`)."""
+        self.trace.event("applied", what=what, pass_=number, bytes=self.stats.transferred,
+                         pages=self.stats.normal, zero_pages=self.stats.duplicate)
 
     def _check_header(self, h: StreamHeader) -> None:
         if h.page_size != 4096:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "a value between 0 and 9"),
     ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
               "a value between 0 and 20"),
+    ParamSpec("x-trace-file", "str", "vmferry: write the next migration's JSON-lines trace "
+              "(docs/trace.md) to this path on this side's host; \"\" means no trace",
+              expects="a path in an existing directory"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -128,6 +132,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "the URI's host); ignored while tls-creds is empty, as in QEMU",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-trace-file": "opened by `migrate` (source) or when the source connects (destination); "
+                    "docs/trace.md",
 }
 
 
@@ -169,6 +175,7 @@ class MigrationParameters:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    x_trace_file: str = ""
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -233,6 +240,8 @@ def _check_one(spec: ParamSpec, value: object) -> object:
             return ""
         if not isinstance(value, str):
             raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+        if name == "x-trace-file" and value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+            raise QmpError(f"Parameter '{name}' expects {spec.expects}")
         return value
     if spec.choices:
         if not isinstance(value, str):

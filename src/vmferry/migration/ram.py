@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ class RamSaver(Saver):
     def __init__(self, blocks: Sequence[RamBlock], encoder: StreamEncoder) -> None:
         self.blocks = list(blocks)
         self.encoder = encoder
+        self.final_sync: tuple[int, float] = (0, 0.0)  # the stopped sync: pages found, ms
         self._scratch_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._list_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._started = False
@@ -167,7 +169,9 @@ class RamSaver(Saver):
     def complete(self, out: SaverOutput) -> None:
         """The vCPUs are paused: the last sync, then the queue and the bitmaps straight from
         guest memory."""
+        t = time.monotonic()
         self.sync()
+        self.final_sync = (self.remaining(), (time.monotonic() - t) * 1000)  # pages, ms: for traces
         self._claim()
         self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
 
@@ -278,8 +282,7 @@ class RamSaver(Saver):
         if not self._started:
             return
         for b in self.blocks:
-            b.remove_dirty_consumer(CONSUMER)
-            b.stop_dirty_log()
+            b.release_dirty_consumer(CONSUMER)  # the log keeps running for other consumers
         self._queue = []
         self._queue_pos = []
         self._started = False
