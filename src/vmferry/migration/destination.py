@@ -41,6 +41,7 @@ S = MigrationStatus
 CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
+CAUGHT_UP_S = 0.001
 
 
 class IncomingMigration:
@@ -68,6 +69,7 @@ class IncomingMigration:
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes last reported in PROGRESS
+        self._reported_at = 0.0
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
         self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
         self._traced_pass = 0
@@ -212,7 +214,10 @@ class IncomingMigration:
         """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
         read right now): the report the source waits for before it pauses the guest. Whether
         more is waiting is asked (one poll) only after a short read or a read straight into
-        place — a full 1 MiB chunk means more is coming."""
+        place — a full 1 MiB chunk means more is coming. Caught-up reports come at most once
+        per CAUGHT_UP_S: within it, the poll waits that long for more data, and reports only
+        if none came (so the last report is never held back, and a destination that keeps
+        catching up does not flood the source with one report per read)."""
         per_mib = consumed - self._reported >= PROGRESS_BYTES
         if not per_mib:
             if not maybe_caught_up:
@@ -220,9 +225,11 @@ class IncomingMigration:
             if self._poll is None:
                 self._poll = select.poll()
                 self._poll.register(channel.fileno(), select.POLLIN)
-            if self._poll.poll(0):
-                return
+            wait_s = CAUGHT_UP_S - (time.monotonic() - self._reported_at)
+            if self._poll.poll(max(0, round(wait_s * 1000))):
+                return  # more is waiting: not caught up after all
         self._reported = consumed
+        self._reported_at = time.monotonic()
         self._rp.progress(consumed)  # type: ignore[union-attr]
 
     def _count(self) -> None:

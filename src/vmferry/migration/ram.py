@@ -123,10 +123,8 @@ class RamSaver(Saver):
         for b in self.blocks:
             b.add_dirty_consumer(CONSUMER)
             # Logging first, then the population scan: a page first touched in between is in
-            # the log; one touched before is seen by mincore. Nothing falls between. A block
-            # without a VM (tests, tools) has no KVM log: its writers mark pages themselves.
-            if b.vm is not None:
-                b.start_dirty_log()
+            # the log; one touched before is seen by mincore. Nothing falls between.
+            b.start_dirty_log()
             populated = b.populated_pages()
             b.mark_dirty(CONSUMER, populated)
             self.populated.append(populated)

@@ -265,7 +265,7 @@ class OutgoingMigration:
             if session.backlog() == 0 or rp.closed.is_set() or self._cancel.is_set():
                 return
             if now >= deadline:
-                log.info("switchover: %d bytes still in flight after waiting %.2f s for the "
+                log.warning("switchover: %d bytes still in flight after waiting %.2f s for the "
                          "destination", session.backlog(), DRAIN_S)
                 return
             rp.wait_progress(deadline - now)
@@ -321,8 +321,8 @@ class OutgoingMigration:
         self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=self.stats.downtime_bytes,
                          phases=self.stats.downtime_phases)
         self.state.set(S.COMPLETED)
-        log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
-                 self.stats.downtime_phases)
+        log.info("migration completed: downtime %.1f ms (%s); %d progress reports", self.stats.downtime_ms,
+                 self.stats.downtime_phases, session.e2e.samples)
 
     def _wait_for_ack(self) -> None:
         assert self.return_path is not None
