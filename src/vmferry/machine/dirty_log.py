@@ -158,6 +158,17 @@ class DirtyLog:
         with self._lock:
             bm |= units_to_bitmap(unit_mask)
 
+    def take(self, name: str) -> np.ndarray | None:
+        """Atomically copy and clear one consumer's bitmap (None if nothing is set): a sync
+        folding into it from another thread can neither be lost nor half-taken."""
+        bm = self.bitmap(name)
+        with self._lock:
+            if not bm.any():
+                return None
+            taken = bm.copy()
+            bm[:] = 0
+            return taken
+
     def units(self, name: str) -> np.ndarray:
         """Indexes of the units set in the consumer's bitmap."""
         return bitmap_to_units(self.bitmap(name), self.nunits)

@@ -187,6 +187,10 @@ class RamBlock:
         (bit i of little-endian u64 word j = page 64*j+i)."""
         return self.dirty.bitmap(name)
 
+    def take_dirty(self, name: str) -> np.ndarray | None:
+        """Copy and clear the consumer's bitmap in one step (None if no page is set)."""
+        return self.dirty.take(name)
+
     def mark_dirty(self, name: str, page_mask: np.ndarray) -> None:
         """OR a bool-per-page mask into a consumer's bitmap (e.g. populated_pages())."""
         self.dirty.mark(name, page_mask)

@@ -182,14 +182,12 @@ class RamSaver(Saver):
 
     def _claim(self) -> None:
         """Move every page set in the bitmaps into the queue. From here a guest write
-        re-dirties a page through the KVM log; only the bits taken are cleared, so a page a
-        writer marks meanwhile stays marked."""
+        re-dirties a page through the dirty log; the bitmap is taken and cleared in one step, so
+        a sync by another consumer's thread (calc-dirty-rate) cannot lose a bit in between."""
         for i, b in enumerate(self.blocks):
-            bm = b.dirty_bitmap(CONSUMER)
-            if not bm.any():
+            taken = b.take_dirty(CONSUMER)
+            if taken is None:
                 continue
-            taken = bm.copy()
-            np.bitwise_xor(bm, taken, out=bm)
             rest = self._queue[i][self._queue_pos[i]:]
             fresh = dirty_page_indexes(taken, b.npages)
             self._queue[i] = fresh if rest.size == 0 else _merge_sorted(rest, fresh)
