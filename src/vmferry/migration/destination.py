@@ -204,6 +204,8 @@ class IncomingMigration:
             self._check_config(rec.settings)
         elif isinstance(rec, Command) and rec.code == CommandCode.POPULATED_HINT:
             self.ram.prefault(rec.block_id, rec.data)
+        elif isinstance(rec, Command) and rec.code == CommandCode.DEVICE_PROPERTIES:
+            self.devices.check_properties(rec.data)
         elif isinstance(rec, Command) and rec.code == CommandCode.SHUT:
             raise MigrationError(f"the source gave up: {rec.message}")
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from vmferry.stream.records import Description
+from vmferry.stream.records import Command, Description
 
 
 class DeviceStateSaver(Protocol):
     def description(self) -> Description:
         """The DESCRIPTION record: every section that will follow, with its id."""
+        ...
+
+    def stream_records(self) -> list[Command]:
+        """Records the machine type adds right after the DESCRIPTION (its stream features)."""
         ...
 
     def save(self) -> list[tuple[int, bytes]]:
@@ -26,6 +30,10 @@ class DeviceStateLoader(Protocol):
     def check_description(self, description: Description) -> None:
         """Refuse (StateLoadError / MigrationError naming the section) a description this
         machine cannot load: an unknown section, a version outside what we accept."""
+        ...
+
+    def check_properties(self, data: bytes) -> None:
+        """Refuse a DEVICE_PROPERTIES command whose device properties differ from ours."""
         ...
 
     def stage(self, section_id: int, payload: bytes) -> None:

@@ -174,6 +174,7 @@ class OutgoingMigration:
         head = [self.encoder.header(), self.encoder.encode(Config(config))]
         head.append(self.encoder.encode(block_table(self.machine.ram_blocks)))
         head.append(self.encoder.encode(self.devices.description()))
+        head += [self.encoder.encode(r) for r in self.devices.stream_records()]
         self._send(head)
         self.stats.unpopulated = self.ram.setup()
         self._send([self.encoder.encode(hint) for hint in self.ram.populated_hints()])

@@ -68,6 +68,7 @@ class CommandCode(IntEnum):
     POSTCOPY_RUN = 8
     RECEIVED_BITMAP = 9
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
+    DEVICE_PROPERTIES = 0x8002  # advisory: the source's device properties (machine type vmferry-0.2 on)
 
 
 ADVISORY_COMMANDS = 0x8000
