@@ -92,6 +92,8 @@ class MachineType:
     deprecated: bool = False
     # The vmferry release that introduced it.
     since: str = ""
+    # The most vCPUs (`--smp`) a machine of this type takes.
+    cpu_max: int = 64
 
     def spec(self, device_id: str) -> DeviceSpec:
         return next(s for s in self.devices if s.id == device_id)
@@ -165,6 +167,22 @@ def get_machine_type(name: str | None = None) -> MachineType:
         aliases = (f"{a} (alias of {t})" for a, t in MACHINE_ALIASES.items())
         known = ", ".join([*sorted(MACHINE_TYPES), *aliases])
         raise VmferryError(f"unknown machine type {name!r} (known: {known})") from None
+
+
+def query_machines() -> list[dict[str, Any]]:
+    """QMP `query-machines`: one MachineInfo per machine type, oldest first."""
+    aliases = {target: alias for alias, target in MACHINE_ALIASES.items()}
+    out = []
+    for mt in MACHINE_TYPES.values():
+        info: dict[str, Any] = {"name": mt.name}
+        if mt.name in aliases:
+            info["alias"] = aliases[mt.name]
+        if mt.name == DEFAULT_MACHINE_TYPE:
+            info["is-default"] = True
+        info.update({"cpu-max": mt.cpu_max, "hotpluggable-cpus": False, "numa-mem-supported": False,
+                     "deprecated": mt.deprecated, "default-ram-id": "pc.ram", "acpi": False})
+        out.append(info)
+    return out
 
 
 @functools.cache
