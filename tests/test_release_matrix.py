@@ -231,7 +231,10 @@ def test_newest_machine_type_to_an_older_release_is_refused_by_name_before_any_r
     assert ram.get("normal", 0) == 0 and ram.get("duplicate", 0) == 0, info
     assert dst.status() == "inmigrate"
     assert "verify" not in dst.serial()  # the guest never ran there
-    assert src.wait_migration(timeout=120)["status"] == "failed"
+    src_info = src.wait_migration(timeout=120)
+    assert src_info["status"] == "failed", src_info
+    # (Its error-desc names the type when the destination's SHUT arrives before the source's
+    # own send fails; which comes first is up to the scheduler, so it is not asserted.)
     assert src.status() == "running"
     start = len(src.serial())
     src.wait_serial(r"verify ok", after=start, timeout=60)  # the source guest goes on
