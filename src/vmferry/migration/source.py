@@ -2,7 +2,8 @@
 
 States (QMP's): setup -> active -> device -> completed, or failed / cancelling -> cancelled.
 - setup: the channel is open; header, configuration, RAM block table and device description
-  (with what the machine type's stream features add) are sent; dirty logging starts and every populated page is marked.
+  (with what the machine type's stream features add) are sent; dirty logging starts and every
+  populated page is marked.
 - active: passes. Each pass sends the marked pages, then syncs the dirty log. After each sync,
   expected downtime = dirty bytes / measured bandwidth; within downtime-limit, passes go on
   while they still halve the backlog (convergence.switch_now), then switch over.

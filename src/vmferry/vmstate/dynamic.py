@@ -115,8 +115,9 @@ class Finding:
 def build_side(machine: str, label: str = "this build") -> Side:
     """This build's code for `machine`: its sections at the versions the machine type pins, and
     the compat properties it sets."""
-    from vmferry.machine.machine_type import MACHINE_TYPES, section_registry
+    from vmferry.machine.machine_type import MACHINE_ALIASES, MACHINE_TYPES, section_registry
 
+    machine = MACHINE_ALIASES.get(machine, machine)  # build:vmferry is the newest, as -M vmferry
     entries = section_registry().entries(machine)
     sections = {e.cls.name: SectionSpec(e.cls, e.version, e.load_only) for e in entries}
     # The devices' properties as the machine type sets them ("serial.properties" -> {...}), so a
