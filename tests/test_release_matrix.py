@@ -6,7 +6,10 @@ live (the `dirty` guest, running while its RAM moves) and by snapshot (`migrate 
 one, `--incoming file:` restored by the other). Each ends with the destination guest's own
 full-memory check printing `verify ok`, and the host-side check (`x-verify-dirty-guest`) agreeing.
 A stream of a machine type the destination does not know is refused before any RAM is loaded,
-with an error naming that machine type.
+with an error naming that machine type — among them this build's newest type (vmferry-0.2) sent
+live to a release that predates it; that type migrates live between two processes of this build.
+And `-M vmferry-0.1` on this build writes device sections byte-identical to the release's
+(host clock readings masked).
 """
 
 from __future__ import annotations
