@@ -219,6 +219,21 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
     return cpus
 
 
+@command("query-machines", "The machine types this build runs (`-M`), oldest first, in QEMU's "
+         "MachineInfo names: `alias` on the newest (`vmferry`, as QEMU's `pc`), `is-default` on the one `-M` "
+         "defaults to, `deprecated` on those to be retired (docs/machine-types.md).",
+         returns='`[{"name": str, "alias"?: str, "is-default"?: true, "cpu-max": int, '
+                 '"hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": bool, '
+                 '"default-ram-id": "pc.ram", "acpi": false}, ...]`',
+         example=({}, [{"name": "vmferry-0.1", "cpu-max": 64, "hotpluggable-cpus": False,
+                        "numa-mem-supported": False, "deprecated": False, "default-ram-id": "pc.ram",
+                        "acpi": False}, "..."]))
+def _query_machines(d: CommandDispatcher, args: dict, session: Session) -> object:
+    from vmferry.machine.machine_type import query_machines
+
+    return query_machines()
+
+
 # --- block -------------------------------------------------------------------------------------
 
 _NO_BLOCK = "This VMM has no block devices"
