@@ -6,7 +6,8 @@ QMP-visible state and numbers. The savers are RAM (ram.py) and device state (dev
 
 States (QMP's): setup -> active -> device -> completed, or failed / cancelling -> cancelled.
 - setup: the channel is open; header, configuration, then each saver's setup (RAM block table,
-  dirty logging started and every populated page marked, POPULATED_HINTs; device description, and what the machine type's stream features add).
+  dirty logging started and every populated page marked, POPULATED_HINTs; device description,
+  and what the machine type's stream features add).
 - active: passes (the session's). After each pass's sync, expected downtime = (what the savers
   still hold + what is in flight) / end-to-end bandwidth + a small allowance; within
   downtime-limit, passes go on while they still halve the backlog (convergence.switch_now).
