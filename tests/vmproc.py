@@ -32,15 +32,17 @@ def die_with_parent() -> None:
 
 
 class VmProcess:
-    """`connect=False`: leave the monitor to the test's own client (no QMP connection here)."""
+    """`connect=False`: leave the monitor to the test's own client (no QMP connection here).
+    `wrap`: a command that runs the VMM, e.g. `ip netns exec NAME` (it must exec it in place)."""
 
     def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None,
-                 pass_fds: tuple[int, ...] = (), connect: bool = True) -> None:
+                 pass_fds: tuple[int, ...] = (), connect: bool = True,
+                 wrap: tuple[str, ...] = ()) -> None:
         self.name = name
         self.qmp_path = tmp / f"{name}.qmp"
         self.serial_path = tmp / f"{name}.serial"
         self.log_path = tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{self.qmp_path}",
+        cmd = [*wrap, sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{self.qmp_path}",
                "--serial", f"file:{self.serial_path}", *args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         # The vmferry of this checkout, whichever one happens to be installed.

@@ -219,6 +219,7 @@ class VmControl:
             self.incoming = IncomingMigration(
                 self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
                 lambda: self._open_trace("destination"),
+                lambda: self.migration_parameters.x_heartbeat_ms,
             )
             self.incoming.start()
             self.listen_address = str(listener.address)

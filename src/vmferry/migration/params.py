@@ -117,6 +117,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("x-trace-file", "str", "vmferry: write the next migration's JSON-lines trace "
               "(docs/trace.md) to this path on this side's host; \"\" means no trace",
               expects="a path in an existing directory"),
+    ParamSpec("x-heartbeat-ms", "uint32", "vmferry: interval of the heartbeats both sides send, ms; "
+              "a peer silent for 3 intervals fails the migration; 0 turns heartbeats off",
+              0, 600_000, "0 (off) or an integer in the range of 100 to 600000 ms"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -132,6 +135,9 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "the URI's host); ignored while tls-creds is empty, as in QEMU",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-heartbeat-ms": "read when the migration starts, on each side (migration/heartbeat.py): "
+                      "each side beats at its own interval and gives up on a peer silent for 3 of "
+                      "its own intervals; a peer that sends no heartbeat is never timed out",
     "x-trace-file": "opened by `migrate` (source) or when the source connects (destination); "
                     "docs/trace.md",
 }
@@ -176,6 +182,7 @@ class MigrationParameters:
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
     x_trace_file: str = ""
+    x_heartbeat_ms: int = 1000
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -253,6 +260,8 @@ def _check_one(spec: ParamSpec, value: object) -> object:
         raise QmpError(f"Invalid parameter type for '{name}', expected: integer")
     assert spec.lo is not None and spec.hi is not None
     if not spec.lo <= value <= spec.hi:
+        raise QmpError(f"Parameter '{name}' expects {spec.expects}")
+    if name == "x-heartbeat-ms" and 0 < value < 100:
         raise QmpError(f"Parameter '{name}' expects {spec.expects}")
     if name == "xbzrle-cache-size" and value & (value - 1):
         raise QmpError(f"Parameter '{name}' expects {spec.expects}")

@@ -20,6 +20,12 @@ States (QMP's): setup -> active -> device -> completed, or failed / cancelling -
   cancel resumes the source. After END, without the ACK, the source stays paused (the destination
   may be running): `failed` says so, and `cont` resumes the source if the destination is not.
 
+Heartbeats (migration/heartbeat.py), on a channel with a return path: a HEARTBEAT goes into the
+stream right after the setup and then whenever the stream has been quiet for x-heartbeat-ms
+(sent by this thread between records: after a send, while the rate limit holds it, while it
+drains). The watchdog fails the migration when the destination has been silent for 3 intervals
+(once it sent a HEARTBEAT), shutting the channel down so a send blocked on it returns.
+
 Downtime (query-migrate "downtime") = from the vCPUs pausing here to the destination's ACK
 arriving (the guest runs on the destination by then); without a return path, to END written.
 """
@@ -39,6 +45,7 @@ from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
+from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.ram import RamSaver
@@ -48,6 +55,7 @@ from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
 from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.records import Command, CommandCode
 from vmferry.transport.bandwidth import RateLimiter
 from vmferry.transport.channel import Channel
 
@@ -90,6 +98,9 @@ class OutgoingMigration:
         self._cancel = threading.Event()
         self._paused_by_us = False
         self._end_sent = False
+        self.watchdog: Watchdog | None = None
+        self._silence: str | None = None  # the watchdog's reason, once the destination went silent
+        self._beat_at = 0.0  # when the stream last carried anything
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
 
@@ -124,9 +135,39 @@ class OutgoingMigration:
         if limit != self.limiter.bytes_per_s:
             self.limiter.set_limit(limit)
         self.limiter.record(n)
-        if limit and not self.limiter.wait(self._cancel.is_set):
-            raise MigrationError("migration cancelled")
+        self._beat_at = time.monotonic()
+        if limit and not self.limiter.wait(self._stop_waiting):
+            raise MigrationError(self._silence or "migration cancelled")
         return n
+
+    def _stop_waiting(self) -> bool:
+        """The rate limit's wait: beat while held; stop on cancel or a silent destination."""
+        self._maybe_beat()
+        return self._cancel.is_set() or self._silence is not None
+
+    def _maybe_beat(self, now: bool = False) -> None:
+        """A HEARTBEAT into the stream if it has been quiet for an interval. Only between
+        records (the encoder's digest covers every record in order), so only on this thread."""
+        wd = self.watchdog
+        if wd is None or not wd.enabled or self._end_sent or self.channel is None:
+            return
+        if not now and time.monotonic() - self._beat_at < wd.interval_s:
+            return
+        n = self.channel.sendmsg([self.encoder.encode(Command(CommandCode.HEARTBEAT))])
+        self._beat_at = time.monotonic()
+        self.stats.transferred += n
+        if self.session is not None:
+            self.session.sent += n
+
+    def _destination_quiet_for(self) -> float:
+        rp = self.return_path
+        return 0.0 if rp is None else time.monotonic() - rp.heard_at
+
+    def _destination_silent(self, reason: str) -> None:
+        """From the watchdog: give up on the destination, interrupting a blocked send."""
+        self._silence = reason
+        if self.channel is not None:
+            self.channel.shutdown()
 
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -150,6 +191,8 @@ class OutgoingMigration:
             else:
                 self.ram.cleanup()
             self.stats.end_ns = time.monotonic_ns()
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if self.channel is not None:
                 try:
                     self.channel.close()
@@ -179,8 +222,12 @@ class OutgoingMigration:
     def _setup(self) -> None:
         assert self.channel is not None
         if self.channel.has_return_path:
-            self.return_path = ReturnPathReader(self.channel, sent=lambda: self.stats.transferred)
+            self.watchdog = Watchdog(self.params.x_heartbeat_ms, self._destination_quiet_for,
+                                     self._destination_silent, peer="destination")
+            self.return_path = ReturnPathReader(self.channel, sent=lambda: self.stats.transferred,
+                                                on_heartbeat=self.watchdog.arm)
             self.return_path.start()
+            self.watchdog.start()
         config = {
             "producer": f"vmferry {__version__}",
             "machine-type": self.machine.machine_type.name,
@@ -192,6 +239,7 @@ class OutgoingMigration:
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
+        self._maybe_beat(now=True)  # tells the destination that this source beats
         # Objects alive now (the whole VMM) are never garbage; frozen, a collection during the
         # migration only scans what the migration allocates, and stays short.
         gc.freeze()
@@ -214,6 +262,7 @@ class OutgoingMigration:
         assert session is not None
         while True:
             self._take_progress()
+            self._maybe_beat()
             step = session.step(self, time.monotonic)
             if step.pass_started and self.on_pass is not None:
                 self.on_pass(step.pass_started)
@@ -269,7 +318,8 @@ class OutgoingMigration:
                 log.warning("switchover: %d bytes still in flight after waiting %.2f s for the "
                          "destination", session.backlog(), DRAIN_S)
                 return
-            rp.wait_progress(deadline - now)
+            rp.wait_progress(min(deadline - now, 0.05))
+            self._maybe_beat()
 
     def _switch_over(self) -> None:
         session = self.session
@@ -348,6 +398,8 @@ class OutgoingMigration:
             self.return_path.join(RETURN_PATH_LAST_WORD_S)
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
+        elif self._silence is not None:
+            reason = self._silence
         elif self.return_path is not None and self.return_path.shut_reason:
             reason = f"the destination refused the stream: {self.return_path.shut_reason}"
         elif isinstance(e, VmferryError):
