@@ -113,6 +113,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "a value between 0 and 9"),
     ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
               "a value between 0 and 20"),
+    ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
+              "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
+              "the other drives are shared storage"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -128,6 +131,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "the URI's host); ignored while tls-creds is empty, as in QEMU",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-block-drives": "`migrate`: these drives' contents go in the stream (migration/block.py); an "
+                      "id that is not a drive, or a read-only drive, refuses the migration by name",
 }
 
 
@@ -169,6 +174,7 @@ class MigrationParameters:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    x_block_drives: str = ""
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)

@@ -36,6 +36,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from vmferry import __version__
 from vmferry.errors import MigrationError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import DriveSaver
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.ram import RamSaver
@@ -65,7 +66,10 @@ class OutgoingMigration:
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
+        copy_drives: Sequence[str] = (),
     ) -> None:
+        """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
+        the others are shared."""
         self.machine = machine
         self.devices = devices
         self._channel_future = channel
@@ -76,6 +80,7 @@ class OutgoingMigration:
         self.on_pass = on_pass
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
+        self.drives = DriveSaver(machine.block_devices, copy_drives)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
         self.return_path: ReturnPathReader | None = None
@@ -180,7 +185,7 @@ class OutgoingMigration:
             "smp": self.machine.smp,
             "return-path": self.channel.has_return_path,
         }
-        self.session = SourceSession([self.ram, DeviceSaver(self.devices)], self.encoder, config,
+        self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
