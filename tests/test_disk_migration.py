@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +19,15 @@ from polling import wait_for
 from vmferry.block.options import DriveSpec
 from vmferry.block.raw import RawImage
 from vmferry.guests.verify_disk import verify_disk_image
-from vmproc import QmpReplyError, VmProcess
+from vmproc import REPO, QmpReplyError, VmProcess
 
 pytestmark = pytest.mark.kvm
 MEM = "64M"
 DISK = 64 << 20
 GUEST = "dws=8 drate=4 verify=1"
 QDEV = "/machine/virtio-mmio@feb00000"
+_PATH = (str(REPO / "src"), os.environ.get("PYTHONPATH"))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in _PATH if p)}
 
 
 @pytest.fixture
@@ -247,3 +251,35 @@ def test_snapshot_records_the_drive_and_restore_checks_the_image(tmp_path: Path,
     procs.append(good)
     assert good.wait_migration()["status"] == "completed"
     _verifies_after(good)
+
+
+def test_analyze_shows_block_records_per_drive_and_the_requests_in_flight(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    img, spare = _image(tmp_path, "disk.img"), _image(tmp_path, "spare.img", 1 << 20)
+    hold = tmp_path / "hold"
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "disk", "--append", GUEST,
+                    "--drive", _drive(img), "--drive", _drive(spare, "spare"),
+                    env={"VMFERRY_TEST_BLK_HOLD": str(hold)})
+    procs.append(src)
+    src.wait_serial(r"disk verify ok gen=\d+", timeout=60)
+    hold.touch()
+    wait_for(lambda: src.cmd("x-query-virtio-queue-status", path=QDEV, queue=0)["inuse"] >= 1,
+             "a request held in flight on the source")
+    src.cmd("migrate-set-parameters", **{"x-block-drives": "disk0"})
+    snap = tmp_path / "snap.vmf"
+    src.cmd("migrate", uri=f"file:{snap}")
+    info = src.wait_migration()
+    assert info["status"] == "completed", info
+    assert info["disk"]["total"] == DISK
+    out = subprocess.run([sys.executable, "-m", "vmferry", "analyze", str(snap)], capture_output=True,
+                         text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"^disk disk0: base 0x0, 67108864 bytes \(131072 sectors\); sectors sent (\d+), "
+                  r"zero (\d+), .*BLOCK_DATA", out.stdout, re.M)
+    assert m and int(m.group(1)) > 0 and int(m.group(1)) + int(m.group(2)) >= 8 << 11, out.stdout
+    assert re.search(r"^disk spare: 1048576 bytes \(2048 sectors\), shared", out.stdout, re.M), out.stdout
+    assert re.search(r"section virtio-blk \(id \d+, instance 0\)", out.stdout), out.stdout
+    # The request held in flight travels as the list in disk0's section; spare has none.
+    assert re.search(r'drive_id = "disk0"(.*\n)+?    pending = \[\{"queue": 0, "head": \d+\}\]\n',
+                     out.stdout), out.stdout
+    assert re.search(r'drive_id = "spare"(.*\n)+?    pending = \[\]\n', out.stdout), out.stdout
