@@ -231,6 +231,9 @@ class OutgoingMigration:
                 self._drain()
                 if self._cancel.is_set():
                     raise MigrationError("migration cancelled")
+                if self.return_path is not None and self.return_path.shut_reason:
+                    # The destination refused the stream: never pause the guest for it.
+                    raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
 
