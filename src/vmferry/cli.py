@@ -64,6 +64,8 @@ def _add_migrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", help="migration URI: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
     p.add_argument("--max-bandwidth", type=int, help="bytes per second")
     p.add_argument("--downtime-limit", type=int, help="milliseconds")
+    p.add_argument("--blk", action="store_true",
+                   help="copy every writable drive in the stream (non-shared storage; QMP migrate blk)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
