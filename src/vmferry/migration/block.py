@@ -25,18 +25,22 @@ Source (`DriveSaver`):
 Destination (`DriveLoader`): BLOCK_DEVICES is checked before any byte is written — each drive
 exists here (by id) and has exactly the source's size, and a copied one is writable — and the
 copied drives' images are locked at once (they are written from now on). BLOCK_DATA is written, BLOCK_ZERO
-punched. `complete` (END verified, before the device state is applied and the guest runs)
-flushes the copied images and locks the shared ones, which the source released at switchover.
+punched; a flusher thread fdatasyncs the copied images while the stream arrives, so the flush
+`complete` makes (END verified, before the device state is applied and the guest runs: the
+guest's earlier FLUSHes must hold here too) covers only what came last — measured, a 4.5 MB
+copy's fdatasync at END was ~50 ms of downtime. `complete` also locks the shared images, which
+the source released at switchover.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from vmferry.block.backend import SECTOR_SIZE
+from vmferry.block.backend import SECTOR_SIZE, BlockBackend
 from vmferry.devices.virtio_blk import DIRTY_UNIT, VirtioBlk
 from vmferry.errors import MigrationError
 from vmferry.machine.dirty_log import bitmap_to_units, units_to_bitmap
@@ -219,6 +223,52 @@ def _sectors_bytes(dev: VirtioBlk) -> int:
     return dev.backend.size // SECTOR_SIZE * SECTOR_SIZE
 
 
+class _Flusher:
+    """fdatasync of the images written since the last one, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._dirty: dict[int, BlockBackend] = {}
+        self._busy = False
+        self._stop = False
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def mark(self, backend: BlockBackend) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="migration-flush", daemon=True)
+                self._thread.start()
+            self._dirty[id(backend)] = backend
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._dirty and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                todo, self._dirty = list(self._dirty.values()), {}
+                self._busy = True
+            for backend in todo:
+                try:
+                    backend.flush()
+                except OSError as e:
+                    self.error = f"flushing '{getattr(backend, 'path', '?')}': {e.strerror}"
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Let a flush under way finish and stop; what it did not cover, the caller flushes."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class DriveLoader(Loader):
     name = "drives"
 
@@ -227,6 +277,7 @@ class DriveLoader(Loader):
         self._by_disk: dict[int, VirtioBlk] = {}
         self.received = 0  # bytes of BLOCK_DATA written
         self.total = 0
+        self._flusher = _Flusher()
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
         return {BlockDevices: self._on_devices, BlockData: self._on_data, BlockZero: self._on_zero}
@@ -265,15 +316,24 @@ class DriveLoader(Loader):
         return self._by_disk[disk_id]
 
     def _on_data(self, rec: BlockData) -> None:
-        self._drive(rec.disk_id).backend.write(rec.first_sector * SECTOR_SIZE, rec.data)
+        backend = self._drive(rec.disk_id).backend
+        backend.write(rec.first_sector * SECTOR_SIZE, rec.data)
         self.received += len(rec.data)
+        self._flusher.mark(backend)
 
     def _on_zero(self, rec: BlockZero) -> None:
-        self._drive(rec.disk_id).backend.write_zeroes(rec.first_sector * SECTOR_SIZE,
-                                                      rec.sector_count * SECTOR_SIZE)
+        backend = self._drive(rec.disk_id).backend
+        backend.write_zeroes(rec.first_sector * SECTOR_SIZE, rec.sector_count * SECTOR_SIZE)
+        self._flusher.mark(backend)
 
     def complete(self) -> None:
+        self._flusher.stop()
+        if self._flusher.error:
+            raise MigrationError(f"a copied drive could not be flushed: {self._flusher.error}")
         for dev in self._by_disk.values():
-            dev.backend.flush()
+            dev.backend.flush()  # what came last; the flusher covered the rest
         for dev in self.drives:
             dev.backend.lock()  # the shared images: the source released them at switchover
+
+    def release(self) -> None:
+        self._flusher.stop()
