@@ -24,9 +24,10 @@ from vmferry.migration.params import (
 # with its own test of the effect: max-bandwidth (test_migration.py::test_max_bandwidth_holds),
 # downtime-limit and events (test_monitor_migration.py), the TLS strings (test_monitor_objects.py,
 # test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
-# test_migration.py's killed/refusing destination tests), x-block-drives (test_disk_migration.py,
-# test_disk.py).
-EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-block-drives"}
+# test_migration.py's killed/refusing destination tests), x-trace-file (test_trace_migration.py),
+# x-block-drives (test_disk_migration.py, test_disk.py).
+EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
+             "x-block-drives"}
 EFFECTIVE_CAPS = {"events", "return-path"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
@@ -93,10 +94,10 @@ def test_the_effective_names_are_the_listed_ones() -> None:
     assert all(EFFECTIVE_PARAMETERS.values()) and all(EFFECTIVE_CAPABILITIES.values())
 
 
-_STRINGS = {"tls-creds", "tls-hostname", "tls-authz", "x-block-drives"}
+STRINGS = {"tls-creds", "tls-hostname", "tls-authz", "x-trace-file", "x-block-drives"}
 
 
-@pytest.mark.parametrize("name", sorted(EFFECTIVE - _STRINGS))
+@pytest.mark.parametrize("name", sorted(EFFECTIVE - STRINGS))
 def test_effective_numeric_parameter_changes(name: str) -> None:
     spec = next(s for s in PARAMETER_SPECS if s.qmp_name == name)
     p = MigrationParameters()

@@ -8,6 +8,7 @@ printed on COM1.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -21,6 +22,13 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, however that happens
+    (a killed or timed-out pytest must not leave VMs running)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class VmProcess:
@@ -39,7 +47,7 @@ class VmProcess:
         path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": path, **(env or {})},
-                                     pass_fds=pass_fds)
+                                     pass_fds=pass_fds, preexec_fn=die_with_parent)
         self.qmp: QEMUMonitorProtocol | None = None
         # Generous: starting Python, numpy and the VMM takes seconds on a loaded 2-core machine.
         deadline = time.monotonic() + 60

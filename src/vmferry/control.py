@@ -22,10 +22,13 @@ from vmferry.machine.machine import Machine
 from vmferry.migration.block import select_copied
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
+from vmferry.migration.dirty_rate import DirtyRateMeter
+from vmferry.migration.forecast import ForecastInput, forecast
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
+from vmferry.migration.trace import NULL_TRACE, NullTrace, TraceWriter
 from vmferry.monitor.objects import ObjectRegistry, TlsSetup, migration_tls
 from vmferry.stream.format import MAGIC as STREAM_MAGIC
 from vmferry.transport.channel import Channel
@@ -76,6 +79,7 @@ class VmControl:
         self._state: MigrationState | None = None
         self.listen_address = ""
         self._lock = threading.Lock()
+        self.dirty_rate = DirtyRateMeter(machine.ram_blocks)
 
     # --- events ---
 
@@ -92,6 +96,26 @@ class VmControl:
             self.postmigrate = True
         if self.migration_capabilities.enabled("events"):
             self.emit("MIGRATION", {"status": str(status)})
+        self._trace_status(status)
+
+    def _trace_status(self, status: MigrationStatus) -> None:
+        """Each phase goes into the migration's trace; a terminal one ends it."""
+        mig = self.outgoing or self.incoming
+        if mig is None:
+            return
+        mig.trace.event("phase", phase=str(status))
+        if status in (S.COMPLETED, S.FAILED, S.CANCELLED):
+            info = mig.stats.query(status)
+            mig.trace.close(str(status), total_time_ms=info.get("total-time", 0),
+                            transferred_bytes=mig.stats.transferred, error=info.get("error-desc"))
+
+    def _open_trace(self, side: str) -> NullTrace:
+        """The trace `x-trace-file` asks for, or none."""
+        path = self.migration_parameters.x_trace_file
+        if not path:
+            return NULL_TRACE
+        return TraceWriter(path, side, ram_bytes=sum(b.nbytes for b in self.machine.ram_blocks),
+                           machine_type=self.machine.machine_type.name)
 
     def _on_pass(self, number: int) -> None:
         if self.migration_capabilities.enabled("events"):
@@ -172,17 +196,22 @@ class VmControl:
             parsed = parse_uri(uri)  # a malformed URI is an error reply
             tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
                                 uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
+            trace = self._open_trace("source")  # a path it cannot write is refused here
             channel, connected = _connect_in_background(uri, tls)
             # A refused or unreachable peer answers at once: an error reply, as the user
             # expects. A peer that is slow to answer must not hold the monitor: the migration
             # thread waits for it and reports a failure as `failed`. The TLS handshake is not
             # waited for here: its failures always end as `failed`, with the reason.
-            with contextlib.suppress(FutureTimeout):
-                connected.result(timeout=CONNECT_WAIT_S)
+            try:
+                with contextlib.suppress(FutureTimeout):
+                    connected.result(timeout=CONNECT_WAIT_S)
+            except Exception as e:
+                trace.close("failed", error=str(e))  # the trace says why it is so short
+                raise
             saver = self._device_saver(self.machine)
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
-                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass,
+                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace,
                 copy_drives=copy_drives,
             )
             self.incoming = None
@@ -197,7 +226,8 @@ class VmControl:
             listener = _TlsListener(listen_incoming(uri), self._incoming_tls)
             self._state = MigrationState(self._on_migration_status)
             self.incoming = IncomingMigration(
-                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded
+                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
+                lambda: self._open_trace("destination"),
             )
             self.incoming.start()
             self.listen_address = str(listener.address)
@@ -250,9 +280,54 @@ class VmControl:
         return {"ok": verdict.ok, "pages": verdict.pages, "generation": verdict.generation,
                 "first-bad-page": verdict.first_bad_page, "reason": str(verdict)}
 
+    def calc_dirty_rate(self, calc_time: int, mode: str | None, sample_pages: int | None) -> None:
+        if self.inmigrate:
+            raise QmpError("the dirty rate cannot be measured while waiting for an incoming migration")
+        self.dirty_rate.calc(calc_time, mode, sample_pages)
+
+    def query_dirty_rate(self) -> dict:
+        return self.dirty_rate.query()
+
+    def migrate_forecast(self, args: dict) -> dict:
+        """x-migrate-forecast: the inputs the caller gave, else the last measurements."""
+        for name, value in args.items():
+            if value < 0:
+                raise QmpError(f"Parameter '{name}' expects a value of 0 or more")
+        populated = sum(int(b.populated_pages().sum()) for b in self.machine.ram_blocks) * 4096
+        dirty = args.get("dirty-rate")
+        if dirty is None:
+            info = self.dirty_rate.query()
+            if "x-dirty-bytes" not in info or info["mode"] != "dirty-bitmap":
+                raise QmpError("no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
+                               "or give 'dirty-rate'")
+            dirty = info["x-dirty-bytes"] / (float(info["x-elapsed-ms"]) / 1000)
+        bandwidth = args.get("bandwidth")
+        if bandwidth is None:
+            measured = self.outgoing.stats.bandwidth_bps if self.outgoing is not None else 0.0
+            bandwidth = measured or self.migration_parameters.max_bandwidth
+        if not bandwidth or bandwidth <= 0:
+            raise QmpError("no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or migrate "
+                           "once to measure it")
+        inputs = ForecastInput(
+            initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
+            downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
+            working_set_bytes=args.get("working-set", populated),
+            switchover_ms=args.get("switchover-ms", self._last_switchover_ms()))
+        out = forecast(inputs).as_qmp()
+        out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
+                         "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
+                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms}
+        return out
+
+    def _last_switchover_ms(self) -> float | None:
+        """The last outgoing migration's pause minus its RAM: the fixed part of a switchover."""
+        phases = self.outgoing.stats.downtime_phases if self.outgoing is not None else {}
+        return sum(v for k, v in phases.items() if k != "ram") if phases else None
+
     # --- lifetime ---
 
     def close(self) -> None:
+        self.dirty_rate.close()
         if self._migration_running():
             self.migrate_cancel()
         for mig in (self.outgoing, self.incoming):

@@ -35,6 +35,8 @@ from vmferry.machine.machine import ExitStatus, Machine
 from vmferry.machine.machine_type import parse_size
 from vmferry.migration.state import MigrationStatus
 from vmferry.monitor.commands import CommandDispatcher
+from vmferry.monitor.metrics import MetricsServer
+from vmferry.monitor.metrics import render as render_metrics
 from vmferry.monitor.objects import create_object, parse_object_option
 from vmferry.monitor.server import QmpServer
 
@@ -91,8 +93,10 @@ class Vmm:
         paused: bool = False,
         objects: list[tuple[str, object]] | None = None,
         drives: Sequence[DriveSpec] = (),
+        metrics: str | None = None,
     ) -> None:
         self.servers: list[QmpServer] = []
+        self.metrics: MetricsServer | None = None
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event,
                                drives=open_drives(drives, lock=incoming is None))
         self.control = VmControl(self.machine, _device_state, _device_state,
@@ -107,6 +111,9 @@ class Vmm:
                 self.machine.load_kernel(kernel, cmdline)
             if qmp:
                 self.servers.append(QmpServer(CommandDispatcher(self.control), qmp))
+            if metrics:
+                self.metrics = MetricsServer(metrics, self._metrics_text)
+                print(f"vmferry: metrics on {self.metrics.address}", file=sys.stderr, flush=True)
             if incoming is not None and incoming != "defer":
                 self.control.migrate_incoming(incoming)
                 print(f"vmferry: waiting for an incoming migration on {self.control.listen_address}",
@@ -117,6 +124,11 @@ class Vmm:
 
     def _on_event(self, name: str, data: dict) -> None:
         self.control.on_machine_event(name, data)
+
+    def _metrics_text(self) -> str:
+        ram_bytes = sum(b.nbytes for b in self.machine.ram_blocks)
+        return render_metrics(self.control.query_status(), self.control.query_migrate(),
+                              ram_bytes=ram_bytes, vcpus=self.machine.smp)
 
     def _emit(self, name: str, data: dict | None = None) -> None:
         for server in self.servers:
@@ -145,6 +157,8 @@ class Vmm:
         self.control.close()
         for server in self.servers:
             server.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.machine.close()
 
 
@@ -190,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
             paused=args.paused,
             objects=objects,
             drives=drives,
+            metrics=args.metrics,
         )
         status = vmm.run()
     except KeyboardInterrupt:

@@ -92,6 +92,12 @@ class Machine:
         )
         if smp < 1:
             raise VmferryError(f"--smp {smp}: need at least one vCPU")
+        if self.machine_type.deprecated:
+            log.warning("machine type '%s' is deprecated and will be retired (docs/machine-types.md)",
+                        self.machine_type.name)
+        if smp > self.machine_type.cpu_max:
+            raise VmferryError(f"--smp {smp}: machine type '{self.machine_type.name}' takes at most "
+                               f"{self.machine_type.cpu_max} vCPUs")
         self.memory = memory
         self.smp = smp
         self.on_event = on_event

@@ -30,6 +30,7 @@ from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.records import StreamHeader
 from vmferry.transport.channel import Channel
@@ -41,6 +42,7 @@ S = MigrationStatus
 CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
+CAUGHT_UP_S = 0.001
 
 
 class IncomingMigration:
@@ -51,6 +53,7 @@ class IncomingMigration:
         listener: Listener,
         state: MigrationState,
         on_loaded: Callable[[], None],
+        trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -68,7 +71,10 @@ class IncomingMigration:
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes last reported in PROGRESS
+        self._reported_at = 0.0
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
+        self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
+        self._traced_pass = 0
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -111,14 +117,18 @@ class IncomingMigration:
             self.machine.park_vcpus()  # thread creation stays out of the downtime
             # The destination's clock starts when the source connects, not while it waited.
             self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
+            self.trace = self._trace_opener()
             self.state.set(S.ACTIVE)
             self._receive(self.channel)
+            self._applied("ram", self.session.passes)
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             t0 = time.monotonic()
             self.session.complete()
+            self._applied("devices", self.session.passes)
             t1 = time.monotonic()
             self.on_loaded()
+            self._applied("started", self.session.passes)
             t2 = time.monotonic()
             if self._rp is not None:
                 self._rp.ack(self.session.record_count, {"apply": round((t1 - t0) * 1000, 3),
@@ -179,7 +189,11 @@ class IncomingMigration:
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
-                if self.session.feed(rec):
+                ended = self.session.feed(rec)
+                if self.session.passes != self._traced_pass:  # a PASS record: trace each one
+                    self._traced_pass = self.session.passes
+                    self._applied("pass-start", self._traced_pass)
+                if ended:
                     self._count()
                     if isinstance(self.listener.address, FileUri):
                         self._expect_end_of_file(channel, dec, chunk)
@@ -202,7 +216,10 @@ class IncomingMigration:
         """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
         read right now): the report the source waits for before it pauses the guest. Whether
         more is waiting is asked (one poll) only after a short read or a read straight into
-        place — a full 1 MiB chunk means more is coming."""
+        place — a full 1 MiB chunk means more is coming. Caught-up reports come at most once
+        per CAUGHT_UP_S: within it, the poll waits that long for more data, and reports only
+        if none came (so the last report is never held back, and a destination that keeps
+        catching up does not flood the source with one report per read)."""
         per_mib = consumed - self._reported >= PROGRESS_BYTES
         if not per_mib:
             if not maybe_caught_up:
@@ -210,15 +227,22 @@ class IncomingMigration:
             if self._poll is None:
                 self._poll = select.poll()
                 self._poll.register(channel.fileno(), select.POLLIN)
-            if self._poll.poll(0):
-                return
+            wait_s = CAUGHT_UP_S - (time.monotonic() - self._reported_at)
+            if self._poll.poll(max(0, round(wait_s * 1000))):
+                return  # more is waiting: not caught up after all
         self._reported = consumed
+        self._reported_at = time.monotonic()
         self._rp.progress(consumed)  # type: ignore[union-attr]
 
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
         self.stats.duplicate = self.ram.zero_pages
         self.stats.dirty_sync_count = self.session.passes
+
+    def _applied(self, what: str, number: int) -> None:
+        """Trace what this side has applied so far (docs/trace.md, event `applied`)."""
+        self.trace.event("applied", what=what, pass_=number, bytes=self.stats.transferred,
+                         pages=self.stats.normal, zero_pages=self.stats.duplicate)
 
     def _check_header(self, h: StreamHeader) -> None:
         if h.page_size != 4096:

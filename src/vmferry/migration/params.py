@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "a value between 0 and 9"),
     ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
               "a value between 0 and 20"),
+    ParamSpec("x-trace-file", "str", "vmferry: write the next migration's JSON-lines trace "
+              "(docs/trace.md) to this path on this side's host; \"\" means no trace",
+              expects="a path in an existing directory"),
     ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
               "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
               "the other drives are shared storage"),
@@ -131,6 +135,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "the URI's host); ignored while tls-creds is empty, as in QEMU",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-trace-file": "opened by `migrate` (source) or when the source connects (destination); "
+                    "docs/trace.md",
     "x-block-drives": "`migrate`: these drives' contents go in the stream (migration/block.py); an "
                       "id that is not a drive, or a read-only drive, refuses the migration by name",
 }
@@ -174,6 +180,7 @@ class MigrationParameters:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    x_trace_file: str = ""
     x_block_drives: str = ""
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
@@ -239,6 +246,8 @@ def _check_one(spec: ParamSpec, value: object) -> object:
             return ""
         if not isinstance(value, str):
             raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+        if name == "x-trace-file" and value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+            raise QmpError(f"Parameter '{name}' expects {spec.expects}")
         return value
     if spec.choices:
         if not isinstance(value, str):

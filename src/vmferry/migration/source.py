@@ -6,7 +6,8 @@ QMP-visible state and numbers. The savers are RAM (ram.py) and device state (dev
 
 States (QMP's): setup -> active -> device -> completed, or failed / cancelling -> cancelled.
 - setup: the channel is open; header, configuration, then each saver's setup (RAM block table,
-  dirty logging started and every populated page marked, POPULATED_HINTs; device description).
+  dirty logging started and every populated page marked, POPULATED_HINTs; device description,
+  and what the machine type's stream features add).
 - active: passes (the session's). After each pass's sync, expected downtime = (what the savers
   still hold + what is in flight) / end-to-end bandwidth + a small allowance; within
   downtime-limit, passes go on while they still halve the backlog (convergence.switch_now).
@@ -34,16 +35,19 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from vmferry import __version__
-from vmferry.errors import MigrationError, VmferryError
+from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.block import DriveSaver
+from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
+from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.ram import RamSaver
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.transport.bandwidth import RateLimiter
 from vmferry.transport.channel import Channel
@@ -51,6 +55,8 @@ from vmferry.transport.channel import Channel
 log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
 
+# How long a failed send waits for the destination's reason on the return path.
+RETURN_PATH_LAST_WORD_S = 2.0
 ACK_TIMEOUT_S = 30.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
@@ -66,6 +72,7 @@ class OutgoingMigration:
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
+        trace: NullTrace = NULL_TRACE,
         copy_drives: Sequence[str] = (),
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
@@ -78,6 +85,7 @@ class OutgoingMigration:
         self.state = state
         self.stats = MigrationStats()
         self.on_pass = on_pass
+        self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
         self.drives = DriveSaver(machine.block_devices, copy_drives)
@@ -196,6 +204,8 @@ class OutgoingMigration:
         self.stats.remaining_pages = self.ram.remaining()
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
         self.stats.setup_end_ns = time.monotonic_ns()
+        self.trace.event("setup", pages_to_send=self.stats.remaining_pages,
+                         unpopulated_pages=self.stats.unpopulated)
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
 
@@ -225,6 +235,7 @@ class OutgoingMigration:
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
+                self._trace_pass(report, step.sync_ms)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if step.switchover:
@@ -236,6 +247,18 @@ class OutgoingMigration:
                     raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
+
+    def _trace_pass(self, report: PassReport, sync_ms: float) -> None:
+        remaining = report.dirty_pages_after * PAGE_SIZE
+        self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=report.dirty_pages_after,
+                         remaining_bytes=remaining, duration_ms=sync_ms)
+        self.trace.event(  # throttle: vmferry does not throttle vCPUs (yet)
+            "pass", pass_=report.number, duration_ms=report.duration_s * 1000, bytes=report.bytes_sent,
+            pages=report.pages_sent, zero_pages=report.zero_pages,
+            unpopulated_pages=self.stats.unpopulated if report.number == 1 else 0,
+            transferred_bytes=self.stats.transferred, remaining_bytes=remaining,
+            bandwidth_bps=report.bandwidth_bps, dirty_rate_bps=report.dirty_rate_pps * PAGE_SIZE,
+            expected_downtime_ms=report.expected_downtime_ms, throttle_percent=0)
 
     def _drain(self) -> None:
         """Wait (at most DRAIN_S) until the destination has applied everything sent, so the
@@ -251,7 +274,7 @@ class OutgoingMigration:
             if session.backlog() == 0 or rp.closed.is_set() or self._cancel.is_set():
                 return
             if now >= deadline:
-                log.info("switchover: %d bytes still in flight after waiting %.2f s for the "
+                log.warning("switchover: %d bytes still in flight after waiting %.2f s for the "
                          "destination", session.backlog(), DRAIN_S)
                 return
             rp.wait_progress(deadline - now)
@@ -285,6 +308,9 @@ class OutgoingMigration:
             self.stats.downtime_bytes = self.stats.transferred - before
             self.stats.remaining_pages = 0
             self.stats.expected_at_switchover_ms = session.expected_at_switchover_ms
+        pages, sync_ms = self.ram.final_sync
+        self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=pages,
+                         remaining_bytes=pages * PAGE_SIZE, duration_ms=sync_ms)
         if self.return_path is not None:
             self._wait_for_ack()
         else:
@@ -301,9 +327,11 @@ class OutgoingMigration:
             for key in ("apply", "start"):
                 if key in self.return_path.ack_timings:
                     self.stats.downtime_phases[f"destination-{key}"] = self.return_path.ack_timings[key]
+        self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=self.stats.downtime_bytes,
+                         phases=self.stats.downtime_phases)
         self.state.set(S.COMPLETED)
-        log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
-                 self.stats.downtime_phases)
+        log.info("migration completed: downtime %.1f ms (%s); %d progress reports", self.stats.downtime_ms,
+                 self.stats.downtime_phases, session.e2e.samples)
 
     def _wait_for_ack(self) -> None:
         assert self.return_path is not None
@@ -320,6 +348,12 @@ class OutgoingMigration:
             )
 
     def _fail(self, e: BaseException) -> None:
+        if (isinstance(e, TransportError) and self.return_path is not None
+                and not self.return_path.shut_reason):
+            # A destination that refuses the stream says why on the return path, then closes:
+            # our next write may fail (broken pipe) before the reader thread has read the why.
+            # It reads to the end of a closed connection promptly; give it a moment.
+            self.return_path.join(RETURN_PATH_LAST_WORD_S)
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self.return_path is not None and self.return_path.shut_reason:

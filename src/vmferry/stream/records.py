@@ -69,6 +69,7 @@ class CommandCode(IntEnum):
     RECEIVED_BITMAP = 9
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
     PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
+    DEVICE_PROPERTIES = 0x8003  # advisory: the source's device properties (machine type vmferry-0.2 on)
 
 
 ADVISORY_COMMANDS = 0x8000
