@@ -77,6 +77,9 @@ class _Copied:
     nbytes: int  # whole sectors: what the stream can carry
     nunits: int
     sent_bytes: int = 0  # of BLOCK_DATA payload
+    # Units taken from the dirty log (DirtyLog.take, atomic against any sync) and not yet sent;
+    # only the migration thread touches it.
+    todo: np.ndarray | None = None
 
 
 class DriveSaver(Saver):
@@ -142,8 +145,14 @@ class DriveSaver(Saver):
             c.dev.dirty.sync()
 
     def pending(self) -> int:
-        return sum(int(np.bitwise_count(c.dev.dirty.bitmap(CONSUMER)).sum()) for c in self.copied
-                   if self._tracking) * DIRTY_UNIT
+        if not self._tracking:
+            return 0
+        n = 0
+        for c in self.copied:
+            n += int(np.bitwise_count(c.dev.dirty.bitmap(CONSUMER)).sum())
+            if c.todo is not None:
+                n += int(np.bitwise_count(c.todo).sum())
+        return n * DIRTY_UNIT
 
     def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
         sent = 0
@@ -173,10 +182,15 @@ class DriveSaver(Saver):
 
     def _send(self, out: SaverOutput, c: _Copied, budget: int) -> int:
         """Send marked units of one drive, run by run, until `budget` bytes went out or none is
-        left; returns the bytes sent. A unit's bit is cleared before it is read: a write landing
-        meanwhile marks it again (dirty_log.py's order rule), so it is sent again, never lost."""
-        bitmap = c.dev.dirty.bitmap(CONSUMER)
-        units = bitmap_to_units(bitmap, c.nunits)
+        left; returns the bytes sent. A unit is taken from the dirty log before it is read: a write
+        landing meanwhile marks it again (dirty_log.py's order rule), so it is sent again, never
+        lost."""
+        taken = c.dev.dirty.take(CONSUMER)
+        if c.todo is None:
+            c.todo = np.zeros(c.dev.dirty.nwords, dtype=np.uint64)
+        if taken is not None:
+            c.todo |= taken
+        units = bitmap_to_units(c.todo, c.nunits)
         if len(units) == 0:
             return 0
         sent = 0
@@ -187,7 +201,7 @@ class DriveSaver(Saver):
                 first, count = int(part[0]), len(part)
                 clear = np.zeros(c.nunits, dtype=bool)
                 clear[first : first + count] = True
-                bitmap &= ~units_to_bitmap(clear)
+                c.todo &= ~units_to_bitmap(clear)
                 sent += self._send_run(out, c, first, count)
                 if sent >= budget or out.cancelled():
                     return sent
