@@ -25,9 +25,10 @@ from vmferry.migration.params import (
 # downtime-limit and events (test_monitor_migration.py), the TLS strings (test_monitor_objects.py,
 # test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
 # test_migration.py's killed/refusing destination tests), x-trace-file (test_trace_migration.py),
-# x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off).
+# x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off),
+# x-block-drives (test_disk_migration.py, test_disk.py).
 EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
-             "x-heartbeat-ms"}
+             "x-heartbeat-ms", "x-block-drives"}
 EFFECTIVE_CAPS = {"events", "return-path"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
@@ -94,7 +95,7 @@ def test_the_effective_names_are_the_listed_ones() -> None:
     assert all(EFFECTIVE_PARAMETERS.values()) and all(EFFECTIVE_CAPABILITIES.values())
 
 
-STRINGS = {"tls-creds", "tls-hostname", "tls-authz", "x-trace-file"}
+STRINGS = {"tls-creds", "tls-hostname", "tls-authz", "x-trace-file", "x-block-drives"}
 
 
 @pytest.mark.parametrize("name", sorted(EFFECTIVE - STRINGS))

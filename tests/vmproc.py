@@ -20,6 +20,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
+from qemu.qmp.qmp_client import NegotiationError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,9 @@ class VmProcess:
     def _connect(self, deadline: float) -> QEMUMonitorProtocol:
         # The socket file appears at bind(), an instant before listen(): a busy machine can run
         # the test in between, and that connect is refused. Retry until the process is ready.
+        # Release 0.1.0's monitor could also send an event (the guest starting) ahead of its
+        # qmp_capabilities reply, which qemu.qmp refuses as a failed negotiation (fixed since):
+        # a new session then negotiates cleanly.
         while True:
             qmp = QEMUMonitorProtocol(str(self.qmp_path))
             try:
@@ -73,8 +77,8 @@ class VmProcess:
             except ConnectError as e:
                 with contextlib.suppress(Exception):
                     qmp.close()
-                if (not isinstance(e.exc, ConnectionRefusedError) or self.proc.poll() is not None
-                        or time.monotonic() > deadline):
+                retry = isinstance(e.exc, (ConnectionRefusedError, NegotiationError))
+                if not retry or self.proc.poll() is not None or time.monotonic() > deadline:
                     self.close()
                     raise
             time.sleep(0.05)

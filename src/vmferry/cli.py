@@ -76,6 +76,8 @@ def _add_migrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", metavar="FILE",
                    help="write the source's JSON-lines trace to FILE (docs/trace.md), and with --dest-qmp "
                         "the destination's to FILE with .destination before its suffix")
+    p.add_argument("--blk", action="store_true",
+                   help="copy every writable drive in the stream (non-shared storage; QMP migrate blk)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from vmferry.errors import MigrationError, QmpError, TransportError
 from vmferry.guests.verify import verify_dirty
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import select_copied
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.dirty_rate import DirtyRateMeter
@@ -149,8 +150,8 @@ class VmControl:
             return
         if self.outgoing is not None and self.outgoing.state.status == S.DEVICE:
             raise QmpError("The migration is switching over; wait for it to finish")
+        self.machine.resume()  # a drive whose image another VMM now holds refuses, by name
         self.postmigrate = False
-        self.machine.resume()
 
     def quit(self) -> None:
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
@@ -168,13 +169,21 @@ class VmControl:
     def query_blockstats(self) -> list[dict]:
         return [d.query_blockstats() for d in self.machine.block_devices]
 
+    def query_virtio_queue_status(self, path: str, queue: int) -> dict:
+        for dev in self.machine.block_devices:
+            if dev.qdev == path:
+                return dev.queue_status(queue)
+        raise QmpError(f"No virtio device with path '{path}'")
+
     def query_cpus_fast(self) -> list[dict]:
         return [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(self.machine.vcpu_thread_ids())]
 
     def _migration_running(self) -> bool:
         return self._state is not None and self._state.status in IN_PROGRESS
 
-    def migrate(self, uri: str) -> None:
+    def migrate(self, uri: str, blk: bool = False) -> None:
+        """`blk`: copy every writable drive in the stream (QEMU 7.2's name); `x-block-drives`
+        adds drives by id. The other drives are shared (migration/block.py)."""
         with self._lock:
             if self.machine.finished:
                 raise MigrationError("The guest has shut down; there is nothing to migrate")
@@ -182,9 +191,8 @@ class VmControl:
                 raise MigrationError("There's a migration process in progress")
             if self.postmigrate and not self.machine.running:
                 raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-            if self.machine.block_devices:
-                names = ", ".join(d.drive_id for d in self.machine.block_devices)
-                raise MigrationError(f"a VM with drives cannot migrate yet (drives: {names})")
+            wanted = [n.strip() for n in self.migration_parameters.x_block_drives.split(",") if n.strip()]
+            copy_drives = select_copied(self.machine.block_devices, blk, wanted)
             parsed = parse_uri(uri)  # a malformed URI is an error reply
             tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
                                 uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
@@ -203,7 +211,8 @@ class VmControl:
             saver = self._device_saver(self.machine)
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
-                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace
+                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace,
+                copy_drives=copy_drives,
             )
             self.incoming = None
             self.outgoing.start()
@@ -246,6 +255,11 @@ class VmControl:
         if mig is None or self._state is None:
             return {}
         out = mig.stats.query(self._state.status)
+        if self.outgoing is not None and self.outgoing.drives.copied:
+            out["disk"] = self.outgoing.drives.progress()
+        elif self.incoming is not None and self.incoming.drives.total:
+            loader = self.incoming.drives
+            out["disk"] = {"transferred": loader.received, "total": loader.total}
         if self.incoming is not None:
             out["passes-received"] = self.incoming.passes
             if self._state.status in (S.SETUP,) and self.listen_address:

@@ -43,6 +43,10 @@ def progress_table(info: dict[str, Any], dest: dict[str, Any] | None) -> Table:
     t.add_row("remaining", _mib(ram.get("remaining", 0)))
     t.add_row("bandwidth", f"{ram.get('mbps', 0) / 8:,.0f} MB/s")
     t.add_row("dirty rate", f"{ram.get('dirty-pages-rate', 0) * 4096 / 2**20:,.1f} MiB/s")
+    disk = info.get("disk")
+    if disk:
+        t.add_row("disk", f"{_mib(disk.get('transferred', 0))} sent, {_mib(disk.get('remaining', 0))} "
+                  f"remaining of {_mib(disk.get('total', 0))}")
     if "expected-downtime" in info:
         t.add_row("expected downtime", f"{info['expected-downtime']} ms")
     conv = info.get("convergence")
@@ -182,7 +186,10 @@ def main_migrate(args: argparse.Namespace) -> int:
         src.execute("migrate-set-parameters", **params)
     predicted = run_forecast(src, args.forecast_bandwidth, console) if args.forecast else None
     try:
-        src.execute("migrate", uri=args.uri)
+        if getattr(args, "blk", False):
+            src.execute("migrate", uri=args.uri, blk=True)
+        else:
+            src.execute("migrate", uri=args.uri)
     except QmpError as e:
         raise MigrationError(f"migrate {args.uri}: {e}") from None
     out = watch(src, dst, console)

@@ -61,12 +61,14 @@ def _device_state(machine: Machine):  # noqa: ANN202 - MachineDeviceState, impor
     return MachineDeviceState(machine)
 
 
-def open_drives(specs: Sequence[DriveSpec]) -> list[tuple[str, BlockBackend]]:
-    """Open (and lock) every drive's image, or none: on an error the ones opened are closed."""
+def open_drives(specs: Sequence[DriveSpec], *, lock: bool = True) -> list[tuple[str, BlockBackend]]:
+    """Open (and lock) every drive's image, or none: on an error the ones opened are closed.
+    `lock=False` for an incoming migration: the images are locked when the migration owns them
+    (migration/block.py), since a shared image is still the source's until switchover."""
     opened: list[tuple[str, BlockBackend]] = []
     try:
         for spec in specs:
-            opened.append((spec.id, open_drive(spec)))
+            opened.append((spec.id, open_drive(spec, lock=lock)))
     except BaseException:
         for _, backend in opened:
             backend.close()
@@ -96,7 +98,7 @@ class Vmm:
         self.servers: list[QmpServer] = []
         self.metrics: MetricsServer | None = None
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event,
-                               drives=open_drives(drives))
+                               drives=open_drives(drives, lock=incoming is None))
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
         self.control.emit = self._emit
@@ -172,8 +174,6 @@ def main(args: argparse.Namespace) -> int:
     if args.incoming == "defer" and not args.qmp:
         raise VmferryError("--incoming defer needs --qmp to receive 'migrate-incoming'")
     drives = parse_drives(args.drive)
-    if drives and args.incoming:
-        raise VmferryError("--drive with --incoming: a VM with disks cannot migrate yet")
     if args.guest:
         kernel: Path | None = guest_image(args.guest)
     elif args.kernel:

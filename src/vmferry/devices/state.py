@@ -11,6 +11,10 @@ PIT, and the clock last of the kernel state). For vmferry-0.1:
     n+3        "clock"       kvmclock base                  devices/pit.py
     n+4        "serial"      instance 0 = COM1              devices/serial.py
     n+5        "debug-exit"                                 devices/debug_exit.py
+    n+6..      "virtio-blk"  instance = drive index (--drive order) devices/virtio_blk.py
+
+The drives' sections come from the type's `drive_device` entry, one instance per drive, and only
+when the machine has drives.
 
 Each device object names its own description (`vmstate = SerialState`); the machine type's
 table gives the version it is sent at. A device of the machine that is not in its machine type's
@@ -203,6 +207,8 @@ def _slots(machine: Any) -> list[_Slot]:
             targets = [machine.devices[spec.id]]
         for target in targets:
             found.append((spec.order, spec.section.name, 0, spec, target))
+    for target in getattr(machine, "block_devices", ()):
+        found.append((mt.drive_device.order, mt.drive_device.section.name, 0, mt.drive_device, target))
     unlisted = set(machine.devices) - {spec.id for spec in mt.devices}
     if unlisted:
         raise VmferryError(f"machine type '{mt.name}' has no table entry for device(s) {sorted(unlisted)}")

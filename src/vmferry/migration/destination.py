@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import DriveLoader
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
@@ -72,7 +73,8 @@ class IncomingMigration:
         self.stats = MigrationStats()
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
         self.ram = RamLoader(machine.ram_blocks)
-        self.session = DestSession([self.ram, DeviceLoader(devices)],
+        self.drives = DriveLoader(machine.block_devices)
+        self.session = DestSession([self.ram, self.drives, DeviceLoader(devices)],
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None

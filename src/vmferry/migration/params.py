@@ -120,6 +120,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("x-heartbeat-ms", "uint32", "vmferry: interval of the heartbeats both sides send, ms; "
               "a peer silent for 3 intervals fails the migration; 0 turns heartbeats off",
               0, 600_000, "0 (off) or an integer in the range of 100 to 600000 ms"),
+    ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
+              "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
+              "the other drives are shared storage"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -140,6 +143,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                       "its own intervals; a peer that sends no heartbeat is never timed out",
     "x-trace-file": "opened by `migrate` (source) or when the source connects (destination); "
                     "docs/trace.md",
+    "x-block-drives": "`migrate`: these drives' contents go in the stream (migration/block.py); an "
+                      "id that is not a drive, or a read-only drive, refuses the migration by name",
 }
 
 
@@ -183,6 +188,7 @@ class MigrationParameters:
     multifd_zstd_level: int = 1
     x_trace_file: str = ""
     x_heartbeat_ms: int = 1000
+    x_block_drives: str = ""
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)

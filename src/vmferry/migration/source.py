@@ -43,6 +43,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from vmferry import __version__
 from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import DriveSaver
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
 from vmferry.migration.heartbeat import Watchdog
@@ -80,7 +81,10 @@ class OutgoingMigration:
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
         trace: NullTrace = NULL_TRACE,
+        copy_drives: Sequence[str] = (),
     ) -> None:
+        """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
+        the others are shared."""
         self.machine = machine
         self.devices = devices
         self._channel_future = channel
@@ -92,6 +96,7 @@ class OutgoingMigration:
         self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
+        self.drives = DriveSaver(machine.block_devices, copy_drives)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
         self.return_path: ReturnPathReader | None = None
@@ -235,7 +240,7 @@ class OutgoingMigration:
             "smp": self.machine.smp,
             "return-path": self.channel.has_return_path,
         }
-        self.session = SourceSession([self.ram, DeviceSaver(self.devices)], self.encoder, config,
+        self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
@@ -286,6 +291,9 @@ class OutgoingMigration:
                 self._drain()
                 if self._cancel.is_set():
                     raise MigrationError("migration cancelled")
+                if self.return_path is not None and self.return_path.shut_reason:
+                    # The destination refused the stream: never pause the guest for it.
+                    raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
 

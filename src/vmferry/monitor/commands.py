@@ -266,6 +266,24 @@ def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> obj
     return _optional(d.backend, "query_blockstats", _NO_BLOCK)()
 
 
+@command("x-query-virtio-queue-status", "The device's position in one virtqueue of a virtio device, "
+         "by its qdev path (query-block's `qdev`): QEMU 7.2's VirtQueueStatus, the members vmferry "
+         "keeps. With the device idle, `used-idx` = `last-avail-idx` and `inuse` = 0: every request "
+         "taken was completed exactly once.",
+         args=(Arg("path", STR, doc="the device's qdev path, e.g. /machine/virtio-mmio@feb00000"),
+               Arg("queue", SCALARS_BY_NAME["uint16"], doc="the queue index")),
+         returns='`{"name", "queue-index", "inuse", "vring-num", "vring-num-default", "vring-desc", '
+                 '"vring-avail", "vring-used", "last-avail-idx", "used-idx"}`',
+         errors=("GenericError: No virtio device with path 'PATH'",
+                 "GenericError: Invalid virtqueue index N"),
+         example=({"path": "/machine/virtio-mmio@feb00000", "queue": 0},
+                  {"name": "virtio-blk", "queue-index": 0, "inuse": 0, "vring-num": 8,
+                   "vring-num-default": 256, "vring-desc": 1060864, "vring-avail": 1060992,
+                   "vring-used": 1061056, "last-avail-idx": 42, "used-idx": 42}))
+def _x_query_virtio_queue_status(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_virtio_queue_status", _NO_BLOCK)(args["path"], args["queue"])
+
+
 # --- migration ---------------------------------------------------------------------------------
 
 
@@ -273,6 +291,10 @@ def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> obj
          "fd:N) and return at once; follow it with query-migrate or MIGRATION events.",
          args=(Arg("uri", STR, doc="where to send the stream"),
                Arg("detach", BOOL, optional=True, doc="accepted and ignored: migrate always detaches"),
+               Arg("blk", BOOL, optional=True, doc="copy every writable drive's contents in the stream "
+                   "(non-shared storage); without it drives are shared unless named in x-block-drives"),
+               Arg("inc", BOOL, optional=True, doc="incremental block migration over a shared backing "
+                   "image: not supported (refused when true)"),
                Arg("resume", BOOL, optional=True, doc="resume a paused postcopy migration")),
          errors=("GenericError: There's a migration process in progress",
                  "GenericError: Guest is waiting for an incoming migration",
@@ -284,7 +306,10 @@ def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> obj
                  "the URI has no host)",
                  "GenericError: TLS needs a socket (tcp:, unix: or a socket fd:) (tls-creds set with "
                  "a file: or exec: URI)",
-                 "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)"),
+                 "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)",
+                 "GenericError: x-block-drives: this VM has no drive 'ID' (drives: ...)",
+                 "GenericError: x-block-drives: drive 'ID' is read-only; only writable drives are copied",
+                 "GenericError: inc: incremental block migration is not supported by vmferry"),
          example=({"uri": "tcp:192.0.2.7:4444"}, {}))
 def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
     if args.get("resume"):
@@ -305,7 +330,12 @@ def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
     if tls is not None and not _socket_uri(args["uri"]):
         raise QmpError("TLS needs a socket (tcp:, unix: or a socket fd:); "
                        f"{args['uri'].split(':', 1)[0]}: carries the stream one way")
-    d.backend.migrate(args["uri"])
+    if args.get("inc"):
+        raise QmpError("inc: incremental block migration is not supported by vmferry")
+    if args.get("blk"):
+        d.backend.migrate(args["uri"], blk=True)
+    else:
+        d.backend.migrate(args["uri"])
     return {}
 
 

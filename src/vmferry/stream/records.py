@@ -137,12 +137,18 @@ class RamBlocks:
     blocks: tuple[RamBlockInfo, ...]
 
 
+# BLOCK_DEVICES flags (the entry's `base` field): the disk's contents stay in its image (shared
+# storage, or a snapshot's image left in place); no BLOCK_DATA/BLOCK_ZERO of it may follow.
+DISK_SHARED = 1
+
+
 @dataclass(frozen=True, slots=True)
 class DiskInfo:
     id: int
     name: str
     size: int  # bytes
     sector_size: int = 512
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
