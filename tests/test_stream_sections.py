@@ -48,3 +48,21 @@ def test_unknown_subsection_index() -> None:
     payload = encode_section(SERIAL, SectionValue(dict(SERIAL_VALUE.fields)))[:-2] + b"\x01\x00\x05\x00"
     with pytest.raises(StreamError, match="subsection index 5 out of order or not in the description"):
         decode_section(SERIAL, payload)
+
+
+@pytest.mark.parametrize("schema", [
+    {"name": "x", "fields": 0, "subsections": []},
+    {"name": "x", "fields": [1], "subsections": []},
+    {"name": "x", "fields": [{"type": "u8"}], "subsections": []},
+    {"name": "x", "fields": [{"name": ["a"], "type": "u8"}], "subsections": []},
+    {"name": "x", "fields": [{"name": "s", "type": "struct", "fields": 5}], "subsections": []},
+    {"name": "x", "fields": [{"name": "l", "type": "list", "fields": [None]}], "subsections": []},
+    {"name": "x", "fields": [], "subsections": None},
+    {"name": "x", "fields": [], "subsections": [7]},
+    {"name": "x", "fields": [], "subsections": [{"fields": []}]},
+])
+def test_a_malformed_description_is_a_stream_error(schema: dict) -> None:
+    # Found by tests/fuzz/fuzz_vmstate.py: the description comes from the stream too, and a
+    # wrongly shaped one raised TypeError/AttributeError instead of a StreamError.
+    with pytest.raises(StreamError, match="is not a list of named entries"):
+        decode_section(schema, b"\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00")

@@ -61,7 +61,8 @@ class _Reader:
 
 
 def decode_section(schema: Mapping[str, Any], data: bytes) -> SectionValue:
-    """Decode a SECTION_FULL payload with its description entry; StreamError names the field."""
+    """Decode a SECTION_FULL payload with its description entry; StreamError names the field.
+    The entry comes from the stream too: a malformed one is a StreamError as well."""
     r = _Reader(bytes(data))
     value = _section(schema, r, 0, schema.get("name", "?"))
     if r.pos != len(r.data):
@@ -69,9 +70,18 @@ def decode_section(schema: Mapping[str, Any], data: bytes) -> SectionValue:
     return value
 
 
+def _entries(d: Mapping[str, Any], key: str, path: str) -> list[Mapping[str, Any]]:
+    """d[key] as a list of JSON objects with string names: the description's shape, checked."""
+    entries = d.get(key, [])
+    if not isinstance(entries, list) or not all(
+            isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in entries):
+        raise StreamError(f"{path}: description's '{key}' is not a list of named entries")
+    return entries
+
+
 def _section(schema: Mapping[str, Any], r: _Reader, depth: int, path: str) -> SectionValue:
-    out = SectionValue(_fields(schema.get("fields", []), r, depth, path))
-    subs = schema.get("subsections", [])
+    out = SectionValue(_fields(_entries(schema, "fields", path), r, depth, path))
+    subs = _entries(schema, "subsections", path)
     last = -1
     for _ in range(r.int(_U16, f"{path}: subsection count")):
         idx = r.int(_U16, f"{path}: subsection index")
@@ -79,7 +89,7 @@ def _section(schema: Mapping[str, Any], r: _Reader, depth: int, path: str) -> Se
             raise StreamError(f"{path}: subsection index {idx} out of order or not in the description")
         last = idx
         sub = subs[idx]
-        name = sub.get("name", str(idx))
+        name = sub["name"]
         body = _Reader(r.take(r.int(_U32, f"{path}/{name}: length"), f"{path}/{name}: body"))
         out.subsections[name] = _section(sub, body, depth + 1, name)
         if body.pos != len(body.data):
@@ -130,11 +140,12 @@ def _value(f: Mapping[str, Any], r: _Reader, depth: int, name: str) -> Any:
         except UnicodeDecodeError:
             raise StreamError(f"field '{name}': str is not UTF-8") from None
     if t == "struct":
-        return _fields(f.get("fields", []), r, depth + 1, name)
+        return _fields(_entries(f, "fields", name), r, depth + 1, name)
     if t == "list":
+        nested = _entries(f, "fields", name)
         n = r.int(_U32, f"field '{name}' count")
         _check_count(n, r, name)
-        return [_fields(f.get("fields", []), r, depth + 1, f"{name}[{i}]") for i in range(n)]
+        return [_fields(nested, r, depth + 1, f"{name}[{i}]") for i in range(n)]
     raise StreamError(f"field '{name}': unknown type {t!r}")
 
 
