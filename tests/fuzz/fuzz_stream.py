@@ -18,6 +18,7 @@ and digest), so mutations get past the checksums into the order rules and payloa
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 import sys
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from vmferry.stream.sections import decode_section
 from vmferry.vmstate.generic import decode_with_description
 
 REPAIR, BUFFERED, PLACE = 1, 2, 4
+_TRAILING = re.compile(r"^\d+ bytes after the end of stream")
 _U32 = struct.Struct("<I")
 _END = struct.Struct("<QQ")
 
@@ -110,7 +112,10 @@ def decode(body: bytes, mode: int, chunk: int) -> tuple[list[str], str | None, S
         dec.feed_eof()
         _take(dec, out)
     except StreamError as e:
-        return out, f"{e.reason} @{e.record_index}", dec
+        # Bytes after END are counted as far as the chunk holding them goes: how many more follow,
+        # a streaming decoder cannot know. The offset (where they start) does not depend on it.
+        reason = _TRAILING.sub("bytes after the end of stream", e.reason)
+        return out, f"{reason} @{e.record_index}:{e.offset}", dec
     return out, None, dec
 
 
