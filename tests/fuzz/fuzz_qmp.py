@@ -1,6 +1,7 @@
-"""Coverage-guided fuzzing of the QMP framer (monitor/protocol.py). Not collected by pytest.
+"""Coverage-guided fuzzing of the QMP framer (monitor/protocol.py). Not collected by pytest;
+run by tests/fuzz/fuzz.py.
 
-    python tests/fuzz/fuzz_qmp.py -max_total_time=60 tests/fuzz/corpus/qmp
+    python tests/fuzz/fuzz.py qmp -max_total_time=60 tests/fuzz/corpus/qmp
 
 Contract: `QmpConnection.feed` takes any bytes and returns replies — never raises, never hangs;
 every reply is one line holding a JSON object with either "return" or "error"; the scanner never
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 from vmferry.errors import QmpError
 from vmferry.monitor.protocol import QmpConnection, Session
@@ -78,14 +78,3 @@ def check(data: bytes) -> None:
 def one_input(data: bytes) -> None:
     check(data)
 
-
-def main() -> None:
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":
-    main()

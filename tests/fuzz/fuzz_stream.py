@@ -1,6 +1,7 @@
-"""Coverage-guided fuzzing of the stream decoder (stream/decoder.py). Not collected by pytest.
+"""Coverage-guided fuzzing of the stream decoder (stream/decoder.py). Not collected by pytest;
+run by tests/fuzz/fuzz.py.
 
-    python tests/fuzz/fuzz_stream.py -max_total_time=60 tests/fuzz/corpus/stream
+    python tests/fuzz/fuzz.py stream -max_total_time=60 tests/fuzz/corpus/stream
 
 Contract: any input yields records or raises StreamError — never another exception, never a hang —
 and a stream that did not raise after feed_eof() has ended with END. Decoding must not depend on
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import re
 import struct
-import sys
 from collections.abc import Iterator
 
 from vmferry.errors import StateLoadError, StreamError
@@ -151,14 +151,3 @@ def check(data: bytes) -> None:
 def one_input(data: bytes) -> None:
     check(data)
 
-
-def main() -> None:
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":
-    main()

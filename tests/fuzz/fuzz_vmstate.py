@@ -1,6 +1,7 @@
-"""Coverage-guided fuzzing of the vmstate section decoders. Not collected by pytest.
+"""Coverage-guided fuzzing of the vmstate section decoders. Not collected by pytest;
+run by tests/fuzz/fuzz.py.
 
-    python tests/fuzz/fuzz_vmstate.py -max_total_time=60 tests/fuzz/corpus/vmstate
+    python tests/fuzz/fuzz.py vmstate -max_total_time=60 tests/fuzz/corpus/vmstate
 
 Three decoders turn a section payload into values: `VMState.decode` (the destination's, driven by
 the class and checked against the stream's description), `vmstate.generic.decode_with_description`
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from typing import Any
 
 from vmferry.errors import StateLoadError, StreamError
@@ -206,14 +206,3 @@ def check(data: bytes) -> None:
 def one_input(data: bytes) -> None:
     check(data)
 
-
-def main() -> None:
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":
-    main()
