@@ -31,8 +31,8 @@ def run_target(name: str, seconds: int, input_timeout: int, artifacts: Path) -> 
         shutil.copytree(HERE / "corpus" / name, scratch, dirs_exist_ok=True)
         prefix = artifacts / f"{name}-"
         cmd = [sys.executable, str(HERE / "fuzz.py"), name, f"-max_total_time={seconds}",
-               f"-timeout={input_timeout}", "-rss_limit_mb=2048", "-print_final_stats=1",
-               f"-artifact_prefix={prefix}", str(scratch)]
+               f"-timeout={input_timeout}", "-report_slow_units=3600", "-rss_limit_mb=2048",
+               "-print_final_stats=1", f"-artifact_prefix={prefix}", str(scratch)]
         print(f"== fuzz {name}: {seconds} s", flush=True)
         # The fuzzer stops itself after `seconds`; this bound only catches a fuzzer that does not
         # (generous: start-up and the corpus pass are slow on a loaded machine).
