@@ -66,3 +66,21 @@ def test_reserved_bits_are_refused() -> None:
               "fields": [{"name": "flags", "type": "u8", "bits": [{"name": "a", "width": 1}]}]}
     with pytest.raises(StreamError, match="field 'flags': reserved bits set in 0x2"):
         decode_section(schema, b"\x02\x00\x00")
+
+
+@pytest.mark.parametrize("schema", [
+    {"name": "x", "fields": 0, "subsections": []},
+    {"name": "x", "fields": [1], "subsections": []},
+    {"name": "x", "fields": [{"type": "u8"}], "subsections": []},
+    {"name": "x", "fields": [{"name": ["a"], "type": "u8"}], "subsections": []},
+    {"name": "x", "fields": [{"name": "s", "type": "struct", "fields": 5}], "subsections": []},
+    {"name": "x", "fields": [{"name": "l", "type": "list", "fields": [None]}], "subsections": []},
+    {"name": "x", "fields": [], "subsections": None},
+    {"name": "x", "fields": [], "subsections": [7]},
+    {"name": "x", "fields": [], "subsections": [{"fields": []}]},
+])
+def test_a_malformed_description_is_a_stream_error(schema: dict) -> None:
+    # Found by tests/fuzz/fuzz_vmstate.py: the description comes from the stream too, and a
+    # wrongly shaped one raised TypeError/AttributeError instead of a StreamError.
+    with pytest.raises(StreamError, match="malformed description"):
+        decode_section(schema, b"\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00")
