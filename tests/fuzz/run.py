@@ -14,7 +14,7 @@ but the per-input timeout, which is far above what any input takes. `--seconds` 
 for a time instead (a random seed unless `--seed`), for developers hunting longer.
 
 Each target is its own atheris (libFuzzer) process seeded with its committed corpus
-(tests/fuzz/corpus/<target>/); inputs it adds go to a scratch folder, never into the repository.
+(tests/fuzz/corpus/<target>/); inputs it adds stay in memory, never written to the repository.
 An input that breaks the target's contract, or takes longer than --input-timeout seconds, stops
 that target; its file is kept in --artifacts and its path (and, if short, its bytes) printed;
 replay it with `python3 tests/fuzz/fuzz.py <target> <path>`.
@@ -44,9 +44,9 @@ STUCK_SECONDS = 900
 
 
 def fuzz_command(name: str, *, runs: int | None, seconds: int | None, seed: int | None,
-                 input_timeout: int, artifacts: Path, scratch: Path) -> list[str]:
+                 input_timeout: int, artifacts: Path, work: Path) -> list[str]:
     seeds = sorted((HERE / "corpus" / name).iterdir())
-    seed_list = scratch.parent / f"{scratch.name}.seeds"
+    seed_list = work / "seeds"
     seed_list.write_text(",".join(str(p) for p in seeds))
     cmd = [sys.executable, str(HERE / "fuzz.py"), name, f"-seed_inputs=@{seed_list}",
            f"-timeout={input_timeout}", "-report_slow_units=3600", "-rss_limit_mb=2048",
@@ -57,7 +57,9 @@ def fuzz_command(name: str, *, runs: int | None, seconds: int | None, seed: int 
         cmd.append(f"-max_total_time={seconds}")
     if seed is not None:
         cmd.append(f"-seed={seed}")
-    return [*cmd, str(scratch)]  # the folder new inputs are written to (starts empty)
+    # No corpus folder: new inputs stay in memory, so none is written and none is read back
+    # (libFuzzer rereads its output folder every second: a time-dependent step). -reload=0 too.
+    return [*cmd, "-reload=0"]
 
 
 def _fixed_addresses() -> None:
@@ -137,10 +139,8 @@ def main() -> int:
                                      f"seed {seed}" if seed is not None else "random seed") if x)
         work = Path(tempfile.mkdtemp(prefix=f"vmferry-fuzz-{name}-"))
         try:
-            scratch = work / "new"
-            scratch.mkdir()
             cmd = fuzz_command(name, runs=runs, seconds=args.seconds, seed=seed,
-                               input_timeout=args.input_timeout, artifacts=artifacts, scratch=scratch)
+                               input_timeout=args.input_timeout, artifacts=artifacts, work=work)
             stuck = 3 * args.seconds + 300 if timed else STUCK_SECONDS
             if not run_target(name, cmd, what, artifacts, stuck):
                 failed.append(name)
