@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from vmferry.errors import StateLoadError
+from vmferry.vmstate import compiled
 from vmferry.vmstate import description as desc
 from vmferry.vmstate.compound import Array, List, Struct
 from vmferry.vmstate.fields import (
@@ -32,8 +33,6 @@ from vmferry.vmstate.fields import (
     FieldOptions,
     FieldType,
     Reader,
-    decode_fields,
-    encode_fields,
 )
 
 
@@ -156,8 +155,7 @@ class VMState:
         """Payload bytes of `sec`: its fields, then the subsection block (docs/vmstate.md)."""
         if not cls.minimum_version <= sec.version <= cls.version:
             raise ValueError(f"section '{cls.name}': cannot encode version {sec.version}")
-        out = bytearray()
-        encode_fields(cls.fields, sec.fields, out, sec.version)
+        out = bytearray(compiled.encode_fields(cls, sec.fields, sec.version))
         known = {sub.name for sub in cls.subsections}
         unknown = sorted(set(sec.subsections) - known)
         if unknown:
@@ -226,10 +224,10 @@ class VMState:
                 f"stream version {v} is older than the minimum this build reads ({cls.minimum_version})",
                 section=cls.name,
             )
-        found = desc.layout_mismatch(cls.stream_description(v)["fields"], description.get("fields"))
+        found = desc.layout_mismatch(_layout(cls, v), description.get("fields"))
         if found:
             raise StateLoadError(found[1], section=cls.name, field=found[0])
-        values = decode_fields(cls.fields, r, v)
+        values = compiled.decode_fields(cls, r, v)
         sec = Section(cls.name, v, values, cls._decode_subsections(r, description.get("subsections")))
         if r.remaining:
             raise r.fail(f"{r.remaining} bytes left over after the section", None)
@@ -273,6 +271,19 @@ class VMState:
 def _state_lock(obj: Any) -> contextlib.AbstractContextManager[Any]:
     lock = getattr(obj, "state_lock", None)
     return lock() if callable(lock) else contextlib.nullcontext()
+
+
+_layouts: dict[tuple[type[VMState], int], list[dict[str, Any]]] = {}
+
+
+def _layout(cls: type[VMState], version: int) -> list[dict[str, Any]]:
+    """This build's field entries of `cls` at `version`, computed once: a class's layout never
+    changes, and recomputing it for every section loaded cost more than decoding the section.
+    Shared and read-only: callers compare it, never change it."""
+    found = _layouts.get((cls, version))
+    if found is None:
+        found = _layouts[(cls, version)] = cls.stream_description(version)["fields"]
+    return found
 
 
 def _described_version(cls: type[VMState], description: Any) -> int:
