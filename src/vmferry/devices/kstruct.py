@@ -28,6 +28,12 @@ def fill(obj: ctypes.Structure, state: type[VMState], values: dict[str, Any]) ->
     _compiled(type(obj), state)[1](obj, values)
 
 
+def warm(ctype: type, state: type[VMState]) -> None:
+    """Build the copiers of `ctype` <-> `state`, nested structures included, ahead of use."""
+    obj = ctype()
+    fill(obj, state, to_values(obj, state))
+
+
 def read_fields(obj: ctypes.Structure, state: type[VMState]) -> dict[str, Any]:
     """`to_values` one field at a time: the reference the compiled copier must equal."""
     return {f.name: _read(obj, f.attr, f.type) for f in state.fields if f.type.carries_value}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from vmferry.errors import KvmError, StateLoadError, VmferryError
@@ -71,10 +72,22 @@ class MachineDeviceState:
             for s in self._slots
         ))
 
+    def warm(self) -> None:
+        """Build every section's codecs and copiers at the version it is sent at; the VM may
+        run. Saving then does no one-time work inside the downtime."""
+        for s in self._slots:
+            s.cls.warm(s.version)
+
     def save(self) -> list[tuple[int, bytes]]:
         """(section id, SECTION_FULL payload) for every section. The vCPUs must be paused: vCPU
         ioctls wait for KVM_RUN to return, and the devices must not change under the capture."""
-        return [(s.id, s.cls.save(s.target, version=s.version)) for s in self._slots]
+        return list(self.sections())
+
+    def sections(self) -> Iterator[tuple[int, bytes]]:
+        """`save`, one section at a time: each is yielded as soon as it is captured and encoded,
+        so the caller can send it while the next one is being captured."""
+        for s in self._slots:
+            yield s.id, s.cls.save(s.target, version=s.version)
 
     # --- destination -----------------------------------------------------------------------------
 
@@ -113,6 +126,10 @@ class MachineDeviceState:
                 raise StateLoadError(found[1], section=info.name, field=found[0])
             seen.add(key)
         self._incoming.update({info.id: info for info in description.sections})
+        for info in description.sections:
+            # The stream's versions are known now, before any section data: build their
+            # codecs here, at setup, rather than while the guest is stopped.
+            self._classes[info.name].warm(info.version)
 
     def stage(self, section_id: int, payload: bytes) -> None:
         """Decode and validate one section against the stream's description; apply nothing."""

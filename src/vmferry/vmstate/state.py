@@ -106,6 +106,14 @@ class VMState:
     def post_load(cls, obj: Any, version: int) -> None:
         """Runs after every value (subsections included) is applied; `version` is the stream's."""
 
+    @classmethod
+    def warm(cls, version: int | None = None) -> None:
+        """Build ahead of time what saving or loading this section would otherwise build on
+        first use — the compiled codecs (all versions this build reads, or just `version`) and
+        its subsections' — so none of it lands inside a downtime. A device whose capture/apply
+        has lazily built parts of its own (KVM struct copiers) extends this."""
+        compiled.warm(cls, None if version is None else range(version, version + 1))
+
     # --- binding: how values reach a device ----------------------------------------------------
 
     @classmethod
