@@ -188,9 +188,9 @@ def test_warm_builds_every_version_and_subsection() -> None:
 
     compiled.warm(SerialState)
     for v in range(SerialState.minimum_version, SerialState.version + 1):
-        assert (SerialState, v) in compiled._codecs
+        assert compiled.is_built(SerialState, v)
     for sub in SerialState.subsections:
-        assert (sub, sub.version) in compiled._codecs
+        assert compiled.is_built(sub, sub.version)
 
 
 KSTRUCT_PAIRS = [

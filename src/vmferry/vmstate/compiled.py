@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -339,21 +340,29 @@ def compile_decoder(fields: tuple[Field, ...], version: int) -> Decoder:
 
 # --- per class and version -----------------------------------------------------------------------
 
-_codecs: dict[tuple[type, int], tuple[Encoder, Decoder]] = {}
+# Per class (weakly: classes built at run time from descriptions, vmstate/dynamic.py, must not be
+# kept alive by their codecs), then per version.
+_codecs: weakref.WeakKeyDictionary[type, dict[int, tuple[Encoder, Decoder]]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def codec(cls: Any, version: int) -> tuple[Encoder, Decoder]:
     """The compiled (encoder, decoder) of `cls`'s own fields at `version`, built on first use."""
-    key = (cls, version)
-    found = _codecs.get(key)
+    per_version = _codecs.get(cls)
+    found = per_version.get(version) if per_version is not None else None
     if found is None:
         with _lock:
-            found = _codecs.get(key)
+            per_version = _codecs.setdefault(cls, {})
+            found = per_version.get(version)
             if found is None:
                 found = (compile_encoder(cls.fields, version), compile_decoder(cls.fields, version))
-                _codecs[key] = found
+                per_version[version] = found
     return found
+
+
+def is_built(cls: Any, version: int) -> bool:
+    """Has `codec(cls, version)` been built already?"""
+    return version in _codecs.get(cls, {})
 
 
 def warm(cls: Any, versions: range | None = None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -281,16 +282,21 @@ def _state_lock(obj: Any) -> contextlib.AbstractContextManager[Any]:
     return lock() if callable(lock) else contextlib.nullcontext()
 
 
-_layouts: dict[tuple[type[VMState], int], list[dict[str, Any]]] = {}
+# Weakly per class: classes built at run time from descriptions (dynamic.py) must not be kept alive.
+_Layouts = dict[int, list[dict[str, Any]]]
+_layouts: weakref.WeakKeyDictionary[type[VMState], _Layouts] = weakref.WeakKeyDictionary()
 
 
 def _layout(cls: type[VMState], version: int) -> list[dict[str, Any]]:
     """This build's field entries of `cls` at `version`, computed once: a class's layout never
     changes, and recomputing it for every section loaded cost more than decoding the section.
     Shared and read-only: callers compare it, never change it."""
-    found = _layouts.get((cls, version))
+    per_version = _layouts.get(cls)
+    if per_version is None:
+        per_version = _layouts.setdefault(cls, {})
+    found = per_version.get(version)
     if found is None:
-        found = _layouts[(cls, version)] = cls.stream_description(version)["fields"]
+        found = per_version[version] = cls.stream_description(version)["fields"]
     return found
 
 
