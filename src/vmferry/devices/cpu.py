@@ -272,6 +272,14 @@ class CpuState(VMState):
                                          field=f"sregs.{seg}.{name}")
 
     @classmethod
+    def warm(cls, version: int | None = None) -> None:
+        super().warm(version)
+        for ctype, state in ((s.KvmRegs, CpuRegs), (s.KvmSregs, CpuSregs), (s.KvmVcpuEvents, CpuEvents),
+                             (s.KvmDebugregs, CpuDebugregs), (type(s.cpuid2(1)().entries[0]), CpuidEntry),
+                             (type(s.msrs(1)().entries[0]), CpuMsr), (type(s.KvmXcrs().xcrs[0]), CpuXcr)):
+            kstruct.warm(ctype, state)
+
+    @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:
         raw = save_vcpu(obj.vcpu, obj.msr_indices)
         return state_values(raw)

@@ -67,6 +67,12 @@ class IrqchipState(VMState):
     ioapic: Struct(IoapicState)
 
     @classmethod
+    def warm(cls, version: int | None = None) -> None:
+        super().warm(version)
+        kstruct.warm(s.KvmPicState, PicState)
+        kstruct.warm(s.KvmIoapicState, IoapicState)
+
+    @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:
         raw = obj.get_state()
         chips = {name: s.KvmIrqchip.from_buffer_copy(raw[name]).chip for name in CHIPS}

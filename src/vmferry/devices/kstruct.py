@@ -12,6 +12,7 @@ leaves them at the zero a fresh struct has, which is what KVM expects of them.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 from vmferry.vmstate import Array, Bytes, FieldType, Struct, VMState
@@ -19,14 +20,77 @@ from vmferry.vmstate import Array, Bytes, FieldType, Struct, VMState
 
 def to_values(obj: ctypes.Structure, state: type[VMState]) -> dict[str, Any]:
     """The values of `state`'s fields, read from the members of the same names in `obj`."""
-    return {f.name: _read(obj, f.attr, f.type) for f in state.fields if f.type.carries_value}
+    return _compiled(type(obj), state)[0](obj)
 
 
 def fill(obj: ctypes.Structure, state: type[VMState], values: dict[str, Any]) -> None:
     """Write `values` (decoded for `state`) into the members of the same names in `obj`."""
+    _compiled(type(obj), state)[1](obj, values)
+
+
+def warm(ctype: type, state: type[VMState]) -> None:
+    """Build the copiers of `ctype` <-> `state`, nested structures included, ahead of use."""
+    obj = ctype()
+    fill(obj, state, to_values(obj, state))
+
+
+def read_fields(obj: ctypes.Structure, state: type[VMState]) -> dict[str, Any]:
+    """`to_values` one field at a time: the reference the compiled copier must equal."""
+    return {f.name: _read(obj, f.attr, f.type) for f in state.fields if f.type.carries_value}
+
+
+def write_fields(obj: ctypes.Structure, state: type[VMState], values: dict[str, Any]) -> None:
+    """`fill` one field at a time: the reference the compiled copier must equal."""
     for f in state.fields:
         if f.type.carries_value:
             _write(obj, f.attr, f.type, values[f.name])
+
+
+# A vCPU's state is ~850 members; copying them through `_read`/`_write` (an isinstance chain per
+# member) took milliseconds of the downtime. Per (ctypes struct, VMState) pair the same copy is
+# generated once as straight-line Python.
+_Copier = tuple[Callable[[Any], dict[str, Any]], Callable[[Any, dict[str, Any]], None]]
+_copiers: dict[tuple[type, type], _Copier] = {}
+
+
+def _compiled(ctype: type, state: type[VMState]) -> _Copier:
+    found = _copiers.get((ctype, state))
+    if found is None:
+        found = _copiers[(ctype, state)] = _build_copier(ctype, state)
+    return found
+
+
+def _build_copier(ctype: type, state: type[VMState]) -> _Copier:
+    env: dict[str, Any] = {"_to_values": to_values, "_fill": fill, "_mv": memoryview}
+    reads, writes = [], ["mv = _mv(o).cast('B')"]
+    for i, f in enumerate(state.fields):
+        if not f.type.carries_value:
+            continue
+        t, member, key = f.type, f"o.{f.attr}", repr(f.name)
+        env[f"_c{i}"] = getattr(t, "cls", None) or getattr(getattr(t, "elem", None), "cls", None)
+        if isinstance(t, Bytes):
+            off = getattr(ctype, f.attr).offset
+            reads.append(f"{key}: bytes(mv[{off}:{off + t.nbytes}])")
+            writes.append(f"mv[{off}:{off + t.nbytes}] = v[{key}]")
+        elif isinstance(t, Struct):
+            reads.append(f"{key}: _to_values({member}, _c{i})")
+            writes.append(f"_fill({member}, _c{i}, v[{key}])")
+        elif isinstance(t, Array) and isinstance(t.elem, Struct):
+            reads.append(f"{key}: [_to_values(e, _c{i}) for e in {member}]")
+            writes.append(f"for e, x in zip({member}, v[{key}]): _fill(e, _c{i}, x)")
+        elif isinstance(t, Array):
+            reads.append(f"{key}: list({member})")
+            writes.append(f"a = {member}\n    for j, x in enumerate(v[{key}]): a[j] = x")
+        else:
+            reads.append(f"{key}: int({member})")
+            writes.append(f"{member} = v[{key}]")
+    if any("mv[" in r for r in reads):
+        read_src = "def read(o):\n    mv = _mv(o).cast('B')\n    return {" + ", ".join(reads) + "}\n"
+    else:
+        read_src = "def read(o):\n    return {" + ", ".join(reads) + "}\n"
+    write_src = "def write(o, v):\n    " + "\n    ".join(writes) + "\n"
+    exec(read_src + write_src, env)  # noqa: S102 - generated above from our own declarations
+    return env["read"], env["write"]
 
 
 def _member_bytes(obj: ctypes.Structure, attr: str, nbytes: int) -> memoryview:

@@ -42,6 +42,11 @@ class PitState(VMState):
     flags: U32  # KVM_PIT_FLAGS_HPET_LEGACY (bit 0): channel 0 routed through the HPET instead
 
     @classmethod
+    def warm(cls, version: int | None = None) -> None:
+        super().warm(version)
+        kstruct.warm(s.KvmPitState2, cls)
+
+    @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:
         return kstruct.to_values(s.KvmPitState2.from_buffer_copy(obj.get_state()), cls)
 
@@ -86,6 +91,11 @@ class ClockState(VMState):
     version = 1
     clock: U64
     flags: U32  # as KVM_GET_CLOCK reported them on the source
+
+    @classmethod
+    def warm(cls, version: int | None = None) -> None:
+        super().warm(version)
+        kstruct.warm(s.KvmClockData, cls)
 
     @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from vmferry.errors import KvmError, MigrationError, StateLoadError, VmferryError
@@ -85,10 +86,22 @@ class MachineDeviceState:
         doc = json.dumps(self.machine.machine_type.device_properties(), sort_keys=True, separators=(",", ":"))
         return [Command(CommandCode.DEVICE_PROPERTIES, data=doc.encode())]
 
+    def warm(self) -> None:
+        """Build every section's codecs and copiers at the version it is sent at; the VM may
+        run. Saving then does no one-time work inside the downtime."""
+        for s in self._slots:
+            s.cls.warm(s.version)
+
     def save(self) -> list[tuple[int, bytes]]:
         """(section id, SECTION_FULL payload) for every section. The vCPUs must be paused: vCPU
         ioctls wait for KVM_RUN to return, and the devices must not change under the capture."""
-        return [(s.id, s.cls.save(s.target, version=s.version)) for s in self._slots]
+        return list(self.sections())
+
+    def sections(self) -> Iterator[tuple[int, bytes]]:
+        """`save`, one section at a time: each is yielded as soon as it is captured and encoded,
+        so the caller can send it while the next one is being captured."""
+        for s in self._slots:
+            yield s.id, s.cls.save(s.target, version=s.version)
 
     # --- destination -----------------------------------------------------------------------------
 
@@ -127,6 +140,10 @@ class MachineDeviceState:
                 raise StateLoadError(found[1], section=info.name, field=found[0])
             seen.add(key)
         self._incoming.update({info.id: info for info in description.sections})
+        for info in description.sections:
+            # The stream's versions are known now, before any section data: build their
+            # codecs here, at setup, rather than while the guest is stopped.
+            self._classes[info.name].warm(info.version)
 
     def check_properties(self, data: bytes) -> None:
         """Refuse a source whose devices are set differently from ours (a DEVICE_PROPERTIES

@@ -4,13 +4,14 @@ What migration needs from the devices is two small protocols: save everything on
 and on the destination stage everything, then apply it all at once (nothing half-loaded).
 `vmferry.devices.state.MachineDeviceState` implements both for a Machine with the vmstate
 descriptions of its devices. `DeviceSaver` and `DeviceLoader` plug them into the engine: the
-DESCRIPTION at setup, every section as SECTION_FULL with the vCPUs paused, and all of it applied
-after END, before the guest starts.
+DESCRIPTION at setup (both sides build their section codecs then, outside the downtime), every
+section as SECTION_FULL with the vCPUs paused — each sent as soon as it is encoded, staged by the
+destination as it arrives — and all of it applied after END, before the guest starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from vmferry.errors import MigrationError
@@ -31,15 +32,21 @@ class DeviceStateSaver(Protocol):
         """Records the machine type adds right after the DESCRIPTION (its stream features)."""
         ...
 
-    def save(self) -> list[tuple[int, bytes]]:
-        """(section id, SECTION_FULL payload) for every section; the vCPUs are paused."""
+    def warm(self) -> None:
+        """Build whatever saving builds on first use (codecs); called at setup, the VM running."""
+        ...
+
+    def sections(self) -> Iterable[tuple[int, bytes]]:
+        """(section id, SECTION_FULL payload) for every section, each produced as soon as it is
+        captured and encoded; the vCPUs are paused."""
         ...
 
 
 class DeviceStateLoader(Protocol):
     def check_description(self, description: Description) -> None:
         """Refuse (StateLoadError / MigrationError naming the section) a description this
-        machine cannot load: an unknown section, a version outside what we accept."""
+        machine cannot load: an unknown section, a version outside what we accept. Also builds
+        the codecs of the described versions, so staging does no one-time work."""
         ...
 
     def check_properties(self, data: bytes) -> None:
@@ -69,6 +76,7 @@ class DeviceSaver(Saver):
         self._done = False
 
     def setup(self, out: SaverOutput) -> None:
+        self.state.warm()  # codecs built now, while the VM runs, not inside the downtime
         description = self.state.description()
         self._estimate = SECTION_ESTIMATE_BYTES * len(description.sections)
         out.send([out.encoder.encode(r) for r in (description, *self.state.stream_records())])
@@ -78,8 +86,10 @@ class DeviceSaver(Saver):
 
     def complete(self, out: SaverOutput) -> None:
         enc = out.encoder
-        out.send([enc.encode(DeviceSection(sid, SectionPhase.FULL, payload))
-                  for sid, payload in self.state.save()])
+        # One send per section: the first section is on the wire (and being staged by the
+        # destination) while the next is captured and encoded.
+        for sid, payload in self.state.sections():
+            out.send([enc.encode(DeviceSection(sid, SectionPhase.FULL, payload))])
         self._done = True
 
 

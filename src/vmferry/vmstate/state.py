@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from vmferry.errors import StateLoadError
+from vmferry.vmstate import compiled
 from vmferry.vmstate import description as desc
 from vmferry.vmstate.compound import Array, List, Struct
 from vmferry.vmstate.fields import (
@@ -32,8 +34,6 @@ from vmferry.vmstate.fields import (
     FieldOptions,
     FieldType,
     Reader,
-    decode_fields,
-    encode_fields,
 )
 
 
@@ -116,6 +116,14 @@ class VMState:
     def post_load(cls, obj: Any, version: int) -> None:
         """Runs after every value (subsections included) is applied; `version` is the stream's."""
 
+    @classmethod
+    def warm(cls, version: int | None = None) -> None:
+        """Build ahead of time what saving or loading this section would otherwise build on
+        first use — the compiled codecs (all versions this build reads, or just `version`) and
+        its subsections' — so none of it lands inside a downtime. A device whose capture/apply
+        has lazily built parts of its own (KVM struct copiers) extends this."""
+        compiled.warm(cls, None if version is None else range(version, version + 1))
+
     # --- binding: how values reach a device ----------------------------------------------------
 
     @classmethod
@@ -165,8 +173,7 @@ class VMState:
         """Payload bytes of `sec`: its fields, then the subsection block (docs/vmstate.md)."""
         if not cls.minimum_version <= sec.version <= cls.version:
             raise ValueError(f"section '{cls.name}': cannot encode version {sec.version}")
-        out = bytearray()
-        encode_fields(cls.fields, sec.fields, out, sec.version)
+        out = bytearray(compiled.encode_fields(cls, sec.fields, sec.version))
         described = cls.subsections_at(sec.version)
         known = {sub.name for sub in described}
         unknown = sorted(set(sec.subsections) - known)
@@ -236,10 +243,10 @@ class VMState:
                 f"stream version {v} is older than the minimum this build reads ({cls.minimum_version})",
                 section=cls.name,
             )
-        found = desc.layout_mismatch(cls.stream_description(v)["fields"], description.get("fields"))
+        found = desc.layout_mismatch(_layout(cls, v), description.get("fields"))
         if found:
             raise StateLoadError(found[1], section=cls.name, field=found[0])
-        values = decode_fields(cls.fields, r, v)
+        values = compiled.decode_fields(cls, r, v)
         sec = Section(cls.name, v, values, cls._decode_subsections(r, description.get("subsections")))
         if r.remaining:
             raise r.fail(f"{r.remaining} bytes left over after the section", None)
@@ -283,6 +290,24 @@ class VMState:
 def _state_lock(obj: Any) -> contextlib.AbstractContextManager[Any]:
     lock = getattr(obj, "state_lock", None)
     return lock() if callable(lock) else contextlib.nullcontext()
+
+
+# Weakly per class: classes built at run time from descriptions (dynamic.py) must not be kept alive.
+_Layouts = dict[int, list[dict[str, Any]]]
+_layouts: weakref.WeakKeyDictionary[type[VMState], _Layouts] = weakref.WeakKeyDictionary()
+
+
+def _layout(cls: type[VMState], version: int) -> list[dict[str, Any]]:
+    """This build's field entries of `cls` at `version`, computed once: a class's layout never
+    changes, and recomputing it for every section loaded cost more than decoding the section.
+    Shared and read-only: callers compare it, never change it."""
+    per_version = _layouts.get(cls)
+    if per_version is None:
+        per_version = _layouts.setdefault(cls, {})
+    found = per_version.get(version)
+    if found is None:
+        found = per_version[version] = cls.stream_description(version)["fields"]
+    return found
 
 
 def _described_version(cls: type[VMState], description: Any) -> int:
