@@ -186,9 +186,12 @@ class _CorruptingProxy:
         except OSError:
             pass
         finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+            # Close only this direction: the other one may still be relaying the destination's
+            # SHUT (its reason) to the source; cutting both would race it.
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                a.shutdown(socket.SHUT_RD)
 
     def _run(self) -> None:
         client, _ = self.listener.accept()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import select
+import socket
 import threading
 import time
 import traceback
@@ -50,6 +51,8 @@ CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
 CAUGHT_UP_S = 0.001
+# After refusing a stream: how long to read what the source still sends before closing.
+DRAIN_BEFORE_CLOSE_S = 1.0
 
 
 class IncomingMigration:
@@ -168,6 +171,8 @@ class IncomingMigration:
             if self.state.status not in (S.FAILED, S.CANCELLED):
                 self.state.set(S.FAILED)
             log.error("incoming migration failed: %s", reason)
+            if self._rp is not None and self.channel is not None and not self._cancel.is_set():
+                _drain_before_close(self.channel)
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -295,3 +300,22 @@ class IncomingMigration:
         if isinstance(smp, int) and smp != self.machine.smp:
             raise MigrationError(f"the source has {smp} vCPUs but this destination has "
                                  f"{self.machine.smp}; start it with --smp {smp}")
+
+
+def _drain_before_close(channel: Channel, limit_s: float = DRAIN_BEFORE_CLOSE_S) -> None:
+    """After SHUT: stop writing and read (dropping it) what the source still sends until it
+    closes, at most `limit_s`. Closing with unread bytes would reset the connection, and a reset
+    can reach the source before it read the SHUT: it would report "Connection reset" instead of
+    this side's reason."""
+    sock = getattr(channel, "socket", None)
+    if not isinstance(sock, socket.socket):
+        return
+    deadline = time.monotonic() + limit_s
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 16):
+                return
+    except OSError:
+        return
