@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,9 @@ from vmferry.vmstate import Section, VMState
 from vmferry.vmstate.description import layout_mismatch
 
 log = logging.getLogger("vmferry.migration")
+
+
+_WARM_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +92,12 @@ class MachineDeviceState:
 
     def warm(self) -> None:
         """Build every section's codecs and copiers at the version it is sent at; the VM may
-        run. Saving then does no one-time work inside the downtime."""
-        for s in self._slots:
-            s.cls.warm(s.version)
+        run. Saving then does no one-time work inside the downtime. The caches are per class
+        and process-wide: the VMM warms them on a thread at start, and a migration's setup
+        (which calls this again) waits for that instead of building them twice."""
+        with _WARM_LOCK:
+            for s in self._slots:
+                s.cls.warm(s.version)
 
     def save(self) -> list[tuple[int, bytes]]:
         """(section id, SECTION_FULL payload) for every section. The vCPUs must be paused: vCPU
@@ -140,10 +147,11 @@ class MachineDeviceState:
                 raise StateLoadError(found[1], section=info.name, field=found[0])
             seen.add(key)
         self._incoming.update({info.id: info for info in description.sections})
-        for info in description.sections:
-            # The stream's versions are known now, before any section data: build their
-            # codecs here, at setup, rather than while the guest is stopped.
-            self._classes[info.name].warm(info.version)
+        with _WARM_LOCK:  # (the VMM's start-up warming may still be running)
+            for info in description.sections:
+                # The stream's versions are known now, before any section data: build their
+                # codecs here, at setup, rather than while the guest is stopped.
+                self._classes[info.name].warm(info.version)
 
     def check_properties(self, data: bytes) -> None:
         """Refuse a source whose devices are set differently from ours (a DEVICE_PROPERTIES
