@@ -24,9 +24,12 @@ from vmferry.migration.params import (
 # with its own test of the effect: max-bandwidth (test_migration.py::test_max_bandwidth_holds),
 # downtime-limit and events (test_monitor_migration.py), the TLS strings (test_monitor_objects.py,
 # test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
-# test_migration.py's killed/refusing destination tests).
-EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz"}
-EFFECTIVE_CAPS = {"events", "return-path"}
+# test_migration.py's killed/refusing destination tests), auto-converge and its parameters
+# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: a real run).
+EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz",
+             "throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
+             "cpu-throttle-tailslow", "max-cpu-throttle"}
+EFFECTIVE_CAPS = {"events", "return-path", "auto-converge"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}

@@ -174,7 +174,8 @@ class VmControl:
             saver = self._device_saver(self.machine)
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
-                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass
+                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass,
+                auto_converge=self.migration_capabilities.enabled("auto-converge"),
             )
             self.incoming = None
             self.outgoing.start()

@@ -43,6 +43,7 @@ from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.throttle import AutoConverge, ThrottleParams
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.transport.bandwidth import RateLimiter
 from vmferry.transport.channel import Channel
@@ -65,6 +66,7 @@ class OutgoingMigration:
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
+        auto_converge: bool = False,
     ) -> None:
         self.machine = machine
         self.devices = devices
@@ -83,6 +85,7 @@ class OutgoingMigration:
         self._paused_by_us = False
         self._end_sent = False
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+        self.auto_converge = AutoConverge() if auto_converge else None
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
 
     # --- control, from the monitor thread ---
@@ -142,6 +145,7 @@ class OutgoingMigration:
             else:
                 self.ram.cleanup()
             self.stats.end_ns = time.monotonic_ns()
+            self._unthrottle()
             if self.channel is not None:
                 try:
                     self.channel.close()
@@ -190,6 +194,8 @@ class OutgoingMigration:
         self.stats.unpopulated = self.ram.unpopulated
         self.stats.remaining_pages = self.ram.remaining()
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
+        if self.auto_converge is not None:
+            self.auto_converge.start(time.monotonic(), self.stats.transferred)
         self.stats.setup_end_ns = time.monotonic_ns()
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
@@ -220,6 +226,7 @@ class OutgoingMigration:
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
+                self._throttle_after_sync(report.dirty_pages_after)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if step.switchover:
@@ -228,6 +235,25 @@ class OutgoingMigration:
                     raise MigrationError("migration cancelled")
                 if session.confirm_switchover():
                     return
+
+    def _throttle_after_sync(self, dirty_pages: int) -> None:
+        """auto-converge's evaluation after a sync (migration/throttle.py)."""
+        if self.auto_converge is None:
+            return
+        p = self.params.snapshot()
+        tp = ThrottleParams(p.throttle_trigger_threshold, p.cpu_throttle_initial, p.cpu_throttle_increment,
+                            p.cpu_throttle_tailslow, p.max_cpu_throttle)
+        new = self.auto_converge.on_sync(time.monotonic(), dirty_pages, self.stats.transferred, tp)
+        if new is not None:
+            log.info("auto-converge: vCPUs throttled to %d %%", new)
+            self.machine.set_cpu_throttle(new)
+            self.stats.cpu_throttle_percentage = new
+
+    def _unthrottle(self) -> None:
+        """The throttle ends with the migration, whatever its end: the source runs at full speed."""
+        if self.auto_converge is not None and self.machine.cpu_throttle_percentage:
+            self.machine.set_cpu_throttle(0)
+        self.stats.cpu_throttle_percentage = 0
 
     def _drain(self) -> None:
         """Wait (at most DRAIN_S) until the destination has applied everything sent, so the
