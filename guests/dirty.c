@@ -23,7 +23,7 @@
 #define BATCH_PAGES 64
 
 static const char *const known[] = {
-    "ws", "rate", "pattern", "hot", "hotw", "verify", "seed", "runtime", "check", "fill", 0,
+    "ws", "rate", "pattern", "hot", "hotw", "verify", "seed", "runtime", "check", "fill", "compute", 0,
 };
 
 /* Text pages: u64 j (1..510) of page i at generation g is the token hash(i, g', j) % 32, g' = g
@@ -37,6 +37,8 @@ static const char *const vocab[TOKENS] = {
     "switchover", "on", "each", "pass", "for", "device", "state", "stream", "record", "host",
 };
 static u64 tokens[TOKENS];
+/* compute=1: the second vCPU's loop count (it only ever counts); the first prints its rate. */
+static volatile u64 compute_loops;
 static int fill;
 
 static volatile struct dirty_header *const hdr = (volatile struct dirty_header *)DIRTY_HEADER_GPA;
@@ -136,6 +138,19 @@ static void write_page(u64 page)
     hdr->inflight = DIRTY_NO_PAGE;
 }
 
+/* The second vCPU, at CPL3 with interrupts off: a loop of integer work that touches no memory
+ * but its counter, so only what the host takes from it (a throttle) changes its rate. */
+static void compute_main(void)
+{
+    u64 x = 1;
+    for (;;) {
+        for (int i = 0; i < 64; i++)
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+        __asm__ volatile("" : "+r"(x));
+        compute_loops = compute_loops + 1;
+    }
+}
+
 /* Returns 1 if the page holds generation `g`'s content in every checked u64; *found gets the
  * first mismatch. */
 static int page_ok(u64 page, u32 g, u64 *found)
@@ -199,6 +214,7 @@ void guest_main(void)
     u64 verify_s = param_u64("verify", 5);
     u64 seed = param_u64("seed", 1);
     u64 runtime = param_u64("runtime", 0);
+    u64 compute = param_u64("compute", 0);
     char pattern_s[16] = "uniform", check_s[8] = "full", fill_s[8] = "stamp";
     param_str("pattern", pattern_s, sizeof(pattern_s));
     param_str("check", check_s, sizeof(check_s));
@@ -213,9 +229,9 @@ void guest_main(void)
         pattern = PATTERN_HOT;
     check_full = str_eq(check_s, "full");
     if (!pattern || (!check_full && !str_eq(check_s, "ends")) || hot < 1 || hot > 100 ||
-        hotw > 100 || rate > 1000000 || fill < 0) {
+        hotw > 100 || rate > 1000000 || fill < 0 || compute > 1) {
         rt_printf("dirty: bad parameter: pattern=uniform|hot, check=full|ends, fill=stamp|text|sparse, "
-                  "hot=1..100, hotw=0..100\n");
+                  "compute=0|1, hot=1..100, hotw=0..100\n");
         rt_exit(EXIT_BAD_PARAM);
     }
 
@@ -277,6 +293,14 @@ void guest_main(void)
      * the TSC. A VM paused for migration shows its downtime here, as the guest saw it (the TSC
      * keeps counting through the pause; the PIT's ticks move with the saved state). */
     u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0;
+    if (compute) {
+        if (!rt_start_ap(compute_main)) {
+            rt_printf("dirty: compute=1 needs a second vCPU, and it did not start\n");
+            rt_exit(EXIT_BAD_PARAM);
+        }
+        rt_printf("dirty: compute vCPU started\n");
+    }
+    u64 compute_last = compute_loops, compute_tick = rt_ticks;
 
     for (;;) {
         u64 t = rdtsc();
@@ -289,6 +313,14 @@ void guest_main(void)
             last_sec = sec;
             rt_printf("dirty: t=%lu gen=%u written=%lu MiB stall=%lu us\n", sec, gen,
                       hdr->writes / (MIB / PAGE_SIZE), stall * 1000 / tpm);
+            if (compute) {
+                /* The second vCPU's loops over PIT time since the last line. */
+                u64 loops = compute_loops, ticks = now - compute_tick;
+                rt_printf("compute: t=%lu rate=%lu loops/s\n", sec,
+                          ticks ? (loops - compute_last) * RT_TICK_HZ / ticks : 0);
+                compute_last = loops;
+                compute_tick = now;
+            }
             stall = 0;
             if (verify_s && sec % verify_s == 0 && hdr->filled == npages)
                 failures += !verify_all();

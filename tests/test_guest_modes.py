@@ -1,9 +1,12 @@
-"""The dirty guest's fill modes (fill=text, fill=sparse) on real KVM: the guest's own check and
+"""The dirty guest's modes. Fills (fill=text, fill=sparse) on real KVM: the guest's own check and
 the host verifier pass, a corrupted word is caught by both readings of the layout, text pages
-compress like text, and a sparse rewrite changes only the two stamp words of a page."""
+compress like text, and a sparse rewrite changes only the two stamp words of a page. compute=1:
+a second vCPU started by INIT/SIPI reports its loop rate, under QEMU and under vmferry, and keeps
+running after a migration."""
 
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
 
@@ -11,6 +14,8 @@ import numpy as np
 import pytest
 
 from polling import wait_for
+from test_guests import run_qemu
+from test_migration import _listen_uri
 from vmferry.guests.verify import (
     FILL_SPARSE,
     FILL_STAMP,
@@ -24,6 +29,7 @@ from vmferry.guests.verify import (
 )
 from vmferry.machine.machine import Machine
 from vmferry.vmm import guest_image
+from vmproc import VmProcess
 
 MiB = 1 << 20
 PAGE = 4096
@@ -141,3 +147,41 @@ def test_synthetic_inflight_page_of_old_and_new_words_passes(fill: int) -> None:
     assert verify_dirty([(0, ram)]).ok
     page[200] ^= 1  # a word that is neither
     assert not verify_dirty([(0, ram)]).ok
+
+
+RATE = re.compile(r"compute: t=\d+ rate=(\d+) loops/s")
+
+
+def test_compute_vcpu_reports_its_rate_under_qemu() -> None:
+    value, lines = run_qemu("dirty", "ws=4 rate=4 verify=1 runtime=3 compute=1", extra=("-smp", "2"),
+                            timeout=120)
+    assert value == 0, lines
+    assert "dirty: compute vCPU started" in lines
+    rates = [int(m.group(1)) for line in lines if (m := RATE.fullmatch(line))]
+    assert rates and all(r > 0 for r in rates), lines
+
+
+def test_compute_without_a_second_vcpu_is_a_bad_parameter() -> None:
+    value, lines = run_qemu("dirty", "ws=4 compute=1", timeout=120)
+    assert value == 2 and "dirty: compute=1 needs a second vCPU, and it did not start" in lines, lines
+
+
+@pytest.mark.kvm
+def test_compute_vcpu_runs_under_vmferry_and_after_a_migration(tmp_path: Path) -> None:
+    src = VmProcess(tmp_path, "src", "-m", "64M", "--smp", "2", "--guest", "dirty",
+                    "--append", "ws=4 rate=8 verify=1 compute=1")
+    dst = VmProcess(tmp_path, "dst", "-m", "64M", "--smp", "2", "--incoming", "tcp:127.0.0.1:0")
+    try:
+        src.wait_serial(r"compute: t=\d+ rate=[1-9]\d* loops/s", timeout=60)
+        src.wait_serial(r"verify ok")
+        src.cmd("migrate", uri=_listen_uri(dst))
+        assert src.wait_migration()["status"] == "completed"
+        assert dst.wait_migration()["status"] == "completed"
+        start = len(dst.serial())
+        # The second vCPU moved with its state: it still counts on the destination.
+        dst.wait_serial(r"compute: t=\d+ rate=[1-9]\d* loops/s", after=start, timeout=60)
+        dst.wait_serial(r"verify ok", after=start, timeout=60)
+        assert "FAIL" not in dst.serial()
+    finally:
+        src.close()
+        dst.close()
