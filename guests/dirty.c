@@ -37,8 +37,9 @@ static const char *const vocab[TOKENS] = {
     "switchover", "on", "each", "pass", "for", "device", "state", "stream", "record", "host",
 };
 static u64 tokens[TOKENS];
-/* compute=1: the second vCPU's loop count (it only ever counts); the first prints its rate. */
-static volatile u64 compute_loops;
+/* compute=1: the second vCPU's loop count (it only ever counts); the first prints its rate. At a
+ * fixed address (dirty_layout.h) so a host can read it too. */
+#define compute_loops (*(volatile u64 *)DIRTY_COMPUTE_GPA)
 static int fill;
 
 static volatile struct dirty_header *const hdr = (volatile struct dirty_header *)DIRTY_HEADER_GPA;
@@ -294,6 +295,7 @@ void guest_main(void)
      * keeps counting through the pause; the PIT's ticks move with the saved state). */
     u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0;
     if (compute) {
+        compute_loops = 0;
         if (!rt_start_ap(compute_main)) {
             rt_printf("dirty: compute=1 needs a second vCPU, and it did not start\n");
             rt_exit(EXIT_BAD_PARAM);

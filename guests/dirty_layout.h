@@ -18,6 +18,8 @@
 /* 2: `fill` (the high half of version 1's u32 pattern, 0 there). A guest with fill=stamp still
  * says version 1: its memory is exactly version 1's. */
 #define DIRTY_LAYOUT_VERSION 2u
+/* compute=1: the second vCPU's loop counter (u64), right after the header, for a host to read. */
+#define DIRTY_COMPUTE_GPA (DIRTY_HEADER_GPA + 0x80)
 #define DIRTY_NO_PAGE 0xFFFFFFFFFFFFFFFFull /* `inflight` when no page is being rewritten */
 
 enum dirty_pattern { PATTERN_UNIFORM = 1, PATTERN_HOT = 2 };

@@ -139,3 +139,15 @@ def test_trigger_never_changes_twice_in_a_row_and_respects_its_parameters(
         assert changes[0] == p.cpu_throttle_initial
         assert all(1 <= c <= 99 for c in changes)
         assert all(c <= max(p.max_cpu_throttle, p.cpu_throttle_initial) for c in changes)
+
+
+def test_dirty_limit_is_refused_by_name() -> None:
+    """QEMU 8.1's dirty-limit is not offered (docs/migration.md says why): refused as 7.2 does."""
+    from vmferry.errors import QmpError
+    from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+
+    with pytest.raises(QmpError, match="does not accept value 'dirty-limit'"):
+        MigrationCapabilities().set([{"capability": "dirty-limit", "state": True}])
+    for name in ("vcpu-dirty-limit", "x-vcpu-dirty-limit-period"):
+        with pytest.raises(QmpError, match=f"^Parameter '{name}' is unexpected$"):
+            MigrationParameters().apply({name: 1})

@@ -88,6 +88,7 @@ class VcpuRunner:
         self.throttle_percentage = 0
         self.throttle_slept_ns = 0
         self.throttle_sleeps = 0
+        self.throttle_last_end_ns = 0  # when the last throttle sleep ended (monotonic)
         self._throttle_owed_ns = 0
         self._throttle_timer: threading.Thread | None = None
         self._throttle_stop = threading.Event()
@@ -149,7 +150,8 @@ class VcpuRunner:
             if left <= 0:
                 break
             self._cond.wait(left / 1e9)
-        self.throttle_slept_ns += time.monotonic_ns() - t0
+        self.throttle_last_end_ns = time.monotonic_ns()
+        self.throttle_slept_ns += self.throttle_last_end_ns - t0
 
     # --- throttling, from any thread ---
 
