@@ -135,6 +135,7 @@ def test_trigger_never_changes_twice_in_a_row_and_respects_its_parameters(
             assert ac.evaluations - last_change_eval >= 2  # two high periods per change
             last_change_eval = ac.evaluations
             changes.append(new)
+    assert ac.history == changes
     if changes:
         assert changes[0] == p.cpu_throttle_initial
         assert all(1 <= c <= 99 for c in changes)

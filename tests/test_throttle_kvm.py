@@ -36,9 +36,11 @@ HEADER = 0x9000  # the dirty guest's header (guests/dirty_layout.h)
 GUEST = "ws=48 rate=100000 verify=0"
 # Non-default values, so a run that only ever shows these proves each one was read.
 # The switchover sends at full speed (max-bandwidth caps precopy only), so a small downtime-limit
-# is what keeps a 48 MiB working set, all of it dirty after every pass, from converging unthrottled.
-PARAMS = {"max-bandwidth": 32 * MiB, "downtime-limit": 30, "cpu-throttle-initial": 60,
-          "cpu-throttle-increment": 30, "max-cpu-throttle": 95, "throttle-trigger-threshold": 40}
+# is what keeps a 48 MiB working set, much of it dirty after every pass, from converging
+# unthrottled. A trigger threshold of 1 % makes every period high even when a loaded host starves
+# the guest: throttling never depends on how fast the guest gets to run.
+PARAMS = {"max-bandwidth": 32 * MiB, "downtime-limit": 15, "cpu-throttle-initial": 60,
+          "cpu-throttle-increment": 30, "max-cpu-throttle": 95, "throttle-trigger-threshold": 1}
 
 
 @pytest.fixture
@@ -64,19 +66,24 @@ def _boot(src: Machine) -> None:
 
 
 def _start(src: Machine, dst: VmProcess) -> tuple[OutgoingMigration, MigrationState, list[int]]:
-    """Start a migration with auto-converge; a watcher records every throttle query-migrate shows."""
+    """Start a migration with auto-converge; query-migrate's throttle is recorded at each pass's
+    start (on the migration thread) and by a watcher thread."""
     channel: Future[Channel] = Future()
     channel.set_result(connect_outgoing(_listen_uri(dst)))
     state = MigrationState()
-    out = OutgoingMigration(src, MachineDeviceState(src), channel, MigrationParameters.from_qmp(PARAMS),
-                            state, auto_converge=True)
     seen: list[int] = []
 
+    def record() -> None:
+        pct = out.stats.query(state.status).get("cpu-throttle-percentage")
+        if pct is not None and (not seen or seen[-1] != pct):
+            seen.append(pct)
+
+    out = OutgoingMigration(src, MachineDeviceState(src), channel, MigrationParameters.from_qmp(PARAMS),
+                            state, on_pass=lambda _: record(), auto_converge=True)
+
     def watch() -> None:
-        while out._thread.is_alive() or not seen:
-            pct = out.stats.query(state.status).get("cpu-throttle-percentage")
-            if pct is not None and (not seen or seen[-1] != pct):
-                seen.append(pct)
+        while True:
+            record()
             if not out._thread.is_alive():
                 return
             time.sleep(0.02)
@@ -101,9 +108,11 @@ def test_auto_converge_throttles_and_the_migration_completes(destination: VmProc
         assert not out._thread.is_alive(), "the migration did not finish"
         assert state.status == MigrationStatus.COMPLETED, out.stats.error
         # The throttle rose, first to cpu-throttle-initial, then by cpu-throttle-increment up to
-        # max-cpu-throttle: 60, 90, 95 (as far as the migration needed).
-        assert seen and seen == [60, 90, 95][: len(seen)], (seen, out.stats.query(state.status))
-        assert out.auto_converge is not None and out.auto_converge.percentage == seen[-1]
+        # max-cpu-throttle: 60, 90, 95 (as far as the migration needed), and query-migrate said so.
+        assert out.auto_converge is not None
+        history = out.auto_converge.history
+        assert history and history == [60, 90, 95][: len(history)], (history, out.stats.query(state.status))
+        assert seen and set(seen) <= set(history), (seen, history)
         # The vCPU slept for the throttle (what it slept is accounted; its accuracy: bench_throttle.py).
         runner = src._runners[0]
         assert runner.throttle_sleeps > 0 and runner.throttle_slept_ns > 0

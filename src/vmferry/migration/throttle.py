@@ -61,6 +61,7 @@ class AutoConverge:
 
     def __init__(self) -> None:
         self.percentage = 0
+        self.history: list[int] = []  # every percentage set, in order
         self.high_count = 0
         self.evaluations = 0
         self._period_start: float | None = None
@@ -96,4 +97,5 @@ class AutoConverge:
         if new == self.percentage:
             return None
         self.percentage = new
+        self.history.append(new)
         return new
