@@ -1,5 +1,7 @@
 """auto-converge on real KVM: a guest dirtying faster than a capped max-bandwidth gets throttled,
-the migration completes, and the throttle is gone once it ends (completed or cancelled).
+the migration completes, and the throttle is gone once it ends (completed or cancelled); the same
+over QMP between two `vmferry run` processes (the capability, the parameters, query-migrate's
+cpu-throttle-percentage).
 
 The source is a Machine in this process (its vCPU runners can be inspected: what they slept, and
 that no throttle timer is left), running the `dirty` guest flat out at CPL3; the destination is
@@ -146,3 +148,59 @@ def test_cancel_removes_the_throttle_and_the_source_runs_on(destination: VmProce
             time.sleep(0.05)
         assert src._runners[0].throttle_sleeps == slept  # and never sleeps for the throttle again
         src.shutdown()
+
+
+# Over QMP: throttle at 60 % and no further (max-cpu-throttle), so with the bandwidth capped the
+# throttle holds until the test lifts the cap: nothing depends on catching a short state.
+QMP_PARAMS = {**PARAMS, "max-cpu-throttle": 60}
+
+
+@pytest.fixture
+def procs() -> Iterator[list[VmProcess]]:
+    started: list[VmProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+def _throttled_over_qmp(tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, VmProcess]:
+    src = VmProcess(tmp, "src", "-m", "128M", "--guest", "dirty", "--append", "ws=48 rate=100000 verify=1")
+    procs.append(src)
+    dst = VmProcess(tmp, "dst", "-m", "128M", "--incoming", "tcp:127.0.0.1:0")
+    procs.append(dst)
+    src.wait_serial(r"verify ok")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "auto-converge", "state": True}])
+    src.cmd("migrate-set-parameters", **QMP_PARAMS)
+    src.cmd("migrate", uri=_listen_uri(dst))
+    deadline = time.monotonic() + 240
+    while True:
+        info = src.cmd("query-migrate")
+        if info.get("cpu-throttle-percentage") == 60:
+            return src, dst
+        assert info["status"] in ("setup", "active"), info
+        assert time.monotonic() < deadline, "never throttled"
+        time.sleep(0.05)
+
+
+def test_over_qmp_query_migrate_reports_the_throttle_until_completion(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, dst = _throttled_over_qmp(tmp_path, procs)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 300})
+    info = src.wait_migration(timeout=240)
+    assert info["status"] == "completed", info
+    assert "cpu-throttle-percentage" not in info
+    assert dst.wait_migration()["status"] == "completed"
+    start = len(dst.serial())
+    dst.wait_serial(r"verify ok", after=start, timeout=60)
+    assert "FAIL" not in dst.serial()
+
+
+def test_over_qmp_cancel_removes_the_throttle(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, _ = _throttled_over_qmp(tmp_path, procs)
+    src.cmd("migrate_cancel")
+    info = src.wait_migration(timeout=120)
+    assert info["status"] == "cancelled" and "cpu-throttle-percentage" not in info, info
+    assert src.status() == "running"
+    start = len(src.serial())
+    src.wait_serial(r"verify ok", after=start, timeout=60)
+    assert "FAIL" not in src.serial()
