@@ -250,7 +250,8 @@ class OutgoingMigration:
             self.stats.cpu_throttle_percentage = new
 
     def _unthrottle(self) -> None:
-        """The throttle ends with the migration, whatever its end: the source runs at full speed."""
+        """The throttle ends with the migration, whatever its end: the source runs at full speed.
+        Called before the final state is set, and again (a no-op by then) in _run's finally."""
         if self.auto_converge is not None and self.machine.cpu_throttle_percentage:
             self.machine.set_cpu_throttle(0)
         self.stats.cpu_throttle_percentage = 0
@@ -319,6 +320,7 @@ class OutgoingMigration:
             for key in ("apply", "start"):
                 if key in self.return_path.ack_timings:
                     self.stats.downtime_phases[f"destination-{key}"] = self.return_path.ack_timings[key]
+        self._unthrottle()  # before the state says it ended: query-migrate never shows both
         self.state.set(S.COMPLETED)
         log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
                  self.stats.downtime_phases)
@@ -338,6 +340,7 @@ class OutgoingMigration:
             )
 
     def _fail(self, e: BaseException) -> None:
+        self._unthrottle()  # before resuming the source and before the state says it ended
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self.return_path is not None and self.return_path.shut_reason:
