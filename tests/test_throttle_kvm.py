@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from polling import ticks, wait_for
 from test_migration import _listen_uri
 from vmferry.devices.state import MachineDeviceState
 from vmferry.machine.machine import Machine
@@ -204,3 +205,21 @@ def test_over_qmp_cancel_removes_the_throttle(tmp_path: Path, procs: list[VmProc
     start = len(src.serial())
     src.wait_serial(r"verify ok", after=start, timeout=60)
     assert "FAIL" not in src.serial()
+
+
+def test_a_kick_whose_sleep_was_dropped_does_not_stop_the_vcpu(tmp_path: Path) -> None:
+    """A throttle kick whose sleep set_throttle(0) dropped leaves only immediate_exit set: the
+    runner must consume it, or every KVM_RUN returns EINTR at once (the cancel test found this)."""
+    out = tmp_path / "serial"
+    with Machine(memory=32 * MiB, serial=f"file:{out}") as m:
+        m.load_kernel(guest_image("heartbeat"), "hz=100")
+        m.start()
+        wait_for(lambda: len(ticks(out)) >= 3, "ticks")
+        m.set_cpu_throttle(50)
+        m.set_cpu_throttle(0)
+        runner = m._runners[0]
+        runner._kick()  # what the timer does; nothing is owed now
+        seen = len(ticks(out))
+        wait_for(lambda: len(ticks(out)) >= seen + 5, "ticks after the kick")
+        assert runner._throttle_timer is None and runner.throttle_percentage == 0
+        m.shutdown()

@@ -114,8 +114,11 @@ class VcpuRunner:
                         self._sleep_throttled()
                         if self._pause or self._stop:
                             continue  # park first; the kick's immediate_exit stays set
-                        # The timer's kick set immediate_exit; no pause is pending (checked
-                        # under the lock pausers set it under), so clear it to run again.
+                    if not (self._pause or self._stop):
+                        # Only a pause or a stop (set under this lock before their kick) needs
+                        # immediate_exit kept. Any other kick is the throttle timer's, whose
+                        # sleep may already be gone (set_throttle(0) drops it): consume it here,
+                        # or every KVM_RUN would return EINTR at once and the guest never run.
                         self.vcpu.immediate_exit = False
                 # KVM_RUN releases the GIL; the guest runs until an exit or the kick.
                 entered = self.vcpu.run()
