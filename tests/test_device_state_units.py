@@ -9,7 +9,7 @@ import pytest
 
 from vmferry.devices.chardev import open_chardev
 from vmferry.devices.debug_exit import DebugExit, DebugExitState
-from vmferry.devices.serial import Serial16550, SerialState
+from vmferry.devices.serial import LSR_OE, RX_PENDING_MAX, Serial16550, SerialState
 from vmferry.errors import StateLoadError
 from vmferry.machine.machine_type import get_machine_type, section_registry
 
@@ -136,3 +136,76 @@ def test_closing_a_quiesced_uart_releases_a_waiting_receive() -> None:
     dev.close()
     feeder.join(60)
     assert not feeder.is_alive() and dev.get_state()["rx_fifo"] == b""
+
+
+# --- vmferry-0.2's UART: rx_dropped (section version 2), serial/overrun, "lsr-overrun" ---------
+
+
+def _table_uart(machine: str) -> Serial16550:
+    """A UART with the properties the machine type's table gives it."""
+    return Serial16550(open_chardev("null"), None, get_machine_type(machine).device_properties()["serial0"])
+
+
+def _overflow(dev: Serial16550, extra: int) -> None:
+    dev.receive(bytes(RX_PENDING_MAX))
+    dev.receive(b"z" * extra)
+
+
+@pytest.mark.parametrize(("machine", "oe"), [("vmferry-0.1", 0), ("vmferry-0.2", LSR_OE)])
+def test_input_beyond_the_fifo_is_counted_and_reported_as_overrun_only_where_pinned_on(
+        machine: str, oe: int) -> None:
+    dev = _table_uart(machine)
+    _overflow(dev, 5)
+    assert dev.rx_dropped == 5
+    assert dev.read(5, 1) & LSR_OE == oe  # LSR: OE only with lsr-overrun
+    assert dev.read(5, 1) & LSR_OE == 0  # reading LSR cleared it
+    assert dev.rx_dropped == 5  # the counter is not a register: reads leave it
+
+
+def test_vmferry_0_1_sends_serial_version_1_without_the_counter_or_the_overrun() -> None:
+    version = get_machine_type("vmferry-0.1").spec("serial0").version
+    assert version == 1
+    dev = _table_uart("vmferry-0.1")
+    _overflow(dev, 3)
+    dev.lsr_oe = 1  # even if latched (it cannot be with lsr-overrun off), 0.1 never sends it
+    sec = SerialState.snapshot(dev, version=1)
+    assert "rx_dropped" in sec.fields and set(sec.subsections) == {"serial/fifo"}
+    fresh = _table_uart("vmferry-0.1")
+    # Version 1 bytes: the ten register bytes, then the subsection block; no u32 counter.
+    idle = SerialState.save(fresh, version=1)
+    assert idle == bytes(SerialState.capture(fresh)[n] for n in (
+        "ier", "fcr", "lcr", "mcr", "msr", "scr", "dll", "dlm", "thr_ipending", "irq_level")) + b"\x00\x00"
+    assert [s["name"] for s in SerialState.stream_description(1)["subsections"]] == ["serial/fifo"]
+
+
+def test_vmferry_0_2_migrates_the_counter_and_a_pending_overrun_and_only_then_the_subsection() -> None:
+    src = _table_uart("vmferry-0.2")
+    assert "serial/overrun" not in SerialState.snapshot(src, version=2).subsections  # none pending
+    _overflow(src, 7)
+    sec = SerialState.snapshot(src, version=2)
+    assert sec.fields["rx_dropped"] == 7 and sec.subsections["serial/overrun"].fields == {"lsr_oe": 1}
+    dst = _table_uart("vmferry-0.2")
+    SerialState.load(dst, SerialState.save(src, version=2))
+    assert (dst.rx_dropped, dst.lsr_oe) == (7, 1)
+    assert dst.read(5, 1) & LSR_OE  # the guest on the destination sees the overrun it had not read
+    src.read(5, 1)  # the guest read LSR: nothing pending, the subsection is not sent
+    assert "serial/overrun" not in SerialState.snapshot(src, version=2).subsections
+
+
+def test_a_version_1_stream_loads_on_vmferry_0_2_with_the_counter_at_zero() -> None:
+    old = _table_uart("vmferry-0.1")
+    old.write(7, 1, 0x5A)  # scratch register
+    dst = _table_uart("vmferry-0.2")
+    dst.rx_dropped, dst.lsr_oe = 9, 1
+    SerialState.load(dst, SerialState.save(old, version=1), version=1)
+    assert (dst.scr, dst.rx_dropped, dst.lsr_oe) == (0x5A, 0, 0)
+
+
+def test_a_subsection_newer_than_the_section_version_cannot_be_encoded() -> None:
+    dev = _table_uart("vmferry-0.2")
+    sec = SerialState.snapshot(dev, version=2)
+    sec.subsections["serial/overrun"] = SerialState.snapshot(dev, version=2).subsections.get(
+        "serial/overrun") or type(sec)("serial/overrun", 1, {"lsr_oe": 1})
+    sec.version = 1
+    with pytest.raises(ValueError, match="unknown subsections \\['serial/overrun'\\] at version 1"):
+        SerialState.encode(sec)

@@ -159,3 +159,37 @@ def test_a_block_without_a_vm_logs_the_vmm_writes():
         assert block.sync_dirty() == 0
     finally:
         block.close()
+
+
+def test_take_while_another_consumer_syncs_loses_nothing():
+    # One consumer takes its bitmap (copy + clear in one step) while another thread syncs the
+    # log for its own consumer — which folds into every consumer's bitmap, this one's too.
+    n = 4096
+    log = DirtyLog(n)
+    log.add_consumer("migration")
+    log.add_consumer("dirty-rate")
+    log.start()
+    noted = np.random.default_rng(11).integers(0, n, 20000)
+    done = threading.Event()
+
+    def writer_and_syncer() -> None:
+        for k, u in enumerate(noted):
+            log.note(int(u), 1)
+            if k % 7 == 0:
+                log.sync()
+        done.set()
+
+    seen = np.zeros(n, dtype=bool)
+    t = threading.Thread(target=writer_and_syncer)
+    t.start()
+    while not done.is_set():
+        taken = log.take("migration")
+        if taken is not None:
+            seen[bitmap_to_units(taken, n)] = True
+    t.join()
+    log.sync()
+    taken = log.take("migration")
+    if taken is not None:
+        seen[bitmap_to_units(taken, n)] = True
+    assert seen[noted].all()
+    assert log.take("migration") is None

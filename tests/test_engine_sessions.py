@@ -1,8 +1,9 @@
 """The migration engine's two protocol objects wired together in memory: a SourceSession's bytes
 go through the real StreamDecoder into a DestSession. RAM is plain RamBlocks without a VM: the
-test is the guest, writing pages and marking them dirty (as KVM's log would) before and during
-passes. Device state is a test-only "blob" saver and loader, plugged in without touching either
-session — the proof that a new kind of state is one saver, one loader and a table entry.
+test is the guest, writing pages through RamBlock.write (whose writes the dirty log notes and a
+sync folds in, as it does KVM's) before and during passes. Device state is a test-only "blob"
+saver and loader, plugged in without touching either session — the proof that a new kind of
+state is one saver, one loader and a table entry.
 
 After every switchover — wherever it falls — the destination's memory and blob must equal the
 source's.
@@ -23,7 +24,7 @@ from vmferry.errors import MigrationError
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.convergence import EndToEndRate
 from vmferry.migration.dest_session import DestSession
-from vmferry.migration.ram import CONSUMER, RamLoader, RamSaver
+from vmferry.migration.ram import RamLoader, RamSaver
 from vmferry.migration.return_path import ReturnPathReader, ReturnPathWriter
 from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
 from vmferry.migration.source_session import SourceSession
@@ -116,25 +117,20 @@ class Pair:
         self.dec = StreamDecoder(place=self.ram_loader.place)
         self.out = Out(self.encoder, self.dec, self.dest)
         self.now = 0.0
-        self.tracking = False
 
     def tick(self) -> float:
         self.now += 0.001
         return self.now
 
     def write(self, block: int, page: int, value: int) -> None:
-        """The guest writes a page (value 0 makes it a zero page), and the dirty log sees it."""
+        """A write to a page (value 0 makes it a zero page) through the block's own writer: the
+        dirty log's VMM producer notes it, and the next sync folds it in, as KVM's log would."""
         b = self.src_blocks[block]
         page %= b.npages
-        b.mem[page * PAGE:(page + 1) * PAGE] = bytes([value]) * PAGE
-        if self.tracking:
-            mask = np.zeros(b.npages, dtype=bool)
-            mask[page] = True
-            b.mark_dirty(CONSUMER, mask)
+        b.write(b.gpa + page * PAGE, bytes([value]) * PAGE)
 
     def setup(self) -> None:
         self.session.setup(self.out, self.tick())
-        self.tracking = True
 
     def step(self) -> bool:
         if self.session.end_to_end:
@@ -143,7 +139,7 @@ class Pair:
         return s.switchover and self.session.confirm_switchover()
 
     def switch_over(self) -> None:
-        self.tracking = False  # the guest is paused
+        """The guest is paused from here: no more writes."""
         self.session.complete(self.out, self.tick)
         self.session.end(self.out)
         assert self.dest.ended, "END did not arrive"

@@ -214,9 +214,10 @@ def test_corrupted_byte_is_refused_naming_the_record(tmp_path: Path, procs: list
     _assert_source_survives(src)
 
 
-def test_state_without_a_loader_is_refused_by_name(tmp_path: Path, procs: list[VmProcess]) -> None:
+def test_disk_state_for_a_destination_without_disks_is_refused_by_name(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
     """A stream carrying disk records into a destination without disks: refused, naming the
-    record, never silently dropped."""
+    drive, never silently dropped."""
     enc = StreamEncoder()  # no machine type: any destination reads on
     stream = tmp_path / "disk.stream"
     stream.write_bytes(enc.header() + enc.encode(BlockDevices((DiskInfo(1, "vda", 1 << 20),)))
@@ -224,7 +225,8 @@ def test_state_without_a_loader_is_refused_by_name(tmp_path: Path, procs: list[V
     dst = _dest(tmp_path, procs, f"file:{stream}")
     info = dst.wait_migration()
     assert info["status"] == "failed", info
-    assert "BLOCK_DEVICES record (record 0) has no loader" in info["error-desc"], info
+    assert "the source copies drive 'vda', but this destination has no such drive (drives: none)" \
+        in info["error-desc"], info
     assert dst.status() == "inmigrate"  # the guest never started
 
 

@@ -24,11 +24,13 @@ from vmferry.migration.params import (
 # with its own test of the effect: max-bandwidth (test_migration.py::test_max_bandwidth_holds),
 # downtime-limit and events (test_monitor_migration.py), the TLS strings (test_monitor_objects.py,
 # test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
-# test_migration.py's killed/refusing destination tests), auto-converge and its parameters
-# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: a real run).
-EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz",
-             "throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
-             "cpu-throttle-tailslow", "max-cpu-throttle"}
+# test_migration.py's killed/refusing destination tests), x-trace-file (test_trace_migration.py),
+# x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off),
+# x-block-drives (test_disk_migration.py, test_disk.py), auto-converge and its parameters
+# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs).
+EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
+             "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
+             "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"}
 EFFECTIVE_CAPS = {"events", "return-path", "auto-converge"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
@@ -95,7 +97,10 @@ def test_the_effective_names_are_the_listed_ones() -> None:
     assert all(EFFECTIVE_PARAMETERS.values()) and all(EFFECTIVE_CAPABILITIES.values())
 
 
-@pytest.mark.parametrize("name", sorted(EFFECTIVE - {"tls-creds", "tls-hostname", "tls-authz"}))
+STRINGS = {"tls-creds", "tls-hostname", "tls-authz", "x-trace-file", "x-block-drives"}
+
+
+@pytest.mark.parametrize("name", sorted(EFFECTIVE - STRINGS))
 def test_effective_numeric_parameter_changes(name: str) -> None:
     spec = next(s for s in PARAMETER_SPECS if s.qmp_name == name)
     p = MigrationParameters()
@@ -121,6 +126,21 @@ def test_unsupported_capability_is_refused_by_name(name: str) -> None:
     assert not caps.enabled(name) and not caps.enabled("events")  # all or nothing
     caps.set([{"capability": name, "state": False}])  # off is what it is: accepted
     assert not caps.enabled(name)
+
+
+@pytest.mark.parametrize("value", [1, 99, 600_001, -1])
+def test_heartbeat_interval_out_of_range_is_refused_by_name(value: int) -> None:
+    p = MigrationParameters()
+    with pytest.raises(QmpError, match=r"^Parameter 'x-heartbeat-ms' expects 0 \(off\) or an integer"):
+        p.apply({"x-heartbeat-ms": value})
+    assert p.x_heartbeat_ms == 1000
+
+
+@pytest.mark.parametrize("value", [0, 100, 600_000])
+def test_heartbeat_interval_off_and_bounds_are_accepted(value: int) -> None:
+    p = MigrationParameters()
+    p.apply({"x-heartbeat-ms": value})
+    assert p.x_heartbeat_ms == value
 
 
 def test_return_path_is_on_and_cannot_be_turned_off() -> None:

@@ -344,3 +344,25 @@ def test_loopback_tcp_needs_no_option(address: str) -> None:
 def test_unknown_or_unsupported_options_are_refused_by_name(address: str, option: str) -> None:
     with pytest.raises(VmferryError, match=f"option '{option}' is not supported"):
         QmpServer(CommandDispatcher(FakeVm()), address)
+
+
+def test_an_event_racing_the_negotiation_never_precedes_its_reply(tmp_path) -> None:
+    """An event emitted after the session turned negotiated but before the qmp_capabilities
+    reply was queued must not reach the client first (qemu.qmp refuses such a greeting)."""
+
+    class EmitsDuringNegotiation(CommandDispatcher):
+        def dispatch(self, name, arguments, session):  # type: ignore[no-untyped-def]
+            result = super().dispatch(name, arguments, session)
+            if name == "qmp_capabilities":
+                server.emit_event("STOP")  # what a vCPU thread may do at that moment
+            return result
+
+    server = QmpServer(EmitsDuringNegotiation(FakeVm()), [f"unix:{tmp_path}/qmp.sock"])
+    try:
+        c = Raw(server.addresses[0])
+        assert c.cmd(NEGOTIATE) == {"return": {}}
+        server.emit_event("RESUME")
+        assert c.read()["event"] == "RESUME"  # events flow once the reply went out
+        c.close()
+    finally:
+        server.close()

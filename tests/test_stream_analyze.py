@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vmferry.stream.testing import sample_stream
+from vmferry.stream import Description, DeviceSection, EndOfStream, SectionPhase
+from vmferry.stream.testing import encode_all, sample_stream
 
 
 def analyze(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -72,3 +73,20 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     missing = tmp_path / "nope"
     assert r.stderr.decode() == f"vmferry analyze: cannot open {missing}: No such file or directory\n"
+
+
+def test_a_malformed_description_entry_is_reported_not_a_traceback(tmp_path: Path) -> None:
+    # Found by tests/fuzz/fuzz_vmstate.py: a DESCRIPTION entry whose field list holds a
+    # non-object made the section decoder raise AttributeError (a traceback from analyze).
+    bad = {"id": 1, "name": "bad", "instance": 0, "version": 1, "fields": [1], "subsections": []}
+    path = tmp_path / "bad.vmf"
+    path.write_bytes(encode_all([Description.from_schemas([bad]), DeviceSection(1, SectionPhase.FULL, b"\0"),
+                                 EndOfStream()]))
+    r = analyze("--json", str(path))
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    device = json.loads(r.stdout)["devices"][0]
+    assert device["undecoded"] == "malformed description: a field entry needs a string name"
+    r = analyze("--verify", str(path))
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+    assert (b"payload does not match its description: malformed description: a field entry needs a string"
+            b" name (at record 1, section 'bad')") in r.stderr

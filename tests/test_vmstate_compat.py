@@ -178,8 +178,14 @@ def test_cli_exit_codes(tmp_path, capsys):
 def test_describe_prints_sorted_stable_json(capsys):
     assert main(["describe", "-M", "vmferry-0.1"]) == 0
     first = capsys.readouterr().out
-    assert main(["describe"]) == 0  # the newest is the default
+    assert main(["describe", "--machine", "vmferry-0.1"]) == 0
     assert capsys.readouterr().out == first
+    assert main(["describe", "-M", "vmferry-0.2"]) == 0
+    newest = capsys.readouterr().out
+    assert newest != first
+    for alias in ([], ["-M", "vmferry"]):  # the newest is the default, and `vmferry` its alias
+        assert main(["describe", *alias]) == 0
+        assert capsys.readouterr().out == newest
     described = json.loads(first)
     assert list(described) == sorted(described)
     assert described["serial"]["fields"][0] == {

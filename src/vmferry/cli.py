@@ -1,4 +1,4 @@
-"""`vmferry` command line: run, migrate, demo, analyze, describe, check-compat.
+"""`vmferry` command line: run, migrate, demo, report, analyze, describe, check-compat.
 
 Each subcommand's work lives in its package; this module only parses arguments and turns any
 VmferryError into a one-line message and a non-zero exit (never a traceback at a user).
@@ -20,6 +20,7 @@ HANDLERS = {
     "run": "vmferry.vmm:main",
     "migrate": "vmferry.drive:main_migrate",
     "demo": "vmferry.demo:main",
+    "report": "vmferry.report:main",
     "analyze": "vmferry.stream.analyze:main",
     "describe": "vmferry.machine.machine_type:main_describe",
     "check-compat": "vmferry.vmstate.compat:main_check_compat",
@@ -55,6 +56,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
              "authz-simple,id=auth0,identity=CN=src.example.com,,O=Example (',,' is a comma)",
     )
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")
+    p.add_argument("--metrics", metavar="tcp:HOST:PORT",
+                   help="serve the VM's state and migration counters for Prometheus at http://HOST:PORT/metrics")
 
 
 def _add_migrate(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +67,17 @@ def _add_migrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", help="migration URI: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
     p.add_argument("--max-bandwidth", type=int, help="bytes per second")
     p.add_argument("--downtime-limit", type=int, help="milliseconds")
+    p.add_argument("--forecast", action="store_true",
+                   help="first measure the dirty rate (1 s) and print the forecast (x-migrate-forecast); "
+                        "at the end, print it against what happened")
+    p.add_argument("--forecast-bandwidth", type=int, metavar="BYTES_PER_S",
+                   help="the bandwidth the forecast assumes (default: the last migration's measured "
+                        "bandwidth, else --max-bandwidth)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write the source's JSON-lines trace to FILE (docs/trace.md), and with --dest-qmp "
+                        "the destination's to FILE with .destination before its suffix")
+    p.add_argument("--blk", action="store_true",
+                   help="copy every writable drive in the stream (non-shared storage; QMP migrate blk)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +88,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds the guest runs before migrating")
     p.add_argument("--after", type=float, default=4.0, help="seconds to watch the destination afterwards")
     p.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="where to write the report (default: report.html in a new temporary directory)")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="draw migration traces (docs/trace.md) into an HTML or PNG report")
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (JSON lines); several overlay")
+    p.add_argument("-o", "--output", required=True, help="report.html or report.png")
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmferry", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_migrate, _add_demo, _add_analyze, _add_describe, _add_check_compat):
+    for add in (_add_run, _add_migrate, _add_demo, _add_report, _add_analyze, _add_describe,
+                _add_check_compat):
         add(sub)
     return parser
 

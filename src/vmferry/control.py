@@ -19,12 +19,16 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from vmferry.errors import MigrationError, QmpError, TransportError
 from vmferry.guests.verify import verify_dirty
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import select_copied
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
+from vmferry.migration.dirty_rate import DirtyRateMeter
+from vmferry.migration.forecast import ForecastInput, forecast
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
+from vmferry.migration.trace import NULL_TRACE, NullTrace, TraceWriter
 from vmferry.monitor.objects import ObjectRegistry, TlsSetup, migration_tls
 from vmferry.stream.format import MAGIC as STREAM_MAGIC
 from vmferry.transport.channel import Channel
@@ -75,6 +79,7 @@ class VmControl:
         self._state: MigrationState | None = None
         self.listen_address = ""
         self._lock = threading.Lock()
+        self.dirty_rate = DirtyRateMeter(machine.ram_blocks)
 
     # --- events ---
 
@@ -91,6 +96,26 @@ class VmControl:
             self.postmigrate = True
         if self.migration_capabilities.enabled("events"):
             self.emit("MIGRATION", {"status": str(status)})
+        self._trace_status(status)
+
+    def _trace_status(self, status: MigrationStatus) -> None:
+        """Each phase goes into the migration's trace; a terminal one ends it."""
+        mig = self.outgoing or self.incoming
+        if mig is None:
+            return
+        mig.trace.event("phase", phase=str(status))
+        if status in (S.COMPLETED, S.FAILED, S.CANCELLED):
+            info = mig.stats.query(status)
+            mig.trace.close(str(status), total_time_ms=info.get("total-time", 0),
+                            transferred_bytes=mig.stats.transferred, error=info.get("error-desc"))
+
+    def _open_trace(self, side: str) -> NullTrace:
+        """The trace `x-trace-file` asks for, or none."""
+        path = self.migration_parameters.x_trace_file
+        if not path:
+            return NULL_TRACE
+        return TraceWriter(path, side, ram_bytes=sum(b.nbytes for b in self.machine.ram_blocks),
+                           machine_type=self.machine.machine_type.name)
 
     def _on_pass(self, number: int) -> None:
         if self.migration_capabilities.enabled("events"):
@@ -125,8 +150,8 @@ class VmControl:
             return
         if self.outgoing is not None and self.outgoing.state.status == S.DEVICE:
             raise QmpError("The migration is switching over; wait for it to finish")
+        self.machine.resume()  # a drive whose image another VMM now holds refuses, by name
         self.postmigrate = False
-        self.machine.resume()
 
     def quit(self) -> None:
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
@@ -144,13 +169,21 @@ class VmControl:
     def query_blockstats(self) -> list[dict]:
         return [d.query_blockstats() for d in self.machine.block_devices]
 
+    def query_virtio_queue_status(self, path: str, queue: int) -> dict:
+        for dev in self.machine.block_devices:
+            if dev.qdev == path:
+                return dev.queue_status(queue)
+        raise QmpError(f"No virtio device with path '{path}'")
+
     def query_cpus_fast(self) -> list[dict]:
         return [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(self.machine.vcpu_thread_ids())]
 
     def _migration_running(self) -> bool:
         return self._state is not None and self._state.status in IN_PROGRESS
 
-    def migrate(self, uri: str) -> None:
+    def migrate(self, uri: str, blk: bool = False) -> None:
+        """`blk`: copy every writable drive in the stream (QEMU 7.2's name); `x-block-drives`
+        adds drives by id. The other drives are shared (migration/block.py)."""
         with self._lock:
             if self.machine.finished:
                 raise MigrationError("The guest has shut down; there is nothing to migrate")
@@ -158,23 +191,28 @@ class VmControl:
                 raise MigrationError("There's a migration process in progress")
             if self.postmigrate and not self.machine.running:
                 raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-            if self.machine.block_devices:
-                names = ", ".join(d.drive_id for d in self.machine.block_devices)
-                raise MigrationError(f"a VM with drives cannot migrate yet (drives: {names})")
+            wanted = [n.strip() for n in self.migration_parameters.x_block_drives.split(",") if n.strip()]
+            copy_drives = select_copied(self.machine.block_devices, blk, wanted)
             parsed = parse_uri(uri)  # a malformed URI is an error reply
             tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
                                 uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
+            trace = self._open_trace("source")  # a path it cannot write is refused here
             channel, connected = _connect_in_background(uri, tls)
             # A refused or unreachable peer answers at once: an error reply, as the user
             # expects. A peer that is slow to answer must not hold the monitor: the migration
             # thread waits for it and reports a failure as `failed`. The TLS handshake is not
             # waited for here: its failures always end as `failed`, with the reason.
-            with contextlib.suppress(FutureTimeout):
-                connected.result(timeout=CONNECT_WAIT_S)
+            try:
+                with contextlib.suppress(FutureTimeout):
+                    connected.result(timeout=CONNECT_WAIT_S)
+            except Exception as e:
+                trace.close("failed", error=str(e))  # the trace says why it is so short
+                raise
             saver = self._device_saver(self.machine)
             self._state = MigrationState(self._on_migration_status)
             self.outgoing = OutgoingMigration(
-                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass,
+                self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace,
+                copy_drives=copy_drives,
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
             )
             self.incoming = None
@@ -189,7 +227,9 @@ class VmControl:
             listener = _TlsListener(listen_incoming(uri), self._incoming_tls)
             self._state = MigrationState(self._on_migration_status)
             self.incoming = IncomingMigration(
-                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded
+                self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
+                lambda: self._open_trace("destination"),
+                lambda: self.migration_parameters.x_heartbeat_ms,
             )
             self.incoming.start()
             self.listen_address = str(listener.address)
@@ -216,6 +256,11 @@ class VmControl:
         if mig is None or self._state is None:
             return {}
         out = mig.stats.query(self._state.status)
+        if self.outgoing is not None and self.outgoing.drives.copied:
+            out["disk"] = self.outgoing.drives.progress()
+        elif self.incoming is not None and self.incoming.drives.total:
+            loader = self.incoming.drives
+            out["disk"] = {"transferred": loader.received, "total": loader.total}
         if self.incoming is not None:
             out["passes-received"] = self.incoming.passes
             if self._state.status in (S.SETUP,) and self.listen_address:
@@ -237,9 +282,54 @@ class VmControl:
         return {"ok": verdict.ok, "pages": verdict.pages, "generation": verdict.generation,
                 "first-bad-page": verdict.first_bad_page, "reason": str(verdict)}
 
+    def calc_dirty_rate(self, calc_time: int, mode: str | None, sample_pages: int | None) -> None:
+        if self.inmigrate:
+            raise QmpError("the dirty rate cannot be measured while waiting for an incoming migration")
+        self.dirty_rate.calc(calc_time, mode, sample_pages)
+
+    def query_dirty_rate(self) -> dict:
+        return self.dirty_rate.query()
+
+    def migrate_forecast(self, args: dict) -> dict:
+        """x-migrate-forecast: the inputs the caller gave, else the last measurements."""
+        for name, value in args.items():
+            if value < 0:
+                raise QmpError(f"Parameter '{name}' expects a value of 0 or more")
+        populated = sum(int(b.populated_pages().sum()) for b in self.machine.ram_blocks) * 4096
+        dirty = args.get("dirty-rate")
+        if dirty is None:
+            info = self.dirty_rate.query()
+            if "x-dirty-bytes" not in info or info["mode"] != "dirty-bitmap":
+                raise QmpError("no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
+                               "or give 'dirty-rate'")
+            dirty = info["x-dirty-bytes"] / (float(info["x-elapsed-ms"]) / 1000)
+        bandwidth = args.get("bandwidth")
+        if bandwidth is None:
+            measured = self.outgoing.stats.bandwidth_bps if self.outgoing is not None else 0.0
+            bandwidth = measured or self.migration_parameters.max_bandwidth
+        if not bandwidth or bandwidth <= 0:
+            raise QmpError("no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or migrate "
+                           "once to measure it")
+        inputs = ForecastInput(
+            initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
+            downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
+            working_set_bytes=args.get("working-set", populated),
+            switchover_ms=args.get("switchover-ms", self._last_switchover_ms()))
+        out = forecast(inputs).as_qmp()
+        out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
+                         "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
+                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms}
+        return out
+
+    def _last_switchover_ms(self) -> float | None:
+        """The last outgoing migration's pause minus its RAM: the fixed part of a switchover."""
+        phases = self.outgoing.stats.downtime_phases if self.outgoing is not None else {}
+        return sum(v for k, v in phases.items() if k != "ram") if phases else None
+
     # --- lifetime ---
 
     def close(self) -> None:
+        self.dirty_rate.close()
         if self._migration_running():
             self.migrate_cancel()
         for mig in (self.outgoing, self.incoming):

@@ -7,6 +7,7 @@ everything shown is what QMP reports, so it is exactly what any management tool 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,10 @@ def progress_table(info: dict[str, Any], dest: dict[str, Any] | None) -> Table:
     t.add_row("remaining", _mib(ram.get("remaining", 0)))
     t.add_row("bandwidth", f"{ram.get('mbps', 0) / 8:,.0f} MB/s")
     t.add_row("dirty rate", f"{ram.get('dirty-pages-rate', 0) * 4096 / 2**20:,.1f} MiB/s")
+    disk = info.get("disk")
+    if disk:
+        t.add_row("disk", f"{_mib(disk.get('transferred', 0))} sent, {_mib(disk.get('remaining', 0))} "
+                  f"remaining of {_mib(disk.get('total', 0))}")
     if "expected-downtime" in info:
         t.add_row("expected downtime", f"{info['expected-downtime']} ms")
     conv = info.get("convergence")
@@ -102,21 +107,93 @@ def report(out: Outcome, console: Console) -> Table:
     return t
 
 
+def run_forecast(src: QmpClient, bandwidth: int | None, console: Console) -> dict[str, Any] | None:
+    """Measure the dirty rate for a second (dirty-bitmap), then ask for the forecast. A forecast
+    that cannot be made (no bandwidth known) is said, and the migration goes on."""
+    try:
+        src.execute("calc-dirty-rate", **{"calc-time": 1, "mode": "dirty-bitmap"})
+        deadline = time.monotonic() + 60
+        while (info := src.execute("query-dirty-rate"))["status"] != "measured":
+            if time.monotonic() > deadline:
+                raise MigrationError("the dirty rate measurement did not finish within 60 s")
+            time.sleep(POLL_S)
+        args = {} if bandwidth is None else {"bandwidth": bandwidth}
+        f = src.execute("x-migrate-forecast", **args)
+    except QmpError as e:
+        console.print(f"[yellow]no forecast: {e}")
+        return None
+    t = Table(title="forecast", show_header=False)
+    inputs = f["inputs"]
+    t.add_row("inputs", f"{_mib(inputs['initial-bytes'])} populated, dirtied at "
+              f"{_mib(inputs['dirty-rate'])}/s (measured {info['dirty-rate']} MiB/s), bandwidth "
+              f"{_mib(inputs['bandwidth'])}/s, downtime-limit {inputs['downtime-limit']} ms")
+    if f["converges"]:
+        t.add_row("verdict", f"converges in {f['passes']} passes")
+        t.add_row("total time", f"{f['total-time-ms']:.0f} ms")
+        t.add_row("bytes", _mib(f["total-bytes"]))
+        t.add_row("pause", f"{f['downtime-ms']:.1f} ms")
+    else:
+        t.add_row("verdict", "[red]does not converge")
+        need = f.get("bandwidth-needed")
+        t.add_row("would converge with", " or ".join(x for x in (
+            f"bandwidth {_mib(need)}/s" if need else "",
+            f"downtime-limit {f['downtime-limit-needed']:.0f} ms" if f.get("downtime-limit-needed") else "",
+            f"a {f['throttle-percent-needed']} % cut of the dirty rate" if f.get("throttle-percent-needed")
+            else "") if x) or "nothing precopy can do")
+    console.print(t)
+    return f
+
+
+def compare_forecast(f: dict[str, Any], info: dict[str, Any], console: Console) -> None:
+    t = Table(title="forecast against what happened")
+    for col in ("", "forecast", "actual"):
+        t.add_column(col)
+    done = info.get("status") == "completed"
+    t.add_row("converged", str(f["converges"]), str(done))
+    if done:
+        t.add_row("passes", str(f["passes"]), str(len(info.get("passes", []))))
+        # The forecast leaves out setup (dirty logging start, population scan).
+        actual_ms = info.get("total-time", 0) - info.get("setup-time", 0)
+        t.add_row("time (after setup)", f"{f['total-time-ms'] or 0:.0f} ms", f"{actual_ms} ms")
+        ram = info.get("ram", {})
+        t.add_row("page bytes", _mib(f["total-bytes"]), _mib(ram.get("normal-bytes", 0)))
+        t.add_row("pause", f"{f['downtime-ms']:.1f} ms", f"{info.get('downtime', 0)} ms")
+    console.print(t)
+
+
+def destination_trace_path(path: str) -> str:
+    """Where the destination's trace goes beside the source's: a.jsonl -> a.destination.jsonl."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.destination{ext or '.jsonl'}"
+
+
 def main_migrate(args: argparse.Namespace) -> int:
     console = Console()
     src = QmpClient(args.qmp)
     dst = QmpClient(args.dest_qmp) if args.dest_qmp else None
-    params: dict[str, int] = {}
+    params: dict[str, object] = {}
     if args.max_bandwidth is not None:
         params["max-bandwidth"] = args.max_bandwidth
     if args.downtime_limit is not None:
         params["downtime-limit"] = args.downtime_limit
+    if args.trace:
+        # Each VM process writes its trace on its own host; absolute, whatever its working directory.
+        path = os.path.abspath(args.trace)
+        params["x-trace-file"] = path
+        if dst is not None:
+            dst.execute("migrate-set-parameters", **{"x-trace-file": destination_trace_path(path)})
     if params:
         src.execute("migrate-set-parameters", **params)
+    predicted = run_forecast(src, args.forecast_bandwidth, console) if args.forecast else None
     try:
-        src.execute("migrate", uri=args.uri)
+        if getattr(args, "blk", False):
+            src.execute("migrate", uri=args.uri, blk=True)
+        else:
+            src.execute("migrate", uri=args.uri)
     except QmpError as e:
         raise MigrationError(f"migrate {args.uri}: {e}") from None
     out = watch(src, dst, console)
     report(out, console)
+    if predicted is not None:
+        compare_forecast(predicted, out.source, console)
     return 0 if out.source.get("status") == "completed" else 1

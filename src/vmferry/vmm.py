@@ -35,6 +35,8 @@ from vmferry.machine.machine import ExitStatus, Machine
 from vmferry.machine.machine_type import parse_size
 from vmferry.migration.state import MigrationStatus
 from vmferry.monitor.commands import CommandDispatcher
+from vmferry.monitor.metrics import MetricsServer
+from vmferry.monitor.metrics import render as render_metrics
 from vmferry.monitor.objects import create_object, parse_object_option
 from vmferry.monitor.server import QmpServer
 
@@ -59,12 +61,14 @@ def _device_state(machine: Machine):  # noqa: ANN202 - MachineDeviceState, impor
     return MachineDeviceState(machine)
 
 
-def open_drives(specs: Sequence[DriveSpec]) -> list[tuple[str, BlockBackend]]:
-    """Open (and lock) every drive's image, or none: on an error the ones opened are closed."""
+def open_drives(specs: Sequence[DriveSpec], *, lock: bool = True) -> list[tuple[str, BlockBackend]]:
+    """Open (and lock) every drive's image, or none: on an error the ones opened are closed.
+    `lock=False` for an incoming migration: the images are locked when the migration owns them
+    (migration/block.py), since a shared image is still the source's until switchover."""
     opened: list[tuple[str, BlockBackend]] = []
     try:
         for spec in specs:
-            opened.append((spec.id, open_drive(spec)))
+            opened.append((spec.id, open_drive(spec, lock=lock)))
     except BaseException:
         for _, backend in opened:
             backend.close()
@@ -89,10 +93,12 @@ class Vmm:
         paused: bool = False,
         objects: list[tuple[str, object]] | None = None,
         drives: Sequence[DriveSpec] = (),
+        metrics: str | None = None,
     ) -> None:
         self.servers: list[QmpServer] = []
+        self.metrics: MetricsServer | None = None
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event,
-                               drives=open_drives(drives))
+                               drives=open_drives(drives, lock=incoming is None))
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
         self.control.emit = self._emit
@@ -105,6 +111,9 @@ class Vmm:
                 self.machine.load_kernel(kernel, cmdline)
             if qmp:
                 self.servers.append(QmpServer(CommandDispatcher(self.control), qmp))
+            if metrics:
+                self.metrics = MetricsServer(metrics, self._metrics_text)
+                print(f"vmferry: metrics on {self.metrics.address}", file=sys.stderr, flush=True)
             if incoming is not None and incoming != "defer":
                 self.control.migrate_incoming(incoming)
                 print(f"vmferry: waiting for an incoming migration on {self.control.listen_address}",
@@ -115,6 +124,11 @@ class Vmm:
 
     def _on_event(self, name: str, data: dict) -> None:
         self.control.on_machine_event(name, data)
+
+    def _metrics_text(self) -> str:
+        ram_bytes = sum(b.nbytes for b in self.machine.ram_blocks)
+        return render_metrics(self.control.query_status(), self.control.query_migrate(),
+                              ram_bytes=ram_bytes, vcpus=self.machine.smp)
 
     def _emit(self, name: str, data: dict | None = None) -> None:
         for server in self.servers:
@@ -143,6 +157,8 @@ class Vmm:
         self.control.close()
         for server in self.servers:
             server.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.machine.close()
 
 
@@ -158,8 +174,6 @@ def main(args: argparse.Namespace) -> int:
     if args.incoming == "defer" and not args.qmp:
         raise VmferryError("--incoming defer needs --qmp to receive 'migrate-incoming'")
     drives = parse_drives(args.drive)
-    if drives and args.incoming:
-        raise VmferryError("--drive with --incoming: a VM with disks cannot migrate yet")
     if args.guest:
         kernel: Path | None = guest_image(args.guest)
     elif args.kernel:
@@ -190,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
             paused=args.paused,
             objects=objects,
             drives=drives,
+            metrics=args.metrics,
         )
         status = vmm.run()
     except KeyboardInterrupt:

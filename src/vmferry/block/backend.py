@@ -50,4 +50,21 @@ class BlockBackend(Protocol):
         """(offset, nbytes) of each range in [start, end) that may hold data; the rest are holes."""
         ...
 
+    def write_zeroes(self, offset: int, nbytes: int) -> None:
+        """Make the range read as zeros, deallocated where the storage can (a hole)."""
+        ...
+
+    @property
+    def locked(self) -> bool:
+        """Does this opener hold the image's lock (it may write without a second writer)?"""
+        ...
+
+    def lock(self) -> None:
+        """Take the image's lock; BlockError naming the image if another opener conflicts."""
+        ...
+
+    def release_lock(self) -> None:
+        """Give the lock up, keeping the image open (a migration hands the image over)."""
+        ...
+
     def close(self) -> None: ...

@@ -79,3 +79,11 @@ def _set_shared(fd: int, offset: int, name: str) -> None:
             # Someone holds an exclusive lock on the byte (QEMU never does; another tool may).
             raise LockConflict(f'Failed to get "{name}" lock') from None
         raise
+
+
+def unlock_image(fd: int) -> None:
+    """Drop every lock byte `lock_image` may have taken on `fd` (the image stays open): a
+    migration source hands the image to its destination this way at switchover."""
+    for base in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
+        for perm in PERM_NAMES:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, base + perm))

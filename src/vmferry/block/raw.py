@@ -4,29 +4,39 @@ Reads ask the file where its data is (`SEEK_DATA`/`SEEK_HOLE`) and fill holes wi
 reading them, so a sparse image stays sparse in the page cache and costs no disk reads; writes go
 to the file with `pwrite` (the kernel allocates what they touch and nothing else). `flush` is
 `fdatasync`. The image is opened O_RDWR unless the drive is read-only, and locked (block/lock.py)
-before anything is read.
+before anything is read — except on a migration destination, which opens it unlocked
+(`lock=False`) and takes the lock (`lock()`) when it owns the image: before it writes into it, or
+before the guest runs on a shared image the source still holds until switchover.
+`release_lock()` is the source's side of that hand-over.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import stat
 from collections.abc import Iterator
 
 from vmferry.block.backend import BlockError
-from vmferry.block.lock import LockConflict, lock_image
+from vmferry.block.lock import LockConflict, lock_image, unlock_image
 from vmferry.block.options import DriveSpec
 
 # SEEK_DATA/SEEK_HOLE: os has them on Linux; a filesystem without support answers as if the file
 # were all data (lseek(SEEK_DATA) = offset, SEEK_HOLE = size), which is still correct.
 
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
 
 class RawImage:
-    def __init__(self, spec: DriveSpec) -> None:
+    def __init__(self, spec: DriveSpec, *, lock: bool = True) -> None:
         self.spec = spec
         self.path = spec.file
         self._readonly = spec.readonly
+        self.locked = False
         flags = (os.O_RDONLY if spec.readonly else os.O_RDWR) | os.O_CLOEXEC
         try:
             self.fd = os.open(spec.file, flags)
@@ -37,14 +47,30 @@ class RawImage:
             if not stat.S_ISREG(st.st_mode):
                 raise BlockError(f"drive {spec.id}: '{spec.file}' is not a regular file")
             self._size = st.st_size
-            try:
-                lock_image(self.fd, spec.readonly)
-            except LockConflict as e:
-                raise BlockError(f"drive {spec.id}: {e} on '{spec.file}': is another process "
-                                 "using the image?") from None
+            if lock:
+                self.lock()
         except BaseException:
             os.close(self.fd)
             raise
+
+    def lock(self) -> None:
+        """Take QEMU's lock bytes (idempotent); a conflict is a BlockError naming the image and
+        leaves nothing taken."""
+        if self.locked:
+            return
+        try:
+            lock_image(self.fd, self._readonly)
+        except LockConflict as e:
+            unlock_image(self.fd)
+            raise BlockError(f"drive {self.spec.id}: {e} on '{self.path}': is another process "
+                             "using the image?") from None
+        self.locked = True
+
+    def release_lock(self) -> None:
+        """Drop the lock bytes; the image stays open (a migration source at switchover)."""
+        if self.locked and self.fd >= 0:
+            unlock_image(self.fd)
+            self.locked = False
 
     def _open_error(self, e: OSError) -> str:
         what = f"drive {self.spec.id}: Could not open '{self.spec.file}': {e.strerror}"
@@ -119,14 +145,31 @@ class RawImage:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def write_zeroes(self, offset: int, nbytes: int) -> None:
+        """Make [offset, +nbytes) read as zeros by deallocating it (a hole), so a run of zeros
+        copied from another image stays a hole here. A filesystem that cannot punch holes gets
+        the zeros written."""
+        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, nbytes) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        zeros = bytes(min(nbytes, 1 << 20))
+        done = 0
+        while done < nbytes:
+            n = min(len(zeros), nbytes - done)
+            self.write(offset + done, memoryview(zeros)[:n])
+            done += n
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # releases the OFD locks with the open file description
             self.fd = -1
 
 
-def open_drive(spec: DriveSpec) -> RawImage:
-    """The backend for one --drive (raw files only, today)."""
+def open_drive(spec: DriveSpec, *, lock: bool = True) -> RawImage:
+    """The backend for one --drive (raw files only, today). `lock=False`: a migration
+    destination, which takes the lock later (see the module doc)."""
     if spec.format != "raw":
         raise BlockError(f"drive {spec.id}: format '{spec.format}' is not supported")
-    return RawImage(spec)
+    return RawImage(spec, lock=lock)

@@ -11,9 +11,16 @@ The backend thread is the device's own: `quiesce()` (the machine calls it when i
 in the backend (a socket's buffer) meanwhile. `state_lock()` is held by the vmstate layer across
 a whole capture (registers, `needed()`, the FIFO), so section and subsection agree.
 
+Input beyond RX_PENDING_MAX is dropped and counted in `rx_dropped`. With the compat property
+"lsr-overrun" on, a drop also latches the overrun error, LSR bit 1 (OE), until the guest reads
+LSR — as a real 16550 reports a character lost to a full FIFO; off (machine type vmferry-0.1),
+LSR never shows OE, as that release's UART did not.
+
 Registers and the FIFO are plain attributes; `get_state()/set_state()` expose all of them, and
-the section "serial" (`SerialState`, with the pending input in its subsection "serial/fifo")
-describes them for migration.
+the section "serial" (`SerialState`) describes them for migration: version 1 (vmferry-0.1) the
+registers, with the pending input in the subsection "serial/fifo"; version 2 (vmferry-0.2) adds
+the `rx_dropped` counter and the subsection "serial/overrun" (a latched OE, sent only while one
+is pending).
 """
 
 from __future__ import annotations
@@ -25,13 +32,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vmferry.devices.chardev import Chardev
-from vmferry.vmstate import U8, VarBytes, VMState
+from vmferry.vmstate import U8, U32, VarBytes, VMState, field
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 RX_PENDING_MAX = 65536  # bytes of host input kept before the guest reads them; beyond: dropped
 
-LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
+LSR_DR, LSR_OE, LSR_THRE, LSR_TEMT = 0x01, 0x02, 0x20, 0x40
 IER_RDI, IER_THRI = 0x01, 0x02
 IIR_NO_INT, IIR_THRI, IIR_RDI, IIR_FIFO = 0x01, 0x02, 0x04, 0xC0
 LCR_DLAB = 0x80
@@ -59,9 +66,31 @@ class SerialFifo(VMState):
         obj.load_rx_fifo(values["fifo"])
 
 
+class SerialOverrun(VMState):
+    """A latched overrun error the guest has not seen yet (LSR.OE). Sent only while one is
+    pending, so a UART that never overflowed sends what it would without the feature; exists
+    from section version 2 on, the first to have "lsr-overrun"."""
+
+    name = "serial/overrun"
+    since = 2
+    lsr_oe: U8  # 1: latched (a sender writes 1; a reader takes any non-zero byte as 1)
+
+    @classmethod
+    def needed(cls, obj: Any) -> bool:
+        return bool(obj.properties["lsr-overrun"]) and bool(obj.lsr_oe)
+
+    @classmethod
+    def capture(cls, obj: Any) -> dict[str, Any]:
+        return {"lsr_oe": obj.lsr_oe}
+
+    @classmethod
+    def apply(cls, obj: Any, values: dict[str, Any]) -> None:
+        obj.load_overrun(1 if values["lsr_oe"] else 0)  # any non-zero byte: latched
+
+
 class SerialState(VMState):
     name = "serial"
-    version = 1
+    version = 2
     ier: U8
     fcr: U8
     lcr: U8
@@ -72,12 +101,13 @@ class SerialState(VMState):
     dlm: U8  # divisor latch, high byte
     thr_ipending: U8  # "THR empty" interrupt pending (cleared by reading IIR)
     irq_level: U8  # the level this UART last drove its IRQ line to
-    subsections = (SerialFifo,)
+    rx_dropped: U32 = field(since=2, default=0)  # host input bytes lost to a full FIFO
+    subsections = (SerialFifo, SerialOverrun)
 
     @classmethod
     def capture(cls, obj: Any) -> dict[str, Any]:
         st = obj.get_state()
-        return {name: st[name] for name in _REGS}
+        return {name: st[name] for name in (*_REGS, "rx_dropped")}
 
     @classmethod
     def apply(cls, obj: Any, values: dict[str, Any]) -> None:
@@ -89,11 +119,13 @@ class SerialState(VMState):
 
 
 class Serial16550:
-    """Properties (from the machine type): "iobase" and "irq" (where it is wired) and
-    "migrate-rx-fifo" (whether pending input travels in the "serial/fifo" subsection)."""
+    """Properties (from the machine type): "iobase" and "irq" (where it is wired),
+    "migrate-rx-fifo" (whether pending input travels in the "serial/fifo" subsection) and
+    "lsr-overrun" (whether dropped input latches LSR.OE)."""
 
     vmstate = SerialState
-    default_properties: Mapping[str, Any] = {"iobase": COM1_PORT, "irq": COM1_IRQ, "migrate-rx-fifo": True}
+    default_properties: Mapping[str, Any] = {"iobase": COM1_PORT, "irq": COM1_IRQ, "migrate-rx-fifo": True,
+                                             "lsr-overrun": True}
 
     @classmethod
     def create(cls, machine: Any, properties: Mapping[str, Any]) -> Serial16550:
@@ -127,6 +159,8 @@ class Serial16550:
         self.thr_ipending = 0
         self.irq_level = 0
         self.rx_fifo: deque[int] = deque()
+        self.rx_dropped = 0  # wraps at 2**32, as the u32 that migrates it
+        self.lsr_oe = 0  # overrun latched, cleared by reading LSR ("lsr-overrun" only)
         backend.set_receiver(self.receive)
 
     # --- guest side (vCPU threads) ---
@@ -155,7 +189,8 @@ class Serial16550:
         if offset == 4:
             return self.mcr
         if offset == 5:
-            return LSR_THRE | LSR_TEMT | (LSR_DR if self.rx_fifo else 0)
+            oe, self.lsr_oe = (LSR_OE if self.lsr_oe else 0), 0  # reading LSR clears OE
+            return LSR_THRE | LSR_TEMT | oe | (LSR_DR if self.rx_fifo else 0)
         if offset == 6:
             if self.mcr & MCR_LOOP:
                 # Loopback: DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
@@ -217,8 +252,13 @@ class Serial16550:
     # --- host side (backend thread) ---
 
     def _push(self, data: bytes) -> None:
-        room = RX_PENDING_MAX - len(self.rx_fifo)
-        self.rx_fifo.extend(data[: max(room, 0)])
+        room = max(RX_PENDING_MAX - len(self.rx_fifo), 0)
+        self.rx_fifo.extend(data[:room])
+        dropped = len(data) - room
+        if dropped > 0:
+            self.rx_dropped = (self.rx_dropped + dropped) & 0xFFFF_FFFF
+            if self.properties["lsr-overrun"]:
+                self.lsr_oe = 1
 
     def receive(self, data: bytes) -> None:
         """Bytes from the backend, for the guest to read from RBR. Waits while quiesced."""
@@ -255,10 +295,13 @@ class Serial16550:
     # --- migration ---
 
     def get_state(self) -> dict:
-        """All registers (ints) and "rx_fifo" (bytes not yet read by the guest)."""
+        """All registers (ints), "rx_fifo" (bytes not yet read by the guest), "rx_dropped" and
+        "lsr_oe"."""
         with self._lock:
             st: dict = {name: getattr(self, name) for name in _REGS}
             st["rx_fifo"] = bytes(self.rx_fifo)
+            st["rx_dropped"] = self.rx_dropped
+            st["lsr_oe"] = self.lsr_oe
             return st
 
     def set_state(self, state: dict) -> None:
@@ -266,6 +309,8 @@ class Serial16550:
             for name in _REGS:
                 setattr(self, name, int(state[name]))
             self.rx_fifo = deque(state["rx_fifo"])
+            self.rx_dropped = int(state.get("rx_dropped", 0))
+            self.lsr_oe = int(state.get("lsr_oe", 0))
             # irq_level came with the state and matches the irqchip's saved line; drive the
             # line only if the loaded registers say otherwise.
             self._update_irq()
@@ -274,9 +319,17 @@ class Serial16550:
     # FIFO subsection if it was sent, then the IRQ line once everything is in).
 
     def load_registers(self, values: dict) -> None:
+        """The section's fields. A version-1 stream gives rx_dropped its default (0), and no
+        "serial/overrun" subsection: no overrun is pending unless that subsection says so."""
         with self._lock:
             for name in _REGS:
                 setattr(self, name, int(values[name]))
+            self.rx_dropped = int(values["rx_dropped"])
+            self.lsr_oe = 0
+
+    def load_overrun(self, lsr_oe: int) -> None:
+        with self._lock:
+            self.lsr_oe = lsr_oe
 
     def load_rx_fifo(self, data: bytes) -> None:
         with self._lock:

@@ -11,6 +11,10 @@ PIT, and the clock last of the kernel state). For vmferry-0.1:
     n+3        "clock"       kvmclock base                  devices/pit.py
     n+4        "serial"      instance 0 = COM1              devices/serial.py
     n+5        "debug-exit"                                 devices/debug_exit.py
+    n+6..      "virtio-blk"  instance = drive index (--drive order) devices/virtio_blk.py
+
+The drives' sections come from the type's `drive_device` entry, one instance per drive, and only
+when the machine has drives.
 
 Each device object names its own description (`vmstate = SerialState`); the machine type's
 table gives the version it is sent at. A device of the machine that is not in its machine type's
@@ -24,11 +28,12 @@ nothing touches a device until `apply`, after every section has arrived.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
-from vmferry.errors import KvmError, StateLoadError, VmferryError
-from vmferry.stream.records import Description, SectionInfo
+from vmferry.errors import KvmError, MigrationError, StateLoadError, VmferryError
+from vmferry.stream.records import Command, CommandCode, Description, SectionInfo
 from vmferry.vmstate import Section, VMState
 from vmferry.vmstate.description import layout_mismatch
 
@@ -70,6 +75,15 @@ class MachineDeviceState:
                         {"id": s.id, "instance": s.instance, **s.cls.stream_description(s.version)})
             for s in self._slots
         ))
+
+    def stream_records(self) -> list[Command]:
+        """What the machine type's stream features add after the DESCRIPTION: with
+        "device-properties", one DEVICE_PROPERTIES command (docs/stream-format.md). vmferry-0.1
+        has none, so its stream is what release 0.1.0 sent."""
+        if "device-properties" not in self.machine.machine_type.stream_features:
+            return []
+        doc = json.dumps(self.machine.machine_type.device_properties(), sort_keys=True, separators=(",", ":"))
+        return [Command(CommandCode.DEVICE_PROPERTIES, data=doc.encode())]
 
     def save(self) -> list[tuple[int, bytes]]:
         """(section id, SECTION_FULL payload) for every section. The vCPUs must be paused: vCPU
@@ -113,6 +127,29 @@ class MachineDeviceState:
                 raise StateLoadError(found[1], section=info.name, field=found[0])
             seen.add(key)
         self._incoming.update({info.id: info for info in description.sections})
+
+    def check_properties(self, data: bytes) -> None:
+        """Refuse a source whose devices are set differently from ours (a DEVICE_PROPERTIES
+        command): same machine type name, different table — a build that changed a released
+        type, or a device property the two builds disagree on. Names device, property, values."""
+        mt = self.machine.machine_type.name
+        try:
+            theirs = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise MigrationError(f"DEVICE_PROPERTIES is not JSON: {e}") from None
+        if not isinstance(theirs, dict) or not all(isinstance(v, dict) for v in theirs.values()):
+            raise MigrationError("DEVICE_PROPERTIES is not an object of device -> properties")
+        ours = self.machine.machine_type.device_properties()
+        for dev in sorted(set(ours) | set(theirs)):
+            if dev not in ours or dev not in theirs:
+                side = "source" if dev in theirs else "destination"
+                raise MigrationError(f"machine type '{mt}': device '{dev}' exists only on the {side}")
+            for prop in sorted(set(ours[dev]) | set(theirs[dev])):
+                a, b = theirs[dev].get(prop, "<unset>"), ours[dev].get(prop, "<unset>")
+                if a != b:
+                    raise MigrationError(
+                        f"machine type '{mt}': device '{dev}' property '{prop}' is {json.dumps(a)} on "
+                        f"the source but {json.dumps(b)} here; the two builds disagree on the machine type")
 
     def stage(self, section_id: int, payload: bytes) -> None:
         """Decode and validate one section against the stream's description; apply nothing."""
@@ -170,6 +207,8 @@ def _slots(machine: Any) -> list[_Slot]:
             targets = [machine.devices[spec.id]]
         for target in targets:
             found.append((spec.order, spec.section.name, 0, spec, target))
+    for target in getattr(machine, "block_devices", ()):
+        found.append((mt.drive_device.order, mt.drive_device.section.name, 0, mt.drive_device, target))
     unlisted = set(machine.devices) - {spec.id for spec in mt.devices}
     if unlisted:
         raise VmferryError(f"machine type '{mt.name}' has no table entry for device(s) {sorted(unlisted)}")

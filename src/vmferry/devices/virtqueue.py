@@ -75,9 +75,11 @@ class VirtQueue:
         slot = self.avail_gpa + 4 + 2 * (self.last_avail_idx % self.num)
         head = int.from_bytes(mem.read_gpa(slot, 2), "little")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        return self._walk(mem, head)
+        return self.walk(mem, head)
 
-    def _walk(self, mem: GuestMemory, head: int) -> Chain:
+    def walk(self, mem: GuestMemory, head: int) -> Chain:
+        """The request whose chain starts at descriptor `head` (also: one carried over by a
+        migration, re-read from the descriptor table on the destination)."""
         chain = Chain(head)
         index = head
         for _ in range(self.num):

@@ -139,9 +139,11 @@ class DirtyLog:
             self._sync_locked()
             self._consumers[name] = np.zeros(self.nwords, dtype=np.uint64)
 
-    def remove_consumer(self, name: str) -> None:
+    def remove_consumer(self, name: str) -> int:
+        """Drop a consumer; returns how many consumers remain."""
         with self._lock:
             self._consumers.pop(name, None)
+            return len(self._consumers)
 
     def bitmap(self, name: str) -> np.ndarray:
         """The consumer's own u64 bitmap, live: the consumer clears bits in it as it goes."""
@@ -155,6 +157,17 @@ class DirtyLog:
         bm = self.bitmap(name)
         with self._lock:
             bm |= units_to_bitmap(unit_mask)
+
+    def take(self, name: str) -> np.ndarray | None:
+        """Atomically copy and clear one consumer's bitmap (None if nothing is set): a sync
+        folding into it from another thread can neither be lost nor half-taken."""
+        bm = self.bitmap(name)
+        with self._lock:
+            if not bm.any():
+                return None
+            taken = bm.copy()
+            bm[:] = 0
+            return taken
 
     def units(self, name: str) -> np.ndarray:
         """Indexes of the units set in the consumer's bitmap."""

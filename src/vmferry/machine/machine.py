@@ -8,9 +8,10 @@ shutdown() was called). `wait()` returns the `ExitStatus`. A migration destinati
 Machine without a kernel, fills RAM and state, then calls start().
 
 Pausing parks every vCPU, then quiesces every device that has a thread of its own (a device
-with `quiesce()`/`unquiesce()`: the serial input thread today): once pause() returns, nothing
-changes device state until resume(), so the device phase of a migration captures a still
-machine. resume() un-quiesces the devices, then lets the vCPUs run.
+with `quiesce()`/`unquiesce()`: the serial input thread, each drive's I/O thread): once pause()
+returns, nothing changes device state until resume(), so the device phase of a migration
+captures a still machine. resume() un-quiesces the devices, then lets the vCPUs run. A drive
+whose migrated state carried requests in flight holds them until that first resume/start.
 
 `on_event(name, data)` is called on state changes: "STOP", "RESUME", "SHUTDOWN" (data has the
 exit status), from whichever thread caused them; the monitor turns them into QMP events.
@@ -91,6 +92,12 @@ class Machine:
         )
         if smp < 1:
             raise VmferryError(f"--smp {smp}: need at least one vCPU")
+        if self.machine_type.deprecated:
+            log.warning("machine type '%s' is deprecated and will be retired (docs/machine-types.md)",
+                        self.machine_type.name)
+        if smp > self.machine_type.cpu_max:
+            raise VmferryError(f"--smp {smp}: machine type '{self.machine_type.name}' takes at most "
+                               f"{self.machine_type.cpu_max} vCPUs")
         self.memory = memory
         self.smp = smp
         self.on_event = on_event
@@ -151,8 +158,8 @@ class Machine:
 
     def _add_drives(self, drives: Sequence[tuple[str, BlockBackend]]) -> None:
         """One virtio-blk on a virtio-mmio transport per drive, in order (docs/disks.md). Kept
-        out of `devices`: their state is described (VirtioMmioState) but not yet migrated, and
-        migration refuses a machine with drives (VmControl.migrate)."""
+        out of `devices` (the fixed table): their sections come from the machine type's
+        `drive_device` entry, one instance per drive (devices/state.py)."""
         mt = self.machine_type
         if len(drives) > mt.virtio_mmio_slots:
             raise VmferryError(f"{len(drives)} drives: machine type '{mt.name}' has "
@@ -295,7 +302,7 @@ class Machine:
         self._emit("RESUME", {})
 
     def _quiesce_devices(self) -> None:
-        for dev in self.devices.values():
+        for dev in [*self.devices.values(), *self.block_devices]:
             quiesce = getattr(dev, "quiesce", None)
             if quiesce is not None and dev not in self._quiesced:
                 quiesce()
@@ -304,6 +311,10 @@ class Machine:
     def _unquiesce_devices(self) -> None:
         while self._quiesced:
             self._quiesced.pop().unquiesce()  # type: ignore[attr-defined]
+        # A migration destination's drives hold the requests carried in flight until the
+        # machine first runs; unquiesce is a no-op for a drive that is serving already.
+        for dev in self.block_devices:
+            dev.unquiesce()
 
     def power_off(self, code: int) -> None:
         """The guest asked to power off with status `code` (debug-exit)."""

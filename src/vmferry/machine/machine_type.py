@@ -13,6 +13,7 @@ from the table, `devices/state.py` takes section versions and the apply order fr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from vmferry.devices.debug_exit import DebugExit
 from vmferry.devices.irqchip import InKernelIrqchip
 from vmferry.devices.pit import InKernelPit, KvmClock
 from vmferry.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
+from vmferry.devices.virtio_blk import VirtioBlk
 from vmferry.errors import VmferryError
 from vmferry.vmstate.registry import Registry
 
@@ -83,6 +85,30 @@ class MachineType:
     virtio_mmio_base: int = 0xFEB0_0000
     virtio_mmio_irq_base: int = 16
     virtio_mmio_slots: int = 8
+    # Changes to the migration stream itself that this machine type makes (docs/stream-format.md
+    # names each): a type never gains one after its release, so an older build reads its streams.
+    # "device-properties": a DEVICE_PROPERTIES command after the DESCRIPTION.
+    stream_features: frozenset[str] = frozenset()
+    # Lifetime (docs/machine-types.md): a deprecated type still runs and migrates, and says so.
+    deprecated: bool = False
+    # The vmferry release that introduced it.
+    since: str = ""
+    # The most vCPUs (`--smp`) a machine of this type takes.
+    cpu_max: int = 64
+    # The device each --drive adds (virtio-blk on transport i): one section instance per drive,
+    # after the fixed devices. A machine without drives sends none of it, so a type's stream
+    # without drives is what it was before drives migrated. Every type shares this default.
+    drive_device: DeviceSpec = field(
+        default_factory=lambda: DeviceSpec("drive", VirtioBlk, version=1, order=100))
+
+    def spec(self, device_id: str) -> DeviceSpec:
+        return next(s for s in self.devices if s.id == device_id)
+
+    def device_properties(self) -> dict[str, dict[str, Any]]:
+        """Each device's full property set (its defaults overridden by this table), by device id:
+        what a DEVICE_PROPERTIES command carries."""
+        return {s.id: {**getattr(s.device, "default_properties", {}), **s.properties}
+                for s in self.devices if not s.per_vcpu}
 
     def ram_layout(self, memory: int) -> list[RamRegion]:
         """The RAM blocks of a guest with `memory` bytes: pc.ram at 0 up to low_ram_max,
@@ -100,30 +126,69 @@ class MachineType:
 _V0_1 = MachineType(
     name="vmferry-0.1",
     description="vmferry 0.1 PC: COM1 16550, isa-debug-exit, KVM irqchip + PIT",
+    since="0.1.0",
     devices=(
         DeviceSpec("irqchip", InKernelIrqchip, version=1, order=1),
         DeviceSpec("pit", InKernelPit, version=1, order=2),
         DeviceSpec("clock", KvmClock, version=1, order=3),
         DeviceSpec("cpu", VcpuDevice, version=1, order=0, per_vcpu=True),
         DeviceSpec("serial0", Serial16550, version=1, order=4,
-                   properties=_props(iobase=COM1_PORT, irq=COM1_IRQ, migrate_rx_fifo=True)),
+                   properties=_props(iobase=COM1_PORT, irq=COM1_IRQ, migrate_rx_fifo=True,
+                                     lsr_overrun=False)),
         DeviceSpec("debug-exit", DebugExit, version=1, order=5),
     ),
 )
 
-# name -> MachineType. Add new versions here; never change a released entry.
-MACHINE_TYPES: dict[str, MachineType] = {_V0_1.name: _V0_1}
-DEFAULT_MACHINE_TYPE = _V0_1.name
+# What 0.2 changes, and why each is a change of the stream: serial section version 2 (the
+# rx_dropped counter, the "serial/overrun" subsection), the "lsr-overrun" feature on (guest-
+# visible), and DEVICE_PROPERTIES in the stream.
+_V0_2 = MachineType(
+    name="vmferry-0.2",
+    description="vmferry 0.2 PC: as 0.1, the UART reports overruns (LSR.OE) and migrates its drop count",
+    since="0.2.0",
+    stream_features=frozenset({"device-properties"}),
+    devices=tuple(
+        dataclasses.replace(spec, version=2, properties=_props(iobase=COM1_PORT, irq=COM1_IRQ,
+                                                               migrate_rx_fifo=True, lsr_overrun=True))
+        if spec.id == "serial0" else spec
+        for spec in _V0_1.devices
+    ),
+)
+
+# name -> MachineType, oldest first. Add new versions here; never change a released entry.
+MACHINE_TYPES: dict[str, MachineType] = {mt.name: mt for mt in (_V0_1, _V0_2)}
+DEFAULT_MACHINE_TYPE = _V0_2.name
+# QEMU's `pc` -> the newest pc-i440fx-X.Y: an alias follows the newest type from release to
+# release, so a stream always names the versioned type, never the alias.
+MACHINE_ALIASES: dict[str, str] = {"vmferry": DEFAULT_MACHINE_TYPE}
 
 
 def get_machine_type(name: str | None = None) -> MachineType:
-    """The named machine type, or the default (the newest) for None."""
+    """The named machine type (or alias), or the default (the newest) for None."""
     name = name or DEFAULT_MACHINE_TYPE
+    name = MACHINE_ALIASES.get(name, name)
     try:
         return MACHINE_TYPES[name]
     except KeyError:
-        known = ", ".join(sorted(MACHINE_TYPES))
+        aliases = (f"{a} (alias of {t})" for a, t in MACHINE_ALIASES.items())
+        known = ", ".join([*sorted(MACHINE_TYPES), *aliases])
         raise VmferryError(f"unknown machine type {name!r} (known: {known})") from None
+
+
+def query_machines() -> list[dict[str, Any]]:
+    """QMP `query-machines`: one MachineInfo per machine type, oldest first."""
+    aliases = {target: alias for alias, target in MACHINE_ALIASES.items()}
+    out = []
+    for mt in MACHINE_TYPES.values():
+        info: dict[str, Any] = {"name": mt.name}
+        if mt.name in aliases:
+            info["alias"] = aliases[mt.name]
+        if mt.name == DEFAULT_MACHINE_TYPE:
+            info["is-default"] = True
+        info.update({"cpu-max": mt.cpu_max, "hotpluggable-cpus": False, "numa-mem-supported": False,
+                     "deprecated": mt.deprecated, "default-ram-id": "pc.ram", "acpi": False})
+        out.append(info)
+    return out
 
 
 @functools.cache
@@ -132,6 +197,9 @@ def section_registry() -> Registry:
     prints and what the committed schemas/ pin)."""
     reg = Registry()
     for mt in MACHINE_TYPES.values():
+        # `drive_device` is left out: the committed schemas (vmferry-0.1, vmferry-0.2) predate
+        # migrating drives and are frozen; a stream that has drives carries their description
+        # itself (analyze shows it). A new machine type's schema may list it.
         for spec in mt.devices:
             reg.register(mt.name, spec.section, version=spec.version)
     return reg
@@ -142,7 +210,7 @@ def main_describe(args: argparse.Namespace) -> int:
     from vmferry.vmstate.describe import dumps
 
     reg = section_registry()
-    print(dumps(reg.describe(args.machine or reg.newest())), end="")
+    print(dumps(reg.describe(get_machine_type(args.machine).name)), end="")
     return 0
 
 

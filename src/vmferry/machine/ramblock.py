@@ -68,7 +68,7 @@ class RamBlock:
         self.vm: Vm | None = None
         self.slot = slot
         self._flags = 0
-        self._lock = threading.Lock()  # the slot's registration
+        self._lock = threading.RLock()  # the slot's registration (re-entered by release_dirty_consumer)
         self.dirty = DirtyLog(self.npages, f"RAM block {name}")
         if vm is not None:
             self.attach(vm, slot)
@@ -175,10 +175,21 @@ class RamBlock:
     def remove_dirty_consumer(self, name: str) -> None:
         self.dirty.remove_consumer(name)
 
+    def release_dirty_consumer(self, name: str) -> None:
+        """Remove the consumer and, if it was the last, stop the dirty log — atomically, so a
+        consumer that another thread adds meanwhile never finds the log stopped under it."""
+        with self._lock:
+            if self.dirty.remove_consumer(name) == 0 and self.dirty.active:
+                self.stop_dirty_log()
+
     def dirty_bitmap(self, name: str) -> np.ndarray:
         """The consumer's own u64 bitmap, live: the consumer clears bits in it as it goes
         (bit i of little-endian u64 word j = page 64*j+i)."""
         return self.dirty.bitmap(name)
+
+    def take_dirty(self, name: str) -> np.ndarray | None:
+        """Copy and clear the consumer's bitmap in one step (None if no page is set)."""
+        return self.dirty.take(name)
 
     def mark_dirty(self, name: str, page_mask: np.ndarray) -> None:
         """OR a bool-per-page mask into a consumer's bitmap (e.g. populated_pages())."""

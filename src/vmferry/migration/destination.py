@@ -9,6 +9,12 @@ the vCPUs start and the ACK goes back on the return path. Along the way the dest
 PROGRESS (stream bytes applied) per MiB and whenever it has caught up, so the source measures
 what actually arrives. Any error before the end: the guest never starts, the source is told why
 (SHUT), and `query-migrate` here says `failed` with the reason, naming the record.
+
+Heartbeats (migration/heartbeat.py), on a channel with a return path: a HEARTBEAT goes back at
+once when the source connects and then every x-heartbeat-ms (this side's parameter) from a
+thread of its own. Once the source sent a HEARTBEAT, the watchdog fails the migration when this
+side has been waiting for the stream for 3 intervals with nothing arriving (time spent applying
+is not the source's silence), shutting the channel down; END disarms it.
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ from collections.abc import Callable
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import DriveLoader
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
+from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.decoder import StreamDecoder
-from vmferry.stream.records import StreamHeader
+from vmferry.stream.records import Command, CommandCode, StreamHeader
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener
 from vmferry.transport.uri import FileUri
@@ -40,6 +49,7 @@ S = MigrationStatus
 CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
+CAUGHT_UP_S = 0.001
 
 
 class IncomingMigration:
@@ -50,6 +60,8 @@ class IncomingMigration:
         listener: Listener,
         state: MigrationState,
         on_loaded: Callable[[], None],
+        trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
+        heartbeat_ms: Callable[[], int] = lambda: 1000,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -61,12 +73,19 @@ class IncomingMigration:
         self.stats = MigrationStats()
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
         self.ram = RamLoader(machine.ram_blocks)
-        self.session = DestSession([self.ram, DeviceLoader(devices)],
+        self.drives = DriveLoader(machine.block_devices)
+        self.session = DestSession([self.ram, self.drives, DeviceLoader(devices)],
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes last reported in PROGRESS
+        self._reported_at = 0.0
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
+        self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
+        self._traced_pass = 0
+        self._heartbeat_ms = heartbeat_ms  # read when the source connects
+        self.watchdog: Watchdog | None = None
+        self._waiting_since: float | None = None  # blocked reading the stream since then
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -106,17 +125,27 @@ class IncomingMigration:
                 raise MigrationError("migration cancelled")
             if self.channel.has_return_path:
                 self._rp = ReturnPathWriter(self.channel)
+                self.watchdog = Watchdog(self._heartbeat_ms(), self._source_quiet_for,
+                                         self._source_silent, beat=self._rp.heartbeat, peer="source")
+                if self.watchdog.enabled:
+                    self._rp.heartbeat()  # tells the source that this destination beats
+                    self.watchdog.start()
             self.machine.park_vcpus()  # thread creation stays out of the downtime
             # The destination's clock starts when the source connects, not while it waited.
             self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
+            self.trace = self._trace_opener()
             self.state.set(S.ACTIVE)
             self._receive(self.channel)
+            self._waiting_since = None  # END: nothing more to wait for from the source
+            self._applied("ram", self.session.passes)
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             t0 = time.monotonic()
             self.session.complete()
+            self._applied("devices", self.session.passes)
             t1 = time.monotonic()
             self.on_loaded()
+            self._applied("started", self.session.passes)
             t2 = time.monotonic()
             if self._rp is not None:
                 self._rp.ack(self.session.record_count, {"apply": round((t1 - t0) * 1000, 3),
@@ -140,6 +169,8 @@ class IncomingMigration:
                 self.state.set(S.FAILED)
             log.error("incoming migration failed: %s", reason)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self.session.release()
             if self.channel is not None:
                 self.channel.close()
@@ -149,6 +180,8 @@ class IncomingMigration:
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
             return "migration cancelled on the destination"
+        if self.watchdog is not None and self.watchdog.fired:
+            return self.watchdog.fired
         if isinstance(e, VmferryError):
             return str(e)
         log.exception("incoming migration thread failed")
@@ -163,6 +196,7 @@ class IncomingMigration:
             # (headers, small records) in chunks fed to the decoder, one system call for many
             # records. Records are drained before the chunk is reused.
             target = dec.get_buffer()
+            self._waiting_since = time.monotonic()
             if len(target) >= DIRECT_BYTES:
                 n = channel.recv_into(target)
                 maybe_caught_up = True  # into place, done or not: perhaps all there was
@@ -173,11 +207,18 @@ class IncomingMigration:
                 maybe_caught_up = n < len(chunk)  # a full chunk: more is coming
                 if n:
                     dec.feed(chunk[:n])
+            self._waiting_since = None
             if n == 0:
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
-                if self.session.feed(rec):
+                if isinstance(rec, Command) and rec.code == CommandCode.HEARTBEAT and self.watchdog:
+                    self.watchdog.arm()  # advisory: the session skips it
+                ended = self.session.feed(rec)
+                if self.session.passes != self._traced_pass:  # a PASS record: trace each one
+                    self._traced_pass = self.session.passes
+                    self._applied("pass-start", self._traced_pass)
+                if ended:
                     self._count()
                     if isinstance(self.listener.address, FileUri):
                         self._expect_end_of_file(channel, dec, chunk)
@@ -187,6 +228,15 @@ class IncomingMigration:
                 raise StreamError("stream ended without END", offset=dec.bytes_consumed)
             if self._rp is not None and dec.bytes_consumed != self._reported:
                 self._progress(channel, dec.bytes_consumed, maybe_caught_up)
+
+    def _source_quiet_for(self) -> float:
+        since = self._waiting_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _source_silent(self, reason: str) -> None:
+        """From the watchdog: give up on the source, interrupting the blocked receive."""
+        if self.channel is not None:
+            self.channel.shutdown()
 
     def _expect_end_of_file(self, channel: Channel, dec: StreamDecoder, chunk: memoryview) -> None:
         """A snapshot file holds one stream, to its end: nothing may follow END (stream spec).
@@ -200,7 +250,10 @@ class IncomingMigration:
         """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
         read right now): the report the source waits for before it pauses the guest. Whether
         more is waiting is asked (one poll) only after a short read or a read straight into
-        place — a full 1 MiB chunk means more is coming."""
+        place — a full 1 MiB chunk means more is coming. Caught-up reports come at most once
+        per CAUGHT_UP_S: within it, the poll waits that long for more data, and reports only
+        if none came (so the last report is never held back, and a destination that keeps
+        catching up does not flood the source with one report per read)."""
         per_mib = consumed - self._reported >= PROGRESS_BYTES
         if not per_mib:
             if not maybe_caught_up:
@@ -208,15 +261,22 @@ class IncomingMigration:
             if self._poll is None:
                 self._poll = select.poll()
                 self._poll.register(channel.fileno(), select.POLLIN)
-            if self._poll.poll(0):
-                return
+            wait_s = CAUGHT_UP_S - (time.monotonic() - self._reported_at)
+            if self._poll.poll(max(0, round(wait_s * 1000))):
+                return  # more is waiting: not caught up after all
         self._reported = consumed
+        self._reported_at = time.monotonic()
         self._rp.progress(consumed)  # type: ignore[union-attr]
 
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
         self.stats.duplicate = self.ram.zero_pages
         self.stats.dirty_sync_count = self.session.passes
+
+    def _applied(self, what: str, number: int) -> None:
+        """Trace what this side has applied so far (docs/trace.md, event `applied`)."""
+        self.trace.event("applied", what=what, pass_=number, bytes=self.stats.transferred,
+                         pages=self.stats.normal, zero_pages=self.stats.duplicate)
 
     def _check_header(self, h: StreamHeader) -> None:
         if h.page_size != 4096:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from vmferry.errors import MigrationError
 from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
-from vmferry.stream.records import CommandCode, Description, DeviceSection, SectionPhase
+from vmferry.stream.records import Command, CommandCode, Description, DeviceSection, SectionPhase
 
 # What one section is expected to cost on the wire before it was ever saved (a vCPU's XSAVE
 # area is 4 KiB; the other devices are far smaller). Only the expected downtime uses it.
@@ -27,6 +27,10 @@ class DeviceStateSaver(Protocol):
         """The DESCRIPTION record: every section that will follow, with its id."""
         ...
 
+    def stream_records(self) -> list[Command]:
+        """Records the machine type adds right after the DESCRIPTION (its stream features)."""
+        ...
+
     def save(self) -> list[tuple[int, bytes]]:
         """(section id, SECTION_FULL payload) for every section; the vCPUs are paused."""
         ...
@@ -36,6 +40,10 @@ class DeviceStateLoader(Protocol):
     def check_description(self, description: Description) -> None:
         """Refuse (StateLoadError / MigrationError naming the section) a description this
         machine cannot load: an unknown section, a version outside what we accept."""
+        ...
+
+    def check_properties(self, data: bytes) -> None:
+        """Refuse a DEVICE_PROPERTIES command whose device properties differ from ours."""
         ...
 
     def stage(self, section_id: int, payload: bytes) -> None:
@@ -63,7 +71,7 @@ class DeviceSaver(Saver):
     def setup(self, out: SaverOutput) -> None:
         description = self.state.description()
         self._estimate = SECTION_ESTIMATE_BYTES * len(description.sections)
-        out.send([out.encoder.encode(description)])
+        out.send([out.encoder.encode(r) for r in (description, *self.state.stream_records())])
 
     def pending(self) -> int:
         return 0 if self._done else self._estimate
@@ -84,7 +92,11 @@ class DeviceLoader(Loader):
         self.state = state
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
-        return {Description: self.state.check_description, DeviceSection: self._stage}
+        return {Description: self.state.check_description, DeviceSection: self._stage,
+                CommandCode.DEVICE_PROPERTIES: self._check_properties}
+
+    def _check_properties(self, rec: Command) -> None:
+        self.state.check_properties(rec.data)
 
     def _stage(self, rec: DeviceSection) -> None:
         if rec.phase != SectionPhase.FULL:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,15 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "a value between 0 and 9"),
     ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
               "a value between 0 and 20"),
+    ParamSpec("x-trace-file", "str", "vmferry: write the next migration's JSON-lines trace "
+              "(docs/trace.md) to this path on this side's host; \"\" means no trace",
+              expects="a path in an existing directory"),
+    ParamSpec("x-heartbeat-ms", "uint32", "vmferry: interval of the heartbeats both sides send, ms; "
+              "a peer silent for 3 intervals fails the migration; 0 turns heartbeats off",
+              0, 600_000, "0 (off) or an integer in the range of 100 to 600000 ms"),
+    ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
+              "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
+              "the other drives are shared storage"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -128,6 +138,13 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "the URI's host); ignored while tls-creds is empty, as in QEMU",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-heartbeat-ms": "read when the migration starts, on each side (migration/heartbeat.py): "
+                      "each side beats at its own interval and gives up on a peer silent for 3 of "
+                      "its own intervals; a peer that sends no heartbeat is never timed out",
+    "x-trace-file": "opened by `migrate` (source) or when the source connects (destination); "
+                    "docs/trace.md",
+    "x-block-drives": "`migrate`: these drives' contents go in the stream (migration/block.py); an "
+                      "id that is not a drive, or a read-only drive, refuses the migration by name",
     # auto-converge (migration/throttle.py), read at each evaluation (a dirty-log sync at least
     # 1 s after the previous one), so a change during a migration counts from the next one.
     "throttle-trigger-threshold": "auto-converge: a period is 'high' when the bytes it dirtied exceed "
@@ -178,6 +195,9 @@ class MigrationParameters:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    x_trace_file: str = ""
+    x_heartbeat_ms: int = 1000
+    x_block_drives: str = ""
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -242,6 +262,8 @@ def _check_one(spec: ParamSpec, value: object) -> object:
             return ""
         if not isinstance(value, str):
             raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+        if name == "x-trace-file" and value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+            raise QmpError(f"Parameter '{name}' expects {spec.expects}")
         return value
     if spec.choices:
         if not isinstance(value, str):
@@ -253,6 +275,8 @@ def _check_one(spec: ParamSpec, value: object) -> object:
         raise QmpError(f"Invalid parameter type for '{name}', expected: integer")
     assert spec.lo is not None and spec.hi is not None
     if not spec.lo <= value <= spec.hi:
+        raise QmpError(f"Parameter '{name}' expects {spec.expects}")
+    if name == "x-heartbeat-ms" and 0 < value < 100:
         raise QmpError(f"Parameter '{name}' expects {spec.expects}")
     if name == "xbzrle-cache-size" and value & (value - 1):
         raise QmpError(f"Parameter '{name}' expects {spec.expects}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ class RamSaver(Saver):
     def __init__(self, blocks: Sequence[RamBlock], encoder: StreamEncoder) -> None:
         self.blocks = list(blocks)
         self.encoder = encoder
+        self.final_sync: tuple[int, float] = (0, 0.0)  # the stopped sync: pages found, ms
         self._scratch_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._list_pages = np.empty((CHUNK_PAGES, WORDS_PER_PAGE), dtype=np.uint64)
         self._started = False
@@ -121,10 +123,8 @@ class RamSaver(Saver):
         for b in self.blocks:
             b.add_dirty_consumer(CONSUMER)
             # Logging first, then the population scan: a page first touched in between is in
-            # the log; one touched before is seen by mincore. Nothing falls between. A block
-            # without a VM (tests, tools) has no KVM log: its writers mark pages themselves.
-            if b.vm is not None:
-                b.start_dirty_log()
+            # the log; one touched before is seen by mincore. Nothing falls between.
+            b.start_dirty_log()
             populated = b.populated_pages()
             b.mark_dirty(CONSUMER, populated)
             self.populated.append(populated)
@@ -169,7 +169,9 @@ class RamSaver(Saver):
     def complete(self, out: SaverOutput) -> None:
         """The vCPUs are paused: the last sync, then the queue and the bitmaps straight from
         guest memory."""
+        t = time.monotonic()
         self.sync()
+        self.final_sync = (self.remaining(), (time.monotonic() - t) * 1000)  # pages, ms: for traces
         self._claim()
         self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
 
@@ -180,14 +182,12 @@ class RamSaver(Saver):
 
     def _claim(self) -> None:
         """Move every page set in the bitmaps into the queue. From here a guest write
-        re-dirties a page through the KVM log; only the bits taken are cleared, so a page a
-        writer marks meanwhile stays marked."""
+        re-dirties a page through the dirty log; the bitmap is taken and cleared in one step, so
+        a sync by another consumer's thread (calc-dirty-rate) cannot lose a bit in between."""
         for i, b in enumerate(self.blocks):
-            bm = b.dirty_bitmap(CONSUMER)
-            if not bm.any():
+            taken = b.take_dirty(CONSUMER)
+            if taken is None:
                 continue
-            taken = bm.copy()
-            np.bitwise_xor(bm, taken, out=bm)
             rest = self._queue[i][self._queue_pos[i]:]
             fresh = dirty_page_indexes(taken, b.npages)
             self._queue[i] = fresh if rest.size == 0 else _merge_sorted(rest, fresh)
@@ -280,9 +280,7 @@ class RamSaver(Saver):
         if not self._started:
             return
         for b in self.blocks:
-            b.remove_dirty_consumer(CONSUMER)
-            if b.vm is not None:
-                b.stop_dirty_log()
+            b.release_dirty_consumer(CONSUMER)  # the log keeps running for other consumers
         self._queue = []
         self._queue_pos = []
         self._started = False

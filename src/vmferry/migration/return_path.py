@@ -5,7 +5,9 @@ source reads it on a thread of its own for the whole migration, so a destination
 (SHUT with a reason) stops the source at once with that reason instead of a bare "broken pipe".
 The destination reports PROGRESS (stream bytes applied) as it goes, from which the source
 measures the end-to-end bandwidth and what is still in flight; ACK confirms the switchover and
-carries the destination's apply and start times (JSON); END closes the return path.
+carries the destination's apply and start times (JSON); END closes the return path. HEARTBEAT
+says the destination is alive (migration/heartbeat.py); the reader notes when it last heard
+anything, for the source's watchdog.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class ReturnPathWriter:
         """PROGRESS: `applied` stream bytes are in and handled."""
         self.send(Command(CommandCode.PROGRESS, index=applied))
 
+    def heartbeat(self) -> None:
+        """HEARTBEAT: the destination is alive (advisory: a source that does not know it skips it)."""
+        self.send(Command(CommandCode.HEARTBEAT))
+
     def ack(self, record_count: int, timings: Mapping[str, float]) -> None:
         """ACK the whole stream (its record count), with where the destination's time went."""
         data = json.dumps(dict(timings), separators=(",", ":")).encode()
@@ -78,9 +84,12 @@ class ReturnPathReader:
 
     `sent` tells it how many stream bytes the source had sent when a PROGRESS arrived."""
 
-    def __init__(self, channel: Channel, sent: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, channel: Channel, sent: Callable[[], int] = lambda: 0,
+                 on_heartbeat: Callable[[], None] = lambda: None) -> None:
         self.channel = channel
         self._sent = sent
+        self._on_heartbeat = on_heartbeat
+        self.heard_at = time.monotonic()  # when bytes last arrived from the destination
         self.acked = threading.Event()
         self.ack_index: int | None = None
         self.ack_timings: dict[str, float] = {}
@@ -115,6 +124,7 @@ class ReturnPathReader:
                 n = self.channel.recv_into(buf)
                 if n == 0:
                     return
+                self.heard_at = time.monotonic()
                 dec.buffer_updated(n)
                 while (rec := dec.next_record()) is not None:
                     if isinstance(rec, Command):
@@ -135,6 +145,8 @@ class ReturnPathReader:
             with self.progressed:
                 self._progress.append((cmd.index, self._sent(), time.monotonic()))
                 self.progressed.notify_all()
+        elif cmd.code == CommandCode.HEARTBEAT:
+            self._on_heartbeat()
         elif cmd.code == CommandCode.ACK:
             self.ack_timings = _timings(cmd.data)
             self.ack_index = cmd.index

@@ -6,7 +6,8 @@ QMP-visible state and numbers. The savers are RAM (ram.py) and device state (dev
 
 States (QMP's): setup -> active -> device -> completed, or failed / cancelling -> cancelled.
 - setup: the channel is open; header, configuration, then each saver's setup (RAM block table,
-  dirty logging started and every populated page marked, POPULATED_HINTs; device description).
+  dirty logging started and every populated page marked, POPULATED_HINTs; device description,
+  and what the machine type's stream features add).
 - active: passes (the session's). After each pass's sync, expected downtime = (what the savers
   still hold + what is in flight) / end-to-end bandwidth + a small allowance; within
   downtime-limit, passes go on while they still halve the backlog (convergence.switch_now).
@@ -18,6 +19,12 @@ States (QMP's): setup -> active -> device -> completed, or failed / cancelling -
 - "Nothing lost": until END is sent the destination cannot start the guest, so any failure or a
   cancel resumes the source. After END, without the ACK, the source stays paused (the destination
   may be running): `failed` says so, and `cont` resumes the source if the destination is not.
+
+Heartbeats (migration/heartbeat.py), on a channel with a return path: a HEARTBEAT goes into the
+stream right after the setup and then whenever the stream has been quiet for x-heartbeat-ms
+(sent by this thread between records: after a send, while the rate limit holds it, while it
+drains). The watchdog fails the migration when the destination has been silent for 3 intervals
+(once it sent a HEARTBEAT), shutting the channel down so a send blocked on it returns.
 
 Downtime (query-migrate "downtime") = from the vCPUs pausing here to the destination's ACK
 arriving (the guest runs on the destination by then); without a return path, to END written.
@@ -34,9 +41,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from vmferry import __version__
-from vmferry.errors import MigrationError, VmferryError
+from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration.block import DriveSaver
+from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
+from vmferry.migration.heartbeat import Watchdog
+from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.ram import RamSaver
 from vmferry.migration.return_path import ReturnPathReader
@@ -44,13 +55,17 @@ from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
 from vmferry.migration.throttle import AutoConverge, ThrottleParams
+from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.records import Command, CommandCode
 from vmferry.transport.bandwidth import RateLimiter
 from vmferry.transport.channel import Channel
 
 log = logging.getLogger("vmferry.migration")
 S = MigrationStatus
 
+# How long a failed send waits for the destination's reason on the return path.
+RETURN_PATH_LAST_WORD_S = 2.0
 ACK_TIMEOUT_S = 30.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
@@ -66,8 +81,12 @@ class OutgoingMigration:
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
+        trace: NullTrace = NULL_TRACE,
+        copy_drives: Sequence[str] = (),
         auto_converge: bool = False,
     ) -> None:
+        """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
+        the others are shared."""
         self.machine = machine
         self.devices = devices
         self._channel_future = channel
@@ -76,14 +95,19 @@ class OutgoingMigration:
         self.state = state
         self.stats = MigrationStats()
         self.on_pass = on_pass
+        self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
+        self.drives = DriveSaver(machine.block_devices, copy_drives)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
         self.return_path: ReturnPathReader | None = None
         self._cancel = threading.Event()
         self._paused_by_us = False
         self._end_sent = False
+        self.watchdog: Watchdog | None = None
+        self._silence: str | None = None  # the watchdog's reason, once the destination went silent
+        self._beat_at = 0.0  # when the stream last carried anything
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self.auto_converge = AutoConverge() if auto_converge else None
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
@@ -119,9 +143,39 @@ class OutgoingMigration:
         if limit != self.limiter.bytes_per_s:
             self.limiter.set_limit(limit)
         self.limiter.record(n)
-        if limit and not self.limiter.wait(self._cancel.is_set):
-            raise MigrationError("migration cancelled")
+        self._beat_at = time.monotonic()
+        if limit and not self.limiter.wait(self._stop_waiting):
+            raise MigrationError(self._silence or "migration cancelled")
         return n
+
+    def _stop_waiting(self) -> bool:
+        """The rate limit's wait: beat while held; stop on cancel or a silent destination."""
+        self._maybe_beat()
+        return self._cancel.is_set() or self._silence is not None
+
+    def _maybe_beat(self, now: bool = False) -> None:
+        """A HEARTBEAT into the stream if it has been quiet for an interval. Only between
+        records (the encoder's digest covers every record in order), so only on this thread."""
+        wd = self.watchdog
+        if wd is None or not wd.enabled or self._end_sent or self.channel is None:
+            return
+        if not now and time.monotonic() - self._beat_at < wd.interval_s:
+            return
+        n = self.channel.sendmsg([self.encoder.encode(Command(CommandCode.HEARTBEAT))])
+        self._beat_at = time.monotonic()
+        self.stats.transferred += n
+        if self.session is not None:
+            self.session.sent += n
+
+    def _destination_quiet_for(self) -> float:
+        rp = self.return_path
+        return 0.0 if rp is None else time.monotonic() - rp.heard_at
+
+    def _destination_silent(self, reason: str) -> None:
+        """From the watchdog: give up on the destination, interrupting a blocked send."""
+        self._silence = reason
+        if self.channel is not None:
+            self.channel.shutdown()
 
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -145,6 +199,8 @@ class OutgoingMigration:
             else:
                 self.ram.cleanup()
             self.stats.end_ns = time.monotonic_ns()
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self._unthrottle()
             if self.channel is not None:
                 try:
@@ -175,8 +231,12 @@ class OutgoingMigration:
     def _setup(self) -> None:
         assert self.channel is not None
         if self.channel.has_return_path:
-            self.return_path = ReturnPathReader(self.channel, sent=lambda: self.stats.transferred)
+            self.watchdog = Watchdog(self.params.x_heartbeat_ms, self._destination_quiet_for,
+                                     self._destination_silent, peer="destination")
+            self.return_path = ReturnPathReader(self.channel, sent=lambda: self.stats.transferred,
+                                                on_heartbeat=self.watchdog.arm)
             self.return_path.start()
+            self.watchdog.start()
         config = {
             "producer": f"vmferry {__version__}",
             "machine-type": self.machine.machine_type.name,
@@ -184,10 +244,11 @@ class OutgoingMigration:
             "smp": self.machine.smp,
             "return-path": self.channel.has_return_path,
         }
-        self.session = SourceSession([self.ram, DeviceSaver(self.devices)], self.encoder, config,
+        self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
+        self._maybe_beat(now=True)  # tells the destination that this source beats
         # Objects alive now (the whole VMM) are never garbage; frozen, a collection during the
         # migration only scans what the migration allocates, and stays short.
         gc.freeze()
@@ -197,6 +258,8 @@ class OutgoingMigration:
         if self.auto_converge is not None:
             self.auto_converge.start(time.monotonic(), self.stats.transferred)
         self.stats.setup_end_ns = time.monotonic_ns()
+        self.trace.event("setup", pages_to_send=self.stats.remaining_pages,
+                         unpopulated_pages=self.stats.unpopulated)
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
 
@@ -210,6 +273,7 @@ class OutgoingMigration:
         assert session is not None
         while True:
             self._take_progress()
+            self._maybe_beat()
             step = session.step(self, time.monotonic)
             if step.pass_started and self.on_pass is not None:
                 self.on_pass(step.pass_started)
@@ -226,6 +290,7 @@ class OutgoingMigration:
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
+                self._trace_pass(report, step.sync_ms)
                 self._throttle_after_sync(report.dirty_pages_after)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
@@ -233,9 +298,24 @@ class OutgoingMigration:
                 self._drain()
                 if self._cancel.is_set():
                     raise MigrationError("migration cancelled")
+                if self.return_path is not None and self.return_path.shut_reason:
+                    # The destination refused the stream: never pause the guest for it.
+                    raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
 
+    def _trace_pass(self, report: PassReport, sync_ms: float) -> None:
+        remaining = report.dirty_pages_after * PAGE_SIZE
+        self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=report.dirty_pages_after,
+                         remaining_bytes=remaining, duration_ms=sync_ms)
+        self.trace.event(  # throttle: auto-converge's, in force during this pass (set at earlier syncs)
+            "pass", pass_=report.number, duration_ms=report.duration_s * 1000, bytes=report.bytes_sent,
+            pages=report.pages_sent, zero_pages=report.zero_pages,
+            unpopulated_pages=self.stats.unpopulated if report.number == 1 else 0,
+            transferred_bytes=self.stats.transferred, remaining_bytes=remaining,
+            bandwidth_bps=report.bandwidth_bps, dirty_rate_bps=report.dirty_rate_pps * PAGE_SIZE,
+            expected_downtime_ms=report.expected_downtime_ms,
+            throttle_percent=self.stats.cpu_throttle_percentage)
     def _throttle_after_sync(self, dirty_pages: int) -> None:
         """auto-converge's evaluation after a sync (migration/throttle.py)."""
         if self.auto_converge is None:
@@ -270,10 +350,11 @@ class OutgoingMigration:
             if session.backlog() == 0 or rp.closed.is_set() or self._cancel.is_set():
                 return
             if now >= deadline:
-                log.info("switchover: %d bytes still in flight after waiting %.2f s for the "
+                log.warning("switchover: %d bytes still in flight after waiting %.2f s for the "
                          "destination", session.backlog(), DRAIN_S)
                 return
-            rp.wait_progress(deadline - now)
+            rp.wait_progress(min(deadline - now, 0.05))
+            self._maybe_beat()
 
     def _switch_over(self) -> None:
         session = self.session
@@ -304,6 +385,9 @@ class OutgoingMigration:
             self.stats.downtime_bytes = self.stats.transferred - before
             self.stats.remaining_pages = 0
             self.stats.expected_at_switchover_ms = session.expected_at_switchover_ms
+        pages, sync_ms = self.ram.final_sync
+        self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=pages,
+                         remaining_bytes=pages * PAGE_SIZE, duration_ms=sync_ms)
         if self.return_path is not None:
             self._wait_for_ack()
         else:
@@ -320,10 +404,12 @@ class OutgoingMigration:
             for key in ("apply", "start"):
                 if key in self.return_path.ack_timings:
                     self.stats.downtime_phases[f"destination-{key}"] = self.return_path.ack_timings[key]
+        self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=self.stats.downtime_bytes,
+                         phases=self.stats.downtime_phases)
         self._unthrottle()  # before the state says it ended: query-migrate never shows both
         self.state.set(S.COMPLETED)
-        log.info("migration completed: downtime %.1f ms (%s)", self.stats.downtime_ms,
-                 self.stats.downtime_phases)
+        log.info("migration completed: downtime %.1f ms (%s); %d progress reports", self.stats.downtime_ms,
+                 self.stats.downtime_phases, session.e2e.samples)
 
     def _wait_for_ack(self) -> None:
         assert self.return_path is not None
@@ -340,9 +426,17 @@ class OutgoingMigration:
             )
 
     def _fail(self, e: BaseException) -> None:
+        if (isinstance(e, TransportError) and self.return_path is not None
+                and not self.return_path.shut_reason):
+            # A destination that refuses the stream says why on the return path, then closes:
+            # our next write may fail (broken pipe) before the reader thread has read the why.
+            # It reads to the end of a closed connection promptly; give it a moment.
+            self.return_path.join(RETURN_PATH_LAST_WORD_S)
         self._unthrottle()  # before resuming the source and before the state says it ended
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
+        elif self._silence is not None:
+            reason = self._silence
         elif self.return_path is not None and self.return_path.shut_reason:
             reason = f"the destination refused the stream: {self.return_path.shut_reason}"
         elif isinstance(e, VmferryError):

@@ -41,6 +41,7 @@ class Step:
     pass_started: int = 0  # the pass this step opened (its PASS record went out), else 0
     report: PassReport | None = None  # the pass this step closed
     switchover: bool = False  # the closed pass says: switch over now
+    sync_ms: float = 0.0  # folding the dirty logs and deciding, when a pass closed
 
 
 class SourceSession:
@@ -147,7 +148,9 @@ class SourceSession:
                 self._drained.add(i)
             budget -= sent
         if len(self._drained) == len(self.savers):
-            step.report, step.switchover = self._end_pass(clock())
+            now = clock()
+            step.report, step.switchover = self._end_pass(now)
+            step.sync_ms = (clock() - now) * 1000
         return step
 
     def _end_pass(self, now: float) -> tuple[PassReport, bool]:

@@ -84,9 +84,10 @@ class MonitorBackend(Protocol):
         in `"qom-path"`, `"target": "x86_64"` and `"props"` when missing."""
         ...
 
-    def migrate(self, uri: str) -> None:
-        """Start an outgoing migration to `uri` on the migration thread and return at once.
-        The monitor has already refused: a running migration, "inmigrate" and "postmigrate"."""
+    def migrate(self, uri: str, blk: bool = False) -> None:
+        """Start an outgoing migration to `uri` on the migration thread and return at once;
+        `blk`: copy every writable drive in the stream. The monitor has already refused: a
+        running migration, "inmigrate" and "postmigrate"."""
         ...
 
     def migrate_incoming(self, uri: str) -> None:

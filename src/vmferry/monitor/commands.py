@@ -20,7 +20,9 @@ from vmferry.monitor.objects import OBJECT_TYPES, PSK_UNSUPPORTED, create_object
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
+    INT,
     SCALARS_BY_NAME,
+    SIZE,
     STR,
     STR_OR_NULL,
     Arg,
@@ -217,6 +219,21 @@ def _query_cpus_fast(d: CommandDispatcher, args: dict, session: Session) -> obje
     return cpus
 
 
+@command("query-machines", "The machine types this build runs (`-M`), oldest first, in QEMU's "
+         "MachineInfo names: `alias` on the newest (`vmferry`, as QEMU's `pc`), `is-default` on the one `-M` "
+         "defaults to, `deprecated` on those to be retired (docs/machine-types.md).",
+         returns='`[{"name": str, "alias"?: str, "is-default"?: true, "cpu-max": int, '
+                 '"hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": bool, '
+                 '"default-ram-id": "pc.ram", "acpi": false}, ...]`',
+         example=({}, [{"name": "vmferry-0.1", "cpu-max": 64, "hotpluggable-cpus": False,
+                        "numa-mem-supported": False, "deprecated": False, "default-ram-id": "pc.ram",
+                        "acpi": False}, "..."]))
+def _query_machines(d: CommandDispatcher, args: dict, session: Session) -> object:
+    from vmferry.machine.machine_type import query_machines
+
+    return query_machines()
+
+
 # --- block -------------------------------------------------------------------------------------
 
 _NO_BLOCK = "This VMM has no block devices"
@@ -249,6 +266,24 @@ def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> obj
     return _optional(d.backend, "query_blockstats", _NO_BLOCK)()
 
 
+@command("x-query-virtio-queue-status", "The device's position in one virtqueue of a virtio device, "
+         "by its qdev path (query-block's `qdev`): QEMU 7.2's VirtQueueStatus, the members vmferry "
+         "keeps. With the device idle, `used-idx` = `last-avail-idx` and `inuse` = 0: every request "
+         "taken was completed exactly once.",
+         args=(Arg("path", STR, doc="the device's qdev path, e.g. /machine/virtio-mmio@feb00000"),
+               Arg("queue", SCALARS_BY_NAME["uint16"], doc="the queue index")),
+         returns='`{"name", "queue-index", "inuse", "vring-num", "vring-num-default", "vring-desc", '
+                 '"vring-avail", "vring-used", "last-avail-idx", "used-idx"}`',
+         errors=("GenericError: No virtio device with path 'PATH'",
+                 "GenericError: Invalid virtqueue index N"),
+         example=({"path": "/machine/virtio-mmio@feb00000", "queue": 0},
+                  {"name": "virtio-blk", "queue-index": 0, "inuse": 0, "vring-num": 8,
+                   "vring-num-default": 256, "vring-desc": 1060864, "vring-avail": 1060992,
+                   "vring-used": 1061056, "last-avail-idx": 42, "used-idx": 42}))
+def _x_query_virtio_queue_status(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_virtio_queue_status", _NO_BLOCK)(args["path"], args["queue"])
+
+
 # --- migration ---------------------------------------------------------------------------------
 
 
@@ -256,6 +291,10 @@ def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> obj
          "fd:N) and return at once; follow it with query-migrate or MIGRATION events.",
          args=(Arg("uri", STR, doc="where to send the stream"),
                Arg("detach", BOOL, optional=True, doc="accepted and ignored: migrate always detaches"),
+               Arg("blk", BOOL, optional=True, doc="copy every writable drive's contents in the stream "
+                   "(non-shared storage); without it drives are shared unless named in x-block-drives"),
+               Arg("inc", BOOL, optional=True, doc="incremental block migration over a shared backing "
+                   "image: not supported (refused when true)"),
                Arg("resume", BOOL, optional=True, doc="resume a paused postcopy migration")),
          errors=("GenericError: There's a migration process in progress",
                  "GenericError: Guest is waiting for an incoming migration",
@@ -267,7 +306,10 @@ def _query_blockstats(d: CommandDispatcher, args: dict, session: Session) -> obj
                  "the URI has no host)",
                  "GenericError: TLS needs a socket (tcp:, unix: or a socket fd:) (tls-creds set with "
                  "a file: or exec: URI)",
-                 "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)"),
+                 "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)",
+                 "GenericError: x-block-drives: this VM has no drive 'ID' (drives: ...)",
+                 "GenericError: x-block-drives: drive 'ID' is read-only; only writable drives are copied",
+                 "GenericError: inc: incremental block migration is not supported by vmferry"),
          example=({"uri": "tcp:192.0.2.7:4444"}, {}))
 def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
     if args.get("resume"):
@@ -288,7 +330,12 @@ def _migrate(d: CommandDispatcher, args: dict, session: Session) -> object:
     if tls is not None and not _socket_uri(args["uri"]):
         raise QmpError("TLS needs a socket (tcp:, unix: or a socket fd:); "
                        f"{args['uri'].split(':', 1)[0]}: carries the stream one way")
-    d.backend.migrate(args["uri"])
+    if args.get("inc"):
+        raise QmpError("inc: incremental block migration is not supported by vmferry")
+    if args.get("blk"):
+        d.backend.migrate(args["uri"], blk=True)
+    else:
+        d.backend.migrate(args["uri"])
     return {}
 
 
@@ -458,6 +505,75 @@ def _object_add(d: CommandDispatcher, args: dict, session: Session) -> object:
 def _object_del(d: CommandDispatcher, args: dict, session: Session) -> object:
     d.backend.objects.remove(args["id"])
     return {}
+
+
+# --- dirty rate -------------------------------------------------------------------------------
+
+_DIRTY_RATE_MODE = Enum("DirtyRateMeasureMode", ("page-sampling", "dirty-ring", "dirty-bitmap"))
+
+
+@command("calc-dirty-rate", "Start measuring how fast the guest dirties memory, for `calc-time` seconds; "
+         "read the result with query-dirty-rate. `dirty-bitmap` counts the distinct pages written, from "
+         "the dirty log, through a consumer of its own (a running migration is not disturbed); "
+         "`page-sampling` compares `sample-pages` random pages per GiB.",
+         args=(Arg("calc-time", INT, doc="seconds to measure, 1 to 60"),
+               Arg("sample-pages", INT, optional=True, doc="pages sampled per GiB, 128 to 4096 "
+                   "(page-sampling only; default 512)"),
+               Arg("mode", _DIRTY_RATE_MODE, optional=True, doc="page-sampling (default), dirty-bitmap; "
+                   "dirty-ring is refused (vmferry uses KVM's dirty bitmap)")),
+         errors=("GenericError: the dirty rate is already being measured.",
+                 "GenericError: calc-time is out of range[1, 60].",
+                 "GenericError: sample-pages is out of range[128, 4096].",
+                 "GenericError: sample-pages is used only in page-sampling mode",
+                 "GenericError: mode dirty-ring is not enabled, use other method instead."),
+         example=({"calc-time": 1, "mode": "dirty-bitmap"}, {}))
+def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
+    _optional(d.backend, "calc_dirty_rate", "calc-dirty-rate is not supported here")(
+        args["calc-time"], args.get("mode"), args.get("sample-pages"))
+    return {}
+
+
+@command("query-dirty-rate", "The result of the last calc-dirty-rate. `dirty-rate` (MiB/s, QEMU's "
+         "\"MB/s\") is there once `status` is `measured`; `-1` if the measurement failed (then "
+         "`x-error` says why). vmferry adds `x-dirty-bytes` (bytes found dirty) and `x-elapsed-ms` (the "
+         "window as measured).",
+         returns='`{"status": "unstarted"|"measuring"|"measured", "dirty-rate": int, "start-time": int, '
+                 '"calc-time": int, "sample-pages": int, "mode": DirtyRateMeasureMode, ...}`',
+         example=({}, {"status": "measured", "dirty-rate": 8, "start-time": 1700000000, "calc-time": 1,
+                       "sample-pages": 0, "mode": "dirty-bitmap", "x-dirty-bytes": 8388608,
+                       "x-elapsed-ms": 1000.4}))
+def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "query_dirty_rate", "query-dirty-rate is not supported here")()
+
+
+@command("x-migrate-forecast",
+         "vmferry extension: forecast a precopy migration before starting it (docs/migration.md, "
+         "\"Forecast\"): will it converge under downtime-limit, in how many passes, how long, how "
+         "many bytes, how long a pause; if not, the least bandwidth, downtime-limit or throttle that "
+         "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap) "
+         "and the last migration's measured bandwidth (else max-bandwidth).",
+         args=(Arg("bandwidth", SIZE, optional=True, doc="end-to-end bytes per second"),
+               Arg("dirty-rate", SIZE, optional=True, doc="bytes the guest dirties per second"),
+               Arg("downtime-limit", SIZE, optional=True, doc="ms (default: the parameter)"),
+               Arg("working-set", SIZE, optional=True,
+                   doc="bytes the guest writes into (default: all populated RAM)"),
+               Arg("switchover-ms", SIZE, optional=True,
+                   doc="the pause's fixed cost besides RAM (default: the last migration's "
+                       "downtime-phases without `ram`, else 2 ms)")),
+         returns='`{"converges": bool, "passes": int, "total-time-ms": number|null, "total-bytes": int, '
+                 '"downtime-ms": number, "bandwidth-needed", "downtime-limit-needed", '
+                 '"throttle-percent-needed" (when not converging), "inputs": {...}}`',
+         errors=("GenericError: no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
+                 "or give 'dirty-rate'",
+                 "GenericError: no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or "
+                 "migrate once to measure it"),
+         example=({"bandwidth": 104857600, "dirty-rate": 10485760},
+                  {"converges": True, "passes": 3, "total-time-ms": 2847.6, "total-bytes": 298139852,
+                   "downtime-ms": 4.56, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
+                                                   "bandwidth": 104857600, "downtime-limit": 300,
+                                                   "working-set": 268435456}}))
+def _migrate_forecast(d: CommandDispatcher, args: dict, session: Session) -> object:
+    return _optional(d.backend, "migrate_forecast", "x-migrate-forecast is not supported here")(args)
 
 
 # --- vmferry extensions ------------------------------------------------------------------------

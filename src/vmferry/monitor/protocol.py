@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -234,19 +234,21 @@ class QmpConnection:
         return _encode({"QMP": {"version": self.dispatcher.greeting_version(),
                                 "capabilities": list(self.session.offered)}})
 
-    def feed(self, data: bytes) -> bytes:
-        """Consume any amount of input; return the replies it produced (possibly b"")."""
+    def feed(self, data: bytes, on_reply: Callable[[bytes], None] | None = None) -> bytes:
+        """Consume any amount of input; return the replies it produced (possibly b""), or, with
+        `on_reply`, hand each reply to it as soon as it is made (and return b"")."""
         out = bytearray()
+        emit = on_reply or out.extend
         for item in self._scanner.scan(data):
             if isinstance(item, str):
-                out += _encode(_error("GenericError", item))
+                emit(_encode(_error("GenericError", item)))
                 continue
             try:
                 msg = _parse(item)
             except ValueError as e:
-                out += _encode(_error("GenericError", f"JSON parse error, {_describe(e)}"))
+                emit(_encode(_error("GenericError", f"JSON parse error, {_describe(e)}")))
                 continue
-            out += self._handle(msg)
+            emit(self._handle(msg))
         return bytes(out)
 
     def _handle(self, msg: object) -> bytes:

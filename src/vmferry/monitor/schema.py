@@ -120,12 +120,13 @@ NUMBER = Scalar("number", "number", lambda v: _is_int(v) or isinstance(v, float)
 STR_OR_NULL = Scalar("StrOrNull", "StrOrNull", lambda v: v is None or isinstance(v, str))
 INT = Integer("int", INT64_MIN, INT64_MAX)
 UINT8 = Integer("uint8", 0, 255)
+UINT16 = Integer("uint16", 0, 2**16 - 1)
 UINT32 = Integer("uint32", 0, 2**32 - 1)
 UINT64 = Integer("uint64", INT64_MIN, UINT64_MAX)
 SIZE = Integer("size", INT64_MIN, UINT64_MAX)
 
 SCALARS_BY_NAME: dict[str, QType] = {
-    t.name: t for t in (STR, BOOL, NUMBER, STR_OR_NULL, INT, UINT8, UINT32, UINT64, SIZE)
+    t.name: t for t in (STR, BOOL, NUMBER, STR_OR_NULL, INT, UINT8, UINT16, UINT32, UINT64, SIZE)
 }
 
 

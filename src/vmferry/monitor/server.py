@@ -54,6 +54,10 @@ class _Client:
     peer: str
     out: bytearray = field(default_factory=bytearray)
     writing: bool = False  # registered for EVENT_WRITE
+    # Events go out only after the qmp_capabilities reply is queued: the session turns
+    # negotiated inside feed(), a moment before its reply is queued, and an event queued in
+    # between would reach the client before that reply (qemu.qmp refuses such a greeting).
+    events: bool = False
 
 
 class QmpServer:
@@ -109,7 +113,7 @@ class QmpServer:
             if self._closed:
                 return
             for client in list(self._clients.values()):
-                if client.conn.negotiated:
+                if client.events:
                     self._queue_locked(client, msg)
         self._wake()
 
@@ -185,10 +189,13 @@ class QmpServer:
             self._flush(client)
             self._drop(client)
             return
-        replies = client.conn.feed(data)  # not under _lock: handlers may emit events
-        if replies:
-            with self._lock:
-                self._queue_locked(client, replies)
+        client.conn.feed(data, lambda reply: self._queue_reply(client, reply))
+
+    def _queue_reply(self, client: _Client, reply: bytes) -> None:
+        # Called between commands, not under _lock while a handler runs (handlers emit events).
+        with self._lock:
+            self._queue_locked(client, reply)
+            client.events = client.conn.negotiated
 
     def _queue_locked(self, client: _Client, data: bytes) -> None:
         if len(client.out) + len(data) > self._max_output:

@@ -114,6 +114,10 @@ def render_text(s: StreamSummary) -> str:
         for r in table.values():
             passes = ",".join(map(str, sorted(r.passes))) or "-"
             types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
+            if r.shared:
+                put(f"{title} {r.name}: {r.size} bytes ({r.size // r.unit} {word}), shared: its "
+                    "contents stay in its image")
+                continue
             put(f"{title} {r.name}: base {r.base:#x}, {r.size} bytes ({r.size // r.unit} {word}); "
                 f"{word} sent {r.sent}, zero {r.zero}, {r.records} records ({types or 'none'}), "
                 f"{r.nbytes} bytes; passes {passes}")

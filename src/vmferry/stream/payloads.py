@@ -15,6 +15,7 @@ import numpy as np
 from vmferry.errors import StreamError
 from vmferry.stream.records import (
     ADVISORY_COMMANDS,
+    DISK_SHARED,
     BlockData,
     BlockDevices,
     BlockZero,
@@ -128,7 +129,8 @@ def _encode_one(rec: Record, page_size: int) -> tuple[Frame, Buffer]:
         case RamBlocks(blocks):
             return Frame(T.RAM_BLOCKS), _pack_list([(b.id, b.name, page_size, b.gpa, b.size) for b in blocks])
         case BlockDevices(devices):
-            return Frame(T.BLOCK_DEVICES), _pack_list([(d.id, d.name, d.sector_size, 0, d.size)
+            return Frame(T.BLOCK_DEVICES), _pack_list([(d.id, d.name, d.sector_size,
+                                                        DISK_SHARED if d.shared else 0, d.size)
                                                        for d in devices])
     raise TypeError(f"cannot encode {type(rec).__name__}")
 
@@ -181,9 +183,10 @@ def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
     if rtype == T.BLOCK_DEVICES:
         disks = []
         for ident, name, unit, base, size in _parse_list(bytes(payload), "BLOCK_DEVICES"):
-            if unit not in (512, 4096) or base != 0:
-                raise StreamError(f"disk '{name}' has sector size {unit} and base {base} (need 512|4096, 0)")
-            disks.append(DiskInfo(ident, name, size, unit))
+            if unit not in (512, 4096) or base & ~DISK_SHARED:
+                raise StreamError(f"disk '{name}' has sector size {unit} and flags {base} "
+                                  f"(need 512|4096, flags 0 or {DISK_SHARED})")
+            disks.append(DiskInfo(ident, name, size, unit, shared=bool(base & DISK_SHARED)))
         return BlockDevices(tuple(disks))
     raise AssertionError(f"parse_payload called for type {rtype}")  # rules.check_header let it through
 

@@ -69,6 +69,8 @@ class CommandCode(IntEnum):
     RECEIVED_BITMAP = 9
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
     PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
+    DEVICE_PROPERTIES = 0x8003  # advisory: the source's device properties (machine type vmferry-0.2 on)
+    HEARTBEAT = 0x8004  # advisory, either direction: the sender is alive (migration/heartbeat.py)
 
 
 ADVISORY_COMMANDS = 0x8000
@@ -135,12 +137,18 @@ class RamBlocks:
     blocks: tuple[RamBlockInfo, ...]
 
 
+# BLOCK_DEVICES flags (the entry's `base` field): the disk's contents stay in its image (shared
+# storage, or a snapshot's image left in place); no BLOCK_DATA/BLOCK_ZERO of it may follow.
+DISK_SHARED = 1
+
+
 @dataclass(frozen=True, slots=True)
 class DiskInfo:
     id: int
     name: str
     size: int  # bytes
     sector_size: int = 512
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)

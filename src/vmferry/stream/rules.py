@@ -104,6 +104,9 @@ class StreamRules:
             disk = self.disks.get(section)
             unit = disk.sector_size if disk else 0
             self._check_run(name, "disk", "sectors", disk, section, index, count, unit)
+            if disk is not None and disk.shared:
+                raise StreamError(f"{name} for disk '{disk.name}', which is listed as shared "
+                                  "(its contents stay in its image)")
             self._check_length(name, length, count * unit if rtype == T.BLOCK_DATA else 0)
         elif rtype == T.PASS:
             self._check_length(name, length, 0)

@@ -8,8 +8,9 @@ decoder agrees with it, so the documented layout is the real one. `encode_sectio
 payloads for tests.
 
 Both inputs of `decode_section` are untrusted: every length and count is checked against the
-bytes left before anything is allocated, nesting is bounded, and every failure is a StreamError
-naming the section and the field.
+bytes left before anything is allocated, nesting is bounded, the work is bounded by the payload's
+size (a work budget per section, below), and every failure is a StreamError naming the section and
+the field.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ MAX_DEPTH = 16  # docs/stream-format.md: struct/list nesting, and subsections
 # A fixed "count" or a list's element count beyond this must be backed by that many payload bytes,
 # so a corrupt count cannot spin the decoder over zero-sized elements.
 _FREE_COUNT = 1 << 16
+# Work budget per section: every field entry, value and list element the decoder visits costs one,
+# at most max(WORK_FLOOR, WORK_PER_BYTE x payload bytes). A description from the stream can nest
+# zero-size elements (structs with no fields, lists of them, counted empty fields) so that a few
+# payload bytes would otherwise cost billions of visits. A real section costs a few per byte.
+WORK_FLOOR = 4096
+WORK_PER_BYTE = 64
 
 
 @dataclass
@@ -53,11 +60,28 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+class _Budget:
+    """The visits one section's decode may still make (shared by its subsections)."""
+
+    def __init__(self, payload_bytes: int) -> None:
+        self.limit = max(WORK_FLOOR, WORK_PER_BYTE * payload_bytes)
+        self.left = self.limit
+        self.payload_bytes = payload_bytes
+
+
 class _Cursor:
-    def __init__(self, data: bytes | memoryview, section: str) -> None:
+    def __init__(self, data: bytes | memoryview, section: str, budget: _Budget | None = None) -> None:
         self.data = memoryview(data).cast("B")
         self.pos = 0
         self.section = section
+        self.budget = budget or _Budget(len(self.data))
+
+    def charge(self, visits: int, path: str | None) -> None:
+        self.budget.left -= visits
+        if self.budget.left < 0:
+            raise self.error(f"the description makes this {self.budget.payload_bytes}-byte payload take more "
+                             f"than {self.budget.limit} field visits to decode (empty fields repeated?)",
+                             path.rstrip(".") if path else None)
 
     def error(self, reason: str, path: str | None = None) -> StreamError:
         return StreamError(f"field '{path}': {reason}" if path else reason, section=self.section)
@@ -113,7 +137,7 @@ def _section(d: Mapping[str, Any], c: _Cursor, depth: int) -> SectionValue:
         last = index
         body = c.take(c.uint(4, "subsection length"), "subsection body")
         sub = subs[index]
-        out.subsections[_name(sub)] = _section(sub, _Cursor(body, _name(sub)), depth + 1)
+        out.subsections[_name(sub)] = _section(sub, _Cursor(body, _name(sub), c.budget), depth + 1)
     if c.left:
         raise c.error(f"{c.left} bytes left over after the section")
     return out
@@ -122,6 +146,7 @@ def _section(d: Mapping[str, Any], c: _Cursor, depth: int) -> SectionValue:
 def _fields(entries: list[Any], c: _Cursor, path: str, depth: int) -> dict[str, Any]:
     if depth > MAX_DEPTH:
         raise c.error(f"fields nest deeper than {MAX_DEPTH}", path)
+    c.charge(1 + len(entries), path or None)
     values: dict[str, Any] = {}
     for e in entries:
         if not isinstance(e, Mapping) or not isinstance(e.get("name"), str):
@@ -133,7 +158,7 @@ def _fields(entries: list[Any], c: _Cursor, path: str, depth: int) -> dict[str, 
         else:
             if e.get("type") == "list" or not isinstance(count, int) or count < 0:
                 raise c.error(f"malformed description: bad count {count!r}", where)
-            _bound(count, _min_size(e, depth), c, where)
+            _bound(count, e, c, where, depth)
             value = [_one(e, c, f"{where}[{i}]", depth) for i in range(count)]
         if not e.get("pad"):
             values[e["name"]] = value
@@ -141,6 +166,7 @@ def _fields(entries: list[Any], c: _Cursor, path: str, depth: int) -> dict[str, 
 
 
 def _one(e: Mapping[str, Any], c: _Cursor, path: str, depth: int) -> Any:
+    c.charge(1, path)
     kind = e.get("type")
     if kind in _INTS:
         s = _INTS[kind]
@@ -174,14 +200,18 @@ def _one(e: Mapping[str, Any], c: _Cursor, path: str, depth: int) -> Any:
         count = c.uint(4, path)
         if isinstance(e.get("max"), int) and count > e["max"]:
             raise c.error(f"list count {count} exceeds the described max {e['max']}", path)
-        _bound(count, _min_size({"type": "struct", "fields": nested}, depth), c, path)
+        _bound(count, {"type": "struct", "fields": nested}, c, path, depth)
         return [_fields(nested, c, f"{path}[{i}].", depth + 1) for i in range(count)]
     raise c.error(f"unknown field type {kind!r}", path)
 
 
-def _bound(count: int, min_size: int, c: _Cursor, path: str) -> None:
-    """Refuse a count the bytes left cannot hold, before looping over it. Elements of size 0
-    take no bytes, so their count is capped instead (a hostile count would otherwise spin)."""
+def _bound(count: int, e: Mapping[str, Any], c: _Cursor, path: str, depth: int) -> None:
+    """Refuse a count of entry `e` the bytes left cannot hold, before looping over it. Elements
+    of size 0 take no bytes, so their count is capped instead (a hostile count would otherwise
+    spin); the work budget bounds the rest."""
+    if count == 0:
+        return  # nothing to hold, and no need to walk the entry for its size
+    min_size = _min_size(e, depth, c)
     if count * min_size > c.left or (min_size == 0 and count > _FREE_COUNT):
         raise c.error(f"{count} elements cannot fit in the {c.left} bytes left", path)
 
@@ -208,8 +238,11 @@ def _unpack_bits(layout: Any, packed: int, nbytes: int, c: _Cursor, path: str) -
     return values
 
 
-def _min_size(e: Any, depth: int) -> int:
-    """Fewest bytes one element of entry `e` takes (0 if the entry is malformed: caught later)."""
+def _min_size(e: Any, depth: int, c: _Cursor) -> int:
+    """Fewest bytes one element of entry `e` takes (0 if the entry is malformed: caught later).
+    Walking the entry is charged to the budget: the elements' visits cost at least as much, so a
+    real section pays at most twice, and a huge description cannot be walked for every element."""
+    c.charge(1, None)
     if not isinstance(e, Mapping) or depth > MAX_DEPTH:
         return 0
     kind = e.get("type")
@@ -224,7 +257,7 @@ def _min_size(e: Any, depth: int) -> int:
     if kind == "struct" and isinstance(e.get("fields"), list):
         total = 0
         for n in e["fields"]:
-            one = _min_size(n, depth + 1)
+            one = _min_size(n, depth + 1, c)
             count = n.get("count", 1) if isinstance(n, Mapping) else 1
             total += one * count if isinstance(count, int) and count >= 0 else 0
         return total

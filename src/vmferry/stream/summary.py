@@ -57,11 +57,15 @@ class RunStats:
     passes: set[int] = field(default_factory=set)
     # records by type name (RAM_PAGES, RAM_PAGE_LIST, ...): shows how a sender split its pages
     types: Counter[str] = field(default_factory=Counter)
+    shared: bool = False  # a disk whose contents stay in its image (BLOCK_DEVICES flag)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "base": self.base, "size": self.size, "unit": self.unit,
-                "sent": self.sent, "zero": self.zero, "records": self.records,
-                "record_types": dict(self.types), "bytes": self.nbytes, "passes": sorted(self.passes)}
+        out = {"name": self.name, "base": self.base, "size": self.size, "unit": self.unit,
+               "sent": self.sent, "zero": self.zero, "records": self.records,
+               "record_types": dict(self.types), "bytes": self.nbytes, "passes": sorted(self.passes)}
+        if self.shared:
+            out["shared"] = True
+        return out
 
 
 @dataclass
@@ -121,7 +125,8 @@ class StreamSummary:
                 self.ram.update({b.id: RunStats(b.name, b.gpa, b.size, self.header.page_size)  # type: ignore[union-attr]
                                  for b in blocks})
             case BlockDevices(devices):
-                self.disks.update({d.id: RunStats(d.name, 0, d.size, d.sector_size) for d in devices})
+                self.disks.update({d.id: RunStats(d.name, 0, d.size, d.sector_size, shared=d.shared)
+                                   for d in devices})
             case Config(settings):
                 self.config = dict(settings)
             case EndOfStream():

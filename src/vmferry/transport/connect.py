@@ -68,12 +68,26 @@ def _connect_tcp(u: TcpUri, timeout_s: float | None, sndbuf_bytes: int | None) -
     return SocketChannel(sock, str(u))
 
 
+KEEPALIVE_IDLE_S = 4
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 10_000
+
+
 def _tune_tcp(
     sock: socket.socket, *, sndbuf_bytes: int | None = None, rcvbuf_bytes: int | None = None
 ) -> None:
     # The stream's big writes do not care about Nagle, but the return path's small acks and page
     # requests must not sit 40 ms waiting for a delayed ACK: in postcopy that is a vCPU stalled.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # The backstop below the heartbeats (migration/heartbeat.py), for a peer that sends none:
+    # a dead peer or link is noticed in about 10 s instead of the kernel's 2 hours. Keepalive
+    # covers an idle connection; TCP_USER_TIMEOUT one whose sent data stays unacknowledged.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     if sndbuf_bytes:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf_bytes)
     if rcvbuf_bytes:

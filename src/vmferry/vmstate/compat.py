@@ -232,9 +232,10 @@ def _side(spec: str) -> Any:
 def _read(path: str) -> dict[str, Any]:
     """A description file, or `build:MACHINE`: this build's description of that machine type."""
     if path.startswith(BUILD_PREFIX):
-        from vmferry.machine.machine_type import section_registry
+        from vmferry.machine.machine_type import get_machine_type, section_registry
 
-        return section_registry().describe(path.removeprefix(BUILD_PREFIX))
+        # get_machine_type: `build:vmferry` is the newest (the alias), as `-M vmferry`.
+        return section_registry().describe(get_machine_type(path.removeprefix(BUILD_PREFIX)).name)
     try:
         with open(path) as f:
             return json.load(f)

@@ -33,7 +33,7 @@ def stream_entry(cls: Any, version: int | None = None) -> dict[str, Any]:
             for f in cls.fields
             if f.since <= v
         ],
-        "subsections": [stream_entry(sub) for sub in cls.subsections],
+        "subsections": [stream_entry(sub) for sub in cls.subsections_at(v)],
     }
 
 
@@ -45,7 +45,7 @@ def qemu_description(cls: Any, version: int | None = None) -> dict[str, Any]:
         "version_id": v,
         "minimum_version_id": min(cls.minimum_version, v),
         "fields": [_qemu_field(f, v) for f in cls.fields if f.since <= v],
-        "subsections": [qemu_description(sub) for sub in cls.subsections],
+        "subsections": [qemu_description(sub) for sub in cls.subsections_at(v)],
     }
 
 

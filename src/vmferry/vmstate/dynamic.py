@@ -115,12 +115,19 @@ class Finding:
 def build_side(machine: str, label: str = "this build") -> Side:
     """This build's code for `machine`: its sections at the versions the machine type pins, and
     the compat properties it sets."""
-    from vmferry.machine.machine_type import section_registry
+    from vmferry.machine.machine_type import MACHINE_ALIASES, MACHINE_TYPES, section_registry
 
+    machine = MACHINE_ALIASES.get(machine, machine)  # build:vmferry is the newest, as -M vmferry
     entries = section_registry().entries(machine)
     sections = {e.cls.name: SectionSpec(e.cls, e.version, e.load_only) for e in entries}
-    # No machine type pins a "section.field" value today; the mutation suite's sides set their own.
-    return Side(machine, label, sections, {})
+    # The devices' properties as the machine type sets them ("serial.properties" -> {...}), so a
+    # needed() that reads a compat property ("lsr-overrun") is asked with the type's value.
+    mt = MACHINE_TYPES.get(machine)
+    compat: dict[str, Any] = {}
+    if mt is not None:
+        props = mt.device_properties()
+        compat = {f"{s.section.name}.properties": props[s.id] for s in mt.devices if s.id in props}
+    return Side(machine, label, sections, compat)
 
 
 def description_side(description: Mapping[str, Any], label: str) -> Side:
@@ -277,7 +284,7 @@ def _examples(spec: SectionSpec, version: int, props: Mapping[str, Any], rng: ra
         for f in cls.fields:
             if f.since > version and f.type.carries_value:
                 values[f.name] = f.default_value()
-        subs = {sub.name: _values(sub.fields, rng, shape) for sub in cls.subsections}
+        subs = {sub.name: _values(sub.fields, rng, shape) for sub in cls.subsections_at(version)}
         for key, value in props.items():
             for bag in (values, *subs.values()):
                 if key in bag:
@@ -285,7 +292,7 @@ def _examples(spec: SectionSpec, version: int, props: Mapping[str, Any], rng: ra
         obj = _StateObject(cls, values, subs, props)
         sec = Section(cls.name, version, values)
         lost: list[tuple[str, str, Any, Any]] = []
-        for j, sub in enumerate(cls.subsections):
+        for j, sub in enumerate(cls.subsections_at(version)):
             needed = _needed(sub, obj, spec.has_code)
             if needed is None:  # no code to ask: alternate, so each is seen present and absent
                 present = (i + j) % 2 == 1 if shape == MIXED else shape == EXTREMES

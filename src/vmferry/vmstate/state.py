@@ -77,6 +77,10 @@ class VMState:
     minimum_version: ClassVar[int] = 1
     subsections: ClassVar[tuple[type[VMState], ...]] = ()
     fields: ClassVar[tuple[Field, ...]] = ()
+    # Subsections only: the parent section's version from which this subsection exists. A
+    # parent sent at an older version neither describes nor sends it, so a machine type pinned
+    # to that version keeps the older stream byte for byte (0: always there).
+    since: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -84,6 +88,11 @@ class VMState:
         _check_class(cls)
 
     # --- hooks: override as classmethods -----------------------------------------------------
+
+    @classmethod
+    def subsections_at(cls, version: int) -> tuple[type[VMState], ...]:
+        """The subsections a stream of this section's `version` describes (and may send)."""
+        return tuple(sub for sub in cls.subsections if sub.since <= version)
 
     @classmethod
     def needed(cls, obj: Any) -> bool:
@@ -141,7 +150,7 @@ class VMState:
             v = cls.version if version is None else version
             cls.pre_save(obj)
             sec = Section(cls.name, v, cls.capture(obj))
-            for sub in cls.subsections:
+            for sub in cls.subsections_at(v):
                 if sub.needed(obj):
                     sec.subsections[sub.name] = sub.snapshot(obj)
             return sec
@@ -158,11 +167,12 @@ class VMState:
             raise ValueError(f"section '{cls.name}': cannot encode version {sec.version}")
         out = bytearray()
         encode_fields(cls.fields, sec.fields, out, sec.version)
-        known = {sub.name for sub in cls.subsections}
+        described = cls.subsections_at(sec.version)
+        known = {sub.name for sub in described}
         unknown = sorted(set(sec.subsections) - known)
         if unknown:
-            raise ValueError(f"section '{cls.name}': unknown subsections {unknown}")
-        present = [(i, sub) for i, sub in enumerate(cls.subsections) if sub.name in sec.subsections]
+            raise ValueError(f"section '{cls.name}': unknown subsections {unknown} at version {sec.version}")
+        present = [(i, sub) for i, sub in enumerate(described) if sub.name in sec.subsections]
         out += len(present).to_bytes(2, "little")
         for index, sub in present:
             if sec.subsections[sub.name].version != sub.version:
@@ -360,6 +370,10 @@ def _check_class(cls: type[VMState]) -> None:
             f.type.check(f.default_value(), f.name)
         except ValueError as e:
             raise TypeError(f"{where}: bad default: {e}") from e
+    for sub in cls.subsections:
+        if isinstance(sub, type) and not 0 <= getattr(sub, "since", 0) <= cls.version:
+            raise TypeError(f"{where}: subsection '{sub.name}' since={sub.since} is not within "
+                            f"0..version {cls.version}")
     subnames = [getattr(sub, "name", "") for sub in cls.subsections]
     if not all(isinstance(sub, type) and issubclass(sub, VMState) and sub.name for sub in cls.subsections):
         raise TypeError(f"{where}: subsections must be named VMState classes")

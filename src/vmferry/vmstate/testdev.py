@@ -4,8 +4,13 @@ Release 1 ("testdev-1") had one device, section `testdev` version 1 with fields 
 Release 2 ("testdev-2") has two devices: `testdev-front` (a, b) and `testdev-back` (c, d), each
 at version 2. A release-2 destination still accepts a release-1 stream: `TestDevV1State` stays
 registered there as a `load_only` section bound to the machine's device map, and its load hooks
-route the old values to the new devices. tests/fixtures/testdev-v1.* is a payload the release-1
-layout produced, committed once.
+route the old values to the new devices. Backward, release 2 started with the old machine type
+"testdev-1" builds the two devices but sends the old single section (`capture` gathers it from
+both), so a release-1 destination loads it. tests/fixtures/testdev-v1.* is a payload the
+release-1 layout produced, committed once.
+
+No machine type of a real vmferry release carries this device (release 0.1.0 has vmferry-0.1
+only): it proves the split at the section and stream level, not between vmferry processes.
 """
 
 from __future__ import annotations
@@ -67,6 +72,14 @@ class TestDevV1State(VMState):
     b: U16
     c: Array(U8, 4)
     d: Bytes(8)
+
+    @classmethod
+    def capture(cls, obj: Any) -> dict[str, Any]:
+        if not isinstance(obj, Mapping):
+            return super().capture(obj)  # release 1: the one device itself
+        # Release 2 on the old machine type: the one old section, gathered from both halves.
+        front = TestDevFrontState.capture(obj["testdev-front"])
+        return {**front, **TestDevBackState.capture(obj["testdev-back"])}
 
     @classmethod
     def apply(cls, obj: Any, values: dict[str, Any]) -> None:

@@ -1,0 +1,353 @@
+"""Drives on the saver contract (migration/saver.py): who owns each image, and the contents of
+the drives that are copied.
+
+Every drive is either *shared* (the default: source and destination open the same image) or
+*copied* (QMP `migrate` with `blk: true`, all writable drives, or the `x-block-drives`
+parameter): its contents travel in the stream, on the same passes and the same expected-downtime
+figure as RAM.
+
+Source (`DriveSaver`):
+
+    setup      BLOCK_DEVICES: every drive (id, drive id, size), the shared ones flagged shared,
+               so the destination checks them all before the guest's RAM arrives (and a
+               snapshot records which drives it needs); copied drives' dirty logs start (the
+               device notes each completed write, 4 KiB units); every allocated unit is marked
+               to send, and each hole goes out at once as a BLOCK_ZERO run, so the
+               destination's image gets the same holes
+    iterate    runs of marked units, up to 1 MiB each, read through the backend: BLOCK_DATA,
+               or BLOCK_ZERO for 4 KiB units that read as zeros (the destination punches them)
+    sync       fold the drives' dirty logs in
+    complete   (vCPUs paused, drives quiesced) the rest; then every drive, copied or shared, is
+               flushed and its image lock given up (`VirtioBlk.release_image`): the destination
+               may take it. A failed migration takes it back when the source resumes.
+    pending    marked units x 4 KiB: the session's one expected downtime covers RAM and disks
+
+Destination (`DriveLoader`): BLOCK_DEVICES is checked before any byte is written — each drive
+exists here (by id) and has exactly the source's size, and a copied one is writable — and the
+copied drives' images are locked at once (they are written from now on). BLOCK_DATA is written, BLOCK_ZERO
+punched; a flusher thread fdatasyncs the copied images while the stream arrives, so the flush
+`complete` makes (END verified, before the device state is applied and the guest runs: the
+guest's earlier FLUSHes must hold here too) covers only what came last — measured, a 4.5 MB
+copy's fdatasync at END was ~50 ms of downtime. `complete` also locks the shared images, which
+the source released at switchover.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmferry.block.backend import SECTOR_SIZE, BlockBackend
+from vmferry.devices.virtio_blk import DIRTY_UNIT, VirtioBlk
+from vmferry.errors import MigrationError
+from vmferry.machine.dirty_log import bitmap_to_units, units_to_bitmap
+from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
+from vmferry.stream.records import BlockData, BlockDevices, BlockZero, CommandCode, DiskInfo
+
+CONSUMER = "migration"
+RUN_UNITS = 256  # units per BLOCK_DATA record at most (1 MiB)
+SECTORS_PER_UNIT = DIRTY_UNIT // SECTOR_SIZE
+
+
+def select_copied(drives: Sequence[VirtioBlk], blk: bool, ids: Iterable[str]) -> list[str]:
+    """The drive ids a migration copies: every writable drive with `blk`, plus those named in
+    `x-block-drives`. A name that is not a drive, or a read-only drive, is refused by name."""
+    by_id = {d.drive_id: d for d in drives}
+    chosen: list[str] = [d.drive_id for d in drives if blk and not d.backend.readonly]
+    for name in ids:
+        dev = by_id.get(name)
+        if dev is None:
+            have = ", ".join(by_id) or "none"
+            raise MigrationError(f"x-block-drives: this VM has no drive '{name}' (drives: {have})")
+        if dev.backend.readonly:
+            raise MigrationError(f"x-block-drives: drive '{name}' is read-only; only writable drives "
+                                 "are copied (a read-only image is shared)")
+        if name not in chosen:
+            chosen.append(name)
+    return [d.drive_id for d in drives if d.drive_id in chosen]
+
+
+@dataclass
+class _Copied:
+    disk_id: int
+    dev: VirtioBlk
+    nbytes: int  # whole sectors: what the stream can carry
+    nunits: int
+    sent_bytes: int = 0  # of BLOCK_DATA payload
+    # Units taken from the dirty log (DirtyLog.take, atomic against any sync) and not yet sent;
+    # only the migration thread touches it.
+    todo: np.ndarray | None = None
+
+
+class DriveSaver(Saver):
+    name = "drives"
+
+    def __init__(self, drives: Sequence[VirtioBlk], copy: Sequence[str] = ()) -> None:
+        self.drives = list(drives)
+        # Disk ids 1..n in drive order; the copied ones carry their contents.
+        self.copied = [
+            _Copied(i, d, _sectors_bytes(d), -(-_sectors_bytes(d) // DIRTY_UNIT))
+            for i, d in enumerate(drives, start=1) if d.drive_id in copy
+        ]
+        self.transferred = 0  # stream bytes of BLOCK_* records
+        self._tracking = False
+
+    # --- progress (query-migrate's disk section) ---
+
+    def total(self) -> int:
+        return sum(c.nbytes for c in self.copied)
+
+    def progress(self) -> dict[str, int]:
+        return {"transferred": self.transferred, "remaining": self.pending(), "total": self.total()}
+
+    # --- the contract ---
+
+    def setup(self, out: SaverOutput) -> None:
+        if not self.drives:
+            return  # a machine without drives sends what it sent before drives migrated
+        enc = out.encoder
+        copied = {c.dev.drive_id for c in self.copied}
+        self.transferred += out.send([enc.encode(BlockDevices(tuple(
+            DiskInfo(i, d.drive_id, _sectors_bytes(d), shared=d.drive_id not in copied)
+            for i, d in enumerate(self.drives, start=1))))])
+        for c in self.copied:
+            log = c.dev.dirty
+            log.start()
+            log.add_consumer(CONSUMER)
+            self._tracking = True
+            mask = np.zeros(log.nunits, dtype=bool)
+            holes: list[tuple[int, int]] = []
+            pos = 0
+            for off, length in c.dev.backend.allocated_extents(0, c.nbytes):
+                mask[off // DIRTY_UNIT : -(-(off + length) // DIRTY_UNIT)] = True
+                if off > pos:
+                    holes.append((pos, off - pos))
+                pos = off + length
+            if pos < c.nbytes:
+                holes.append((pos, c.nbytes - pos))
+            log.mark(CONSUMER, mask)
+            recs = []
+            for off, length in holes:
+                # Whole units only: a unit shared with data goes as data.
+                first = -(-off // DIRTY_UNIT) * DIRTY_UNIT
+                end = (off + length) // DIRTY_UNIT * DIRTY_UNIT if off + length < c.nbytes else c.nbytes
+                if end > first:
+                    recs.append(enc.encode(BlockZero(c.disk_id, first // SECTOR_SIZE,
+                                                     (end - first) // SECTOR_SIZE)))
+            for i in range(0, len(recs), 256):
+                self.transferred += out.send(recs[i : i + 256])
+
+    def sync(self) -> None:
+        for c in self.copied:
+            c.dev.dirty.sync()
+
+    def pending(self) -> int:
+        if not self._tracking:
+            return 0
+        n = 0
+        for c in self.copied:
+            n += int(np.bitwise_count(c.dev.dirty.bitmap(CONSUMER)).sum())
+            if c.todo is not None:
+                n += int(np.bitwise_count(c.todo).sum())
+        return n * DIRTY_UNIT
+
+    def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
+        sent = 0
+        for c in self.copied:
+            if sent >= budget_bytes:
+                break
+            sent += self._send(out, c, budget_bytes - sent)
+        return sent
+
+    def complete(self, out: SaverOutput) -> None:
+        self.sync()
+        for c in self.copied:
+            while self._send(out, c, 1 << 62):
+                pass
+        for d in self.drives:
+            d.release_image()
+
+    def cleanup(self) -> None:
+        if not self._tracking:
+            return
+        for c in self.copied:
+            c.dev.dirty.remove_consumer(CONSUMER)
+            c.dev.dirty.stop()
+        self._tracking = False
+
+    # --- sending ---
+
+    def _send(self, out: SaverOutput, c: _Copied, budget: int) -> int:
+        """Send marked units of one drive, run by run, until `budget` bytes went out or none is
+        left; returns the bytes sent. A unit is taken from the dirty log before it is read: a write
+        landing meanwhile marks it again (dirty_log.py's order rule), so it is sent again, never
+        lost."""
+        taken = c.dev.dirty.take(CONSUMER)
+        if c.todo is None:
+            c.todo = np.zeros(c.dev.dirty.nwords, dtype=np.uint64)
+        if taken is not None:
+            c.todo |= taken
+        units = bitmap_to_units(c.todo, c.nunits)
+        if len(units) == 0:
+            return 0
+        sent = 0
+        starts = np.flatnonzero(np.diff(units) != 1) + 1
+        for run in np.split(units, starts):
+            for i in range(0, len(run), RUN_UNITS):
+                part = run[i : i + RUN_UNITS]
+                first, count = int(part[0]), len(part)
+                clear = np.zeros(c.nunits, dtype=bool)
+                clear[first : first + count] = True
+                c.todo &= ~units_to_bitmap(clear)
+                sent += self._send_run(out, c, first, count)
+                if sent >= budget or out.cancelled():
+                    return sent
+        return sent
+
+    def _send_run(self, out: SaverOutput, c: _Copied, first: int, count: int) -> int:
+        offset = first * DIRTY_UNIT
+        nbytes = min(count * DIRTY_UNIT, c.nbytes - offset)
+        buf = bytearray(count * DIRTY_UNIT)
+        view = memoryview(buf)
+        c.dev.backend.read_into(offset, view[:nbytes])
+        nonzero = np.frombuffer(buf, dtype=np.uint64).reshape(count, DIRTY_UNIT // 8).any(axis=1)
+        enc = out.encoder
+        recs = []
+        # Alternating runs of data units and zero units, each one record.
+        edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, count], strict=True):
+            lo_b = int(lo) * DIRTY_UNIT
+            hi_b = min(int(hi) * DIRTY_UNIT, nbytes)
+            sector, sectors = (offset + lo_b) // SECTOR_SIZE, (hi_b - lo_b) // SECTOR_SIZE
+            if nonzero[lo]:
+                recs.append(enc.encode(BlockData(c.disk_id, sector, sectors, view[lo_b:hi_b])))
+                c.sent_bytes += hi_b - lo_b
+            else:
+                recs.append(enc.encode(BlockZero(c.disk_id, sector, sectors)))
+        n = out.send(recs)
+        self.transferred += n
+        return n
+
+
+def _sectors_bytes(dev: VirtioBlk) -> int:
+    """The drive's size in whole sectors (what the guest sees and the stream carries)."""
+    return dev.backend.size // SECTOR_SIZE * SECTOR_SIZE
+
+
+class _Flusher:
+    """fdatasync of the images written since the last one, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._dirty: dict[int, BlockBackend] = {}
+        self._busy = False
+        self._stop = False
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def mark(self, backend: BlockBackend) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="migration-flush", daemon=True)
+                self._thread.start()
+            self._dirty[id(backend)] = backend
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._dirty and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                todo, self._dirty = list(self._dirty.values()), {}
+                self._busy = True
+            for backend in todo:
+                try:
+                    backend.flush()
+                except OSError as e:
+                    self.error = f"flushing '{getattr(backend, 'path', '?')}': {e.strerror}"
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Let a flush under way finish and stop; what it did not cover, the caller flushes."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class DriveLoader(Loader):
+    name = "drives"
+
+    def __init__(self, drives: Sequence[VirtioBlk]) -> None:
+        self.drives = list(drives)
+        self._by_disk: dict[int, VirtioBlk] = {}
+        self.received = 0  # bytes of BLOCK_DATA written
+        self.total = 0
+        self._flusher = _Flusher()
+
+    def handlers(self) -> Mapping[type | CommandCode, Handler]:
+        return {BlockDevices: self._on_devices, BlockData: self._on_data, BlockZero: self._on_zero}
+
+    def _on_devices(self, rec: BlockDevices) -> None:
+        by_id = {d.drive_id: d for d in self.drives}
+        # Every check first, then the locks: a refused stream writes nothing and locks nothing.
+        for info in rec.devices:
+            dev = by_id.get(info.name)
+            if dev is None:
+                have = ", ".join(by_id) or "none"
+                how = "shares" if info.shared else "copies"
+                raise MigrationError(f"the source {how} drive '{info.name}', but this destination "
+                                     f"has no such drive (drives: {have}): add --drive ...,id={info.name}")
+            if info.sector_size != SECTOR_SIZE:
+                raise MigrationError(f"drive {info.name}: the stream's sector size is "
+                                     f"{info.sector_size}; this drive's is {SECTOR_SIZE}")
+            ours = dev.backend.size // SECTOR_SIZE * SECTOR_SIZE
+            if info.size != ours:
+                raise MigrationError(
+                    f"drive {info.name}: the source's image is {info.size} bytes but this destination's "
+                    f"'{getattr(dev.backend, 'path', '?')}' is {ours} bytes; create it with the same "
+                    f"size (truncate -s {info.size} IMAGE)")
+            if dev.backend.readonly and not info.shared:
+                raise MigrationError(f"drive {info.name}: the source copies it, but it is read-only here")
+        for info in rec.devices:
+            if info.shared:
+                continue  # the source holds the image until switchover: locked in complete()
+            dev = by_id[info.name]
+            dev.backend.lock()  # BlockError naming the image if another VMM holds it
+            self._by_disk[info.id] = dev
+            self.total += info.size
+
+    def _drive(self, disk_id: int) -> VirtioBlk:
+        # The decoder checked the id was listed and the run lies inside the disk.
+        return self._by_disk[disk_id]
+
+    def _on_data(self, rec: BlockData) -> None:
+        backend = self._drive(rec.disk_id).backend
+        backend.write(rec.first_sector * SECTOR_SIZE, rec.data)
+        self.received += len(rec.data)
+        self._flusher.mark(backend)
+
+    def _on_zero(self, rec: BlockZero) -> None:
+        backend = self._drive(rec.disk_id).backend
+        backend.write_zeroes(rec.first_sector * SECTOR_SIZE, rec.sector_count * SECTOR_SIZE)
+        self._flusher.mark(backend)
+
+    def complete(self) -> None:
+        self._flusher.stop()
+        if self._flusher.error:
+            raise MigrationError(f"a copied drive could not be flushed: {self._flusher.error}")
+        for dev in self._by_disk.values():
+            dev.backend.flush()  # what came last; the flusher covered the rest
+        for dev in self.drives:
+            dev.backend.lock()  # the shared images: the source released them at switchover
+
+    def release(self) -> None:
+        self._flusher.stop()

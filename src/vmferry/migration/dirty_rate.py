@@ -1,0 +1,154 @@
+"""`calc-dirty-rate` / `query-dirty-rate`: how fast the guest dirties memory, before migrating.
+
+QEMU 7.2's command and reply (names, fields, checks and messages), two of its modes:
+
+* `dirty-bitmap`: a dirty-log consumer of its own (`dirty-rate`) on every RamBlock. The log's
+  single producer feeds every consumer, so the measurement neither takes pages from a running
+  migration nor gives it any: each sync ORs KVM's harvest into both bitmaps. The count is of
+  distinct pages written during the window (a page rewritten ten times counts once, as in QEMU),
+  so for a working set smaller than what the guest writes in `calc-time`, the rate saturates.
+* `page-sampling` (QEMU's default): `sample-pages` random pages per GiB of populated RAM are
+  copied at the start and compared at the end; the changed fraction times the populated size,
+  over the time, is the rate. It needs no dirty log, and misses rewrites with the same bytes.
+
+`dirty-ring` is refused: vmferry uses KVM's dirty bitmap, not the ring.
+
+dirty-rate (MB/s, QEMU's unit: MiB) = dirty bytes / 2^20 / measured seconds, where the measured
+time is the wall time of the window as it really was (a loaded host may sleep past calc-time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from vmferry.errors import QmpError
+from vmferry.machine.ramblock import PAGE_SIZE, RamBlock
+
+log = logging.getLogger("vmferry.migration")
+CONSUMER = "dirty-rate"
+MODES = ("page-sampling", "dirty-ring", "dirty-bitmap")
+MIN_CALC_TIME_S, MAX_CALC_TIME_S = 1, 60  # QEMU 7.2's MIN/MAX_FETCH_DIRTYRATE_TIME_SEC
+MIN_SAMPLE_PAGES, MAX_SAMPLE_PAGES = 128, 4096
+DEFAULT_SAMPLE_PAGES = 512
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class DirtyRateMeter:
+    """One measurement at a time, on a thread of its own; the monitor only starts and queries."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = list(blocks)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._info: dict[str, object] = {"status": "unstarted", "start-time": 0, "calc-time": 0,
+                                         "sample-pages": DEFAULT_SAMPLE_PAGES, "mode": "page-sampling"}
+
+    def calc(self, calc_time: int, mode: str | None = None, sample_pages: int | None = None) -> None:
+        """Start a measurement (QEMU's checks, in QEMU's order and words)."""
+        with self._lock:
+            if self._info["status"] == "measuring":
+                raise QmpError("the dirty rate is already being measured.")
+            if not MIN_CALC_TIME_S <= calc_time <= MAX_CALC_TIME_S:
+                raise QmpError(f"calc-time is out of range[{MIN_CALC_TIME_S}, {MAX_CALC_TIME_S}].")
+            mode = mode or "page-sampling"
+            if sample_pages is not None and mode != "page-sampling":
+                raise QmpError("sample-pages is used only in page-sampling mode")
+            if sample_pages is not None and not MIN_SAMPLE_PAGES <= sample_pages <= MAX_SAMPLE_PAGES:
+                raise QmpError(f"sample-pages is out of range[{MIN_SAMPLE_PAGES}, {MAX_SAMPLE_PAGES}].")
+            if mode == "dirty-ring":
+                raise QmpError("mode dirty-ring is not enabled, use other method instead.")
+            if any(b.vm is None for b in self.blocks):
+                raise QmpError("the dirty rate cannot be measured: guest RAM is not mapped into a VM")
+            pages = (sample_pages or DEFAULT_SAMPLE_PAGES) if mode == "page-sampling" else 0
+            self._info = {"status": "measuring", "start-time": int(time.time()), "calc-time": calc_time,
+                          "sample-pages": pages, "mode": mode}
+            self._thread = threading.Thread(target=self._run, args=(calc_time, mode, pages),
+                                            name="dirty-rate", daemon=True)
+            self._thread.start()
+
+    def query(self) -> dict[str, object]:
+        """query-dirty-rate's answer: `dirty-rate` only once measured."""
+        with self._lock:
+            return dict(self._info)
+
+    def close(self) -> None:
+        """Stop a measurement early (the VM is going away) and wait for its thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self, calc_time: int, mode: str, sample_pages: int) -> None:
+        try:
+            if mode == "dirty-bitmap":
+                dirty_bytes, elapsed = self._bitmap(calc_time)
+            else:
+                dirty_bytes, elapsed = self._sampling(calc_time, sample_pages)
+            result: dict[str, object] = {"status": "measured",
+                                         "dirty-rate": round(dirty_bytes / MiB / elapsed),
+                                         "x-dirty-bytes": int(dirty_bytes),
+                                         "x-elapsed-ms": round(elapsed * 1000, 3)}
+        except Exception as e:  # noqa: BLE001 - the monitor reports it; the VM goes on
+            log.warning("dirty rate measurement failed: %s", e)
+            result = {"status": "measured", "dirty-rate": -1, "x-error": str(e)}
+        with self._lock:
+            self._info = {**self._info, **result}
+
+    def _bitmap(self, calc_time: int) -> tuple[float, float]:
+        t0 = self.begin_bitmap()
+        try:
+            self._stop.wait(calc_time)
+            return self.end_bitmap(t0)
+        finally:
+            self.release_bitmap()
+
+    # The dirty-bitmap window in three steps, so a test can pause the guest around it.
+
+    def begin_bitmap(self) -> float:
+        """Open the window; returns its start (time.monotonic())."""
+        for b in self.blocks:
+            # The consumer first: add_dirty_consumer folds what KVM logged so far into the others
+            # (a migration's), so ours starts clear. Then make sure the log runs.
+            b.add_dirty_consumer(CONSUMER)
+            b.start_dirty_log()
+        return time.monotonic()
+
+    def end_bitmap(self, t0: float) -> tuple[int, float]:
+        """Close the window: (bytes of distinct pages dirtied in it, its length in seconds)."""
+        pages = 0
+        for b in self.blocks:
+            b.sync_dirty()
+            pages += int(np.bitwise_count(b.dirty_bitmap(CONSUMER)).sum())
+        return pages * PAGE_SIZE, time.monotonic() - t0
+
+    def release_bitmap(self) -> None:
+        """Drop our consumer; the dirty log stops only if nobody else (a migration) uses it."""
+        for b in self.blocks:
+            b.release_dirty_consumer(CONSUMER)
+
+    def _sampling(self, calc_time: int, sample_pages: int) -> tuple[float, float]:
+        rng = np.random.default_rng()
+        samples = []
+        for b in self.blocks:
+            populated = np.flatnonzero(b.populated_pages())  # never read a page the guest never touched
+            n = min(populated.size, max(1, sample_pages * b.nbytes // GiB))
+            if n == 0:
+                continue
+            index = np.sort(rng.choice(populated, size=n, replace=False))
+            pages = np.frombuffer(b.mem, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            samples.append((pages, index, pages[index].copy(), populated.size))
+        t0 = time.monotonic()
+        self._stop.wait(calc_time)
+        dirty = 0.0
+        for pages, index, before, npopulated in samples:
+            changed = int(np.count_nonzero((pages[index] != before).any(axis=1)))
+            dirty += changed / index.size * npopulated * PAGE_SIZE
+        elapsed = time.monotonic() - t0
+        del samples
+        return dirty, elapsed
