@@ -3,6 +3,12 @@
  * stamping each page with its index and a generation and recording the generation in a table
  * in guest RAM, so a lost or stale page after migration is detectable, in the guest and on the
  * host (dirty_layout.h describes what the host sees).
+ *
+ * fill= says what a page holds besides its stamp: the stamp in every u64 (`stamp`), text that
+ * changes with every write (`text`: what compression is for), or text written once and then only
+ * the two stamp words rewritten (`sparse`: 16 bytes per write, what XBZRLE is for). The text is
+ * a hash of (page, generation, word) picking one of 32 word tokens (vmferry.guests.verify
+ * restates it).
  */
 #include "common/rt.h"
 #include "dirty_layout.h"
@@ -17,8 +23,24 @@
 #define BATCH_PAGES 64
 
 static const char *const known[] = {
-    "ws", "rate", "pattern", "hot", "hotw", "verify", "seed", "runtime", "check", 0,
+    "ws", "rate", "pattern", "hot", "hotw", "verify", "seed", "runtime", "check", "fill", "compute", 0,
 };
+
+/* Text pages: u64 j (1..510) of page i at generation g is the token hash(i, g', j) % 32, g' = g
+ * for fill=text and 0 for fill=sparse; a token is a vocabulary word cut to 7 letters and padded
+ * with spaces to 8 bytes. Each page is fresh text (no corpus repeats across pages): it compresses
+ * like a text of 32 words, not like one page copied many times. */
+#define TOKENS 32
+static const char *const vocab[TOKENS] = {
+    "the", "migration", "of", "a", "guest", "page", "is", "sent", "and", "memory", "to", "dirty",
+    "log", "while", "vCPU", "runs", "in", "destination", "source", "with", "bytes", "that",
+    "switchover", "on", "each", "pass", "for", "device", "state", "stream", "record", "host",
+};
+static u64 tokens[TOKENS];
+/* compute=1: the second vCPU's loop count (it only ever counts); the first prints its rate. At a
+ * fixed address (dirty_layout.h) so a host can read it too. */
+#define compute_loops (*(volatile u64 *)DIRTY_COMPUTE_GPA)
+static int fill;
 
 static volatile struct dirty_header *const hdr = (volatile struct dirty_header *)DIRTY_HEADER_GPA;
 static volatile u32 *table;
@@ -46,12 +68,39 @@ static u64 tsc_per_ms(void)
     return (rdtsc() - t0) / 50 + 1;
 }
 
-static u64 rnd(void) /* xorshift64*: a deterministic sequence for a given seed */
+static u64 xorshift(u64 *state) /* xorshift64*: a deterministic sequence for a given seed */
 {
-    rng ^= rng >> 12;
-    rng ^= rng << 25;
-    rng ^= rng >> 27;
-    return rng * 0x2545F4914F6CDD1Dull;
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return *state * 0x2545F4914F6CDD1Dull;
+}
+
+static u64 rnd(void)
+{
+    return xorshift(&rng);
+}
+
+static void make_tokens(void)
+{
+    for (int k = 0; k < TOKENS; k++) {
+        char t[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+        for (int i = 0; i < 7 && vocab[k][i]; i++)
+            t[i] = vocab[k][i];
+        memcpy(&tokens[k], t, 8);
+    }
+}
+
+/* What u64 `j` of page `page` holds at generation `g` (the stamp fill: every u64 is the stamp). */
+static inline u64 page_word(u64 page, u32 g, u64 j)
+{
+    if (fill == FILL_STAMP || j == 0 || j == PAGE_U64S - 1)
+        return ((u64)g << 32) | page;
+    u64 x = ((page << 32) | (fill == FILL_TEXT ? g : 0)) * 0x9E3779B97F4A7C15ull + j * 0xD1B54A32D192ED03ull;
+    x ^= x >> 29;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 32;
+    return tokens[x % TOKENS];
 }
 
 /*
@@ -67,8 +116,18 @@ static void write_page(u64 page)
         gen = 1;
     u64 value = ((u64)gen << 32) | page;
     void *dst = (void *)(ws_gpa + page * PAGE_SIZE);
-    u64 n = PAGE_U64S;
-    __asm__ volatile("rep stosq" : "+D"(dst), "+c"(n) : "a"(value) : "memory");
+    if (fill == FILL_STAMP) {
+        u64 n = PAGE_U64S;
+        __asm__ volatile("rep stosq" : "+D"(dst), "+c"(n) : "a"(value) : "memory");
+    } else {
+        volatile u64 *w = (volatile u64 *)dst;
+        w[0] = value;
+        /* sparse: the text once, at the page's first write; then only the stamps. */
+        if (fill == FILL_TEXT || table[page] == 0)
+            for (u64 j = 1; j < PAGE_U64S - 1; j++)
+                w[j] = page_word(page, gen, j);
+        w[PAGE_U64S - 1] = value;
+    }
     /* The sum first, then the entry: a verifier that finds them disagreeing by exactly this
      * page's change knows the guest stopped between the two stores. */
     hdr->table_sum = hdr->table_sum + gen - table[page];
@@ -80,13 +139,37 @@ static void write_page(u64 page)
     hdr->inflight = DIRTY_NO_PAGE;
 }
 
-/* Returns 1 if the page holds `value` in every checked u64; *found gets the first mismatch. */
-static int page_ok(u64 page, u64 value, u64 *found)
+/* The second vCPU, at CPL3 with interrupts off: a loop of integer work that touches no memory
+ * but its counter, so only what the host takes from it (a throttle) changes its rate. */
+static void compute_main(void)
 {
+    u64 x = 1;
+    for (;;) {
+        for (int i = 0; i < 64; i++)
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+        __asm__ volatile("" : "+r"(x));
+        compute_loops = compute_loops + 1;
+    }
+}
+
+/* Returns 1 if the page holds generation `g`'s content in every checked u64; *found gets the
+ * first mismatch. */
+static int page_ok(u64 page, u32 g, u64 *found)
+{
+    u64 value = ((u64)g << 32) | page;
     const u64 *p = (const u64 *)(ws_gpa + page * PAGE_SIZE);
     if (!check_full) {
         *found = p[0] != value ? p[0] : p[PAGE_U64S - 1];
         return p[0] == value && p[PAGE_U64S - 1] == value;
+    }
+    if (fill != FILL_STAMP) {
+        for (u64 j = 0; j < PAGE_U64S; j++) {
+            if (p[j] != page_word(page, g, j)) {
+                *found = p[j];
+                return 0;
+            }
+        }
+        return 1;
     }
     const u64 *cur = p;
     u64 n = PAGE_U64S;
@@ -103,7 +186,7 @@ static int verify_all(void)
     for (u64 page = 0; page < npages; page++) {
         u32 g = table[page];
         u64 f;
-        if (g == 0 || !page_ok(page, ((u64)g << 32) | page, &f)) {
+        if (g == 0 || !page_ok(page, g, &f)) {
             if (!bad++) {
                 first_bad = page;
                 first_gen = g;
@@ -132,9 +215,13 @@ void guest_main(void)
     u64 verify_s = param_u64("verify", 5);
     u64 seed = param_u64("seed", 1);
     u64 runtime = param_u64("runtime", 0);
-    char pattern_s[16] = "uniform", check_s[8] = "full";
+    u64 compute = param_u64("compute", 0);
+    char pattern_s[16] = "uniform", check_s[8] = "full", fill_s[8] = "stamp";
     param_str("pattern", pattern_s, sizeof(pattern_s));
     param_str("check", check_s, sizeof(check_s));
+    param_str("fill", fill_s, sizeof(fill_s));
+    fill = str_eq(fill_s, "stamp") ? FILL_STAMP : str_eq(fill_s, "text") ? FILL_TEXT
+         : str_eq(fill_s, "sparse") ? FILL_SPARSE : -1;
 
     int pattern = 0;
     if (str_eq(pattern_s, "uniform"))
@@ -143,8 +230,9 @@ void guest_main(void)
         pattern = PATTERN_HOT;
     check_full = str_eq(check_s, "full");
     if (!pattern || (!check_full && !str_eq(check_s, "ends")) || hot < 1 || hot > 100 ||
-        hotw > 100 || rate > 1000000) {
-        rt_printf("dirty: bad parameter: pattern=uniform|hot, check=full|ends, hot=1..100, hotw=0..100\n");
+        hotw > 100 || rate > 1000000 || fill < 0 || compute > 1) {
+        rt_printf("dirty: bad parameter: pattern=uniform|hot, check=full|ends, fill=stamp|text|sparse, "
+                  "compute=0|1, hot=1..100, hotw=0..100\n");
         rt_exit(EXIT_BAD_PARAM);
     }
 
@@ -158,6 +246,8 @@ void guest_main(void)
         rt_exit(EXIT_BAD_PARAM);
     }
     table = (volatile u32 *)table_gpa;
+    if (fill != FILL_STAMP)
+        make_tokens();
     rng = seed * 0x9E3779B97F4A7C15ull ^ 0xD1B54A32D192ED03ull;
     if (!rng)
         rng = 1;
@@ -167,7 +257,8 @@ void guest_main(void)
     hdr->magic = 0;
     barrier();
     *hdr = (struct dirty_header){
-        .version = DIRTY_LAYOUT_VERSION,
+        /* Version 1 readers know only the stamp fill: other fills say version 2. */
+        .version = fill == FILL_STAMP ? 1 : DIRTY_LAYOUT_VERSION,
         .header_size = sizeof(struct dirty_header),
         .ws_gpa = ws_gpa,
         .npages = npages,
@@ -176,7 +267,8 @@ void guest_main(void)
         .page_size = PAGE_SIZE,
         .inflight = DIRTY_NO_PAGE,
         .rate_mib_s = (u32)rate,
-        .pattern = (u32)pattern,
+        .pattern = (u16)pattern,
+        .fill = (u16)fill,
         .hot_percent = (u32)hot,
         .hot_writes = (u32)hotw,
         .seed = seed,
@@ -185,8 +277,9 @@ void guest_main(void)
     hdr->magic = DIRTY_MAGIC;
 
     rt_printf("dirty: ws=%lu MiB pages=%lu rate=%lu MiB/s pattern=%s hot=%lu hotw=%lu verify=%lu "
-              "check=%s seed=%lu runtime=%lu\n",
-              ws_mib, npages, rate, pattern_s, hot, hotw, verify_s, check_s, seed, runtime);
+              "check=%s seed=%lu runtime=%lu%s%s\n",
+              ws_mib, npages, rate, pattern_s, hot, hotw, verify_s, check_s, seed, runtime,
+              fill == FILL_STAMP ? "" : " fill=", fill == FILL_STAMP ? "" : fill_s);
     rt_printf("dirty: header=0x%lx table=0x%lx ws=0x%lx\n", DIRTY_HEADER_GPA, table_gpa, ws_gpa);
 
     u64 hot_pages = npages * hot / 100;
@@ -201,6 +294,15 @@ void guest_main(void)
      * the TSC. A VM paused for migration shows its downtime here, as the guest saw it (the TSC
      * keeps counting through the pause; the PIT's ticks move with the saved state). */
     u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0;
+    if (compute) {
+        compute_loops = 0;
+        if (!rt_start_ap(compute_main)) {
+            rt_printf("dirty: compute=1 needs a second vCPU, and it did not start\n");
+            rt_exit(EXIT_BAD_PARAM);
+        }
+        rt_printf("dirty: compute vCPU started\n");
+    }
+    u64 compute_last = compute_loops, compute_tick = rt_ticks;
 
     for (;;) {
         u64 t = rdtsc();
@@ -213,6 +315,14 @@ void guest_main(void)
             last_sec = sec;
             rt_printf("dirty: t=%lu gen=%u written=%lu MiB stall=%lu us\n", sec, gen,
                       hdr->writes / (MIB / PAGE_SIZE), stall * 1000 / tpm);
+            if (compute) {
+                /* The second vCPU's loops over PIT time since the last line. */
+                u64 loops = compute_loops, ticks = now - compute_tick;
+                rt_printf("compute: t=%lu rate=%lu loops/s\n", sec,
+                          ticks ? (loops - compute_last) * RT_TICK_HZ / ticks : 0);
+                compute_last = loops;
+                compute_tick = now;
+            }
             stall = 0;
             if (verify_s && sec % verify_s == 0 && hdr->filled == npages)
                 failures += !verify_all();

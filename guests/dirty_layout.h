@@ -15,10 +15,16 @@
 
 #define DIRTY_HEADER_GPA 0x9000ul
 #define DIRTY_MAGIC 0x5954524944464D56ull /* "VMFDIRTY" as little-endian bytes */
-#define DIRTY_LAYOUT_VERSION 1u
+/* 2: `fill` (the high half of version 1's u32 pattern, 0 there). A guest with fill=stamp still
+ * says version 1: its memory is exactly version 1's. */
+#define DIRTY_LAYOUT_VERSION 2u
+/* compute=1: the second vCPU's loop counter (u64), right after the header, for a host to read. */
+#define DIRTY_COMPUTE_GPA (DIRTY_HEADER_GPA + 0x80)
 #define DIRTY_NO_PAGE 0xFFFFFFFFFFFFFFFFull /* `inflight` when no page is being rewritten */
 
 enum dirty_pattern { PATTERN_UNIFORM = 1, PATTERN_HOT = 2 };
+/* What a page holds besides the stamps in its first and last u64 (dirty.c says how). */
+enum dirty_fill { FILL_STAMP = 0, FILL_TEXT = 1, FILL_SPARSE = 2 };
 
 struct dirty_header {
     u64 magic;          /* 0x00 DIRTY_MAGIC, written last when the header is set up */
@@ -36,7 +42,8 @@ struct dirty_header {
     u64 verify_passes;  /* 0x50 in-guest checks that passed */
     u64 verify_fails;   /* 0x58 in-guest checks that failed */
     u32 rate_mib_s;     /* 0x60 the rate parameter */
-    u32 pattern;        /* 0x64 enum dirty_pattern */
+    u16 pattern;        /* 0x64 enum dirty_pattern */
+    u16 fill;           /* 0x66 enum dirty_fill (version 2; 0 in version 1) */
     u32 hot_percent;    /* 0x68 */
     u32 hot_writes;     /* 0x6c percent of writes that go to the hot pages */
     u64 seed;           /* 0x70 */

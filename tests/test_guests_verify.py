@@ -53,12 +53,13 @@ def set_header(ram: bytearray, **fields: int | bytes) -> None:
         "magic": MAGIC, "version": 1, "header_size": 0x80, "ws_gpa": WS_GPA, "npages": 0,
         "table_gpa": TABLE_GPA, "entry_size": 4, "page_size": PAGE_SIZE, "generation": 0,
         "inflight": NO_PAGE, "filled": 0, "writes": 0, "verify_passes": 0, "verify_fails": 0,
-        "rate_mib_s": 1, "pattern": 1, "hot_percent": 10, "hot_writes": 90, "seed": 1, "table_sum": 0,
+        "rate_mib_s": 1, "pattern": 1, "fill": 0, "hot_percent": 10, "hot_writes": 90, "seed": 1,
+        "table_sum": 0,
     }  # fmt: skip
     if cur is not None and cur.magic == MAGIC:
         values.update(vars(cur))
     values.update(fields)
-    struct.pack_into("<8sIIQQQIIQQQQQQIIIIQQ", ram, HEADER_GPA, *values.values())
+    struct.pack_into("<8sIIQQQIIQQQQQQIHHIIQQ", ram, HEADER_GPA, *values.values())
 
 
 def page_offset(page: int, word: int = 0) -> int:
@@ -196,7 +197,9 @@ def test_zero_table_entry_below_filled_fails():
     [
         ({"magic": b"\0" * 8}, "no dirty guest header at GPA 0x9000"),
         ({"magic": b"VMFDIRTX"}, "no dirty guest header"),
-        ({"version": 2}, "header layout version 2, this verifier reads 1"),
+        ({"version": 3}, "header layout version 3, this verifier reads (1, 2)"),
+        ({"fill": 1}, "fill=1 in a version 1 header"),
+        ({"version": 2, "fill": 3}, "fill=3 in a version 2 header"),
         ({"entry_size": 8}, "garbled header"),
         ({"npages": 0}, "garbled header"),
         ({"filled": NPAGES + 1}, "garbled header"),

@@ -13,6 +13,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from vmferry.errors import MigrationError
 from vmferry.migration.params import (
     CAPABILITIES,
+    EFFECTIVE_CAPABILITIES,
     EFFECTIVE_PARAMETERS,
     PARAMETER_SPECS,
     MigrationCapabilities,
@@ -333,7 +334,7 @@ def test_migration_commands_and_events(vm_server) -> None:
     assert vm.incoming == "tcp:0.0.0.0:4444"
 
 
-_UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in ("events", "return-path")]
+_UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPABILITIES]
 
 
 @pytest.mark.parametrize("name", _UNSUPPORTED_CAPS)

@@ -94,6 +94,71 @@ long_mode:
         jmp 3b
 
 /*
+ * A second vCPU (an application processor) starts here. rt_start_ap copies ap_trampoline to
+ * AP_TRAMPOLINE (0x7000, below 1 MiB as a SIPI needs) and sends INIT and SIPI: the AP starts in
+ * real mode at CS = 0x0700, IP = 0, loads the trampoline's flat GDT, enters protected mode, then
+ * long mode on the boot vCPU's page tables and GDT, and calls rt_ap_start on its own stack.
+ */
+#define AP_TRAMPOLINE 0x7000
+        .code16
+        .globl ap_trampoline, ap_trampoline_end
+ap_trampoline:
+        cli
+        cld
+        xorw %ax, %ax
+        movw %ax, %ds
+        lgdtl AP_TRAMPOLINE + (ap_gdt_desc - ap_trampoline)
+        movl %cr0, %eax
+        orl $1, %eax                    /* CR0.PE */
+        movl %eax, %cr0
+        ljmpl $0x08, $ap_start32
+        .balign 8
+ap_gdt:
+        .quad 0
+        .quad 0x00CF9A000000FFFF        /* 0x08: 32-bit code */
+        .quad 0x00CF92000000FFFF        /* 0x10: data */
+ap_gdt_desc:
+        .word ap_gdt_desc - ap_gdt - 1
+        .long AP_TRAMPOLINE + (ap_gdt - ap_trampoline)
+ap_trampoline_end:
+
+        .code32
+ap_start32:
+        movw $0x10, %ax
+        movw %ax, %ds
+        movw %ax, %es
+        movw %ax, %ss
+        movl %cr4, %eax
+        orl $0x20, %eax                 /* CR4.PAE */
+        movl %eax, %cr4
+        movl $pml4, %eax
+        movl %eax, %cr3
+        movl $0xC0000080, %ecx          /* IA32_EFER */
+        rdmsr
+        orl $0x100, %eax                /* EFER.LME */
+        wrmsr
+        movl %cr0, %eax
+        orl $0x80000001, %eax           /* CR0.PG | PE */
+        movl %eax, %cr0
+        lgdt gdt64_desc
+        ljmp $0x08, $ap_long_mode
+
+        .code64
+ap_long_mode:
+        movw $0x10, %ax
+        movw %ax, %ds
+        movw %ax, %es
+        movw %ax, %ss
+        xorl %eax, %eax
+        movw %ax, %fs
+        movw %ax, %gs
+        movq $ap_stack_top, %rsp
+        call rt_ap_start
+4:      cli
+        hlt
+        jmp 4b
+
+/*
  * IRQ0 (vector 32) is the only interrupt in steady state: count it and acknowledge the 8259.
  * Kept in assembly and tiny because every instruction here is emulated at ~5 MIPS, 1000 times a
  * second.
@@ -189,6 +254,10 @@ boot_stack:
         .skip 16384
         .globl boot_stack_top
 boot_stack_top:
+        .balign 16
+ap_stack:
+        .skip 4096
+ap_stack_top:
 boot_magic:
         .skip 4
 boot_info:

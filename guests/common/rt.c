@@ -470,6 +470,67 @@ static _Noreturn void enter_user(void)
     __builtin_unreachable();
 }
 
+/* --- the second vCPU --- */
+
+#define AP_TRAMPOLINE 0x7000ul
+extern char ap_trampoline[], ap_trampoline_end[];
+static void (*volatile ap_fn)(void);
+static volatile u32 ap_running;
+static u8 ap_user_stack[4096] __attribute__((aligned(16)));
+
+static void lapic_ipi(u32 apic_id, u32 low)
+{
+    volatile u32 *lapic = (volatile u32 *)LAPIC_BASE;
+    lapic[0x310 / 4] = apic_id << 24; /* ICR high: destination */
+    lapic[0x300 / 4] = low;           /* ICR low: the write sends */
+}
+
+static void wait_ticks(u64 n)
+{
+    u64 end = rt_ticks + n;
+    while (rt_ticks < end)
+        rt_idle();
+}
+
+int rt_start_ap(void (*fn)(void))
+{
+    ap_fn = fn;
+    memcpy((void *)AP_TRAMPOLINE, ap_trampoline, (u64)(ap_trampoline_end - ap_trampoline));
+    barrier();
+    lapic_ipi(1, 0x4500); /* INIT, level assert */
+    wait_ticks(10);
+    for (int i = 0; i < 2 && !ap_running; i++) {
+        lapic_ipi(1, 0x4600 | (u32)(AP_TRAMPOLINE >> 12)); /* STARTUP at vector 0x07 */
+        wait_ticks(1);
+    }
+    for (int i = 0; i < 100 && !ap_running; i++)
+        wait_ticks(1);
+    return ap_running != 0;
+}
+
+/* The AP, in long mode at CPL0 on its own stack (boot.S): the IDT, then CPL3 with IF clear. */
+void rt_ap_start(void);
+void rt_ap_start(void)
+{
+    struct {
+        u16 limit;
+        u64 base;
+    } __attribute__((packed)) desc = {sizeof(idt) - 1, (u64)idt};
+    __asm__ volatile("lidt %0" : : "m"(desc));
+    ap_running = 1;
+    u64 rsp = (u64)(ap_user_stack + sizeof(ap_user_stack)) - 8;
+    __asm__ volatile("pushq %0\n\t"
+                     "pushq %1\n\t"
+                     "pushq $0x002\n\t" /* IF clear: the AP takes no interrupts */
+                     "pushq %2\n\t"
+                     "pushq %3\n\t"
+                     "iretq"
+                     :
+                     : "i"(USER_DS | 3), "r"(rsp), "i"(USER_CS | 3), "r"((u64)ap_fn)
+                     : "memory");
+    __builtin_unreachable();
+}
+
 void rt_start(u32 magic, u32 info_gpa);
 void rt_start(u32 magic, u32 info_gpa)
 {

@@ -57,6 +57,12 @@ static inline int str_eq(const char *a, const char *b)
     return *a == *b;
 }
 
+/* Starts the second vCPU (APIC ID 1) with INIT and SIPI and has it call fn at CPL3 with
+ * interrupts off, on a stack of its own, forever; it gets no interrupts, takes no exceptions
+ * (there is no TSS for it) and makes no system calls. Returns 1 once the AP runs, 0 if it did not
+ * start within 100 ms (a machine with one vCPU). Call once, from guest_main. */
+int rt_start_ap(void (*fn)(void));
+
 void *memset(void *dst, int c, unsigned long n);
 void *memcpy(void *dst, const void *src, unsigned long n);
 

@@ -213,6 +213,7 @@ class VmControl:
             self.outgoing = OutgoingMigration(
                 self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace,
                 copy_drives=copy_drives,
+                auto_converge=self.migration_capabilities.enabled("auto-converge"),
             )
             self.incoming = None
             self.outgoing.start()

@@ -11,11 +11,15 @@ The guest keeps, in its own RAM (guests/dirty_layout.h is the other half of this
                  0x40 u64 filled           pages [0, filled) were written at least once
                  0x48 u64 writes           page writes since boot
                  0x50 u64 verify_passes    0x58 u64 verify_fails (the guest's own checks)
-                 0x60 u32 rate_mib_s  0x64 u32 pattern (1 uniform, 2 hot)  0x68 u32 hot_percent
+                 0x60 u32 rate_mib_s  0x64 u16 pattern (1 uniform, 2 hot)
+                 0x66 u16 fill (version 2; 0 stamp, 1 text, 2 sparse)     0x68 u32 hot_percent
                  0x6c u32 hot_writes  0x70 u64 seed
                  0x78 u64 table_sum        sum of all table entries mod 2**64
     table_gpa    npages x u32: the generation last written to page i (0 = never)
-    ws_gpa       npages x 4 KiB: every u64 of page i is (table[i] << 32) | i
+    ws_gpa       npages x 4 KiB: u64s 0 and 511 of page i are its stamp (table[i] << 32) | i;
+                 with fill=stamp (version 1) every u64 is; with text/sparse u64s 1..510 are word
+                 tokens picked by a hash of (i, table[i] for text or 0 for sparse, u64 index):
+                 `expected_pages`
 
 A rewrite of page p goes: inflight = p; stamp the page (rep stosq); table_sum += new - old;
 table[p] = new; generation = new; writes += 1; inflight = none. So a guest paused at any
@@ -43,14 +47,16 @@ except ImportError:  # Python 3.11: anything with the buffer protocol (bytes, mm
 
 HEADER_GPA = 0x9000
 MAGIC = b"VMFDIRTY"
-LAYOUT_VERSION = 1
+LAYOUT_VERSIONS = (1, 2)  # 2 adds `fill`; a guest with fill=stamp says 1
+FILL_STAMP, FILL_TEXT, FILL_SPARSE = 0, 1, 2
+FILL_NAMES = {FILL_STAMP: "stamp", FILL_TEXT: "text", FILL_SPARSE: "sparse"}
 NO_PAGE = 0xFFFF_FFFF_FFFF_FFFF
 PAGE_SIZE = 4096
 PAGE_U64S = PAGE_SIZE // 8
 ENTRY_SIZE = 4
 GEN_MAX = 0xFFFF_FFFF
 
-_HEADER = struct.Struct("<8sIIQQQIIQQQQQQIIIIQQ")
+_HEADER = struct.Struct("<8sIIQQQIIQQQQQQIHHIIQQ")
 assert _HEADER.size == 0x80
 # Pages compared per numpy call: big enough to amortise the call, small enough that the
 # temporaries (one bool per u64) stay in cache-sized chunks rather than a copy of RAM.
@@ -75,6 +81,7 @@ class DirtyHeader:
     verify_fails: int
     rate_mib_s: int
     pattern: int
+    fill: int
     hot_percent: int
     hot_writes: int
     seed: int
@@ -98,6 +105,39 @@ class Verdict:
 
 def _next_gen(gen: int) -> int:
     return gen + 1 if gen < GEN_MAX else 1
+
+
+# The text fills' tokens (guests/dirty.c make_tokens, restated): each vocabulary word cut to 7
+# letters and padded with spaces to 8 bytes, as a little-endian u64.
+_VOCAB = ("the", "migration", "of", "a", "guest", "page", "is", "sent", "and", "memory", "to", "dirty",
+          "log", "while", "vCPU", "runs", "in", "destination", "source", "with", "bytes", "that",
+          "switchover", "on", "each", "pass", "for", "device", "state", "stream", "record", "host")
+TOKENS = np.frombuffer(b"".join(w[:7].ljust(8).encode() for w in _VOCAB), dtype="<u8")
+
+
+def _token_index(pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
+    """dirty.c page_word's hash for u64s 1..510 of each page: shape (n, 510)."""
+    with np.errstate(over="ignore"):
+        key = (pages.astype(np.uint64) << np.uint64(32)) | gens.astype(np.uint64)
+        j = np.arange(1, PAGE_U64S - 1, dtype=np.uint64)
+        x = key[:, None] * np.uint64(0x9E3779B97F4A7C15) + j[None, :] * np.uint64(0xD1B54A32D192ED03)
+        x ^= x >> np.uint64(29)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(32)
+    return (x % np.uint64(len(TOKENS))).astype(np.intp)
+
+
+def expected_pages(fill: int, pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
+    """What pages `pages` (u64 indexes) hold at generations `gens` (u32): shape (n, PAGE_U64S)."""
+    stamps = (gens.astype(np.uint64) << np.uint64(32)) | pages.astype(np.uint64)
+    if fill == FILL_STAMP:
+        return np.repeat(stamps[:, None], PAGE_U64S, axis=1)
+    out = np.empty((len(pages), PAGE_U64S), dtype="<u8")
+    body_gens = gens if fill == FILL_TEXT else np.zeros_like(gens)  # sparse: the page's text never changes
+    out[:, 1 : PAGE_U64S - 1] = TOKENS[_token_index(pages, body_gens)]
+    out[:, 0] = stamps
+    out[:, PAGE_U64S - 1] = stamps
+    return out
 
 
 class _Memory:
@@ -156,8 +196,10 @@ def read_header(regions: Sequence[tuple[int, Buffer]]) -> DirtyHeader | None:
 def _header_problem(h: DirtyHeader) -> str | None:
     if h.magic != MAGIC:
         return f"no dirty guest header at GPA {HEADER_GPA:#x} (magic {h.magic!r}, want {MAGIC!r})"
-    if h.version != LAYOUT_VERSION:
-        return f"header layout version {h.version}, this verifier reads {LAYOUT_VERSION}"
+    if h.version not in LAYOUT_VERSIONS:
+        return f"header layout version {h.version}, this verifier reads {LAYOUT_VERSIONS}"
+    if h.fill not in FILL_NAMES or (h.version == 1 and h.fill != FILL_STAMP):
+        return f"garbled header: fill={h.fill} in a version {h.version} header"
     if h.header_size != _HEADER.size or h.entry_size != ENTRY_SIZE or h.page_size != PAGE_SIZE:
         return (
             f"garbled header: header_size={h.header_size} entry_size={h.entry_size} "
@@ -176,12 +218,13 @@ def _header_problem(h: DirtyHeader) -> str | None:
     return None
 
 
-def _inflight_ok(page_u64: np.ndarray, page: int, table_gen: int, next_gen: int) -> bool:
-    """A page caught mid-rewrite: each u64 is either the old stamp or the new one."""
-    low_ok = (page_u64 & 0xFFFF_FFFF) == page
-    gens = page_u64 >> np.uint64(32)
-    new_or_old = low_ok & ((gens == table_gen) | (gens == next_gen)) & (gens != 0)
-    if table_gen == 0:  # first write of the initial fill: the rest of the page is still zero
+def _inflight_ok(fill: int, page_u64: np.ndarray, page: int, table_gen: int, next_gen: int) -> bool:
+    """A page caught mid-rewrite: each u64 is either its old content or its new one."""
+    new = expected_pages(fill, np.array([page]), np.array([next_gen]))[0]
+    new_or_old = page_u64 == new
+    if table_gen:
+        new_or_old |= page_u64 == expected_pages(fill, np.array([page]), np.array([table_gen]))[0]
+    else:  # first write of the initial fill: the rest of the page is still zero
         new_or_old |= page_u64 == 0
     return bool(new_or_old.all())
 
@@ -228,17 +271,21 @@ def verify_dirty(regions: Sequence[tuple[int, Buffer]]) -> Verdict:
             p0 = first + lo
             n = block.shape[0]
             idx = np.arange(p0, p0 + n, dtype=np.uint64)
-            expected = (table[p0 : p0 + n].astype(np.uint64) << np.uint64(32)) | idx
-            ne = np.not_equal(block, expected[:, None], out=scratch[:n])
+            if h.fill == FILL_STAMP:  # one stamp per page, broadcast: no expected copy of RAM
+                expected = ((table[p0 : p0 + n].astype(np.uint64) << np.uint64(32)) | idx)[:, None]
+            else:
+                expected = expected_pages(h.fill, idx, table[p0 : p0 + n])
+            ne = np.not_equal(block, expected, out=scratch[:n])
             bad = np.flatnonzero(ne.any(axis=1))
             for b in bad:
                 page = p0 + int(b)
-                if page == inflight and _inflight_ok(block[b], page, int(table[page]), next_gen):
+                if page == inflight and _inflight_ok(h.fill, block[b], page, int(table[page]), next_gen):
                     continue
                 word = int(np.flatnonzero(ne[b])[0])
+                want = int(expected[b, 0 if h.fill == FILL_STAMP else word])
                 return fail(
                     f"u64 {word} holds {int(block[b, word]):#018x}, the table says generation "
-                    f"{int(table[page])} (want {int(expected[b]):#018x})",
+                    f"{int(table[page])} (want {want:#018x})",
                     page,
                 )
     if inflight is not None and inflight >= h.filled:
@@ -247,7 +294,7 @@ def verify_dirty(regions: Sequence[tuple[int, Buffer]]) -> Verdict:
         if page_raw is None:
             return fail("the in-flight page is in none of the regions", inflight)
         page_u64 = np.frombuffer(page_raw, dtype="<u8")
-        if not _inflight_ok(page_u64, inflight, int(table[inflight]), next_gen):
+        if not _inflight_ok(h.fill, page_u64, inflight, int(table[inflight]), next_gen):
             return fail("the in-flight page holds neither its old nor its new stamp", inflight)
 
     table_sum = int(table.sum(dtype=np.uint64))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from errno import EAGAIN
 from typing import TYPE_CHECKING
 
 from vmferry.errors import KvmError
@@ -36,12 +37,13 @@ class Vcpu(KvmFd):
 
     def run(self) -> bool:
         """One KVM_RUN. Returns True when the guest exited with a reason in run_struct, False
-        when a signal interrupted it (EINTR, e.g. the pause kick; exit_reason is KVM_EXIT_INTR).
-        Releases the GIL while the guest runs."""
+        when a signal interrupted it (EINTR, e.g. the pause kick; exit_reason is KVM_EXIT_INTR) or
+        KVM asks to be called again (EAGAIN: a vCPU waiting for SIPI was woken by INIT or SIPI,
+        as a second vCPU is when the guest starts it). Releases the GIL while the guest runs."""
         rc, err = ioctl_errno(self.fd, nr.RUN)
         if rc >= 0:
             return True
-        if err == EINTR:
+        if err in (EINTR, EAGAIN):
             return False
         raise KvmError(nr.RUN.name, err)
 

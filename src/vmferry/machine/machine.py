@@ -150,6 +150,7 @@ class Machine:
         self._done = threading.Event()
         self.exit_status: ExitStatus | None = None
         self._closed = False
+        self.cpu_throttle_percentage = 0  # every vCPU's, set by set_cpu_throttle (auto-converge)
 
     def set_isa_irq(self, irq: int, level: int) -> None:
         """Drive ISA IRQ line `irq` (what a device's interrupt output is wired to)."""
@@ -215,6 +216,15 @@ class Machine:
         ids = [r.thread.native_id for r in self._runners]
         return [tid if tid is not None else os.getpid() for tid in ids] or [os.getpid()] * len(self.vcpus)
 
+    def set_cpu_throttle(self, percentage: int) -> None:
+        """Make every vCPU sleep `percentage` % of the time (0 = full speed, at most 99); see
+        vcpu_runner.py. Vcpu threads started later get it too."""
+        with self._lock:
+            self.cpu_throttle_percentage = percentage
+            runners = list(self._runners)
+        for r in runners:
+            r.set_throttle(percentage)
+
     @property
     def finished(self) -> bool:
         return self._done.is_set()
@@ -232,6 +242,8 @@ class Machine:
                     self._running = True
                     for r in self._runners:
                         r.start()
+                        if self.cpu_throttle_percentage:
+                            r.set_throttle(self.cpu_throttle_percentage)
                     started = True
             if not started:
                 self.resume()
@@ -249,6 +261,8 @@ class Machine:
             for r in self._runners:
                 r.request_pause()  # parked from their first instruction on
                 r.start()
+                if self.cpu_throttle_percentage:
+                    r.set_throttle(self.cpu_throttle_percentage)
 
     def pause(self) -> None:
         """Stop every vCPU, then quiesce the devices that own threads; returns when each vCPU is

@@ -10,6 +10,12 @@ An I/O or MMIO exit is complete only after the next KVM_RUN (the kernel then sto
 value into the guest's registers). So a vCPU whose last exit was I/O re-enters once with
 immediate_exit set — finishing the instruction, running nothing else — before it parks: the
 state migration saves from a parked vCPU is always consistent.
+
+Throttling (auto-converge; QEMU's cpu_throttle): a vCPU throttled at p % runs THROTTLE_TIMESLICE_NS,
+then sleeps p/(100-p) of that, so it sleeps p % of the wall time. A timer thread per throttled vCPU
+kicks it once per period (timeslice + sleep); the vCPU thread, out of KVM_RUN, sleeps its share
+on its condition variable, so a pause or stop cuts the sleep short. The runner accounts what it
+slept (`throttle_slept_ns`, `throttle_sleeps`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from vmferry.errors import VmferryError
@@ -27,6 +34,22 @@ KICK_SIGNAL = signal.SIGUSR1
 # How often a pauser re-sends the kick while waiting (covers a thread that was not yet in
 # KVM_RUN when first kicked and somehow missed immediate_exit; cheap insurance).
 _REKICK_S = 0.05
+
+# QEMU's CPU_THROTTLE_TIMESLICE_NS: how long a throttled vCPU runs between two sleeps.
+THROTTLE_TIMESLICE_NS = 10_000_000
+
+
+def throttle_sleep_ns(percentage: int) -> int:
+    """How long a vCPU throttled at `percentage` (0..99) sleeps after each timeslice, so that it
+    sleeps `percentage` % of the wall time: pct/(1-pct) x timeslice (QEMU's cpu_throttle_thread)."""
+    if not 0 <= percentage <= 99:
+        raise ValueError(f"throttle percentage {percentage} is not within 0..99")
+    return THROTTLE_TIMESLICE_NS * percentage // (100 - percentage)
+
+
+def throttle_period_ns(percentage: int) -> int:
+    """Time between two throttle kicks: one timeslice run plus one sleep."""
+    return THROTTLE_TIMESLICE_NS + throttle_sleep_ns(percentage)
 
 
 def _ignore_kick(signum: int, frame: object) -> None:
@@ -60,6 +83,15 @@ class VcpuRunner:
         self.exited = False
         self._pending_completion = False
         self.thread = threading.Thread(target=self._loop, name=f"vcpu{vcpu.id}", daemon=True)
+        # Throttling: the percentage, the sleep the timer asked for and not yet taken, what was
+        # slept, and the timer thread (alive only while the percentage is above 0).
+        self.throttle_percentage = 0
+        self.throttle_slept_ns = 0
+        self.throttle_sleeps = 0
+        self.throttle_last_end_ns = 0  # when the last throttle sleep ended (monotonic)
+        self._throttle_owed_ns = 0
+        self._throttle_timer: threading.Thread | None = None
+        self._throttle_stop = threading.Event()
 
     def start(self) -> None:
         self.thread.start()
@@ -78,6 +110,16 @@ class VcpuRunner:
                         self._cond.notify_all()
                         self._cond.wait()
                     self.parked = False
+                    if self._throttle_owed_ns:
+                        self._sleep_throttled()
+                        if self._pause or self._stop:
+                            continue  # park first; the kick's immediate_exit stays set
+                    if not (self._pause or self._stop):
+                        # Only a pause or a stop (set under this lock before their kick) needs
+                        # immediate_exit kept. Any other kick is the throttle timer's, whose
+                        # sleep may already be gone (set_throttle(0) drops it): consume it here,
+                        # or every KVM_RUN would return EINTR at once and the guest never run.
+                        self.vcpu.immediate_exit = False
                 # KVM_RUN releases the GIL; the guest runs until an exit or the kick.
                 entered = self.vcpu.run()
                 self._pending_completion = False
@@ -98,6 +140,61 @@ class VcpuRunner:
         if crash is not None:
             self._on_crash(crash)
 
+    def _sleep_throttled(self) -> None:
+        """Sleep the share the timer asked for, under _cond; a pause, a stop or the throttle
+        going to 0 ends it early. Counted when it starts, under the lock set_throttle takes:
+        once set_throttle(0) returned, no sleep starts."""
+        owed, self._throttle_owed_ns = self._throttle_owed_ns, 0
+        self.throttle_sleeps += 1
+        t0 = time.monotonic_ns()
+        deadline = t0 + owed
+        while not (self._pause or self._stop) and self.throttle_percentage:
+            left = deadline - time.monotonic_ns()
+            if left <= 0:
+                break
+            self._cond.wait(left / 1e9)
+        self.throttle_last_end_ns = time.monotonic_ns()
+        self.throttle_slept_ns += self.throttle_last_end_ns - t0
+
+    # --- throttling, from any thread ---
+
+    def set_throttle(self, percentage: int) -> None:
+        """Throttle this vCPU to `percentage` % sleeping (0 = full speed; at most 99). A change
+        takes effect at the next period; 0 stops the timer and drops a sleep not yet taken."""
+        throttle_sleep_ns(percentage)  # validates
+        with self._cond:
+            self.throttle_percentage = percentage
+            timer = self._throttle_timer
+            if percentage == 0:
+                self._throttle_owed_ns = 0
+                self._throttle_stop.set()
+                self._throttle_timer = None
+                self._cond.notify_all()
+            elif timer is None and not self._stop:
+                # A fresh stop event per timer: stopping an old timer never stops a new one.
+                self._throttle_stop = threading.Event()
+                timer = threading.Thread(target=self._throttle_loop, args=(self._throttle_stop,),
+                                         name=f"vcpu{self.vcpu.id}-throttle", daemon=True)
+                self._throttle_timer = timer
+                timer.start()
+        if percentage == 0 and timer is not None:
+            timer.join()
+
+    def _throttle_loop(self, stop: threading.Event) -> None:
+        """Kick the vCPU once per period with the sleep it owes (QEMU's throttle timer)."""
+        while True:
+            with self._cond:
+                pct = self.throttle_percentage
+            if pct == 0 or stop.wait(throttle_period_ns(pct) / 1e9):
+                return
+            with self._cond:
+                pct = self.throttle_percentage
+                if pct == 0 or stop.is_set() or self._stop or self.exited:
+                    return
+                if not self._pause:  # a parked vCPU owes nothing: it is not running
+                    self._throttle_owed_ns = throttle_sleep_ns(pct)
+                    self._kick()
+
     def _kick(self) -> None:
         self.vcpu.immediate_exit = True
         ident = self.thread.ident
@@ -109,12 +206,14 @@ class VcpuRunner:
         with self._cond:
             self._pause = True
             self._kick()
+            self._cond.notify_all()  # ends a throttle sleep
 
     def request_stop(self) -> None:
         with self._cond:
             self._stop = True
             self._kick()
             self._cond.notify_all()
+            self._throttle_stop.set()
 
     def wait_parked(self) -> None:
         """Return once the thread is parked (or gone). Safe to call from the thread itself."""

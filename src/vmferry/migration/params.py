@@ -145,6 +145,15 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "docs/trace.md",
     "x-block-drives": "`migrate`: these drives' contents go in the stream (migration/block.py); an "
                       "id that is not a drive, or a read-only drive, refuses the migration by name",
+    # auto-converge (migration/throttle.py), read at each evaluation (a dirty-log sync at least
+    # 1 s after the previous one), so a change during a migration counts from the next one.
+    "throttle-trigger-threshold": "auto-converge: a period is 'high' when the bytes it dirtied exceed "
+                                  "this percentage of the bytes it transferred",
+    "cpu-throttle-initial": "auto-converge: the throttle percentage set at the second high period",
+    "cpu-throttle-increment": "auto-converge: added to the throttle at each further second high period",
+    "cpu-throttle-tailslow": "auto-converge: add only what brings the dirty rate down to the threshold, "
+                             "when that is less than the increment",
+    "max-cpu-throttle": "auto-converge: the throttle never goes above it",
 }
 
 
@@ -311,6 +320,10 @@ CAPABILITY_DOCS: dict[str, str] = {
 # The capabilities something reads, and what reads them (docs/qmp.md prints this).
 EFFECTIVE_CAPABILITIES: dict[str, str] = {
     "events": "MIGRATION and MIGRATION_PASS events are sent only while it is on, on either side",
+    "auto-converge": "after each dirty-log sync the source may throttle every vCPU (QEMU's rule, "
+                     "migration/throttle.py): a throttled vCPU sleeps that percentage of the time in "
+                     "10 ms timeslices; query-migrate reports cpu-throttle-percentage while it is on; "
+                     "the throttle ends with the migration (completed, failed or cancelled)",
     "return-path": "always on (QEMU's default is off) and cannot be turned off: on every two-way "
                    "channel (tcp:, unix:, an fd: socket) the source completes only when the destination "
                    "acknowledges, so a failure there resumes the source instead of losing the guest. "

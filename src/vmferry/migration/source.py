@@ -54,6 +54,7 @@ from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.migration.throttle import AutoConverge, ThrottleParams
 from vmferry.migration.trace import NULL_TRACE, NullTrace
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode
@@ -82,6 +83,7 @@ class OutgoingMigration:
         on_pass: Callable[[int], None] | None = None,
         trace: NullTrace = NULL_TRACE,
         copy_drives: Sequence[str] = (),
+        auto_converge: bool = False,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
         the others are shared."""
@@ -107,6 +109,7 @@ class OutgoingMigration:
         self._silence: str | None = None  # the watchdog's reason, once the destination went silent
         self._beat_at = 0.0  # when the stream last carried anything
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+        self.auto_converge = AutoConverge() if auto_converge else None
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
 
     # --- control, from the monitor thread ---
@@ -198,6 +201,7 @@ class OutgoingMigration:
             self.stats.end_ns = time.monotonic_ns()
             if self.watchdog is not None:
                 self.watchdog.stop()
+            self._unthrottle()
             if self.channel is not None:
                 try:
                     self.channel.close()
@@ -251,6 +255,8 @@ class OutgoingMigration:
         self.stats.unpopulated = self.ram.unpopulated
         self.stats.remaining_pages = self.ram.remaining()
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
+        if self.auto_converge is not None:
+            self.auto_converge.start(time.monotonic(), self.stats.transferred)
         self.stats.setup_end_ns = time.monotonic_ns()
         self.trace.event("setup", pages_to_send=self.stats.remaining_pages,
                          unpopulated_pages=self.stats.unpopulated)
@@ -285,6 +291,7 @@ class OutgoingMigration:
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
+                self._throttle_after_sync(report.dirty_pages_after)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if step.switchover:
@@ -301,13 +308,33 @@ class OutgoingMigration:
         remaining = report.dirty_pages_after * PAGE_SIZE
         self.trace.event("sync", sync=self.stats.dirty_sync_count, dirty_pages=report.dirty_pages_after,
                          remaining_bytes=remaining, duration_ms=sync_ms)
-        self.trace.event(  # throttle: vmferry does not throttle vCPUs (yet)
+        self.trace.event(  # throttle: auto-converge's, in force during this pass (set at earlier syncs)
             "pass", pass_=report.number, duration_ms=report.duration_s * 1000, bytes=report.bytes_sent,
             pages=report.pages_sent, zero_pages=report.zero_pages,
             unpopulated_pages=self.stats.unpopulated if report.number == 1 else 0,
             transferred_bytes=self.stats.transferred, remaining_bytes=remaining,
             bandwidth_bps=report.bandwidth_bps, dirty_rate_bps=report.dirty_rate_pps * PAGE_SIZE,
-            expected_downtime_ms=report.expected_downtime_ms, throttle_percent=0)
+            expected_downtime_ms=report.expected_downtime_ms,
+            throttle_percent=self.stats.cpu_throttle_percentage)
+    def _throttle_after_sync(self, dirty_pages: int) -> None:
+        """auto-converge's evaluation after a sync (migration/throttle.py)."""
+        if self.auto_converge is None:
+            return
+        p = self.params.snapshot()
+        tp = ThrottleParams(p.throttle_trigger_threshold, p.cpu_throttle_initial, p.cpu_throttle_increment,
+                            p.cpu_throttle_tailslow, p.max_cpu_throttle)
+        new = self.auto_converge.on_sync(time.monotonic(), dirty_pages, self.stats.transferred, tp)
+        if new is not None:
+            log.info("auto-converge: vCPUs throttled to %d %%", new)
+            self.machine.set_cpu_throttle(new)
+            self.stats.cpu_throttle_percentage = new
+
+    def _unthrottle(self) -> None:
+        """The throttle ends with the migration, whatever its end: the source runs at full speed.
+        Called before the final state is set, and again (a no-op by then) in _run's finally."""
+        if self.auto_converge is not None and self.machine.cpu_throttle_percentage:
+            self.machine.set_cpu_throttle(0)
+        self.stats.cpu_throttle_percentage = 0
 
     def _drain(self) -> None:
         """Wait (at most DRAIN_S) until the destination has applied everything sent, so the
@@ -379,6 +406,7 @@ class OutgoingMigration:
                     self.stats.downtime_phases[f"destination-{key}"] = self.return_path.ack_timings[key]
         self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=self.stats.downtime_bytes,
                          phases=self.stats.downtime_phases)
+        self._unthrottle()  # before the state says it ended: query-migrate never shows both
         self.state.set(S.COMPLETED)
         log.info("migration completed: downtime %.1f ms (%s); %d progress reports", self.stats.downtime_ms,
                  self.stats.downtime_phases, session.e2e.samples)
@@ -404,6 +432,7 @@ class OutgoingMigration:
             # our next write may fail (broken pipe) before the reader thread has read the why.
             # It reads to the end of a closed connection promptly; give it a moment.
             self.return_path.join(RETURN_PATH_LAST_WORD_S)
+        self._unthrottle()  # before resuming the source and before the state says it ended
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self._silence is not None:

@@ -13,6 +13,7 @@ Definitions (QEMU's, where QEMU has the field):
 - ram.mbps: megabits/s the migration measures as its bandwidth: end to end (what the destination
   applied, from its PROGRESS reports) with a return path, else what the channel accepted.
 - expected-downtime-at-switchover (ours): the expected downtime when the vCPUs were paused.
+- cpu-throttle-percentage: auto-converge's current vCPU throttle; present only while it is on.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class MigrationStats:
     expected_downtime_ms: float | None = None
     expected_at_switchover_ms: float | None = None  # what the source expected when it paused
     error: str | None = None
+    cpu_throttle_percentage: int = 0  # auto-converge's, 0 = off
     passes: list[PassReport] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,6 +103,8 @@ class MigrationStats:
                 "dirty-sync-missed-zero-copy": 0,
                 "unpopulated": self.unpopulated,
             }
+            if self.cpu_throttle_percentage:
+                out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
             if self.error:
                 out["error-desc"] = self.error
             if self.passes:
