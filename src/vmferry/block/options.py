@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from vmferry.block.backend import BlockError
+from vmferry.options import split_options
 
 FORMATS = ("raw",)
 _BOOL = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
@@ -24,27 +25,10 @@ class DriveSpec:
     readonly: bool = False
 
 
-def _split(text: str) -> list[str]:
-    parts, cur, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(text[i])
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
 def parse_drive(text: str, index: int = 0) -> DriveSpec:
     """One --drive value. `index` names the drive when it has no id= (disk0, disk1, ...)."""
     opts: dict[str, str] = {}
-    for part in _split(text):
+    for part in split_options(text):
         key, eq, value = part.partition("=")
         if not eq:
             raise BlockError(f"--drive {text!r}: '{part}' is not key=value")

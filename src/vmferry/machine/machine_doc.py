@@ -8,12 +8,12 @@ what changed from the type before it, with the lifetime policy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from vmferry import docgen
 from vmferry.machine.machine_type import (
     DEFAULT_MACHINE_TYPE,
     MACHINE_ALIASES,
@@ -155,19 +155,8 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the tables")
-    p.add_argument("path", nargs="?", default=str(DOC_PATH))
-    ns = p.parse_args(argv)
-    path, text = Path(ns.path), render()
-    if ns.check:
-        if not path.exists() or path.read_text() != text:
-            print(f"{path} is stale: run python -m vmferry.machine.machine_doc", file=sys.stderr)
-            return 1
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return 0
+    return docgen.main(argv, description=__doc__.splitlines()[0], default_path=DOC_PATH, render=render,
+                       module="vmferry.machine.machine_doc")
 
 
 if __name__ == "__main__":

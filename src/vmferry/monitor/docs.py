@@ -8,12 +8,12 @@ A test keeps the committed file equal to `render()`, so the reference cannot dri
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from vmferry import docgen
 from vmferry.migration.params import (
     CAPABILITIES,
     CAPABILITY_DEFAULTS,
@@ -229,19 +229,8 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the table")
-    p.add_argument("path", nargs="?", default=str(DOC_PATH))
-    ns = p.parse_args(argv)
-    path, text = Path(ns.path), render()
-    if ns.check:
-        if not path.exists() or path.read_text() != text:
-            print(f"{path} is stale: run python -m vmferry.monitor.docs", file=sys.stderr)
-            return 1
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return 0
+    return docgen.main(argv, description=__doc__.splitlines()[0], default_path=DOC_PATH, render=render,
+                       module="vmferry.monitor.docs")
 
 
 if __name__ == "__main__":

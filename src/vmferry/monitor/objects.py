@@ -34,6 +34,7 @@ from typing import Literal
 
 from vmferry.errors import QmpError, TransportError
 from vmferry.migration.params import MigrationParameters
+from vmferry.options import split_options
 from vmferry.transport.tls import Authorizer, TlsFiles, make_context
 
 Endpoint = Literal["client", "server"]
@@ -147,7 +148,7 @@ def create_object(qom_type: str, obj_id: str, props: Mapping[str, object]) -> ob
 def parse_object_option(text: str) -> tuple[str, str, dict[str, object]]:
     """`--object TYPE,id=ID,key=value,...` (QEMU's spelling; ",," is a literal comma) ->
     (type, id, typed properties). Booleans are on/off/yes/no/true/false, as in QEMU."""
-    fields = _split_commas(text)
+    fields = split_options(text)
     if not fields or not fields[0] or "=" in fields[0] and not fields[0].startswith("qom-type="):
         raise QmpError(f"--object {text!r}: the object type comes first, e.g. "
                        f"tls-creds-x509,id=tls0,dir=/etc/pki/vmferry,endpoint=server")
@@ -166,23 +167,6 @@ def parse_object_option(text: str) -> tuple[str, str, dict[str, object]]:
         else:
             props[key] = value
     return qom_type, obj_id, props
-
-
-def _split_commas(text: str) -> list[str]:
-    out, cur, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(text[i])
-        i += 1
-    out.append("".join(cur))
-    return out
 
 
 def _parse_bool(key: str, value: str) -> bool:
