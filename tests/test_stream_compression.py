@@ -104,7 +104,7 @@ def test_auto_stays_raw_on_random_data_and_compresses_text_on_a_slow_wire() -> N
     text = memoryview((TEXT * 50)[: 64 * PAGE])
     c = Compressor("auto")
     assert c.compress(noise)[0] == Codec.RAW  # no wire rate measured yet: nothing to gain
-    c.wire_bytes_per_s = 100e6  # about 1 Gbit/s
+    c.wire_bytes_per_s = 1e6  # a slow link: robust to a loaded machine timing the compressors
     for _ in range(3):
         c.compress(noise)
     assert c.pick() == Codec.RAW  # random pages do not shrink
