@@ -25,8 +25,9 @@ from vmferry.migration.params import (
 # downtime-limit and events (test_monitor_migration.py), the TLS strings (test_monitor_objects.py,
 # test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
 # test_migration.py's killed/refusing destination tests).
-EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz"}
-EFFECTIVE_CAPS = {"events", "return-path"}
+EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "multifd-channels",
+             "multifd-compression", "multifd-zlib-level", "multifd-zstd-level"}
+EFFECTIVE_CAPS = {"events", "return-path", "multifd"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
@@ -127,6 +128,21 @@ def test_return_path_is_on_and_cannot_be_turned_off() -> None:
     with pytest.raises(QmpError, match="^Capability 'return-path' cannot be turned off in vmferry"):
         caps.set([{"capability": "return-path", "state": False}])
     assert caps.enabled("return-path")
+
+
+@pytest.mark.parametrize("value", ["none", "zlib", "zstd", "lz4", "auto"])
+def test_multifd_compression_takes_qemus_names_and_lz4_and_auto(value: str) -> None:
+    p = MigrationParameters()
+    p.apply({"multifd-compression": value})
+    assert p.multifd_compression == value
+
+
+def test_multifd_capability_turns_on_and_off() -> None:
+    caps = MigrationCapabilities()
+    caps.set([{"capability": "multifd", "state": True}])
+    assert caps.enabled("multifd")
+    caps.set([{"capability": "multifd", "state": False}])
+    assert not caps.enabled("multifd")
 
 
 def test_events_capability_turns_on_and_off() -> None:

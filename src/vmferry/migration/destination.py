@@ -25,6 +25,7 @@ from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
+from vmferry.migration.multifd import DataChannelReceiver
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -40,6 +41,7 @@ S = MigrationStatus
 CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
+DATA_ACCEPT_S = 60.0  # how long the destination waits for a data channel (multifd)
 
 
 class IncomingMigration:
@@ -69,6 +71,11 @@ class IncomingMigration:
         self._poll: select.poll | None = None  # is more of the stream waiting to be read?
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
+        # multifd: the data channels CONFIG announced, their threads, the first failure among them
+        self.data_channels: list[Channel] = []
+        self._data_threads: list[threading.Thread] = []
+        self._receivers: list[DataChannelReceiver] = []
+        self._data_error: str | None = None
 
     @property
     def passes(self) -> int:
@@ -101,7 +108,6 @@ class IncomingMigration:
         gc.disable()
         try:
             self.channel = self.listener.accept()
-            self.listener.close()
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if self.channel.has_return_path:
@@ -111,6 +117,7 @@ class IncomingMigration:
             self.stats.start_ns = self.stats.setup_end_ns = time.monotonic_ns()
             self.state.set(S.ACTIVE)
             self._receive(self.channel)
+            self._finish_data_channels()
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             t0 = time.monotonic()
@@ -140,6 +147,13 @@ class IncomingMigration:
                 self.state.set(S.FAILED)
             log.error("incoming migration failed: %s", reason)
         finally:
+            self.listener.close()
+            for ch in self.data_channels:
+                ch.shutdown()
+            for t in self._data_threads:
+                t.join(5.0)
+            for ch in self.data_channels:
+                ch.close()
             self.session.release()
             if self.channel is not None:
                 self.channel.close()
@@ -149,6 +163,8 @@ class IncomingMigration:
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
             return "migration cancelled on the destination"
+        if self._data_error is not None:
+            return self._data_error
         if isinstance(e, VmferryError):
             return str(e)
         log.exception("incoming migration thread failed")
@@ -228,9 +244,68 @@ class IncomingMigration:
                 f" start it with -M {h.machine_type}"
             )
 
+    def _accept_data_channels(self, cfg: dict) -> None:
+        """CONFIG names the data channels (multifd): accept them on the same listener, each on a
+        receiving thread of its own; then close the listener."""
+        n = cfg.get("multifd-channels")
+        if n is None:
+            self.listener.close()
+            return
+        mid = cfg.get("migration-id")
+        if not isinstance(n, int) or not 1 <= n <= 255 or not isinstance(mid, str):
+            raise MigrationError(f"CONFIG multifd-channels {n!r} / migration-id {mid!r} are not valid")
+        for i in range(n):
+            try:
+                ch = self.listener.accept(DATA_ACCEPT_S)
+            except VmferryError as e:
+                raise MigrationError(f"multifd: data channel {i + 1} of {n} did not connect: {e}") from None
+            self.data_channels.append(ch)
+            rx = DataChannelReceiver(self.ram, mid)
+            self._receivers.append(rx)
+            t = threading.Thread(target=self._receive_data, args=(ch, rx), name=f"multifd-recv-{i}",
+                                 daemon=True)
+            self._data_threads.append(t)
+            t.start()
+        self.listener.close()
+
+    def _receive_data(self, channel: Channel, rx: DataChannelReceiver) -> None:
+        """One data channel, to its END. A failure fails the migration: the main stream is shut
+        down so its thread stops and reports this reason."""
+        buf = memoryview(bytearray(CHUNK_BYTES))
+        try:
+            while not rx.ended:
+                n = channel.recv_into(buf)
+                if n == 0:
+                    rx.feed_eof()
+                    break
+                rx.feed(bytes(buf[:n]))
+                self.stats.transferred += n
+        except (VmferryError, OSError) as e:
+            if self._data_error is None and not self._cancel.is_set():
+                self._data_error = str(e) if "channel" in str(e) else f"multifd data channel: {e}"
+                if self.channel is not None:
+                    self.channel.shutdown()
+
+    def _finish_data_channels(self) -> None:
+        """After the main stream's END: every data channel must have ended (its END verified)
+        and its pages applied before the guest may start."""
+        deadline = time.monotonic() + DATA_ACCEPT_S
+        for t in self._data_threads:
+            while t.is_alive():
+                if self._data_error is not None or time.monotonic() > deadline:
+                    break
+                t.join(0.05)
+        if self._data_error is not None:
+            raise MigrationError(self._data_error)
+        unfinished = [rx.channel_id for rx in self._receivers if not rx.ended]
+        if unfinished:
+            raise MigrationError(f"multifd: data channel(s) {unfinished} did not end")
+
     def _check_config(self, cfg: object) -> None:
         if not isinstance(cfg, dict):
+            self.listener.close()
             return
+        self._accept_data_channels(cfg)
         smp = cfg.get("smp")
         if isinstance(smp, int) and smp != self.machine.smp:
             raise MigrationError(f"the source has {smp} vCPUs but this destination has "

@@ -25,24 +25,29 @@ arriving (the guest runs on the destination by then); without a return path, to 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from vmferry import __version__
 from vmferry.errors import MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
+from vmferry.migration.multifd import DataChannelEncoder, MultifdSender
 from vmferry.migration.params import MigrationParameters
-from vmferry.migration.ram import RamSaver
+from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
+from vmferry.stream.compression import Compressor
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.transport.bandwidth import RateLimiter
 from vmferry.transport.channel import Channel
@@ -56,6 +61,18 @@ ACK_TIMEOUT_S = 30.0
 DRAIN_S = 0.25
 
 
+@dataclass(frozen=True)
+class MultifdSetup:
+    """Capability `multifd` with its parameters, read when `migrate` started; `connect` opens
+    one more connection to the destination (same URI, same TLS)."""
+
+    channels: int
+    compression: str
+    zlib_level: int
+    zstd_level: int
+    connect: Callable[[], Channel]
+
+
 class OutgoingMigration:
     def __init__(
         self,
@@ -65,8 +82,13 @@ class OutgoingMigration:
         params: MigrationParameters,
         state: MigrationState,
         on_pass: Callable[[int], None] | None = None,
+        multifd: MultifdSetup | None = None,
     ) -> None:
         self.machine = machine
+        self.multifd = multifd
+        self.data_channels: list[Channel] = []
+        self.sender: MultifdSender | None = None
+        self._main_sent = 0
         self.devices = devices
         self._channel_future = channel
         self.channel: Channel | None = None  # once connected, on the migration thread
@@ -102,6 +124,8 @@ class OutgoingMigration:
                 break
         if self.channel is not None:
             self.channel.shutdown()
+        for ch in list(self.data_channels):
+            ch.shutdown()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -111,13 +135,25 @@ class OutgoingMigration:
     def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
         assert self.channel is not None
         n = self.channel.sendmsg(bufs)
-        self.stats.transferred += n
+        self._main_sent += n
+        self.stats.transferred = self._main_sent + (self.sender.sent_bytes() if self.sender else 0)
+        self._limit(n)
+        return n
+
+    def _limit(self, n: int) -> None:
+        """max-bandwidth over the main stream and every data channel together (the limiter is
+        thread-safe)."""
         limit = self.params.max_bandwidth  # migrate-set-parameters takes effect at once
         if limit != self.limiter.bytes_per_s:
             self.limiter.set_limit(limit)
         self.limiter.record(n)
         if limit and not self.limiter.wait(self._cancel.is_set):
             raise MigrationError("migration cancelled")
+
+    def _send_data(self, i: int, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        """A multifd sender thread writes on data channel i."""
+        n = self.data_channels[i].sendmsg(bufs)
+        self._limit(n)
         return n
 
     def cancelled(self) -> bool:
@@ -137,6 +173,11 @@ class OutgoingMigration:
         finally:
             gc.enable()
             gc.unfreeze()
+            if self.sender is not None:
+                self.sender.stop()
+            for ch in self.data_channels:
+                with contextlib.suppress(VmferryError, OSError):
+                    ch.close()
             if self.session is not None:
                 self.session.cleanup()
             else:
@@ -180,10 +221,18 @@ class OutgoingMigration:
             "smp": self.machine.smp,
             "return-path": self.channel.has_return_path,
         }
+        migration_id = uuid.uuid4().hex
+        if self.multifd is not None:
+            config.update({"multifd-channels": self.multifd.channels, "migration-id": migration_id,
+                           "multifd-compression": self.multifd.compression})
+        # With data channels the destination's PROGRESS counts the main stream only: bandwidth and
+        # backlog come from what the channels accepted.
         self.session = SourceSession([self.ram, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
-                                     end_to_end=self.return_path is not None)
+                                     end_to_end=self.return_path is not None and self.multifd is None)
         self.session.setup(self, time.monotonic())
+        if self.multifd is not None:
+            self._open_data_channels(migration_id)
         # Objects alive now (the whole VMM) are never garbage; frozen, a collection during the
         # migration only scans what the migration allocates, and stays short.
         gc.freeze()
@@ -193,6 +242,27 @@ class OutgoingMigration:
         self.stats.setup_end_ns = time.monotonic_ns()
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
+
+    def _open_data_channels(self, migration_id: str) -> None:
+        """After CONFIG went out (the destination accepts the data channels once it read it):
+        N more connections, each with its own encoder, compressor and sender thread."""
+        m = self.multifd
+        assert m is not None
+        table = block_table(self.machine.ram_blocks)
+        encoders = []
+        for i in range(m.channels):
+            if self._cancel.is_set():
+                raise MigrationError("migration cancelled")
+            try:
+                self.data_channels.append(m.connect())
+            except VmferryError as e:
+                raise MigrationError(f"multifd channel {i} could not connect: {e}") from None
+            encoders.append(DataChannelEncoder(migration_id, i, m.channels, table,
+                                               Compressor(m.compression, m.zlib_level, m.zstd_level),
+                                               self.machine.machine_type.name))
+        self.sender = MultifdSender(self.data_channels, encoders, self._send_data, self._cancel.is_set)
+        self.sender.start()
+        self.ram.multifd = self.sender
 
     def _take_progress(self) -> None:
         if self.return_path is not None and self.session is not None:
@@ -211,6 +281,8 @@ class OutgoingMigration:
             with self.stats.lock:
                 self.stats.normal, self.stats.duplicate = sent, zero
                 self.stats.precopy_bytes = self.ram.counters.bytes
+                if self.sender is not None:
+                    self.stats.transferred = self._main_sent + self.sender.sent_bytes()
             report = step.report
             if report is not None:
                 with self.stats.lock:
