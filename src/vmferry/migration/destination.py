@@ -118,6 +118,10 @@ class IncomingMigration:
             self.state.set(S.ACTIVE)
             self._receive(self.channel)
             self._finish_data_channels()
+            if self._receivers:
+                self.stats.multifd_bytes = sum(rx.bytes_received for rx in self._receivers)
+                self.stats.transferred += self.stats.multifd_bytes
+                self._count()
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             t0 = time.monotonic()
@@ -267,6 +271,7 @@ class IncomingMigration:
             self._data_threads.append(t)
             t.start()
         self.listener.close()
+        log.info("multifd: %d data channels connected (migration %s)", n, mid)
 
     def _receive_data(self, channel: Channel, rx: DataChannelReceiver) -> None:
         """One data channel, to its END. A failure fails the migration: the main stream is shut
@@ -279,7 +284,7 @@ class IncomingMigration:
                     rx.feed_eof()
                     break
                 rx.feed(bytes(buf[:n]))
-                self.stats.transferred += n
+                rx.bytes_received += n
         except (VmferryError, OSError) as e:
             if self._data_error is None and not self._cancel.is_set():
                 self._data_error = str(e) if "channel" in str(e) else f"multifd data channel: {e}"

@@ -161,6 +161,7 @@ class DataChannelReceiver:
         self.generation = 0
         self.ended = False
         self.records = 0
+        self.bytes_received = 0  # counted by the driver
 
     def feed(self, data: Buffer) -> None:
         self.decoder.feed(data)

@@ -136,7 +136,9 @@ class OutgoingMigration:
         assert self.channel is not None
         n = self.channel.sendmsg(bufs)
         self._main_sent += n
-        self.stats.transferred = self._main_sent + (self.sender.sent_bytes() if self.sender else 0)
+        if self.sender is not None:
+            self.stats.multifd_bytes = self.sender.sent_bytes()
+        self.stats.transferred = self._main_sent + self.stats.multifd_bytes
         self._limit(n)
         return n
 
@@ -282,7 +284,8 @@ class OutgoingMigration:
                 self.stats.normal, self.stats.duplicate = sent, zero
                 self.stats.precopy_bytes = self.ram.counters.bytes
                 if self.sender is not None:
-                    self.stats.transferred = self._main_sent + self.sender.sent_bytes()
+                    self.stats.multifd_bytes = self.sender.sent_bytes()
+                    self.stats.transferred = self._main_sent + self.stats.multifd_bytes
             report = step.report
             if report is not None:
                 with self.stats.lock:

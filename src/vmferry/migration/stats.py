@@ -43,6 +43,7 @@ class MigrationStats:
     dirty_sync_count: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    multifd_bytes: int = 0  # of `transferred`, what the multifd data channels carried
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
     expected_downtime_ms: float | None = None
@@ -96,7 +97,7 @@ class MigrationStats:
                 "downtime-bytes": self.downtime_bytes,
                 "postcopy-bytes": 0,
                 "postcopy-requests": 0,
-                "multifd-bytes": 0,
+                "multifd-bytes": self.multifd_bytes,
                 "skipped": 0,
                 "dirty-sync-missed-zero-copy": 0,
                 "unpopulated": self.unpopulated,
