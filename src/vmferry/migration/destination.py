@@ -276,15 +276,10 @@ class IncomingMigration:
     def _receive_data(self, channel: Channel, rx: DataChannelReceiver) -> None:
         """One data channel, to its END. A failure fails the migration: the main stream is shut
         down so its thread stops and reports this reason."""
-        buf = memoryview(bytearray(CHUNK_BYTES))
+        chunk = memoryview(bytearray(CHUNK_BYTES))
         try:
-            while not rx.ended:
-                n = channel.recv_into(buf)
-                if n == 0:
-                    rx.feed_eof()
-                    break
-                rx.feed(bytes(buf[:n]))
-                rx.bytes_received += n
+            while not rx.ended and rx.read_from(channel.recv_into, chunk):
+                pass
         except (VmferryError, OSError) as e:
             if self._data_error is None and not self._cancel.is_set():
                 self._data_error = str(e) if "channel" in str(e) else f"multifd data channel: {e}"

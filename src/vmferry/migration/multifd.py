@@ -60,6 +60,7 @@ QUEUE_CHUNKS = 4
 # From this many runs in a chunk on, its non-zero pages go as one list record (as ram.py).
 SCATTERED_RUNS = 8
 FLUSH_TIMEOUT_S = 60.0
+DIRECT_BYTES = 64 << 10  # a payload this large is received straight into its assembly buffer
 
 
 @dataclass
@@ -170,6 +171,25 @@ class DataChannelReceiver:
     def feed_eof(self) -> None:
         self.decoder.feed_eof()
         self._drain()
+
+    def read_from(self, recv_into: Callable[[memoryview], int], chunk: memoryview) -> int:
+        """One read with `recv_into` (a socket's): a large payload straight into the decoder's
+        buffer, anything else into `chunk` (reused: every record is applied, i.e. copied out,
+        before this returns). Returns the bytes read; 0 is the end of input (fed as such)."""
+        target = self.decoder.get_buffer()
+        if len(target) >= DIRECT_BYTES:
+            n = recv_into(target)
+            if n:
+                self.decoder.buffer_updated(n)
+        else:
+            n = recv_into(chunk)
+            if n:
+                self.decoder.feed(chunk[:n])
+        if n == 0:
+            self.decoder.feed_eof()
+        self.bytes_received += n
+        self._drain()
+        return n
 
     def _where(self) -> str:
         return "a data channel" if self.channel_id is None else f"data channel {self.channel_id}"
