@@ -136,7 +136,8 @@ def datapath_run(mib: int, kind: str, channels: int, compression: str) -> dict:
     saver = RamSaver([src], StreamEncoder())
     saver.setup(None)
     t0 = time.perf_counter()
-    sender = MultifdSender(chans, encs, lambda i, bufs: chans[i].sendmsg(bufs), lambda: False)
+    sender = MultifdSender(chans, encs, lambda i, bufs: chans[i].sendmsg(bufs), lambda: False,
+                           {1: src.npages})
     sender.start()
     saver.multifd = sender
     saver.send_dirty(lambda bufs: 0, stable=False, cancelled=lambda: False)

@@ -23,7 +23,7 @@ from vmferry.errors import MigrationError
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.convergence import EndToEndRate
 from vmferry.migration.dest_session import DestSession
-from vmferry.migration.multifd import DataChannelEncoder, DataChannelReceiver, PageChunk
+from vmferry.migration.multifd import ChannelLosses, DataChannelEncoder, DataChannelReceiver, PageChunk
 from vmferry.migration.ram import CONSUMER, RamLoader, RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader, ReturnPathWriter
 from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
@@ -115,7 +115,8 @@ class Pair:
                                      lambda: downtime_limit_ms, end_to_end=end_to_end, step_budget=1)
         self.ram_loader = RamLoader(self.dst_blocks)
         self.blob_loader = BlobLoader()
-        self.dest = DestSession([self.ram_loader, self.blob_loader])
+        self.losses = ChannelLosses()  # multifd's CHANNEL_LOST on the main stream
+        self.dest = DestSession([self.ram_loader, self.blob_loader, self.losses])
         self.dec = StreamDecoder(place=self.ram_loader.place)
         self.out = Out(self.encoder, self.dec, self.dest)
         self.now = 0.0
@@ -324,11 +325,17 @@ class MemoryChannels:
         self.waiting: list[list[bytes]] = [[enc.start()] for enc in self.encoders]
         self.pick = pick
         self.sent = 0
+        self.alive = [True] * n
+        self.handed = [{i + 1: np.zeros(b.size // PAGE, dtype=bool) for i, b in enumerate(blocks.blocks)}
+                       for _ in range(n)]
+        self.lost: list[int] = []
 
     def submit(self, chunk: PageChunk) -> int:
-        i = self.pick(len(self.encoders))
+        live = [k for k, a in enumerate(self.alive) if a]
+        i = live[self.pick(len(live))]
         data = b"".join(bytes(b) for b in self.encoders[i].encode(chunk))
         self.waiting[i].append(data)
+        self.handed[i][chunk.block_id][chunk.pages] = True
         self.sent += len(data)
         return chunk.raw_bytes
 
@@ -337,12 +344,35 @@ class MemoryChannels:
         if self.waiting[i]:
             self.receivers[i].feed(self.waiting[i].pop(0))
 
-    def flush(self) -> None:
+    def kill(self, i: int, keep_bytes: int) -> None:
+        """Channel i's connection breaks: of what it had not delivered, only the first
+        `keep_bytes` arrive (perhaps half a record); the rest is gone. The last live channel
+        is never killed."""
+        i %= len(self.waiting)
+        if not self.alive[i] or sum(self.alive) == 1:
+            return
+        rest = b"".join(self.waiting[i])
+        self.waiting[i] = []
+        self.receivers[i].feed(rest[:keep_bytes])
+        self.alive[i] = False
+        self.lost.append(i)
+
+    def drain(self) -> None:
+        for i in range(len(self.waiting)):
+            while self.alive[i] and self.waiting[i]:
+                self.deliver(i)
+
+    def take_lost(self) -> list[tuple[int, str, dict[int, np.ndarray]]]:
+        lost, self.lost = self.lost, []
+        return [(i, "cut by the test", self.handed[i]) for i in lost]
+
+    def finish(self) -> None:
         for i, enc in enumerate(self.encoders):
-            self.waiting[i].append(enc.end())
+            if self.alive[i]:
+                self.waiting[i].append(enc.end())
         while any(self.waiting):
             self.deliver(self.pick(len(self.waiting)))
-        assert all(r.ended for r in self.receivers)
+        assert all(r.ended for r, a in zip(self.receivers, self.alive, strict=True) if a)
 
     def queued_bytes(self) -> int:
         return 0
@@ -353,7 +383,8 @@ class MemoryChannels:
 
 channel_actions = st.lists(st.one_of(
     st.tuples(st.just("write"), writes), st.tuples(st.just("step"), st.none()),
-    st.tuples(st.just("deliver"), st.integers(0, 3))), max_size=80)
+    st.tuples(st.just("deliver"), st.integers(0, 3)),
+    st.tuples(st.just("kill"), st.tuples(st.integers(0, 3), st.integers(0, 3 << 20)))), max_size=80)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -364,8 +395,10 @@ def test_multifd_destination_equals_source_whatever_order_channels_deliver(
     data: st.DataObject
 ) -> None:
     """Pages go on N data channels, each channel chosen by hypothesis and delivered whenever it
-    says: an older copy of a page may arrive after a newer one. After the switchover (every
-    channel flushed and ended) the destination's memory equals the source's."""
+    says: an older copy of a page may arrive after a newer one. Channels may break (all but one),
+    losing what they had not delivered, perhaps mid-record: their pages go again on the others.
+    After the switchover (every live channel drained and ended) the destination's memory equals
+    the source's."""
     p = Pair(downtime_limit_ms=0)
     try:
         chans = MemoryChannels(n, block_table(p.src_blocks), p.ram_loader,
@@ -379,10 +412,13 @@ def test_multifd_destination_equals_source_whatever_order_channels_deliver(
                 p.write(*arg)  # type: ignore[misc]
             elif kind == "deliver":
                 chans.deliver(arg)  # type: ignore[arg-type]
+            elif kind == "kill":
+                chans.kill(*arg)  # type: ignore[misc]
             else:
                 p.step()
         p.switch_over()
         p.assert_equal()
+        assert set(p.losses.declared) == {i for i, a in enumerate(chans.alive) if not a}
     finally:
         p.close()
 

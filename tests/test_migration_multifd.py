@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -117,8 +118,17 @@ class _CuttingProxy:
             while data := a.recv(1 << 16):
                 seen += len(data)
                 if limit is not None and seen > limit:
+                    # A reset, both ways: the connection is gone, as when a link or peer dies.
+                    # (shutdown first: it wakes the other direction's thread blocked in recv,
+                    # which would otherwise keep the socket open past close.)
+                    for s in (a, b):
+                        with contextlib.suppress(OSError):
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            s.shutdown(socket.SHUT_RDWR)
+                    for s in (a, b):
+                        s.close()
                     self.cut.set()
-                    break
+                    return
                 b.sendall(data)
         except OSError:
             pass
@@ -141,31 +151,57 @@ class _CuttingProxy:
 
     def close(self) -> None:
         self.listener.close()
-        for s in self._socks:
+        for s in self._socks:  # shutdown first: it wakes the threads blocked in recv
             with contextlib.suppress(OSError):
-                s.close()
+                s.shutdown(socket.SHUT_RDWR)
+        for s in self._socks:
+            s.close()
 
 
-def test_losing_a_data_channel_fails_cleanly_and_the_source_keeps_running(
-    tmp_path: Path, procs: list[VmProcess]
-) -> None:
-    """Not re-queued on the other channels (yet): the migration fails with a reason naming the
-    data channel, on both sides, the guest never starts on the destination and the source runs on."""
-    src = _source(tmp_path, procs, 2)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})  # precopy lasts seconds
-    dst = _dest(tmp_path, procs, "tcp:127.0.0.1:0")
+def _cut_migration(tmp: Path, procs: list[VmProcess], channels: int) -> tuple[VmProcess, VmProcess, dict]:
+    """Migrate through a relay that resets the first data channel 2 MiB into it; max-bandwidth
+    holds precopy back until then, so the cut falls mid-precopy; then it is lifted so the
+    dirtying guest converges."""
+    src = _source(tmp, procs, channels)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    dst = _dest(tmp, procs, "tcp:127.0.0.1:0")
     host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
     proxy = _CuttingProxy((host, int(port)), cut_after=2 << 20)
     try:
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
-        info = src.wait_migration(timeout=120)
-        assert proxy.cut.is_set()
-        assert info["status"] == "failed", info
-        assert "channel" in info["error-desc"], info
-        dinfo = dst.wait_migration(timeout=60)
-        assert dinfo["status"] == "failed", dinfo
-        assert "channel" in dinfo["error-desc"], dinfo
-        assert dst.status() == "inmigrate"  # the guest never started there
-        _assert_source_survives(src)
+        deadline = time.monotonic() + 120
+        while not proxy.cut.wait(0.1):
+            assert time.monotonic() < deadline, "the relay never cut the data channel"
+            assert src.cmd("query-migrate")["status"] in ("setup", "active"), src.cmd("query-migrate")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+        info = src.wait_migration(timeout=180)
     finally:
         proxy.close()
+    return src, dst, info
+
+
+def test_a_lost_data_channel_is_re_sent_on_the_others(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """One of two data channels is cut mid-precopy: every page it carried is sent again on the
+    other, the destination keeps the newest copies, and the guest verifies there."""
+    src, dst, info = _cut_migration(tmp_path, procs, 2)
+    assert info["status"] == "completed", info
+    assert len(info["multifd-lost-channels"]) == 1, info
+    assert info["multifd-lost-channels"][0].startswith("channel 0: "), info
+    dinfo = dst.wait_migration(timeout=60)
+    assert dinfo["status"] == "completed", dinfo
+    assert dst.status() == "running"
+    _assert_verified(dst)
+
+
+def test_losing_the_only_data_channel_fails_cleanly_and_the_source_keeps_running(
+    tmp_path: Path, procs: list[VmProcess]
+) -> None:
+    """Nothing left to re-send on: the migration fails naming the lost channel, the guest never
+    starts on the destination and the source runs on."""
+    src, dst, info = _cut_migration(tmp_path, procs, 1)
+    assert info["status"] == "failed", info
+    assert "every multifd data channel was lost (channel 0: " in info["error-desc"], info
+    dinfo = dst.wait_migration(timeout=60)
+    assert dinfo["status"] == "failed", dinfo
+    assert dst.status() == "inmigrate"  # the guest never started there
+    _assert_source_survives(src)

@@ -21,11 +21,11 @@ import time
 import traceback
 from collections.abc import Callable
 
-from vmferry.errors import MigrationError, StreamError, VmferryError
+from vmferry.errors import MigrationError, StreamError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
-from vmferry.migration.multifd import DataChannelReceiver
+from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -63,7 +63,8 @@ class IncomingMigration:
         self.stats = MigrationStats()
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
         self.ram = RamLoader(machine.ram_blocks)
-        self.session = DestSession([self.ram, DeviceLoader(devices)],
+        self.losses = ChannelLosses()
+        self.session = DestSession([self.ram, DeviceLoader(devices), self.losses],
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
@@ -274,13 +275,19 @@ class IncomingMigration:
         log.info("multifd: %d data channels connected (migration %s)", n, mid)
 
     def _receive_data(self, channel: Channel, rx: DataChannelReceiver) -> None:
-        """One data channel, to its END. A failure fails the migration: the main stream is shut
-        down so its thread stops and reports this reason."""
+        """One data channel, to its END. A connection that ends early is *lost*: not fatal here,
+        the source re-sends its pages on the other channels and says so on the main stream (see
+        _finish_data_channels). Anything else wrong with the channel (a bad checksum, a foreign
+        migration) fails the migration: the main stream is shut down so its thread stops and
+        reports this reason."""
         chunk = memoryview(bytearray(CHUNK_BYTES))
         try:
             while not rx.ended and rx.read_from(channel.recv_into, chunk):
                 pass
-        except (VmferryError, OSError) as e:
+        except (DataChannelLost, TransportError, OSError) as e:
+            rx.lost = str(e)
+            log.warning("multifd: data channel %s lost: %s", rx.channel_id, e)
+        except VmferryError as e:
             if self._data_error is None and not self._cancel.is_set():
                 self._data_error = str(e) if "channel" in str(e) else f"multifd data channel: {e}"
                 if self.channel is not None:
@@ -290,16 +297,25 @@ class IncomingMigration:
         """After the main stream's END: every data channel must have ended (its END verified)
         and its pages applied before the guest may start."""
         deadline = time.monotonic() + DATA_ACCEPT_S
-        for t in self._data_threads:
-            while t.is_alive():
-                if self._data_error is not None or time.monotonic() > deadline:
-                    break
-                t.join(0.05)
-        if self._data_error is not None:
-            raise MigrationError(self._data_error)
-        unfinished = [rx.channel_id for rx in self._receivers if not rx.ended]
-        if unfinished:
-            raise MigrationError(f"multifd: data channel(s) {unfinished} did not end")
+        while True:
+            if self._data_error is not None:
+                raise MigrationError(self._data_error)
+            waiting = []
+            for i, rx in enumerate(self._receivers):
+                cid = i if rx.channel_id is None else rx.channel_id
+                if rx.ended:
+                    continue
+                if cid in self.losses.declared:  # the source gave up on it: its pages came again
+                    self.data_channels[i].shutdown()
+                    continue
+                if rx.lost is not None:  # gone, but the source ended without re-sending its pages
+                    raise MigrationError(f"multifd: data channel {cid} was lost before its END: {rx.lost}")
+                waiting.append(cid)
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise MigrationError(f"multifd: data channel(s) {waiting} did not end")
+            time.sleep(0.005)
 
     def _check_config(self, cfg: object) -> None:
         if not isinstance(cfg, dict):

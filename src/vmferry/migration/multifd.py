@@ -28,13 +28,14 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.migration.pages import PAGE_SIZE, segments
+from vmferry.migration.saver import Handler, Loader
 from vmferry.stream.compression import Codec, Compressor
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
@@ -148,6 +149,27 @@ class GenerationalPages:
     def check_layout(self, table: RamBlocks) -> None: ...
 
 
+class ChannelLosses(Loader):
+    """The main stream's COMMAND CHANNEL_LOST records, on the destination: which data channels
+    the source gave up on (their pages went again on the others)."""
+
+    name = "multifd"
+
+    def __init__(self) -> None:
+        self.declared: dict[int, str] = {}
+
+    def handlers(self) -> Mapping[type | CommandCode, Handler]:
+        return {CommandCode.CHANNEL_LOST: self._on_lost}
+
+    def _on_lost(self, cmd: Command) -> None:
+        self.declared[cmd.index] = cmd.message
+
+
+class DataChannelLost(MigrationError):
+    """A data channel's connection ended before its END (or failed): the source may have lost it
+    too and re-sent its pages on the others (COMMAND CHANNEL_LOST on the main stream)."""
+
+
 class DataChannelReceiver:
     """One data channel on the destination (sans-I/O): bytes in, pages applied by generation.
 
@@ -162,7 +184,8 @@ class DataChannelReceiver:
         self.generation = 0
         self.ended = False
         self.records = 0
-        self.bytes_received = 0  # counted by the driver
+        self.bytes_received = 0
+        self.lost: str | None = None  # why the connection ended before END (set by the driver)
 
     def feed(self, data: Buffer) -> None:
         self.decoder.feed(data)
@@ -185,10 +208,14 @@ class DataChannelReceiver:
             n = recv_into(chunk)
             if n:
                 self.decoder.feed(chunk[:n])
-        if n == 0:
-            self.decoder.feed_eof()
         self.bytes_received += n
         self._drain()
+        if n == 0 and not self.ended:
+            try:
+                self.decoder.feed_eof()
+                self._drain()
+            except MigrationError as e:
+                raise DataChannelLost(str(e)) from None
         return n
 
     def _where(self) -> str:
@@ -248,25 +275,41 @@ class DataChannelReceiver:
 
 class MultifdSender:
     """The source's data channels: one sender thread per channel, each with its own encoder and
-    compressor. `submit` puts a chunk on the least busy channel (blocking while all are full);
-    a channel that fails fails the migration with its name and reason."""
+    compressor. `submit` puts a chunk on the least busy live channel (blocking while all are full).
+
+    A channel that fails is *lost*, not fatal: its thread ends, the driver shuts its connection,
+    and `take_lost` hands the migration thread every page ever given to that channel (a mask per
+    RAM block), which the RAM saver marks dirty again so the next generation re-sends them on the
+    other channels. Only losing every channel, or one while the channels are writing END, fails
+    the migration."""
 
     def __init__(self, channels: Sequence[object], encoders: Sequence[DataChannelEncoder],
-                 send: Callable[[int, Sequence[Buffer]], int], cancelled: Callable[[], bool]) -> None:
-        """`send(channel index, buffers) -> bytes accepted` writes on channel i."""
+                 send: Callable[[int, Sequence[Buffer]], int], cancelled: Callable[[], bool],
+                 block_pages: dict[int, int], shutdown: Callable[[int], None] = lambda i: None) -> None:
+        """`send(channel index, buffers) -> bytes accepted` writes on channel i; `block_pages`:
+        RAM block id -> its page count; `shutdown(i)` cuts channel i's connection."""
         self.channels = list(channels)
         self.encoders = list(encoders)
+        n = len(self.encoders)
         self._send = send
         self._cancelled = cancelled
-        self._queues: list[queue.Queue[PageChunk | None]] = [queue.Queue(QUEUE_CHUNKS) for _ in encoders]
+        self._shutdown = shutdown
+        self._queues: list[queue.Queue[PageChunk | None]] = [queue.Queue(QUEUE_CHUNKS) for _ in range(n)]
         # Raw bytes handed to each channel and sent by it: each list has one writer thread.
-        self._submitted = [0] * len(encoders)
-        self._done = [0] * len(encoders)
-        self._sent = [0] * len(encoders)  # wire bytes accepted per channel
+        self._submitted = [0] * n
+        self._done = [0] * n
+        self._sent = [0] * n  # wire bytes accepted per channel
+        # Pages handed to each channel, per block (written by the migration thread only).
+        self._handed = [{bid: np.zeros(count, dtype=bool) for bid, count in block_pages.items()}
+                        for _ in range(n)]
+        self.alive = [True] * n
+        self.lost: list[tuple[int, str]] = []  # every channel lost so far, with why
+        self._lost_new: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
         self.error: str | None = None
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd-send-{i}", daemon=True)
-                         for i in range(len(encoders))]
-        self._flushed = False
+                         for i in range(n)]
+        self._finishing = False
 
     def start(self) -> None:
         for i, enc in enumerate(self.encoders):
@@ -278,33 +321,57 @@ class MultifdSender:
         return sum(self._sent)
 
     def queued_bytes(self) -> int:
-        return sum(self._submitted) - sum(self._done)
+        return sum(s - d for s, d, a in zip(self._submitted, self._done, self.alive, strict=True) if a)
 
     def _check(self) -> None:
         if self.error is not None:
             raise MigrationError(self.error)
         if self._cancelled():
             raise MigrationError("migration cancelled")
+        if not any(self.alive):
+            why = "; ".join(f"channel {i}: {r}" for i, r in self.lost)
+            raise MigrationError(f"every multifd data channel was lost ({why})")
+
+    def take_lost(self) -> list[tuple[int, str, dict[int, np.ndarray]]]:
+        """Channels lost since the last call: (channel, why, pages handed to it per block)."""
+        with self._lock:
+            new, self._lost_new = self._lost_new, []
+        return [(i, why, self._handed[i]) for i, why in new]
 
     def submit(self, chunk: PageChunk) -> int:
         n = chunk.raw_bytes
         while True:
             self._check()
-            i = min(range(len(self._queues)), key=lambda k: self._queues[k].qsize())
+            live = [k for k in range(len(self._queues)) if self.alive[k]]
+            i = min(live, key=lambda k: self._queues[k].qsize())
             try:
                 self._queues[i].put(chunk, timeout=0.05)
             except queue.Full:
                 continue
+            self._handed[i][chunk.block_id][chunk.pages] = True
             self._submitted[i] += n
             return n
 
-    def flush(self) -> None:
-        """Every channel sends what it holds, then END; returns when all have."""
-        if self._flushed:
-            return
-        self._flushed = True
-        for q in self._queues:
-            while True:
+    def drain(self) -> None:
+        """Wait until every live channel has sent all it was given (or was lost meanwhile)."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while True:
+            self._check()
+            busy = [i for i in range(len(self._queues))
+                    if self.alive[i] and self._done[i] < self._submitted[i]]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise MigrationError(f"multifd channel {busy[0]} did not send its pages within "
+                                     f"{FLUSH_TIMEOUT_S:.0f} s")
+            time.sleep(0.001)
+
+    def finish(self) -> None:
+        """Every live channel writes END; returns when all have. A loss now is fatal: the
+        others may have ended already."""
+        self._finishing = True
+        for i, q in enumerate(self._queues):
+            while self.alive[i]:
                 self._check()
                 try:
                     q.put(None, timeout=0.05)
@@ -320,9 +387,17 @@ class MultifdSender:
                 t.join(0.05)
         self._check()
 
+    def flush(self) -> None:
+        """drain, then finish (no loss can be repaired in between: for callers without a saver)."""
+        self.drain()
+        if self.lost:
+            i, why = self.lost[0]
+            raise MigrationError(f"multifd channel {i} was lost: {why}")
+        self.finish()
+
     def stop(self) -> None:
         """After a failure or cancel: wake the senders so they end."""
-        self._flushed = True
+        self._finishing = True
         for q in self._queues:
             while True:
                 try:
@@ -357,5 +432,13 @@ class MultifdSender:
                     c.wire_bytes_per_s = rate if not c.wire_bytes_per_s else (
                         0.8 * c.wire_bytes_per_s + 0.2 * rate)
         except (VmferryError, OSError, ValueError) as e:
-            if self.error is None:
-                self.error = f"multifd channel {i} failed: {e}"
+            if self._finishing or self._cancelled():
+                if self.error is None:
+                    self.error = f"multifd channel {i} failed: {e}"
+                return
+            with self._lock:
+                self.alive[i] = False
+                self.lost.append((i, str(e)))
+                self._lost_new.append((i, str(e)))
+            with contextlib.suppress(VmferryError, OSError):
+                self._shutdown(i)

@@ -17,6 +17,7 @@ vCPUs paused (switchover) the pages are stable and go straight from guest memory
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from vmferry.stream.records import (
     RamZero,
 )
 
+log = logging.getLogger("vmferry.migration")
 CONSUMER = "migration"
 # Dirty pages handled per step: 2 MiB, one sendmsg, and the longest record. At most 3 buffers a
 # record keeps a step's vector within IOV_MAX for any mix of runs (the channel splits it anyway).
@@ -170,6 +172,7 @@ class RamSaver(Saver):
         return self.counters.pages, self.counters.zero_pages, self.remaining()
 
     def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
+        self._requeue_lost(out)
         if not any(q.size - pos for q, pos in zip(self._queue, self._queue_pos, strict=True)):
             self._claim()
         c = self._send_queue(out.send, stable=False, cancelled=out.cancelled, budget=budget_bytes)
@@ -182,7 +185,31 @@ class RamSaver(Saver):
         self._claim()
         self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
         if self.multifd is not None:
-            self.multifd.flush()  # every data channel's last pages and END, before device state
+            # Every data channel's last pages are out, re-sending what a lost channel carried,
+            # then END on each, before device state.
+            while True:
+                self.multifd.drain()
+                if not self._requeue_lost(out):
+                    break
+                self._claim()
+                self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
+            self.multifd.finish()
+
+    def _requeue_lost(self, out: SaverOutput) -> bool:
+        """multifd: a data channel was lost. Every page ever handed to it is marked dirty again
+        (the next generation sends it on the others; the destination keeps the newest copy), and
+        the main stream tells the destination the channel is gone (COMMAND CHANNEL_LOST)."""
+        if self.multifd is None:
+            return False
+        lost = self.multifd.take_lost()
+        for channel, why, handed in lost:
+            for bid, mask in handed.items():
+                if mask.any():
+                    self.blocks[bid - 1].mark_dirty(CONSUMER, mask)
+            log.warning("multifd channel %d lost (%s): its pages go again on the others", channel, why)
+            out.send([out.encoder.encode(Command(CommandCode.CHANNEL_LOST, index=channel,
+                                                 data=why.encode()[:1024]))])
+        return bool(lost)
 
     def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
         """Claim and send every page set in the bitmaps (and any still queued), in one go."""

@@ -262,7 +262,9 @@ class OutgoingMigration:
             encoders.append(DataChannelEncoder(migration_id, i, m.channels, table,
                                                Compressor(m.compression, m.zlib_level, m.zstd_level),
                                                self.machine.machine_type.name))
-        self.sender = MultifdSender(self.data_channels, encoders, self._send_data, self._cancel.is_set)
+        self.sender = MultifdSender(self.data_channels, encoders, self._send_data, self._cancel.is_set,
+                                    {i + 1: b.npages for i, b in enumerate(self.machine.ram_blocks)},
+                                    lambda i: self.data_channels[i].shutdown())
         self.sender.start()
         self.ram.multifd = self.sender
 
@@ -286,6 +288,7 @@ class OutgoingMigration:
                 if self.sender is not None:
                     self.stats.multifd_bytes = self.sender.sent_bytes()
                     self.stats.transferred = self._main_sent + self.stats.multifd_bytes
+                    self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             report = step.report
             if report is not None:
                 with self.stats.lock:
@@ -349,6 +352,10 @@ class OutgoingMigration:
         with self.stats.lock:
             self.stats.dirty_sync_count += 1
             self.stats.normal, self.stats.duplicate = sent, zero
+            if self.sender is not None:
+                self.stats.multifd_bytes = self.sender.sent_bytes()
+                self.stats.transferred = self._main_sent + self.stats.multifd_bytes
+                self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             self.stats.downtime_bytes = self.stats.transferred - before
             self.stats.remaining_pages = 0
             self.stats.expected_at_switchover_ms = session.expected_at_switchover_ms

@@ -44,6 +44,7 @@ class MigrationStats:
     precopy_bytes: int = 0
     downtime_bytes: int = 0
     multifd_bytes: int = 0  # of `transferred`, what the multifd data channels carried
+    multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
     expected_downtime_ms: float | None = None
@@ -102,6 +103,8 @@ class MigrationStats:
                 "dirty-sync-missed-zero-copy": 0,
                 "unpopulated": self.unpopulated,
             }
+            if self.multifd_lost:
+                out["multifd-lost-channels"] = list(self.multifd_lost)
             if self.error:
                 out["error-desc"] = self.error
             if self.passes:

@@ -68,6 +68,7 @@ class CommandCode(IntEnum):
     POSTCOPY_RUN = 8
     RECEIVED_BITMAP = 9
     CHANNEL = 10  # first record of a multifd data channel: which migration, which channel (JSON)
+    CHANNEL_LOST = 11  # main stream: data channel `index` is gone; its pages were sent again
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
     PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
 
