@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vmferry.errors import MigrationError, StreamError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
@@ -42,6 +43,14 @@ CHUNK_BYTES = 1 << 20
 DIRECT_BYTES = 64 << 10
 PROGRESS_BYTES = 1 << 20
 DATA_ACCEPT_S = 60.0  # how long the destination waits for a data channel (multifd)
+
+
+@dataclass
+class _ChannelWatch:
+    """Per channel: its bytes when it last triggered a PROGRESS, and a poll for "more waiting?"."""
+
+    reported: int = 0
+    poll: select.poll | None = None
 
 
 class IncomingMigration:
@@ -68,8 +77,10 @@ class IncomingMigration:
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
-        self._reported = 0  # stream bytes last reported in PROGRESS
-        self._poll: select.poll | None = None  # is more of the stream waiting to be read?
+        self._reported = 0  # stream bytes (all channels) last reported in PROGRESS
+        self._progress_lock = threading.Lock()
+        self._main_watch = _ChannelWatch()
+        self._decoder: StreamDecoder | None = None
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
         # multifd: the data channels CONFIG announced, their threads, the first failure among them
@@ -177,7 +188,7 @@ class IncomingMigration:
 
     def _receive(self, channel: Channel) -> None:
         """Read and load the whole stream, up to and including END."""
-        dec = StreamDecoder(place=self.ram.place)
+        dec = self._decoder = StreamDecoder(place=self.ram.place)
         chunk = memoryview(bytearray(CHUNK_BYTES))
         while True:
             # A large placed payload is received straight into guest memory; everything else
@@ -217,22 +228,34 @@ class IncomingMigration:
             dec.feed(chunk[:n])
         dec.next_record()  # raises "N bytes after the end of stream", from this chunk or END's
 
-    def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool) -> None:
-        """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
-        read right now): the report the source waits for before it pauses the guest. Whether
-        more is waiting is asked (one poll) only after a short read or a read straight into
-        place — a full 1 MiB chunk means more is coming."""
-        per_mib = consumed - self._reported >= PROGRESS_BYTES
+    def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool,
+                  watch: _ChannelWatch | None = None) -> None:
+        """PROGRESS per MiB applied on a channel, and whenever a channel caught up with the
+        source (nothing more to read on it right now): the report the source waits for before it
+        pauses the guest. Whether more is waiting is asked (one poll) only after a short read or
+        a read straight into place — a full 1 MiB chunk means more is coming. The value is the
+        stream bytes applied over the main stream and every data channel (multifd), which the
+        source compares with what all its channels accepted."""
+        watch = watch or self._main_watch
+        per_mib = consumed - watch.reported >= PROGRESS_BYTES
         if not per_mib:
             if not maybe_caught_up:
                 return
-            if self._poll is None:
-                self._poll = select.poll()
-                self._poll.register(channel.fileno(), select.POLLIN)
-            if self._poll.poll(0):
+            if watch.poll is None:
+                watch.poll = select.poll()
+                watch.poll.register(channel.fileno(), select.POLLIN)
+            if watch.poll.poll(0):
                 return
-        self._reported = consumed
-        self._rp.progress(consumed)  # type: ignore[union-attr]
+        watch.reported = consumed
+        with self._progress_lock:  # one total at a time, so the reports only grow
+            total = self._applied_total()
+            if total > self._reported:
+                self._reported = total
+                self._rp.progress(total)  # type: ignore[union-attr]
+
+    def _applied_total(self) -> int:
+        main = self._decoder.bytes_consumed if self._decoder is not None else 0
+        return main + sum(rx.decoder.bytes_consumed for rx in self._receivers)
 
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
@@ -281,9 +304,11 @@ class IncomingMigration:
         migration) fails the migration: the main stream is shut down so its thread stops and
         reports this reason."""
         chunk = memoryview(bytearray(CHUNK_BYTES))
+        watch = _ChannelWatch()
         try:
-            while not rx.ended and rx.read_from(channel.recv_into, chunk):
-                pass
+            while not rx.ended and (n := rx.read_from(channel.recv_into, chunk)):
+                if self._rp is not None:
+                    self._progress(channel, rx.decoder.bytes_consumed, n < len(chunk), watch)
         except (DataChannelLost, TransportError, OSError) as e:
             rx.lost = str(e)
             log.warning("multifd: data channel %s lost: %s", rx.channel_id, e)

@@ -142,6 +142,10 @@ class OutgoingMigration:
         self._limit(n)
         return n
 
+    def _sent_all(self) -> int:
+        """Bytes every channel (main and data) accepted so far, for PROGRESS reports."""
+        return self._main_sent + (self.sender.sent_bytes() if self.sender is not None else 0)
+
     def _limit(self, n: int) -> None:
         """max-bandwidth over the main stream and every data channel together (the limiter is
         thread-safe)."""
@@ -214,7 +218,7 @@ class OutgoingMigration:
     def _setup(self) -> None:
         assert self.channel is not None
         if self.channel.has_return_path:
-            self.return_path = ReturnPathReader(self.channel, sent=lambda: self.stats.transferred)
+            self.return_path = ReturnPathReader(self.channel, sent=self._sent_all)
             self.return_path.start()
         config = {
             "producer": f"vmferry {__version__}",
@@ -227,11 +231,10 @@ class OutgoingMigration:
         if self.multifd is not None:
             config.update({"multifd-channels": self.multifd.channels, "migration-id": migration_id,
                            "multifd-compression": self.multifd.compression})
-        # With data channels the destination's PROGRESS counts the main stream only: bandwidth and
-        # backlog come from what the channels accepted.
+        # The destination's PROGRESS counts the bytes it applied over all channels (main and data).
         self.session = SourceSession([self.ram, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
-                                     end_to_end=self.return_path is not None and self.multifd is None)
+                                     end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
         if self.multifd is not None:
             self._open_data_channels(migration_id)

@@ -92,7 +92,7 @@ class SourceSession:
         destination that does not send PROGRESS must not look infinitely behind)."""
         if not self.end_to_end or self.e2e.samples == 0:
             return 0
-        return max(0, self.sent - self.e2e.applied)
+        return max(0, self.sent_total() - self.e2e.applied)
 
     def bandwidth(self) -> float:
         """End to end where the destination reports it, else what the channel accepted."""
