@@ -234,8 +234,8 @@ class IncomingMigration:
         source (nothing more to read on it right now): the report the source waits for before it
         pauses the guest. Whether more is waiting is asked (one poll) only after a short read or
         a read straight into place — a full 1 MiB chunk means more is coming. The value is the
-        stream bytes applied over the main stream and every data channel (multifd), which the
-        source compares with what all its channels accepted."""
+        main stream's bytes plus, for multifd, the page bytes (uncompressed) the data channels
+        applied: the source plans in those units whatever the compression ratio."""
         watch = watch or self._main_watch
         per_mib = consumed - watch.reported >= PROGRESS_BYTES
         if not per_mib:
@@ -255,7 +255,7 @@ class IncomingMigration:
 
     def _applied_total(self) -> int:
         main = self._decoder.bytes_consumed if self._decoder is not None else 0
-        return main + sum(rx.decoder.bytes_consumed for rx in self._receivers)
+        return main + sum(rx.page_bytes for rx in self._receivers if rx.lost is None)
 
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
@@ -306,9 +306,9 @@ class IncomingMigration:
         chunk = memoryview(bytearray(CHUNK_BYTES))
         watch = _ChannelWatch()
         try:
-            while not rx.ended and (n := rx.read_from(channel.recv_into, chunk)):
+            while not rx.ended and rx.read_from(channel.recv_into, chunk):
                 if self._rp is not None:
-                    self._progress(channel, rx.decoder.bytes_consumed, n < len(chunk), watch)
+                    self._progress(channel, rx.decoder.bytes_consumed, rx.maybe_caught_up, watch)
         except (DataChannelLost, TransportError, OSError) as e:
             rx.lost = str(e)
             log.warning("multifd: data channel %s lost: %s", rx.channel_id, e)

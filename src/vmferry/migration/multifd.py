@@ -186,6 +186,10 @@ class DataChannelReceiver:
         self.records = 0
         self.bytes_received = 0
         self.lost: str | None = None  # why the connection ended before END (set by the driver)
+        self.maybe_caught_up = False  # after read_from: might nothing more be waiting?
+        # Page bytes applied, uncompressed (zero pages not counted): the unit the source plans in,
+        # whatever the compression ratio of each record was.
+        self.page_bytes = 0
 
     def feed(self, data: Buffer) -> None:
         self.decoder.feed(data)
@@ -200,12 +204,14 @@ class DataChannelReceiver:
         buffer, anything else into `chunk` (reused: every record is applied, i.e. copied out,
         before this returns). Returns the bytes read; 0 is the end of input (fed as such)."""
         target = self.decoder.get_buffer()
+        self.maybe_caught_up = True  # a read into a payload's buffer, done or not: perhaps all there was
         if len(target) >= DIRECT_BYTES:
             n = recv_into(target)
             if n:
                 self.decoder.buffer_updated(n)
         else:
             n = recv_into(chunk)
+            self.maybe_caught_up = n < len(chunk)  # a full chunk: more is coming
             if n:
                 self.decoder.feed(chunk[:n])
         self.bytes_received += n
@@ -243,11 +249,14 @@ class DataChannelReceiver:
             case RamPages(block_id, first_page, count, data):
                 idx = np.arange(first_page, first_page + count)
                 loader.apply_pages(block_id, idx, data, self.generation)
+                self.page_bytes += count * PAGE_SIZE
             case RamPageList(block_id, pages, data):
                 loader.apply_pages(block_id, pages, data, self.generation)
+                self.page_bytes += len(pages) * PAGE_SIZE
             case RamCompressed(block_id, first_page, count, pages=pages, data=data):
                 idx = np.arange(first_page, first_page + count) if pages is None else pages
                 loader.apply_pages(block_id, idx, data, self.generation)
+                self.page_bytes += count * PAGE_SIZE
             case RamZero(block_id, first_page, count):
                 loader.apply_zero(block_id, first_page, count, self.generation)
             case RamBlocks():
@@ -299,6 +308,7 @@ class MultifdSender:
         self._submitted = [0] * n
         self._done = [0] * n
         self._sent = [0] * n  # wire bytes accepted per channel
+        self._pages_sent = [0] * n  # page bytes (uncompressed, zero pages not counted) sent per channel
         # Pages handed to each channel, per block (written by the migration thread only).
         self._handed = [{bid: np.zeros(count, dtype=bool) for bid, count in block_pages.items()}
                         for _ in range(n)]
@@ -318,7 +328,13 @@ class MultifdSender:
             t.start()
 
     def sent_bytes(self) -> int:
+        """Wire bytes every channel accepted."""
         return sum(self._sent)
+
+    def page_bytes_sent(self) -> int:
+        """Page bytes (uncompressed; zero pages not counted) the live channels sent: what the
+        destination's PROGRESS counts for the data channels (DataChannelReceiver.page_bytes)."""
+        return sum(b for b, a in zip(self._pages_sent, self.alive, strict=True) if a)
 
     def queued_bytes(self) -> int:
         return sum(s - d for s, d, a in zip(self._submitted, self._done, self.alive, strict=True) if a)
@@ -425,6 +441,7 @@ class MultifdSender:
                 n = self._send(i, bufs)
                 dt = time.perf_counter() - t
                 self._sent[i] += n
+                self._pages_sent[i] += chunk.raw_bytes - 64
                 self._done[i] += chunk.raw_bytes
                 if dt > 0 and n >= 64 << 10:  # the wire rate `auto` weighs compression against
                     rate = n / dt

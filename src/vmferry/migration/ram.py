@@ -166,7 +166,9 @@ class RamSaver(Saver):
         return self.remaining() * PAGE_SIZE + queued
 
     def sent_elsewhere(self) -> int:
-        return self.multifd.sent_bytes() if self.multifd is not None else 0
+        """multifd: page bytes sent, uncompressed — the unit of the destination's PROGRESS for
+        data channels and of `pending`, so plans hold whatever the compression ratio."""
+        return self.multifd.page_bytes_sent() if self.multifd is not None else 0
 
     def page_counts(self) -> tuple[int, int, int]:
         return self.counters.pages, self.counters.zero_pages, self.remaining()

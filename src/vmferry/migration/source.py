@@ -143,8 +143,9 @@ class OutgoingMigration:
         return n
 
     def _sent_all(self) -> int:
-        """Bytes every channel (main and data) accepted so far, for PROGRESS reports."""
-        return self._main_sent + (self.sender.sent_bytes() if self.sender is not None else 0)
+        """What PROGRESS reports are compared with: main stream bytes plus the data channels'
+        page bytes, uncompressed (SourceSession.sent_total)."""
+        return self._main_sent + (self.sender.page_bytes_sent() if self.sender is not None else 0)
 
     def _limit(self, n: int) -> None:
         """max-bandwidth over the main stream and every data channel together (the limiter is
