@@ -329,6 +329,7 @@ class MemoryChannels:
         self.handed = [{i + 1: np.zeros(b.size // PAGE, dtype=bool) for i, b in enumerate(blocks.blocks)}
                        for _ in range(n)]
         self.lost: list[int] = []
+        self.page_bytes = 0
 
     def submit(self, chunk: PageChunk) -> int:
         live = [k for k, a in enumerate(self.alive) if a]
@@ -337,6 +338,7 @@ class MemoryChannels:
         self.waiting[i].append(data)
         self.handed[i][chunk.block_id][chunk.pages] = True
         self.sent += len(data)
+        self.page_bytes += int(np.count_nonzero(~chunk.is_zero)) * PAGE
         return chunk.raw_bytes
 
     def deliver(self, i: int) -> None:
@@ -379,6 +381,9 @@ class MemoryChannels:
 
     def sent_bytes(self) -> int:
         return self.sent
+
+    def page_bytes_sent(self) -> int:
+        return self.page_bytes
 
 
 channel_actions = st.lists(st.one_of(
