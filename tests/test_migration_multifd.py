@@ -33,8 +33,9 @@ def procs(tmp_path: Path) -> Iterator[list[VmProcess]]:
         p.close()
 
 
-def _source(tmp: Path, procs: list[VmProcess], channels: int, compression: str = "none") -> VmProcess:
-    src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
+def _source(tmp: Path, procs: list[VmProcess], channels: int, compression: str = "none",
+            dirty: str = DIRTY) -> VmProcess:
+    src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", dirty)
     procs.append(src)
     src.wait_serial(r"verify ok")
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
@@ -205,3 +206,23 @@ def test_losing_the_only_data_channel_fails_cleanly_and_the_source_keeps_running
     assert dinfo["status"] == "failed", dinfo
     assert dst.status() == "inmigrate"  # the guest never started there
     _assert_source_survives(src)
+
+
+def test_heartbeats_keep_a_slow_multifd_migration_alive(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """With multifd the main stream carries almost nothing while the data channels send pages:
+    the source must still beat on it, or the destination's watchdog (3 intervals of a silent
+    main stream) gives up on a healthy migration. Short heartbeats on both sides and a slow
+    max-bandwidth make a pass last many intervals; the guest writes its working set once, so the
+    migration converges whatever the host's load."""
+    src = _source(tmp_path, procs, 2, dirty="ws=32 rate=0 verify=1 check=full")
+    dst = _dest(tmp_path, procs, "tcp:127.0.0.1:0")
+    for side in (src, dst):
+        side.cmd("migrate-set-parameters", **{"x-heartbeat-ms": 200})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    src.cmd("migrate", uri=_listen_uri(dst))
+    info = src.wait_migration(timeout=180)
+    assert info["status"] == "completed", info
+    assert info["total-time"] > 2000, info  # many heartbeat intervals long: the case under test
+    dinfo = dst.wait_migration(timeout=120)
+    assert dinfo["status"] == "completed", dinfo
+    _assert_verified(dst)
