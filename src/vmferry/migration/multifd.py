@@ -449,11 +449,7 @@ class MultifdSender:
                 self._sent[i] += n
                 self._pages_sent[i] += chunk.raw_bytes - 64
                 self._done[i] += chunk.raw_bytes
-                if dt > 0 and n >= 64 << 10:  # the wire rate `auto` weighs compression against
-                    rate = n / dt
-                    c = enc.compressor
-                    c.wire_bytes_per_s = rate if not c.wire_bytes_per_s else (
-                        0.8 * c.wire_bytes_per_s + 0.2 * rate)
+                enc.compressor.sent(dt)  # the wire's cost, which `auto` weighs compression against
         except (VmferryError, OSError, ValueError) as e:
             if self._finishing or self._cancelled():
                 if self.error is None:
