@@ -19,6 +19,7 @@ from vmferry.stream.compression import (
     HYSTERESIS,
     PROBE_FIRST,
     PROBE_MAX,
+    PROBE_MAX_COMPRESSIBLE,
     RAW_PROBE_FIRST,
     RAW_PROBE_MAX,
     SAMPLE_BYTES,
@@ -171,6 +172,17 @@ def test_auto_compresses_text_on_a_slow_wire_soon_and_stays_raw_on_a_fast_one() 
     assert {feed_chunk(fast, FAST_WIRE, TEXT_COSTS) for _ in range(500)} == {Codec.RAW}
 
 
+def test_auto_compresses_once_the_wire_turns_out_slow() -> None:
+    """A link looks fast while the socket buffers fill: compressible pages keep being probed
+    (at most every PROBE_MAX_COMPRESSIBLE chunks), so the slow wire behind them is acted on."""
+    p = AutoPolicy()
+    for _ in range(300):
+        feed_chunk(p, FAST_WIRE, TEXT_COSTS)
+    assert p.current == Codec.RAW and p.probe_every == PROBE_MAX_COMPRESSIBLE
+    chosen = [feed_chunk(p, SLOW_WIRE, TEXT_COSTS) for _ in range(2 * PROBE_MAX_COMPRESSIBLE)]
+    assert chosen[-1] == Codec.ZSTD
+
+
 def test_auto_goes_back_to_raw_when_the_data_stops_shrinking() -> None:
     p = AutoPolicy()
     for _ in range(20):
@@ -226,6 +238,8 @@ def test_auto_switches_only_on_a_clear_gain(steps: list[tuple[float, str]]) -> N
             assert old_t is not None and new_t is not None
             assert new_t < old_t * (1.0 if after == Codec.RAW else 1 - HYSTERESIS)
         assert PROBE_FIRST <= p.probe_every <= PROBE_MAX
+        if kind == "text" and plan.probe and after == Codec.RAW:
+            assert p.probe_every <= PROBE_MAX_COMPRESSIBLE  # pages that shrink: a slower wire is seen soon
         assert RAW_PROBE_FIRST <= p.raw_probe_every <= RAW_PROBE_MAX
 
 

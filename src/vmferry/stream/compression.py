@@ -12,8 +12,9 @@ compression cost per byte plus its measured ratio times the wire's cost — and 
 goes to a compressor only when it is expected to be clearly faster (hysteresis), and back to raw
 when raw is expected to be faster at all, so measurement noise on a loaded machine cannot make it
 flip and incompressible pages go raw. While sending raw, the compressors are probed on a small
-sample of a chunk, rarely (the interval doubles each time a probe changes nothing): on random
-pages that costs next to nothing and the choice stays raw. While compressing, one chunk goes raw
+sample of a chunk, rarely (the interval doubles each time a probe changes nothing, up to 512
+chunks for pages that do not shrink, 32 for pages that do): on random pages that costs next to
+nothing and the choice stays raw. While compressing, one chunk goes raw
 now and then, so a link that got faster is seen.
 """
 
@@ -74,7 +75,9 @@ def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
 HYSTERESIS = 0.2
 SAMPLE_BYTES = 64 << 10  # compressors are probed on this much of a chunk while the channel sends raw
 PROBE_FIRST = 4  # chunks between probes of the compressors, at first and after the choice changed
-PROBE_MAX = 512  # ... doubling each time a probe changes nothing, up to this
+PROBE_MAX = 512  # ... doubling each time a probe changes nothing, up to this for pages that do not
+PROBE_MAX_COMPRESSIBLE = 32  # shrink, up to this for pages that do (a slower wire may be seen yet)
+INCOMPRESSIBLE = 0.9  # no compressor's ratio below this: compressing can gain 10 % at most
 RAW_PROBE_FIRST = 16  # while compressing: chunks between sending one chunk raw (to measure the wire)
 RAW_PROBE_MAX = 256
 WIRE_WINDOW = 8 << 20  # the wire's estimate weighs about the last this many bytes sent
@@ -197,7 +200,9 @@ class AutoPolicy:
             self._since_probe = self._since_raw_probe = 0
         elif probed:
             if best == Codec.RAW:
-                self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+                ratios = [e.ratio for e in self.codecs.values() if e.known]
+                shrinks = bool(ratios) and min(ratios) < INCOMPRESSIBLE
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX)
             else:
                 self.raw_probe_every = min(2 * self.raw_probe_every, RAW_PROBE_MAX)
         return self.current
