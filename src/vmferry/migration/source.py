@@ -215,6 +215,12 @@ class OutgoingMigration:
         if self.session is not None:
             self.session.sent += n
 
+    def _stall_limit_s(self) -> float | None:
+        """How long a data channel may sit with unsent bytes before it is lost: the heartbeat
+        limit, once the destination beats (None: heartbeats off or not spoken)."""
+        wd = self.watchdog
+        return wd.limit_s if wd is not None and wd.enabled and wd.armed else None
+
     def _destination_quiet_for(self) -> float:
         rp = self.return_path
         return 0.0 if rp is None else time.monotonic() - rp.heard_at
@@ -342,7 +348,8 @@ class OutgoingMigration:
                                                self.machine.machine_type.name))
         self.sender = MultifdSender(self.data_channels, encoders, self._send_data, self._stopped,
                                     {i + 1: b.npages for i, b in enumerate(self.machine.ram_blocks)},
-                                    lambda i: self.data_channels[i].shutdown(), on_wait=self._maybe_beat)
+                                    lambda i: self.data_channels[i].shutdown(), on_wait=self._maybe_beat,
+                                    stall_limit_s=self._stall_limit_s)
         self.sender.start()
         self.ram.multifd = self.sender
 
