@@ -67,7 +67,10 @@ class Vm:
         self.progress: list[tuple[float, int, int | None]] = []  # (time seen, MiB written, stall us)
         self._seen = 0
         if side.startswith("qemu"):
+            # debug-threads: the vCPU threads are named ("CPU 0/KVM"), so a benchmark can tell
+            # the guest's CPU time from the migration's.
             cmd = ["qemu-system-x86_64", "-accel", side.removeprefix("qemu-"), "-nodefaults",
+                   "-name", f"{name},debug-threads=on",
                    "-display", "none", "-m", memory, "-kernel", str(image_path("dirty")),
                    "-append", append, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
                    "-serial", f"file:{self.serial_path}",
