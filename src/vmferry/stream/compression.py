@@ -13,8 +13,9 @@ goes to a compressor only when it is expected to be clearly faster (hysteresis),
 when raw is expected to be faster at all, so measurement noise on a loaded machine cannot make it
 flip and incompressible pages go raw. While sending raw, the compressors are probed on a small
 sample of a chunk, rarely (the interval doubles each time a probe changes nothing, up to 512
-chunks for pages that do not shrink, 32 for pages that do): on random pages that costs next to
-nothing and the choice stays raw. While compressing, one chunk goes raw
+chunks for pages that do not shrink, 32 for pages that do, 8 while a compressor is expected to
+be faster but not yet by the margin): on random pages that costs next to nothing and the choice
+stays raw. While compressing, one chunk goes raw
 now and then, so a link that got faster is seen.
 """
 
@@ -76,7 +77,9 @@ HYSTERESIS = 0.2
 SAMPLE_BYTES = 64 << 10  # compressors are probed on this much of a chunk while the channel sends raw
 PROBE_FIRST = 4  # chunks between probes of the compressors, at first and after the choice changed
 PROBE_MAX = 512  # ... doubling each time a probe changes nothing, up to this for pages that do not
-PROBE_MAX_COMPRESSIBLE = 32  # shrink, up to this for pages that do (a slower wire may be seen yet)
+PROBE_MAX_COMPRESSIBLE = 32  # shrink, up to this for pages that do (a slower wire may be seen yet),
+PROBE_MAX_GAINING = 8  # and up to this while a compressor is expected to be faster, if not yet by
+# the margin (the wire's estimate is still growing as the socket buffers fill, or load varies)
 INCOMPRESSIBLE = 0.9  # no compressor's ratio below this: compressing can gain 10 % at most
 RAW_PROBE_FIRST = 16  # while compressing: chunks between sending one chunk raw (to measure the wire)
 RAW_PROBE_MAX = 256
@@ -202,7 +205,10 @@ class AutoPolicy:
             if best == Codec.RAW:
                 ratios = [e.ratio for e in self.codecs.values() if e.known]
                 shrinks = bool(ratios) and min(ratios) < INCOMPRESSIBLE
-                self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX)
+                gaining = now is not None and any(
+                    t is not None and t < now for t in (self.expected(c) for c in _AUTO_CODECS))
+                cap = PROBE_MAX_GAINING if gaining else PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX
+                self.probe_every = min(2 * self.probe_every, cap)
             else:
                 self.raw_probe_every = min(2 * self.raw_probe_every, RAW_PROBE_MAX)
         return self.current
