@@ -13,9 +13,8 @@ goes to a compressor only when it is expected to be clearly faster (hysteresis),
 when raw is expected to be faster at all, so measurement noise on a loaded machine cannot make it
 flip and incompressible pages go raw. While sending raw, the compressors are probed on a small
 sample of a chunk, rarely (the interval doubles each time a probe changes nothing, up to 512
-chunks for pages that do not shrink, 32 for pages that do, 8 while a compressor is expected to
-be faster but not yet by the margin): on random pages that costs next to nothing and the choice
-stays raw. While compressing, one chunk goes raw
+chunks for pages that do not shrink, 8 for pages that do): on random pages that costs next to
+nothing and the choice stays raw. While compressing, one chunk goes raw
 now and then, so a link that got faster is seen.
 """
 
@@ -73,29 +72,30 @@ def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
 # Compressing only for an option expected to take at most (1 - this) of the current one's time;
 # back to raw as soon as raw is expected to be faster at all (compression costs CPU the guest and
 # the destination could use: raw is the safe side).
-HYSTERESIS = 0.2
+HYSTERESIS = 0.1
 SAMPLE_BYTES = 64 << 10  # compressors are probed on this much of a chunk while the channel sends raw
 PROBE_FIRST = 4  # chunks between probes of the compressors, at first and after the choice changed
 PROBE_MAX = 512  # ... doubling each time a probe changes nothing, up to this for pages that do not
-PROBE_MAX_COMPRESSIBLE = 32  # shrink, up to this for pages that do (a slower wire may be seen yet),
-PROBE_MAX_GAINING = 8  # and up to this while a compressor is expected to be faster, if not yet by
-# the margin (the wire's estimate is still growing as the socket buffers fill, or load varies)
+PROBE_MAX_COMPRESSIBLE = 8  # shrink, up to this for pages that do (the wire's estimate grows as the
+# socket buffers fill, and a busy moment's measurement must not hold a channel raw for long)
 INCOMPRESSIBLE = 0.9  # no compressor's ratio below this: compressing can gain 10 % at most
 RAW_PROBE_FIRST = 16  # while compressing: chunks between sending one chunk raw (to measure the wire)
 RAW_PROBE_MAX = 256
 WIRE_WINDOW = 8 << 20  # the wire's estimate weighs about the last this many bytes sent
-CODEC_WINDOW = 4 * SAMPLE_BYTES  # a compressor's: a whole chunk replaces it, a probe weighs 1/4
+CODEC_WEIGHT = 0.3  # a compressor's estimate: each measurement (sample or chunk) weighs this much
 MIN_SEND_BYTES = 64 << 10  # a smaller send says too little about the wire to count
 
 
 @dataclass
 class Estimate:
     """A decaying sum of (seconds, input bytes, output bytes): cost = seconds per input byte,
-    ratio = output / input, over about the last `window` bytes of input. Sums, not averages of
-    per-sample rates: one sample that was fast by chance (a send that fit in the socket buffer)
-    weighs by its bytes, not as one rate among few."""
+    ratio = output / input. With a `window`, over about the last `window` bytes of input: sums,
+    not averages of per-sample rates, so one sample that was fast by chance (a send that fit in
+    the socket buffer) weighs by its bytes. Without one (None), every measurement weighs
+    CODEC_WEIGHT whatever its size: a compressor's whole chunk, timed while the machine was busy
+    for a moment, must not outweigh the samples around it."""
 
-    window: int
+    window: int | None
     seconds: float = 0.0
     inp: float = 0.0
     out: float = 0.0
@@ -103,8 +103,13 @@ class Estimate:
     def add(self, seconds: float, inp: int, out: int) -> None:
         if inp <= 0:
             return
-        keep = max(0.0, 1.0 - inp / self.window)
-        self.seconds = self.seconds * keep + max(seconds, 0.0)
+        seconds = max(seconds, 0.0)
+        if self.window is None:  # each measurement as one unit of input
+            keep = 1.0 - CODEC_WEIGHT if self.inp else 0.0
+            seconds, out, inp = seconds / inp, out / inp, 1
+        else:
+            keep = max(0.0, 1.0 - inp / self.window)
+        self.seconds = self.seconds * keep + seconds
         self.inp = self.inp * keep + inp
         self.out = self.out * keep + out
 
@@ -139,7 +144,7 @@ class AutoPolicy:
     current: Codec = Codec.RAW
     wire: Estimate = field(default_factory=lambda: Estimate(WIRE_WINDOW))  # blocked s / raw byte sent
     codecs: dict[Codec, Estimate] = field(
-        default_factory=lambda: {c: Estimate(CODEC_WINDOW) for c in _AUTO_CODECS})
+        default_factory=lambda: {c: Estimate(None) for c in _AUTO_CODECS})
     probe_every: int = PROBE_FIRST
     raw_probe_every: int = RAW_PROBE_FIRST
     _since_probe: int = 0
@@ -205,10 +210,7 @@ class AutoPolicy:
             if best == Codec.RAW:
                 ratios = [e.ratio for e in self.codecs.values() if e.known]
                 shrinks = bool(ratios) and min(ratios) < INCOMPRESSIBLE
-                gaining = now is not None and any(
-                    t is not None and t < now for t in (self.expected(c) for c in _AUTO_CODECS))
-                cap = PROBE_MAX_GAINING if gaining else PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX
-                self.probe_every = min(2 * self.probe_every, cap)
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX)
             else:
                 self.raw_probe_every = min(2 * self.raw_probe_every, RAW_PROBE_MAX)
         return self.current
