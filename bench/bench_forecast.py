@@ -182,6 +182,7 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
         bandwidth = calibration.bandwidth_bps if cap_a or not cap else cap
         forecast = mid.qmp.execute("x-migrate-forecast", **{
             "bandwidth": round(bandwidth), "switchover-ms": round(calibration.switchover_ms or 0),
+            "engine-bandwidth": round(calibration.engine_bandwidth_bps or bandwidth),
             "setup-ms": round(calibration.setup_s * 1000),
             "pass-overhead-ms": round(calibration.pass_overhead_s * 1000)})
         dst = Vm(tmp, "dst", "-m", mem, "--incoming", "tcp:127.0.0.1:0")

@@ -81,6 +81,23 @@ def test_a_pause_within_a_twentieth_of_the_limit_switches_at_once() -> None:
     assert 3000 * DOWNTIME_GOAL_FRACTION > f.downtime_ms > 20
 
 
+def test_an_engine_that_overestimates_the_link_switches_early_and_pauses_longer() -> None:
+    # Under max-bandwidth the engine's end-to-end measure is the destination's apply speed:
+    # 10x the cap here. Pass 1 (25.6 s at 10 MiB/s) leaves D(25.6) of 1 MiB/s into 256 MiB,
+    # 24.4 MiB: the engine expects 244 + 5 ms at its 100 MiB/s (within 300, above 15; less than
+    # half of what pass 1 sent: another pass), pass 2 (2.44 s) leaves 2.4 MiB: 24 + 5 ms, again
+    # halved, pass 3 leaves 0.24 MiB: 7.4 ms within 15, switch; the pause runs at the cap,
+    # 24 + 5 ms. At the cap itself the engine would have needed more passes.
+    slow = _in(dirty_rate_bps=1 * MiB, bandwidth_bps=10 * MiB)
+    honest, fooled = forecast(slow), forecast(replace(slow, engine_bandwidth_bps=100 * MiB))
+    d1 = 256 * -math.expm1(-25.6 / 256)
+    d2 = 256 * -math.expm1(-d1 / 10 / 256)
+    d3 = 256 * -math.expm1(-d2 / 10 / 256)
+    assert fooled.converges and fooled.passes == 3 and honest.passes > fooled.passes
+    assert fooled.total_bytes == pytest.approx((256 + d1 + d2 + d3) * MiB, rel=1e-6)
+    assert fooled.downtime_ms == pytest.approx(d3 / 10 * 1000 + FIXED_MS, rel=1e-6)
+
+
 def test_dirtying_faster_than_the_link_never_converges_and_says_what_would() -> None:
     f = forecast(_in(dirty_rate_bps=200 * MiB))
     assert not f.converges and f.total_time_s == float("inf")
@@ -165,13 +182,14 @@ def test_fit_properties(rate: float, ws: float, window: float, n: int) -> None:
 
 def test_calibration_from_a_completed_migration() -> None:
     info = {"status": "completed", "total-time": 1200, "setup-time": 100, "downtime": 10,
+            "convergence": {"bandwidth-bytes-per-second": 900 * MiB},
             "passes": [{"bytes": 800 * MiB, "duration-ms": 1000.0}, {"bytes": 20 * MiB, "duration-ms": 60.0}],
             "downtime-phases": {"pause": 0.5, "stopped-ram": 3.0, "stopped-devices": 2.0, "end": 0.1,
                                 "confirm": 4.0, "destination-apply": 1.0, "destination-start": 0.5}}
     c = from_migration(info)
     assert c is not None
     assert c.bandwidth_bps == pytest.approx(820 * MiB / 1.06)
-    assert c.setup_s == pytest.approx(0.1)
+    assert c.setup_s == pytest.approx(0.1) and c.engine_bandwidth_bps == 900 * MiB
     assert c.pass_overhead_s == pytest.approx((1200 - 100 - 10 - 1060) / 2 / 1000)
     assert c.switchover_ms == pytest.approx(0.5 + 2.0 + 0.1 + 4.0)
     assert from_migration({**info, "status": "failed"}) is None

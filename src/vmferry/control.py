@@ -313,16 +313,19 @@ class VmControl:
         last = (from_migration(self.outgoing.stats.query(self.outgoing.state.status))
                 if self.outgoing is not None else None)
         bandwidth = args.get("bandwidth")
+        engine_bandwidth = args.get("engine-bandwidth")
         if bandwidth is None:
             measured = last.bandwidth_bps if last is not None else 0
             bandwidth = measured or self.migration_parameters.max_bandwidth
+            if engine_bandwidth is None and measured and last is not None:
+                engine_bandwidth = last.engine_bandwidth_bps
         if not bandwidth or bandwidth <= 0:
             raise QmpError("no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or migrate "
                            "once to measure it")
         inputs = ForecastInput(
             initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
             downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
-            working_set_bytes=working_set,
+            working_set_bytes=working_set, engine_bandwidth_bps=engine_bandwidth,
             switchover_ms=args.get("switchover-ms", last.switchover_ms if last is not None else None),
             setup_s=args.get("setup-ms", last.setup_s * 1000 if last is not None else 0) / 1000,
             pass_overhead_s=args.get("pass-overhead-ms",
@@ -330,6 +333,7 @@ class VmControl:
         out = forecast(inputs).as_qmp()
         out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
                          "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
+                         "engine-bandwidth": round(inputs.engine_bandwidth_bps or inputs.bandwidth_bps),
                          "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms,
                          "setup-ms": round(inputs.setup_s * 1000, 3),
                          "pass-overhead-ms": round(inputs.pass_overhead_s * 1000, 3)}

@@ -16,12 +16,13 @@ The model replays the source's own loop (source.py, source_session.py) on number
   distinct bytes dirty: r*t while t is short, saturating at W (`distinct_dirtied`). That is the
   curve `calc-dirty-rate` (dirty-bitmap) samples over its window; `fit_dirty_curve` recovers r and
   W from the samples;
-* after each pass the engine's expected downtime is remaining / bandwidth + its fixed allowance
-  (source_session.FIXED_MS), and the engine's own `convergence.switch_now` decides: never above
+* after each pass the engine's expected downtime is remaining / its bandwidth estimate
+  (`engine_bandwidth_bps`: end to end, which under max-bandwidth is above the cap) + its fixed
+  allowance (source_session.FIXED_MS), and the engine's own `convergence.switch_now` decides: never above
   downtime-limit, at once below limit/20, otherwise one more pass while a pass still halves the
   backlog, at most MAX_EXTRA_PASSES of them. The forecast thus follows the policy the migration
   will really use;
-* the final round (paused) sends what is left: that, plus the switchover's fixed cost
+* the final round (paused) sends what is left at `bandwidth_bps`: that, plus the switchover's fixed cost
   (`switchover_ms`: vCPU pause, device state, the destination's load and ACK — known from the
   last migration's `downtime-phases`), is the pause.
 
@@ -101,6 +102,10 @@ class Calibration:
     """What a completed migration measured, for the next forecast (`from_migration`)."""
 
     bandwidth_bps: float  # the passes' bytes over the passes' time: the rate passes really ran at
+    # The engine's own end-to-end measure at the end (what its switchover decisions divided by):
+    # under max-bandwidth the destination applies each paced burst at its own speed, so this is
+    # above the cap, and the engine expects shorter pauses than the cap will give.
+    engine_bandwidth_bps: float | None
     setup_s: float
     pass_overhead_s: float  # per pass: the time between passes (syncs, drains), not sending
     # The pause besides its RAM: the downtime phases without `stopped-ram` (the last pages) and
@@ -120,6 +125,7 @@ def from_migration(info: dict) -> Calibration | None:
               if k != "stopped-ram" and not k.startswith("destination-")}
     return Calibration(
         bandwidth_bps=sum(p["bytes"] for p in passes) / secs,
+        engine_bandwidth_bps=(info.get("convergence") or {}).get("bandwidth-bytes-per-second") or None,
         setup_s=setup_ms / 1000,
         pass_overhead_s=max(0.0, between_ms / 1000 / len(passes)),
         switchover_ms=sum(phases.values()) if phases else None)
@@ -138,6 +144,9 @@ class ForecastInput:
     # it). None: the engine's allowance.
     switchover_ms: float | None = None
     setup_s: float = 0.0  # before pass 1 (the last migration's setup-time)
+    # The bandwidth the engine's switchover decision divides by (Calibration.engine_bandwidth_bps);
+    # None: bandwidth_bps. The pause itself moves at bandwidth_bps.
+    engine_bandwidth_bps: float | None = None
     pass_overhead_s: float = 0.0  # per pass, between its last byte and the next pass's first
 
 
@@ -147,7 +156,7 @@ class Forecast:
     passes: int  # precopy passes before switchover (or the passes tried)
     total_time_s: float  # setup, the passes and the pause
     total_bytes: int  # page bytes sent, precopy and paused
-    downtime_ms: float  # the pause (when converging), else the expected pause at the fixed point
+    downtime_ms: float  # the pause (when converging), else the pause switching over where it stopped
     bandwidth_needed_bps: float | None = None  # when not converging: least bandwidth that converges
     downtime_limit_needed_ms: float | None = None  # ... least downtime-limit that converges
     throttle_percent_needed: int | None = None  # ... least dirty-rate cut (%) that converges
@@ -172,6 +181,7 @@ class Forecast:
 def _simulate(f: ForecastInput) -> Forecast:
     if f.bandwidth_bps <= 0:
         raise ValueError("bandwidth must be positive")
+    engine_bps = f.engine_bandwidth_bps or f.bandwidth_bps
     to_send = float(f.initial_bytes)
     elapsed = f.setup_s
     sent = 0.0
@@ -183,19 +193,24 @@ def _simulate(f: ForecastInput) -> Forecast:
         elapsed += window
         sent += to_send
         remaining = distinct_dirtied(f.dirty_rate_bps, f.working_set_bytes, window)
-        exp = expected_downtime_ms(round(remaining), f.bandwidth_bps, f.device_state_ms)
+        exp = expected_downtime_ms(round(remaining), engine_bps, f.device_state_ms)
         pages_sent = math.ceil(to_send / PAGE_SIZE)
         if switch_now(exp, int(f.downtime_limit_ms), pages_sent, math.ceil(remaining / PAGE_SIZE), extra):
-            fixed = f.device_state_ms if f.switchover_ms is None else f.switchover_ms
-            pause = exp - f.device_state_ms + fixed
+            pause = _pause(f, remaining)
             return Forecast(True, number, elapsed + pause / 1000, round(sent + remaining), pause)
         if exp <= f.downtime_limit_ms:
             extra += 1
-        elif remaining >= previous_remaining:
-            return Forecast(False, number, float("inf"), round(sent), exp)  # the backlog stopped shrinking
+        elif remaining >= previous_remaining:  # the backlog stopped shrinking
+            return Forecast(False, number, float("inf"), round(sent), _pause(f, remaining))
         previous_remaining = remaining
         to_send = remaining
-    return Forecast(False, MAX_PASSES, float("inf"), round(sent), exp)
+    return Forecast(False, MAX_PASSES, float("inf"), round(sent), _pause(f, previous_remaining))
+
+
+def _pause(f: ForecastInput, remaining: float) -> float:
+    """The pause, in ms, switching over with `remaining` bytes dirty."""
+    fixed = f.device_state_ms if f.switchover_ms is None else f.switchover_ms
+    return remaining / f.bandwidth_bps * 1000 + fixed
 
 
 def _least(lo: float, hi: float, ok: Callable[[float], bool], steps: int = 60) -> float | None:

@@ -559,7 +559,12 @@ def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obj
          "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap: "
          "rate and working set) and the last completed outgoing migration (the passes' bandwidth, "
          "else max-bandwidth; setup, time between passes, switchover cost).",
-         args=(Arg("bandwidth", SIZE, optional=True, doc="end-to-end bytes per second"),
+         args=(Arg("bandwidth", SIZE, optional=True, doc="bytes per second the passes move (default: the "
+                   "last migration's passes' bytes over their time, else max-bandwidth)"),
+               Arg("engine-bandwidth", SIZE, optional=True,
+                   doc="bytes per second the engine's switchover decision will divide by (its end-to-end "
+                       "measure; above max-bandwidth under a cap) (default: the last migration's, when "
+                       "`bandwidth` comes from it too, else `bandwidth`)"),
                Arg("dirty-rate", SIZE, optional=True, doc="bytes the guest dirties per second"),
                Arg("downtime-limit", SIZE, optional=True, doc="ms (default: the parameter)"),
                Arg("working-set", SIZE, optional=True,
@@ -583,6 +588,7 @@ def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obj
                   {"converges": True, "passes": 3, "total-time-ms": 2835.286, "total-bytes": 296776970,
                    "downtime-ms": 7.423, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
                                                     "bandwidth": 104857600, "downtime-limit": 300,
+                                                    "engine-bandwidth": 104857600,
                                                     "working-set": 268435456, "switchover-ms": None,
                                                     "setup-ms": 0, "pass-overhead-ms": 0}}))
 def _migrate_forecast(d: CommandDispatcher, args: dict, session: Session) -> object:
