@@ -57,15 +57,42 @@ TERMINAL = ("completed", "failed", "cancelled")
 REPO = Path(__file__).resolve().parent.parent
 
 
+NETNS = "vmferry-forecast"
+NETNS_EXEC = ("ip", "netns", "exec", NETNS)
+OUTER, INNER = "10.78.0.1", "10.78.0.2"
+
+
+@contextlib.contextmanager
+def netns_link(rate: str) -> Iterator[None]:
+    """A veth pair into a network namespace of its own, shaped by tc tbf to `rate` both ways
+    (/work/shared/BENCHMARKS.md, "A 1 Gbit/s link on one machine"); root needed."""
+    setup = [
+        ["ip", "netns", "add", NETNS],
+        ["ip", "link", "add", "fcst0", "type", "veth", "peer", "name", "fcst1"],
+        ["ip", "link", "set", "fcst1", "netns", NETNS],
+        ["ip", "addr", "add", f"{OUTER}/24", "dev", "fcst0"], ["ip", "link", "set", "fcst0", "up"],
+        [*NETNS_EXEC, "ip", "addr", "add", f"{INNER}/24", "dev", "fcst1"],
+        [*NETNS_EXEC, "ip", "link", "set", "fcst1", "up"], [*NETNS_EXEC, "ip", "link", "set", "lo", "up"],
+        *([*ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb", "latency",
+           "50ms"] for ns, dev in (((), "fcst0"), (NETNS_EXEC, "fcst1"))),
+    ]
+    try:
+        for cmd in setup:
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # takes the veth pair with it
+
+
 class Vm:
-    def __init__(self, tmp: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp: Path, name: str, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.serial = tmp / f"{name}.serial"
         self.log = tmp / f"{name}.log"
         qmp = tmp / f"{name}.qmp"
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{qmp}", "--serial",
+                [*prefix, sys.executable, "-m", "vmferry", "run", "--qmp", f"unix:{qmp}", "--serial",
                  f"file:{self.serial}", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while not qmp.exists():
@@ -144,7 +171,9 @@ def load() -> float:
 
 
 def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float,
-        convergence_wait_s: float) -> dict[str, Any]:
+        convergence_wait_s: float, netns: bool = False) -> dict[str, Any]:
+    """One case. `netns`: the first destination runs in the namespace of `netns_link`, so A goes
+    into it and B out of it, both over the shaped veth pair."""
     mem, guest, b_cap, b_limit, cap_a = CASES[sid]
     cap = max_bandwidth if b_cap is None else b_cap
     loads = [load()]
@@ -155,7 +184,8 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
         src.wait_serial(r"verify ok")
         # The dirty rate on the source the guest started on: against its configured rate.
         at_source = measure_dirty_rate(src, calc_time)
-        mid = Vm(tmp, "mid", "-m", mem, "--incoming", "tcp:127.0.0.1:0")
+        mid = (Vm(tmp, "mid", "-m", mem, "--incoming", f"tcp:{INNER}:0", prefix=NETNS_EXEC) if netns
+               else Vm(tmp, "mid", "-m", mem, "--incoming", "tcp:127.0.0.1:0"))
         started.append(mid)
         src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": cap if cap_a else 0})
         a = src.migrate(mid.listen_uri())
@@ -185,7 +215,7 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
             "engine-bandwidth": round(calibration.engine_bandwidth_bps or bandwidth),
             "setup-ms": round(calibration.setup_s * 1000),
             "pass-overhead-ms": round(calibration.pass_overhead_s * 1000)})
-        dst = Vm(tmp, "dst", "-m", mem, "--incoming", "tcp:127.0.0.1:0")
+        dst = Vm(tmp, "dst", "-m", mem, "--incoming", f"tcp:{OUTER if netns else '127.0.0.1'}:0")
         started.append(dst)
         suggestion: dict[str, Any] | None = None
         if forecast["converges"]:
@@ -279,22 +309,31 @@ def main() -> None:
     ap.add_argument("--convergence-wait", type=float, default=45, help="seconds a migration forecast "
                     "not to converge runs before the forecast's advice is applied")
     ap.add_argument("--suffix", default="", help="appended to the ids in the table (e.g. L)")
+    ap.add_argument("--netns-rate", help="migrate over a veth pair shaped by tc tbf to this rate (e.g. "
+                    "1gbit) instead of loopback; root needed")
     ap.add_argument("--json", type=Path)
     ns = ap.parse_args()
     results = []
-    for sid in ns.scenarios.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"bench-forecast-{sid}-") as tmp:
-            r = run(sid, Path(tmp), ns.max_bandwidth, ns.calc_time, ns.settle, ns.convergence_wait)
-        r["scenario"] += ns.suffix
-        results.append(r)
-        print(row(r), flush=True)
-        if r["suggestion"] is not None:
-            print(f"  {r['scenario']} advice: {r['suggestion']}", flush=True)
+    link = netns_link(ns.netns_rate) if ns.netns_rate else contextlib.nullcontext()
+    with link:
+        for sid in ns.scenarios.split(","):
+            results.append(case(sid, ns))
     print("\n" + HEADER)
     for r in results:
         print(row(r))
     if ns.json:
         ns.json.write_text(json.dumps(results, indent=1))
+
+
+def case(sid: str, ns: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-forecast-{sid}-") as tmp:
+        r = run(sid, Path(tmp), ns.max_bandwidth, ns.calc_time, ns.settle, ns.convergence_wait,
+                netns=bool(ns.netns_rate))
+    r["scenario"] += ns.suffix
+    print(row(r), flush=True)
+    if r["suggestion"] is not None:
+        print(f"  {r['scenario']} advice: {r['suggestion']}", flush=True)
+    return r
 
 
 if __name__ == "__main__":
