@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -38,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmferry.migration.forecast import from_migration
+from vmferry.migration.forecast import ForecastInput, forecast, from_migration
 from vmferry.monitor.client import QmpClient
 
 # id: (memory, dirty guest's arguments, B's max-bandwidth (None: the --max-bandwidth option),
@@ -260,6 +261,30 @@ def not_converging(mid: Vm, dst: Vm, forecast: dict[str, Any], wait_s: float) ->
                     "seconds": round(time.monotonic() - t0, 1), "passes": len(after.get("passes", []))}
 
 
+def hindsight(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The same forecast with B's own numbers as inputs: its passes' bandwidth and engine
+    bandwidth, its setup and time between passes, and the rate the guest dirtied at while B's
+    first pass ran (pass 1's dirty pages over its time, through D(t) with the measured working
+    set). What it misses is the model's error; the rest of the forecast's is its inputs'."""
+    b, inputs = r["actual"], r["forecast"]["inputs"]
+    c = from_migration(b)
+    if c is None:
+        return None
+    first = b["passes"][0]
+    ws = inputs["working-set"]
+    dirty = first["dirty-pages"] * 4096
+    secs = (first["duration-ms"] / 1000) + c.pass_overhead_s
+    if 0 < dirty < ws:
+        rate = -ws * math.log1p(-dirty / ws) / secs
+    else:
+        rate = 0.0 if dirty == 0 else inputs["dirty-rate"]
+    f = forecast(ForecastInput(
+        initial_bytes=inputs["initial-bytes"], dirty_rate_bps=rate, bandwidth_bps=c.bandwidth_bps,
+        downtime_limit_ms=inputs["downtime-limit"], working_set_bytes=ws, switchover_ms=c.switchover_ms,
+        setup_s=c.setup_s, pass_overhead_s=c.pass_overhead_s, engine_bandwidth_bps=c.engine_bandwidth_bps))
+    return {**f.as_qmp(), "dirty-rate": rate, "bandwidth": c.bandwidth_bps}
+
+
 def _rate(dr: dict[str, Any]) -> str:
     pace = dr.get("guest-pace")
     return f"{dr['dirty-rate']} ({'-' if pace is None else round(pace)})"
@@ -287,15 +312,21 @@ def row(r: dict[str, Any]) -> str:
         pause_cell = f"{f['downtime-ms']:.0f} / expected {last.get('expected-downtime', '-')}"
     verdict = f"{'yes' if f['converges'] else 'no'} / {'yes' if done else 'no'}"
     dw = r["dirty-rate"].get("x-working-set", 0) / 2**20
+    h = hindsight(r) if done else None
+    h_cell = "-" if h is None else (
+        f"{h['dirty-rate'] / 2**20:,.0f} MiB/s, {h['bandwidth'] / 2**20:,.0f} MiB/s: {h['passes']} passes, "
+        f"{err(h['total-time-ms'], b['total-time']).strip()} time, "
+        f"{err(h['total-bytes'], real_bytes).strip()} bytes")
     return (f"| {r['scenario']} | {configured} | {_rate(r['dirty-rate-source'])} | "
             f"{_rate(r['dirty-rate'])}, W {dw:,.0f} | {r['bandwidth-a'] / 2**20:,.0f} | {verdict} | "
             f"{f['passes']} / {len(b.get('passes', []))} | {time_cell} | {bytes_cell} | {pause_cell} | "
-            f"{max(r['load']):.1f} |")
+            f"{h_cell} | {max(r['load']):.1f} |")
 
 
 HEADER = ("| id | configured MiB/s | source: calc-dirty-rate (guest's pace) | forecast's: rate (pace), "
           "working set MiB | bandwidth MiB/s | converges f/a | passes f/a | total ms f/a (err) | "
-          "page MiB f/a (err) | pause ms f/a | load |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "page MiB f/a (err) | pause ms f/a | with B's own rates: dirty, bandwidth: passes, err | load |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
