@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmferry.migration.forecast import ForecastInput, forecast, from_migration
+from vmferry.migration.forecast import ForecastInput, dirty_rate_in_first_pass, forecast, from_migration
 from vmferry.monitor.client import QmpClient
 
 # id: (memory, dirty guest's arguments, B's max-bandwidth (None: the --max-bandwidth option),
@@ -211,7 +211,17 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
         # source that had migrated before would use them; a capped B with an uncapped A: the cap,
         # as a user states the speed of a link.
         bandwidth = calibration.bandwidth_bps if cap_a or not cap else cap
+        # The guest slows while it is migrated (its vCPU shares the 2 cores with the migration):
+        # A, under the same conditions as B, says by how much — the rate in A's first pass
+        # against the rate measured before A, both through the working set measured there. B
+        # under a different cap than A (S5N) gets no such correction: nothing measured it.
+        ws_a = at_source.get("x-working-set") or 0
+        in_a = dirty_rate_in_first_pass(a, ws_a) if ws_a else None
+        before_a = at_source.get("x-dirty-rate-bytes") or 0
+        slowdown = min(1.0, in_a / before_a) if (cap_a or not cap) and in_a is not None and before_a else 1.0
+        measured = dr.get("x-dirty-rate-bytes") or 0
         forecast = mid.qmp.execute("x-migrate-forecast", **{
+            "dirty-rate": round(measured * slowdown), "working-set": dr.get("x-working-set") or 0,
             "bandwidth": round(bandwidth), "switchover-ms": round(calibration.switchover_ms or 0),
             "engine-bandwidth": round(calibration.engine_bandwidth_bps or bandwidth),
             "setup-ms": round(calibration.setup_s * 1000),
@@ -229,6 +239,7 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
                 raise RuntimeError(f"{sid}: the destination's guest found bad pages")
         loads.append(load())
     return {"scenario": sid, "configured": guest, "max-bandwidth": cap, "bandwidth-a": bandwidth,
+            "slowdown": slowdown,
             "a": a, "dirty-rate-source": at_source, "dirty-rate": dr, "forecast": forecast, "actual": b,
             "suggestion": suggestion, "load": loads}
 
@@ -302,8 +313,9 @@ def row(r: dict[str, Any]) -> str:
     if done:
         real_ms, real_bytes = b["total-time"], b["ram"]["normal-bytes"]
         time_cell = f"{f_ms if f_ms is None else round(f_ms)} / {real_ms}{err(f_ms, real_ms)}"
-        bytes_cell = (f"{f['total-bytes'] / 2**20:,.0f} / {real_bytes / 2**20:,.0f}"
-                      f"{err(f['total-bytes'], real_bytes)}")
+        f_bytes = f["total-bytes"] if f["converges"] else None
+        bytes_cell = (f"{'-' if f_bytes is None else f'{f_bytes / 2**20:,.0f}'} / {real_bytes / 2**20:,.0f}"
+                      f"{err(f_bytes, real_bytes)}")
         pause_cell = f"{f['downtime-ms']:.0f} / {b.get('downtime', '-')}"
     else:
         last = (b.get("passes") or [{}])[-1]
@@ -318,13 +330,15 @@ def row(r: dict[str, Any]) -> str:
         f"{err(h['total-time-ms'], b['total-time']).strip()} time, "
         f"{err(h['total-bytes'], real_bytes).strip()} bytes")
     return (f"| {r['scenario']} | {configured} | {_rate(r['dirty-rate-source'])} | "
-            f"{_rate(r['dirty-rate'])}, W {dw:,.0f} | {r['bandwidth-a'] / 2**20:,.0f} | {verdict} | "
+            f"{_rate(r['dirty-rate'])} x {r.get('slowdown', 1):.2f}, W {dw:,.0f} | "
+            f"{r['bandwidth-a'] / 2**20:,.0f} | {verdict} | "
             f"{f['passes']} / {len(b.get('passes', []))} | {time_cell} | {bytes_cell} | {pause_cell} | "
             f"{h_cell} | {max(r['load']):.1f} |")
 
 
-HEADER = ("| id | configured MiB/s | source: calc-dirty-rate (guest's pace) | forecast's: rate (pace), "
-          "working set MiB | bandwidth MiB/s | converges f/a | passes f/a | total ms f/a (err) | "
+HEADER = ("| id | configured MiB/s | source: calc-dirty-rate (guest's pace) | forecast's: rate (pace) x "
+          "slowdown in A, working set MiB | bandwidth MiB/s | converges f/a | passes f/a | "
+          "total ms f/a (err) | "
           "page MiB f/a (err) | pause ms f/a | with B's own rates: dirty, bandwidth: passes, err | load |"
           "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 

@@ -14,6 +14,7 @@ from vmferry.migration.forecast import (
     DEVICE_STATE_MS,
     FIT_TOLERANCE,
     ForecastInput,
+    dirty_rate_in_first_pass,
     distinct_dirtied,
     fit_dirty_curve,
     forecast,
@@ -194,6 +195,17 @@ def test_calibration_from_a_completed_migration() -> None:
     assert c.switchover_ms == pytest.approx(0.5 + 2.0 + 0.1 + 4.0)
     assert from_migration({**info, "status": "failed"}) is None
     assert from_migration({"status": "completed", "passes": []}) is None
+
+
+def test_the_rate_in_a_first_pass() -> None:
+    # 1 GiB working set, 2 s pass, 100 MiB found dirty: r = -W ln(1 - D/W) / t = 51.3 MiB/s.
+    info = {"passes": [{"dirty-pages": 100 * 256, "duration-ms": 2000.0}]}
+    r = dirty_rate_in_first_pass(info, 1024 * MiB)
+    assert r == pytest.approx(-1024 * math.log1p(-100 / 1024) / 2 * MiB)
+    assert distinct_dirtied(r, 1024 * MiB, 2) == pytest.approx(100 * MiB)
+    assert dirty_rate_in_first_pass(info, 100 * MiB) is None  # saturated
+    assert dirty_rate_in_first_pass({"passes": [{"dirty-pages": 0, "duration-ms": 5.0}]}, MiB) == 0
+    assert dirty_rate_in_first_pass({}, MiB) is None
 
 
 inputs = st.builds(

@@ -131,6 +131,24 @@ def from_migration(info: dict) -> Calibration | None:
         switchover_ms=sum(phases.values()) if phases else None)
 
 
+def dirty_rate_in_first_pass(info: dict, working_set_bytes: float) -> float | None:
+    """The guest's write rate while a migration's first pass ran (bytes/s), from its
+    query-migrate answer: the pages its closing sync found dirty, over the pass, through D(t)
+    with the working set. Set against the rate measured before that migration, it says how much
+    the guest slows while it is being migrated (its vCPU shares the host with the migration);
+    None without a first pass."""
+    passes = info.get("passes") or []
+    if not passes or passes[0]["duration-ms"] <= 0:
+        return None
+    dirty = passes[0]["dirty-pages"] * PAGE_SIZE
+    secs = passes[0]["duration-ms"] / 1000
+    if dirty <= 0:
+        return 0.0
+    if dirty >= working_set_bytes:
+        return None  # saturated: the rate is not known, only that it filled the working set
+    return -working_set_bytes * math.log1p(-dirty / working_set_bytes) / secs
+
+
 @dataclass(frozen=True)
 class ForecastInput:
     initial_bytes: int  # populated guest RAM: what pass 1 sends
