@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 NETNS = "vmferry-forecast"
 NETNS_EXEC = ("ip", "netns", "exec", NETNS)
-OUTER, INNER = "10.78.0.1", "10.78.0.2"
+OUTER, INNER = "10.213.47.1", "10.213.47.2"  # a subnet no other bench here uses
 
 
 @contextlib.contextmanager
