@@ -150,7 +150,9 @@ def vms() -> Iterator[list[Vm]]:
 def guest_pace(text: str, since: int) -> float | None:
     """MiB/s the dirty guest wrote by its own count (generations over its seconds) in its
     progress lines from offset `since` on; None with fewer than two lines."""
-    lines = re.findall(r"dirty: t=(\d+) gen=(\d+)", text[since:])
+    # Whole lines only: the guest writes a line a character at a time, and a line cut short
+    # in the middle of its generation would read as a smaller one.
+    lines = re.findall(r"dirty: t=(\d+) gen=(\d+) written=", text[since:])
     if len(lines) < 2:
         return None
     (t0, g0), (t1, g1) = (tuple(map(int, x)) for x in (lines[0], lines[-1]))
