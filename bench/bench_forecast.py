@@ -174,9 +174,10 @@ def load() -> float:
 
 
 def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float,
-        convergence_wait_s: float, netns: bool = False) -> dict[str, Any]:
+        convergence_wait_s: float, netns: bool = False, hop: bool = False) -> dict[str, Any]:
     """One case. `netns`: the first destination runs in the namespace of `netns_link`, so A goes
-    into it and B out of it, both over the shaped veth pair."""
+    into it and B out of it, both over the shaped veth pair. `hop`: migrate the guest once more
+    before A (loopback, unlimited), so A's source, like B's, runs a guest that was migrated in."""
     mem, guest, b_cap, b_limit, cap_a = CASES[sid]
     cap = max_bandwidth if b_cap is None else b_cap
     loads = [load()]
@@ -186,7 +187,19 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
         src.wait_serial(r"dirty: filled")
         src.wait_serial(r"verify ok")
         # The dirty rate on the source the guest started on: against its configured rate.
-        at_source = measure_dirty_rate(src, calc_time)
+        at_source = before_a = measure_dirty_rate(src, calc_time)
+        if hop:
+            pre = Vm(tmp, "pre", "-m", mem, "--incoming", "tcp:127.0.0.1:0")
+            started.append(pre)
+            if (h := src.migrate(pre.listen_uri()))["status"] != "completed":
+                raise RuntimeError(f"{sid} hop: {h}")
+            src.close()
+            started.remove(src)
+            src = pre
+            src.wait_serial(r"verify ok", after=0)
+            time.sleep(settle_s)
+            src.wait_serial(r"verify ok", after=len(src.text()))
+            before_a = measure_dirty_rate(src, calc_time)
         mid = (Vm(tmp, "mid", "-m", mem, "--incoming", f"tcp:{INNER}:0", prefix=NETNS_EXEC) if netns
                else Vm(tmp, "mid", "-m", mem, "--incoming", "tcp:127.0.0.1:0"))
         started.append(mid)
@@ -217,10 +230,10 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
         # A, under the same conditions as B, says by how much — the rate in A's first pass
         # against the rate measured before A, both through the working set measured there. B
         # under a different cap than A (S5N) gets no such correction: nothing measured it.
-        ws_a = at_source.get("x-working-set") or 0
+        ws_a = before_a.get("x-working-set") or 0
         in_a = dirty_rate_in_first_pass(a, ws_a) if ws_a else None
-        before_a = at_source.get("x-dirty-rate-bytes") or 0
-        slowdown = min(1.0, in_a / before_a) if (cap_a or not cap) and in_a is not None and before_a else 1.0
+        rate_a = before_a.get("x-dirty-rate-bytes") or 0
+        slowdown = min(1.0, in_a / rate_a) if (cap_a or not cap) and in_a is not None and rate_a else 1.0
         measured = dr.get("x-dirty-rate-bytes") or 0
         forecast = mid.qmp.execute("x-migrate-forecast", **{
             "dirty-rate": round(measured * slowdown), "working-set": dr.get("x-working-set") or 0,
@@ -358,6 +371,8 @@ def main() -> None:
     ap.add_argument("--suffix", default="", help="appended to the ids in the table (e.g. L)")
     ap.add_argument("--netns-rate", help="migrate over a veth pair shaped by tc tbf to this rate (e.g. "
                     "1gbit) instead of loopback; root needed")
+    ap.add_argument("--hop", action="store_true", help="migrate the guest once before A, so A's "
+                    "source ran a migrated-in guest as B's does")
     ap.add_argument("--json", type=Path)
     ns = ap.parse_args()
     results = []
@@ -375,7 +390,7 @@ def main() -> None:
 def case(sid: str, ns: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-forecast-{sid}-") as tmp:
         r = run(sid, Path(tmp), ns.max_bandwidth, ns.calc_time, ns.settle, ns.convergence_wait,
-                netns=bool(ns.netns_rate))
+                netns=bool(ns.netns_rate), hop=ns.hop)
     r["scenario"] += ns.suffix
     print(row(r), flush=True)
     if r["suggestion"] is not None:
