@@ -20,7 +20,11 @@ mid-migration (max-bandwidth = 1.25 x bandwidth-needed) and B must complete. The
 last destination must print `verify ok`. `--max-bandwidth` caps A and B of S1-S5 (125000000 for
 the 1 Gbit/s link cases, `--suffix L`).
 
-  python bench/bench_forecast.py [--scenarios S1,S3,S4,S5,S5N] [--max-bandwidth N] [--json out.json]
+`--netns-rate 1gbit` migrates over a real shaped link instead of loopback (root); `--hop`
+migrates the guest once more before A.
+
+  python bench/bench_forecast.py [--scenarios S1,S3,S4,S5,S5N] [--max-bandwidth N] [--netns-rate R]
+                                 [--hop] [--suffix L] [--json out.json]
 """
 
 from __future__ import annotations
