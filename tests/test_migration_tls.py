@@ -294,7 +294,11 @@ def test_object_add_refuses_by_name(tmp_path: Path, procs: list[VmProcess], pki:
     cases = [
         ({"qom-type": "memory-backend-ram", "id": "m"}, "Object type 'memory-backend-ram' is not supported"),
         ({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "endpoint": "client"},
-         "'tls-creds-psk' is not supported by vmferry: Python's ssl module"),
+         r"tls-creds-psk 'p': Unable to access credentials .*keys\.psk"),
+        ({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "endpoint": "server",
+          "username": "qemu"}, "username should not be set when endpoint=server"),
+        ({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "verify-peer": True},
+         "Property 'tls-creds-psk.verify-peer' not found"),
         ({**x509, "dir": str(pki["server"]), "identity": "x"},
          "Property 'tls-creds-x509.identity' not found"),
         ({**x509, "dir": str(pki["server"]), "priority": "NORMAL"}, "Parameter 'priority' is unexpected"),
@@ -339,3 +343,133 @@ def test_bad_object_on_the_command_line_is_an_error_not_a_traceback(tmp_path: Pa
                              env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
         assert run.returncode != 0 and message in run.stderr, (spec, run.stderr)
         assert "Traceback" not in run.stderr, run.stderr
+
+
+# -- PSK ----------------------------------------------------------------------------------------
+
+PSK_KEY = "6b3f1f4cc0ad9a3e2b8f4e0a1d7c55e0f2a9b4c3d6e7f8091a2b3c4d5e6f7081"
+
+
+def _psk_dir(tmp: Path, name: str, text: str) -> Path:
+    d = tmp / name
+    d.mkdir()
+    (d / "keys.psk").write_text(text)
+    return d
+
+
+def _psk(vm: VmProcess, d: Path, endpoint: str, **extra: object) -> None:
+    with contextlib.suppress(QmpReplyError):
+        vm.cmd("object-del", id="tls0")
+    vm.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "tls0", "dir": str(d),
+                            "endpoint": endpoint, **extra})
+
+
+def test_psk_migration_completes_verified_and_the_wire_shows_no_plaintext(
+    tmp_path: Path, procs: list[VmProcess]
+) -> None:
+    keys = _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\nalice:{'5a' * 32}\n")
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    # QEMU's sequence, through qemu.qmp; under PSK tls-authz checks the client's username.
+    _psk(dst, keys, "server")
+    dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "auth0", "identity": "alice"})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+    port = _listen(dst)
+    _psk(src, keys, "client", username="alice")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    relay = Relay(port)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+        info = src.wait_migration(timeout=TIMEOUT)
+        assert info["status"] == "completed", info
+        assert dst.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+    finally:
+        relay.close()
+    verdict = dst.cmd("x-verify-dirty-guest")
+    assert verdict["ok"], verdict
+    wire = bytes(relay.captured)
+    assert len(wire) >= info["ram"]["transferred"] and wire[:2] == b"\x16\x03"
+    assert STREAM_MAGIC not in wire and DIRTY_GUEST_MAGIC not in wire
+    _no_traceback(src, dst)
+
+
+def test_psk_refusals_source_keeps_running_destination_keeps_waiting(
+    tmp_path: Path, procs: list[VmProcess], pki: dict[str, Path]
+) -> None:
+    keys = _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\n")
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer",
+                    "--object", f"tls-creds-psk,id=tls0,dir={keys},endpoint=server")
+    procs.append(dst)
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    port = _listen(dst)
+    refusals = 0
+
+    def refused(pattern: str, dst_pattern: str) -> None:
+        nonlocal refusals
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        info = src.wait_migration(timeout=TIMEOUT)
+        assert info["status"] == "failed", info
+        assert re.search(pattern, info["error-desc"]), info["error-desc"]
+        assert src.status() == "running"
+        refusals += 1
+        deadline = time.monotonic() + TIMEOUT
+        while dst.log().count("incoming migration connection refused") < refusals:
+            assert time.monotonic() < deadline, dst.log()
+            time.sleep(0.05)
+        assert re.search(dst_pattern, dst.log()), dst.log()
+        assert dst.status() == "inmigrate" and dst.cmd("query-migrate")["status"] == "setup"
+
+    cases = [
+        ("PSK mismatch", f"qemu:{'ff' * 32}\n", {},
+         r"TLS handshake on tcp:\S+ failed: .*decrypt error \(the destination's key for PSK username 'qemu'",
+         r"the client's key for PSK username 'qemu' does not match"),
+        ("unknown username", f"bob:{PSK_KEY}\n", {"username": "bob"},
+         r"TLS handshake on tcp:\S+ failed: .*PSK username 'bob'",
+         r"PSK username 'bob' is not in \S+keys\.psk"),
+    ]
+    for number, (case, text, extra, pattern, dst_pattern) in enumerate(cases):
+        _psk(src, _psk_dir(tmp_path, f"client{number}", text), "client", **extra)
+        src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+        try:
+            refused(pattern, dst_pattern)
+        except AssertionError as e:
+            raise AssertionError(f"{case}: {e}") from e
+
+    # x509 credentials against the PSK destination.
+    _x509(src, pki["client"], "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+    refused(r"TLS handshake on tcp:\S+ failed: ", r"incoming migration connection refused: TLS handshake")
+
+    # A plain-text source against the PSK destination.
+    src.cmd("migrate-set-parameters", **{"tls-creds": ""})
+    refused(r"the destination requires TLS \(tls-creds 'tls0'\); this connection is plain text",
+            r"this connection is plain text")
+
+    # Still waiting: the right key migrates, memory verified.
+    _psk(src, keys, "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert src.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+    assert dst.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+    assert dst.cmd("x-verify-dirty-guest")["ok"]
+    _no_traceback(src, dst)
+
+
+def test_psk_source_against_a_plain_text_destination(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    port = _listen(dst)
+    _psk(src, _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\n"), "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(timeout=TIMEOUT)
+    assert info["status"] == "failed", info
+    assert re.search(r"TLS handshake on tcp:\S+ failed: ", info["error-desc"]), info
+    assert src.status() == "running"
+    dinfo = dst.wait_migration(timeout=TIMEOUT)
+    assert dinfo["status"] == "failed" and "magic" in dinfo["error-desc"], dinfo
+    assert dst.status() == "inmigrate"
+    _no_traceback(src, dst)
