@@ -11,6 +11,9 @@ cancel or the ACK sends. `ssl.SSLSocket` is not safe for a read and a write from
               drained before anyone drains again (the receiver drains too: TLS 1.3 may answer a
               KeyUpdate from inside a read).
 
+The engine is an ssl.SSLObject for x509 credentials, or, for pre-shared keys (which Python 3.11's
+ssl cannot do), a `tls_psk.PskSession` with the same interface; everything here serves both.
+
 TLS 1.3 only. Small writes (a list of 4 KiB page views) are gathered into large plaintext batches
 before encryption, so the records are full-sized (16 KiB) and each batch is one system call: the
 stream's zero-copy `sendmsg` of page lists does not exist through TLS, and copying a page into
