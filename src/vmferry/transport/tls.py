@@ -58,6 +58,15 @@ Authorizer = Callable[[str | None], str | None]
 TlsContext = ssl.SSLContext | PskContext
 
 
+class TlsAlert(TransportError):
+    """The peer ended the connection with a fatal TLS alert (`alert`: OpenSSL's words, e.g.
+    "sslv3 alert bad record mac" when one of our records reached it altered)."""
+
+    def __init__(self, message: str, alert: str) -> None:
+        super().__init__(message)
+        self.alert = alert
+
+
 # -- contexts ---------------------------------------------------------------------------------
 
 
@@ -183,6 +192,20 @@ class TlsChannel(SocketChannel):
         except OSError as e:
             raise self._error("send on", e) from e
 
+    def _flush_best_effort(self) -> None:
+        """_flush for a failing connection: bounded, errors ignored (the peer may be gone)."""
+        if not self._send_lock.acquire(timeout=CLOSE_TIMEOUT_S):
+            return
+        try:
+            with self._tls:
+                data = self._out.read()
+            if data:
+                with contextlib.suppress(OSError):
+                    self._sock.settimeout(CLOSE_TIMEOUT_S)
+                    self._sock.sendall(data)
+        finally:
+            self._send_lock.release()
+
     def _flush(self) -> None:
         """Send whatever the TLS engine queued (alerts, KeyUpdate answers, close_notify)."""
         with self._send_lock:
@@ -195,9 +218,19 @@ class TlsChannel(SocketChannel):
 
     def _read_into(self, view: memoryview) -> int:
         while True:
+            failure: TransportError | None = None
             with self._tls:
-                got = self._decrypt_into(view)
+                try:
+                    got = self._decrypt_into(view)
+                except TransportError as e:
+                    failure, got = e, 0
                 queued = self._out.pending
+            if failure is not None:
+                # The engine queued a fatal alert (a record that fails its MAC: "bad record
+                # mac"): send it, so the peer learns why, then fail.
+                if queued:
+                    self._flush_best_effort()
+                raise failure
             if queued:
                 self._flush()
             if got:
@@ -219,7 +252,10 @@ class TlsChannel(SocketChannel):
                 self._peer_closed = True
                 break
             except ssl.SSLError as e:
-                raise TransportError(f"receive on {self.label} failed: TLS: {_ssl_reason(e)}") from e
+                message = f"receive on {self.label} failed: TLS: {_ssl_reason(e)}"
+                if "ALERT" in (e.reason or ""):
+                    raise TlsAlert(message, _ssl_reason(e)) from e
+                raise TransportError(message) from e
             if n == 0:
                 self._peer_closed = True
                 break

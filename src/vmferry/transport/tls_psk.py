@@ -175,7 +175,9 @@ class PskSession:
             err.reason = "UNEXPECTED_EOF_WHILE_READING"  # type: ignore[misc]
             return err
         reasons = [r for (_lib, _func, r) in (e.args[0] if e.args and isinstance(e.args[0], list) else [])]
-        reason = reasons[-1] if reasons else "TLS error"
+        # The first entry is the cause ("decryption failed or bad record mac"); later ones are
+        # the layers above it ("record layer failure").
+        reason = reasons[0] if reasons else "TLS error"
         text = reason
         ctx = self._context
         if handshake and ctx.server:
