@@ -99,33 +99,43 @@ def _no_traceback(*vms: VmProcess) -> None:
 
 
 class Relay:
-    """A TCP relay between the source and the destination that records what the source sends;
-    `cut_after` forwards only that many bytes of the destination's answer, then cuts both
-    connections (a handshake cut midway)."""
+    """A TCP relay between the source and the destination that records what the source sends on
+    each connection it relays (the main one first, then any data channels); `cut_after` forwards
+    only that many bytes of the destination's answer, then cuts both connections (a handshake cut
+    midway)."""
 
     def __init__(self, target_port: int, *, cut_after: int | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.target_port = target_port
         self.cut_after = cut_after
-        self.captured = bytearray()
+        self.captures: list[bytearray] = []  # per connection, in the order they came
         self._socks: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._serve, daemon=True)]
         self._threads[0].start()
 
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        up = socket.create_connection(("127.0.0.1", self.target_port))
-        self._socks += [conn, up]
-        for args in ((conn, up, self.captured, None), (up, conn, None, self.cut_after)):
-            t = threading.Thread(target=self._pump, args=args, daemon=True)
-            self._threads.append(t)
-            t.start()
+    @property
+    def captured(self) -> bytearray:
+        return self.captures[0] if self.captures else bytearray()
 
-    def _pump(self, a: socket.socket, b: socket.socket, record: bytearray | None, limit: int | None) -> None:
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [conn, up]
+            record = bytearray()
+            self.captures.append(record)
+            pair = [conn, up]
+            for args in ((conn, up, pair, record, None), (up, conn, pair, None, self.cut_after)):
+                t = threading.Thread(target=self._pump, args=args, daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, pair: list[socket.socket],
+              record: bytearray | None, limit: int | None) -> None:
         try:
             while data := a.recv(65536):
                 if record is not None:
@@ -134,7 +144,7 @@ class Relay:
                     b.sendall(data[:limit])
                     limit -= min(limit, len(data))
                     if limit == 0:
-                        for s in self._socks:
+                        for s in pair:
                             with contextlib.suppress(OSError):
                                 s.shutdown(socket.SHUT_RDWR)
                         return
@@ -142,11 +152,13 @@ class Relay:
                     b.sendall(data)
             b.shutdown(socket.SHUT_WR)
         except OSError:
-            for s in self._socks:
+            for s in pair:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self.listener.close()
         for s in self._socks:
             with contextlib.suppress(OSError):
