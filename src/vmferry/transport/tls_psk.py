@@ -106,6 +106,7 @@ class PskSession:
         from OpenSSL import SSL
 
         self._SSL = SSL
+        self._ffi, self._lib = _ffi(), _lib()
         self._context = context
         self._conn = SSL.Connection(context._ctx, None)
         if context.server:
@@ -139,10 +140,17 @@ class PskSession:
         return done
 
     def read(self, n: int, buffer: Any) -> int:
+        # Straight into the caller's buffer: pyOpenSSL's recv_into decrypts into a buffer it
+        # allocates per call and copies from there (the destination's bulk path: each byte).
+        with self._ffi.from_buffer(buffer, require_writable=True) as out:
+            result = self._lib.SSL_read(self._conn._ssl, out, min(n, len(out)))
+        if result > 0:
+            return result
         try:
-            return self._conn.recv_into(buffer, n)
+            self._conn._raise_ssl_error(self._conn._ssl, result)
         except self._SSL.Error as e:
             raise self._translate(e, handshake=False) from None
+        raise ssl.SSLZeroReturnError()  # result <= 0 and no error: the peer's close_notify
 
     def unwrap(self) -> None:
         try:
@@ -245,6 +253,12 @@ def _ffi() -> Any:
     return Binding.ffi
 
 
+def _lib() -> Any:
+    from cryptography.hazmat.bindings.openssl.binding import Binding
+
+    return Binding.lib
+
+
 def _openssl_context(owner: PskContext) -> Any:
     try:
         from cryptography.hazmat.bindings.openssl.binding import Binding
@@ -258,6 +272,10 @@ def _openssl_context(owner: PskContext) -> Any:
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_tls13_ciphersuites(PSK_CIPHERSUITES)
     ctx.set_options(SSL.OP_NO_TICKET)  # migrations never resume sessions
+    # pyOpenSSL turns on partial writes (one 16 KiB record per SSL_write); into a memory BIO a
+    # whole batch can always be written, so one call encrypts all of it (measured: the Python
+    # call per record cost about a third of the encryption).
+    lib.SSL_CTX_clear_mode(ctx._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     ref = weakref.ref(owner)
 
     if owner.server:
