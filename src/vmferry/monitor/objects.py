@@ -274,7 +274,8 @@ def migration_tls(params: MigrationParameters, objects: ObjectRegistry, *, endpo
         raise QmpError(f"Expected TLS credentials for a {endpoint} endpoint")
     if endpoint == "client":
         hostname = p.tls_hostname or uri_host
-        if not hostname:
+        # Only a certificate is checked against a name: PSK needs none (unix: works without).
+        if not hostname and not isinstance(creds.context, PskContext):
             raise QmpError("No hostname available for TLS")
         return TlsSetup(creds, hostname=hostname)
     authorize = None
