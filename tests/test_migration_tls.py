@@ -357,6 +357,34 @@ def test_bad_object_on_the_command_line_is_an_error_not_a_traceback(tmp_path: Pa
         assert "Traceback" not in run.stderr, run.stderr
 
 
+def test_multifd_data_channels_are_tls_too(
+    tmp_path: Path, procs: list[VmProcess], pki: dict[str, Path]
+) -> None:
+    """With tls-creds set, every data connection does the handshake (and passes tls-authz): the
+    destination refuses a plain-text connection, so a completed multifd migration whose pages
+    went on the data channels proves they were TLS."""
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    _x509(dst, pki["server"], "server")
+    dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "auth0", "identity": CLIENT_DN})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+    port = _listen(dst)
+    _x509(src, pki["client"], "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost",
+                                         "multifd-channels": 2})
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(timeout=TIMEOUT)
+    assert info["status"] == "completed", info
+    dinfo = dst.wait_migration(timeout=TIMEOUT)
+    assert dinfo["status"] == "completed", dinfo
+    assert dinfo["ram"]["multifd-bytes"] > dinfo["ram"]["transferred"] // 2, dinfo
+    verdict = dst.cmd("x-verify-dirty-guest")
+    assert verdict["ok"], verdict
+    assert "plain text" not in dst.log()
+
+
 # -- PSK ----------------------------------------------------------------------------------------
 
 PSK_KEY = "6b3f1f4cc0ad9a3e2b8f4e0a1d7c55e0f2a9b4c3d6e7f8091a2b3c4d5e6f7081"
@@ -484,4 +512,36 @@ def test_psk_source_against_a_plain_text_destination(tmp_path: Path, procs: list
     dinfo = dst.wait_migration(timeout=TIMEOUT)
     assert dinfo["status"] == "failed" and "magic" in dinfo["error-desc"], dinfo
     assert dst.status() == "inmigrate"
+    _no_traceback(src, dst)
+
+
+def test_multifd_data_channels_are_psk_too(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """PSK on every data connection: the migration goes through the relay, the data channels
+    too (they connect to the same URI); a completed multifd migration whose pages went on the
+    data channels, with memory verified and no plaintext page on any connection."""
+    keys = _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\n")
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    _psk(dst, keys, "server")
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    port = _listen(dst)
+    _psk(src, keys, "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "multifd-channels": 2})
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    relay = Relay(port)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+        info = src.wait_migration(timeout=TIMEOUT)
+        assert info["status"] == "completed", info
+        dinfo = dst.wait_migration(timeout=TIMEOUT)
+        assert dinfo["status"] == "completed", dinfo
+    finally:
+        relay.close()
+    assert dinfo["ram"]["multifd-bytes"] > dinfo["ram"]["transferred"] // 2, dinfo
+    assert dst.cmd("x-verify-dirty-guest")["ok"]
+    assert len(relay.captures) == 3, [len(c) for c in relay.captures]  # main + 2 data channels
+    for wire in relay.captures:
+        assert wire[:2] == b"\x16\x03" and STREAM_MAGIC not in wire and DIRTY_GUEST_MAGIC not in wire
+    assert "plain text" not in dst.log()
     _no_traceback(src, dst)
