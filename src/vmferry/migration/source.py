@@ -217,9 +217,13 @@ class OutgoingMigration:
 
     def _stall_limit_s(self) -> float | None:
         """How long a data channel may sit with unsent bytes before it is lost: the heartbeat
-        limit, once the destination beats (None: heartbeats off or not spoken)."""
+        limit, once the destination beats (None: heartbeats off or not spoken). None too while
+        the destination itself has been quiet for 2 intervals: a destination that stopped
+        altogether is the watchdog's to report, by its own name, not each channel's."""
         wd = self.watchdog
-        return wd.limit_s if wd is not None and wd.enabled and wd.armed else None
+        if wd is None or not wd.enabled or not wd.armed:
+            return None
+        return None if self._destination_quiet_for() > 2 * wd.interval_s else wd.limit_s
 
     def _destination_quiet_for(self) -> float:
         rp = self.return_path
