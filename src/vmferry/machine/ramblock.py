@@ -38,6 +38,7 @@ _libc.mincore.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 MADV_POPULATE_WRITE = 23  # Linux 5.14
+MADV_DONTNEED = 4
 
 
 class RamBlock:
@@ -133,6 +134,13 @@ class RamBlock:
         meant for a helper thread running ahead of a writer."""
         addr = self.host_addr + first_page * PAGE_SIZE
         return _libc.madvise(addr, npages * PAGE_SIZE, MADV_POPULATE_WRITE) == 0
+
+    def discard(self, first_page: int, npages: int) -> None:
+        """Drop pages (MADV_DONTNEED): on this private anonymous mapping they read as zero again
+        and, under a userfaultfd in missing mode, are missing again (postcopy's discard)."""
+        addr = self.host_addr + first_page * PAGE_SIZE
+        if _libc.madvise(addr, npages * PAGE_SIZE, MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), f"madvise(DONTNEED) on RAM block {self.name}")
 
     def populated_pages(self) -> np.ndarray:
         """Bool per page: has anything ever touched it (guest or host)? From mincore(2), which
