@@ -146,3 +146,36 @@ def test_a_host_thread_copying_from_a_missing_page_without_the_gil_is_resolved()
     finally:
         uffd.release()
         mem.close()
+
+
+def test_device_reads_and_writes_of_guest_ram_fault_and_are_resolved_without_deadlock() -> None:
+    """Devices reach guest RAM only through RamBlock.read/write (Machine.read_gpa/write_gpa,
+    virtqueue.py's accessors): on a missing page those fault with the GIL released, so the
+    Python resolver thread runs and places the page. A GIL-holding access here would hang."""
+    from vmferry.machine.ramblock import RamBlock
+
+    block = RamBlock("test.ram", 0x100000, 16 * PAGE_SIZE)
+    uffd = Userfaultfd()
+    seen: list[int] = []
+
+    def resolve() -> None:
+        while not uffd.closed:
+            for f in uffd.wait(0.1):
+                page = (f.address - block.host_addr) // PAGE_SIZE
+                seen.append(page)
+                data = ctypes.create_string_buffer(bytes([page]) * PAGE_SIZE, PAGE_SIZE)
+                uffd.copy(block.host_addr + page * PAGE_SIZE, ctypes.addressof(data), PAGE_SIZE)
+
+    resolver = threading.Thread(target=resolve, daemon=True)
+    try:
+        uffd.register(block.host_addr, block.nbytes)
+        resolver.start()
+        assert block.read(0x100000 + 5 * PAGE_SIZE + 10, 4) == bytes([5]) * 4  # a descriptor read
+        block.write(0x100000 + 9 * PAGE_SIZE + 100, b"\x01\x02")  # a status byte written back
+        assert block.read(0x100000 + 9 * PAGE_SIZE + 99, 4) == b"\x09\x01\x02\x09"
+        assert seen == [5, 9]
+    finally:
+        uffd.close()
+        resolver.join(10)
+        uffd.release()
+        block.close()
