@@ -67,6 +67,8 @@ class CommandCode(IntEnum):
     POSTCOPY_LISTEN = 7
     POSTCOPY_RUN = 8
     RECEIVED_BITMAP = 9
+    POSTCOPY_DISCARD = 12  # src -> dst: section = block, data = bitmap of the pages still to come
+    POSTCOPY_RESUMED = 13  # src -> dst, first command of a recovered stream: continue postcopy
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
     PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
     DEVICE_PROPERTIES = 0x8003  # advisory: the source's device properties (machine type vmferry-0.2 on)
