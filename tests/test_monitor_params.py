@@ -33,7 +33,7 @@ EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tl
              "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
              "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "multifd-channels",
              "multifd-compression", "multifd-zlib-level", "multifd-zstd-level"}
-EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd"}
+EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
@@ -263,3 +263,5 @@ def test_qemu_combination_checks_kept_for_when_the_capabilities_land() -> None:
     with pytest.raises(QmpError, match="Postcopy is not currently compatible with compression"):
         _check_caps({**on, "postcopy-ram": True, "compress": True})
     _check_caps({**on, "postcopy-ram": True, "postcopy-preempt": True})
+    with pytest.raises(QmpError, match="Postcopy is not yet compatible with multifd"):
+        _check_caps({**on, "postcopy-ram": True, "multifd": True})

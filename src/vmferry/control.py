@@ -150,6 +150,8 @@ class VmControl:
             return
         if self.outgoing is not None and self.outgoing.state.status == S.DEVICE:
             raise QmpError("The migration is switching over; wait for it to finish")
+        if self.outgoing is not None and self.outgoing.postcopy_started and self._migration_running():
+            raise QmpError("The destination runs the guest (postcopy); the source cannot resume it")
         self.machine.resume()  # a drive whose image another VMM now holds refuses, by name
         self.postmigrate = False
 
@@ -216,6 +218,7 @@ class VmControl:
                 copy_drives=copy_drives,
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
                 multifd=multifd,
+                postcopy=self.migration_capabilities.enabled("postcopy-ram"),
             )
             self.incoming = None
             self.outgoing.start()
@@ -250,6 +253,7 @@ class VmControl:
                 self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
                 lambda: self._open_trace("destination"),
                 lambda: self.migration_parameters.x_heartbeat_ms,
+                lambda: self.migration_capabilities.enabled("postcopy-ram"),
             )
             self.incoming.start()
             self.listen_address = str(listener.address)
@@ -265,7 +269,30 @@ class VmControl:
         if self.autostart:
             self.machine.start()
 
+    def migrate_start_postcopy(self) -> None:
+        """migrate-start-postcopy (QEMU's checks and messages): switch at the next step."""
+        with self._lock:
+            if not self.migration_capabilities.enabled("postcopy-ram"):
+                raise QmpError("Enable postcopy with migrate_set_capability before the start of migration")
+            if self.outgoing is None or self._state is None or self._state.status == S.NONE:
+                raise QmpError("Postcopy must be started after migration has been started")
+            if self._state.status not in (S.SETUP, S.ACTIVE):
+                raise QmpError(f"Postcopy cannot start: the migration is {self._state.status}")
+            self.outgoing.start_postcopy()
+
+    def _postcopy_guest_here(self) -> bool:
+        """Is this a destination running a guest whose RAM is still arriving (or paused)?"""
+        inc = self.incoming
+        return inc is not None and inc.state.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
+                                                        S.POSTCOPY_RECOVER)
+
     def migrate_cancel(self) -> None:
+        if self.outgoing is not None and self.outgoing.postcopy_started and self._migration_running():
+            raise QmpError("Postcopy cannot be cancelled: the destination runs the guest and only the "
+                           "source holds the rest of its RAM")
+        if self._postcopy_guest_here():
+            raise QmpError("Postcopy cannot be cancelled: this destination runs the guest on part of "
+                           "its RAM")
         if self.outgoing is not None and self._migration_running():
             self.outgoing.cancel()
         elif self.incoming is not None and self._migration_running():
@@ -283,6 +310,13 @@ class VmControl:
             out["disk"] = {"transferred": loader.received, "total": loader.total}
         if self.incoming is not None:
             out["passes-received"] = self.incoming.passes
+            report = self.incoming.postcopy_report()
+            if report:
+                out["ram"]["postcopy-requests"] = report["x-postcopy"]["requests"]
+                out["ram"]["postcopy-bytes"] = self.incoming.stats.transferred - self.incoming.bytes_at_run
+                if not self.migration_capabilities.enabled("postcopy-blocktime"):
+                    report = {"x-postcopy": report["x-postcopy"]}  # QEMU reports blocktime only with it
+                out.update(report)
             if self._state.status in (S.SETUP,) and self.listen_address:
                 out["socket-address"] = [_socket_address(self.listen_address)]
         return out
@@ -292,6 +326,9 @@ class VmControl:
         guest (paused at any instruction is fine: the verifier tolerates the in-flight page)."""
         if self.machine.finished:
             raise QmpError("The guest has shut down")
+        if self._postcopy_guest_here():
+            # Reading a page still to come from here would fault holding the GIL (a deadlock).
+            raise QmpError("postcopy is still bringing this guest's RAM: verify once the migration completed")
         was_running = self.machine.running
         self.machine.pause()
         try:
@@ -305,6 +342,8 @@ class VmControl:
     def calc_dirty_rate(self, calc_time: int, mode: str | None, sample_pages: int | None) -> None:
         if self.inmigrate:
             raise QmpError("the dirty rate cannot be measured while waiting for an incoming migration")
+        if self._postcopy_guest_here():
+            raise QmpError("the dirty rate cannot be measured while postcopy brings this guest's RAM")
         self.dirty_rate.calc(calc_time, mode, sample_pages)
 
     def query_dirty_rate(self) -> dict:
@@ -349,6 +388,8 @@ class VmControl:
     # --- lifetime ---
 
     def close(self) -> None:
+        if self.incoming is not None:
+            self.incoming.close()  # the userfaultfd first: no vCPU may stay blocked on a page
         self.dirty_rate.close()
         if self._migration_running():
             self.migrate_cancel()

@@ -36,6 +36,7 @@ from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
+from vmferry.migration.postcopy import PostcopyLoader
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -78,6 +79,7 @@ class IncomingMigration:
         on_loaded: Callable[[], None],
         trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
         heartbeat_ms: Callable[[], int] = lambda: 1000,
+        postcopy_enabled: Callable[[], bool] = lambda: False,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -91,7 +93,12 @@ class IncomingMigration:
         self.ram = RamLoader(machine.ram_blocks)
         self.drives = DriveLoader(machine.block_devices)
         self.losses = ChannelLosses()
-        self.session = DestSession([self.ram, self.drives, DeviceLoader(devices), self.losses],
+        self.device_loader = DeviceLoader(devices)
+        self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
+                                       machine.vcpu_thread_ids, self._postcopy_run)
+        self._paused = False  # postcopy-paused: state is kept for a recovery
+        self.bytes_at_run = 0  # stream bytes received when postcopy's RUN arrived
+        self.session = DestSession([self.ram, self.drives, self.device_loader, self.losses, self.postcopy],
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
@@ -160,6 +167,9 @@ class IncomingMigration:
             self._receive(self.channel)
             self._waiting_since = None  # END: nothing more to wait for from the source
             self._applied("ram", self.session.passes)
+            if self.postcopy.running:
+                self._finish_postcopy()
+                return
             self._finish_data_channels()
             if self._receivers:
                 self.stats.multifd_bytes = sum(rx.bytes_received for rx in self._receivers)
@@ -188,6 +198,9 @@ class IncomingMigration:
             # decoder, which also holds this exception: a cycle). Drop them now, or the mapping
             # cannot be closed at exit ("BufferError: cannot close exported pointers exist").
             traceback.clear_frames(e.__traceback__)
+            if self.postcopy.running:
+                self._postcopy_paused(reason)
+                return
             if self._rp is not None:
                 self._rp.shut(reason)
             self.stats.error = reason
@@ -207,11 +220,80 @@ class IncomingMigration:
                 t.join(5.0)
             for ch in self.data_channels:
                 ch.close()
-            self.session.release()
+            if not self._paused:
+                self.session.release()
             if self.channel is not None:
                 self.channel.close()
             gc.enable()
             gc.unfreeze()
+
+    # --- postcopy (migration/postcopy.py) ---
+
+    def _page_request(self, block_id: int, first_page: int, count: int) -> None:
+        """The fault resolver's PAGE_REQUEST. A dead return path loses it quietly: the migration
+        pauses, and a recovery asks again for every page a thread still waits on."""
+        if self._rp is None:
+            return
+        try:
+            self._rp.page_request(block_id, first_page, count)
+        except (TransportError, OSError, ValueError) as e:
+            log.debug("page request not sent: %s", e)
+        self.stats.postcopy_requests += 1
+
+    def _postcopy_run(self) -> None:
+        """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
+        start the guest while the rest of RAM arrives."""
+        t0 = time.monotonic()
+        self.bytes_at_run = self.stats.transferred
+        self.drives.complete()
+        self.device_loader.complete()
+        self._applied("devices", self.session.passes)
+        self.on_loaded()
+        self._applied("started", self.session.passes)
+        self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        self.state.set(S.POSTCOPY_ACTIVE)
+        log.info("postcopy: the guest runs here; %d pages still to come",
+                 self.postcopy.dest.pages_to_come if self.postcopy.dest else 0)
+
+    def _finish_postcopy(self) -> None:
+        """END after postcopy: every page to come has been placed; close the userfaultfd (pages
+        never populated on the source become ordinary zero-fill pages), then ACK."""
+        dest = self.postcopy.dest
+        assert dest is not None
+        if not dest.all_placed():
+            raise MigrationError(f"the stream ended with {dest.missing()} postcopy pages not sent")
+        self.stats.postcopy = dest.report()
+        dest.close()
+        self._count()
+        if self._rp is not None:
+            self._rp.ack(self.session.record_count, {})
+            self._rp.end()
+        self.stats.end_ns = time.monotonic_ns()
+        self.state.set(S.COMPLETED)
+        log.info("postcopy completed: %d pages requested, %d placed after the switch", dest.requests,
+                 dest.pages_placed)
+
+    def _postcopy_paused(self, reason: str) -> None:
+        """A failure after RUN: the guest runs here on what has arrived; threads touching a page
+        still to come wait for it. Keep everything (userfaultfd, resolver, received pages) for a
+        recovery; never exit on our own."""
+        self._paused = True
+        self.stats.error = f"postcopy paused: {reason}"
+        if self.state.status != S.POSTCOPY_PAUSED:
+            self.state.set(S.POSTCOPY_PAUSED)
+        log.warning("postcopy paused: %s; waiting for migrate-recover", reason)
+
+    def postcopy_report(self) -> dict:
+        """Live postcopy figures for query-migrate (the final ones once completed)."""
+        dest = self.postcopy.dest
+        if self.stats.postcopy or dest is None or dest.uffd is None:
+            return dict(self.stats.postcopy)
+        return dest.report()
+
+    def close(self) -> None:
+        """The VMM is exiting: close the userfaultfd before the VM's fds (a vCPU blocked on a
+        page that never came must be woken, or it may be stuck in the kernel)."""
+        self.postcopy.release()
 
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():

@@ -337,6 +337,11 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
     "multifd": "RAM pages travel on multifd-channels data connections beside the main stream (tcp: and "
                "unix: only; `migrate` refuses other URIs by name); the destination follows the "
                "source's CONFIG whether or not it set the capability",
+    "postcopy-ram": "both sides: allows migrate-start-postcopy on the source; the destination "
+                    "refuses a stream that advises postcopy while it is off here. Needs a return path; "
+                    "not with multifd (migration/postcopy.py, docs/migration.md)",
+    "postcopy-blocktime": "destination: query-migrate reports postcopy-blocktime and "
+                          "postcopy-vcpu-blocktime (ms; measured in every postcopy migration)",
     "return-path": "always on (QEMU's default is off) and cannot be turned off: on every two-way "
                    "channel (tcp:, unix:, an fd: socket) the source completes only when the destination "
                    "acknowledges, so a failure there resumes the source instead of losing the guest. "
@@ -408,6 +413,8 @@ def _check_caps(caps: Mapping[str, bool]) -> None:
         raise QmpError("Postcopy is not currently compatible with compression")
     if caps["postcopy-ram"] and caps["x-ignore-shared"]:
         raise QmpError("Postcopy is not compatible with ignore-shared")
+    if caps["postcopy-ram"] and caps["multifd"]:
+        raise QmpError("Postcopy is not yet compatible with multifd")
     if caps["postcopy-preempt"] and not caps["postcopy-ram"]:
         raise QmpError("Postcopy preempt requires postcopy-ram")
     if caps["zero-copy-send"] and (not caps["multifd"] or caps["compress"]):

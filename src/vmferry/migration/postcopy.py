@@ -29,11 +29,13 @@ stream's buffers through ioctls that release the GIL (kvm/userfaultfd.py).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,9 +43,12 @@ from vmferry.errors import MigrationError
 from vmferry.kvm.userfaultfd import Userfaultfd
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, runs, segments, zero_pages
-from vmferry.migration.saver import Send
+from vmferry.migration.saver import Handler, Loader, Send
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode, RamZero
+
+if TYPE_CHECKING:
+    from vmferry.migration.ram import RamLoader
 
 log = logging.getLogger("vmferry.migration")
 
@@ -158,6 +163,9 @@ class PostcopyDestination:
         self._request = request
         self._vcpu_thread_ids = vcpu_thread_ids
         self._vcpu_of: dict[int, int] = {}
+        self._foreign: set[int] = set()  # fault thread ids outside this process (KVM's workers)
+        self._own: set[int] = set()
+        self.async_faults = 0  # faults taken by KVM's async page fault workers
         self.uffd: Userfaultfd | None = None
         self._lock = threading.Lock()
         # (block, page) -> [(thread id, fault read at)] of the threads waiting for it
@@ -258,11 +266,33 @@ class PostcopyDestination:
                         self._woken(tid, at, now)
         return int(placed.size)
 
+    def _vcpu_for(self, tid: int) -> int | None:
+        """The vCPU a fault blocks. A vCPU thread's own fault is that vCPU's. A guest that can
+        take interrupts faults through KVM's async page fault instead: a kernel worker takes the
+        fault (its thread is not ours) and the vCPU halts until the page is there — with one
+        vCPU that is vCPU 0; with more, which one is not known (counted, not attributed)."""
+        vcpu = self._vcpu_of.get(tid)
+        if vcpu is not None or tid in self._own:
+            return vcpu
+        if tid not in self._foreign:
+            if os.path.exists(f"/proc/self/task/{tid}"):
+                self._own.add(tid)
+                return None
+            self._foreign.add(tid)
+        self.async_faults += 1
+        return 0 if self.blocktime.nvcpus == 1 else None
+
     def _woken(self, tid: int, at: float, now: float) -> None:
         self.latency.add((now - at) * 1e6)
-        vcpu = self._vcpu_of.get(tid)
+        vcpu = self._vcpu_for_woken(tid)
         if vcpu is not None:
             self.blocktime.unblocked(vcpu, now)
+
+    def _vcpu_for_woken(self, tid: int) -> int | None:
+        vcpu = self._vcpu_of.get(tid)
+        if vcpu is None and tid in self._foreign and self.blocktime.nvcpus == 1:
+            return 0
+        return vcpu
 
     def all_placed(self) -> bool:
         return self.pages_placed >= self.pages_to_come
@@ -288,7 +318,7 @@ class PostcopyDestination:
                             continue
                         if self.to_come[bid][page] and not self.placed[bid][page]:
                             self._waiting.setdefault((bid, page), []).append((f.thread_id, now))
-                            vcpu = self._vcpu_of.get(f.thread_id)
+                            vcpu = self._vcpu_for(f.thread_id)
                             if vcpu is not None:
                                 self.blocktime.blocked(vcpu, now)
                             if (bid, page) not in self._requested:
@@ -344,7 +374,8 @@ class PostcopyDestination:
         return {"postcopy-blocktime": total, "postcopy-vcpu-blocktime": blocked,
                 "x-postcopy": {"requests": self.requests, "request-bytes": self.requests * PAGE_SIZE,
                                "pages-to-come": self.pages_to_come, "pages-placed": self.pages_placed,
-                               "local-zero-pages": self.local_zero, "fault-latency": latency}}
+                               "local-zero-pages": self.local_zero, "kvm-async-faults": self.async_faults,
+                               "fault-latency": latency}}
 
 
 def _consecutive(pages: np.ndarray, pos: int, count: int) -> list[tuple[int, int]]:
@@ -356,6 +387,67 @@ def _consecutive(pages: np.ndarray, pos: int, count: int) -> list[tuple[int, int
             out.append((start, j - start))
             start = j
     return out
+
+
+class PostcopyLoader(Loader):
+    """The destination's postcopy commands (dest_session dispatch): ADVISE, DISCARD, LISTEN, RUN.
+
+    `enabled()`: this side's capability postcopy-ram; `request`: PAGE_REQUEST on the return
+    path; `on_run()`: apply the staged device state and start the guest (the driver's)."""
+
+    name = "postcopy"
+
+    def __init__(self, ram: RamLoader, enabled: Callable[[], bool], request: Callable[[int, int, int], None],
+                 vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None]) -> None:
+        self.ram = ram
+        self._enabled = enabled
+        self._request = request
+        self._vcpu_thread_ids = vcpu_thread_ids
+        self._on_run = on_run
+        self.advised = False
+        self.dest: PostcopyDestination | None = None
+        self.running = False  # RUN applied: the guest runs here
+
+    def handlers(self) -> Mapping[type | CommandCode, Handler]:
+        return {CommandCode.POSTCOPY_ADVISE: self._advise, CommandCode.POSTCOPY_DISCARD: self._discard,
+                CommandCode.POSTCOPY_LISTEN: self._listen, CommandCode.POSTCOPY_RUN: self._run}
+
+    def _advise(self, cmd: Command) -> None:
+        if not self._enabled():
+            raise MigrationError("the source advises postcopy but capability 'postcopy-ram' is off on this "
+                                 "destination: turn it on on both sides (migrate-set-capabilities)")
+        Userfaultfd().release()  # can this process use userfaultfd at all? Say so now, not at the switch
+        self.advised = True
+        self.ram.no_placing = True
+
+    def _ready(self, what: str) -> PostcopyDestination:
+        if not self.advised:
+            raise MigrationError(f"{what} without POSTCOPY_ADVISE")
+        if self.dest is None:
+            self.dest = PostcopyDestination(self.ram.blocks_by_id, self.ram.received, self._request,
+                                            self._vcpu_thread_ids)
+        return self.dest
+
+    def _discard(self, cmd: Command) -> None:
+        self._ready("POSTCOPY_DISCARD").discard(cmd.block_id, cmd.data)
+
+    def _listen(self, cmd: Command) -> None:
+        dest = self._ready("POSTCOPY_LISTEN")
+        if dest.uffd is not None:
+            raise MigrationError("POSTCOPY_LISTEN twice")
+        self.ram.stop_prefaulting()
+        dest.listen()
+        self.ram.placer = dest
+
+    def _run(self, cmd: Command) -> None:
+        if self.dest is None or self.dest.uffd is None:
+            raise MigrationError("POSTCOPY_RUN before POSTCOPY_LISTEN")
+        self._on_run()
+        self.running = True
+
+    def release(self) -> None:
+        if self.dest is not None:
+            self.dest.close()
 
 
 # --- the source ---
@@ -376,7 +468,6 @@ class PostcopySource:
         self.total = self.left
         # The whole postcopy set: after a recovery, what the destination may still miss.
         self._to_send = [m.copy() for m in self.unsent]
-        self._guest = [np.frombuffer(b.mem, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE) for b in self.blocks]
         self._requests: deque[tuple[int, int, int]] = deque()
         self._lock = threading.Lock()
         self.wakeup = threading.Event()
@@ -387,10 +478,6 @@ class PostcopySource:
         self.bytes = 0  # stream bytes of pages sent in postcopy (QEMU's postcopy-bytes)
         self.pages = 0
         self.zero_pages = 0
-
-    def release(self) -> None:
-        """Drop the views of guest memory (the RAM's mapping cannot close while they live)."""
-        self._guest = []
 
     def discard_commands(self) -> list[Command]:
         """POSTCOPY_DISCARD per block with pages to send: the destination drops its copies."""
@@ -455,7 +542,9 @@ class PostcopySource:
         self._cursor = (0, 0)
 
     def _send(self, send: Send, i: int, idx: np.ndarray) -> None:
-        guest = self._guest[i]
+        # A view made per call and dropped with it: a view kept would stop the RAM's mapping from
+        # closing at exit.
+        guest = np.frombuffer(self.blocks[i].mem, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
         bufs: list[bytes | memoryview] = []
         for first, count in runs(idx, MAX_CHUNK_PAGES):
             held = guest[first : first + count]  # the vCPUs are stopped: stable, no copy
@@ -471,3 +560,4 @@ class PostcopySource:
         self.unsent[i][idx] = False
         self.left -= int(idx.size)
         self.bytes += send(bufs)
+        del bufs, guest

@@ -52,6 +52,10 @@ class ReturnPathWriter:
         """PROGRESS: `applied` stream bytes are in and handled."""
         self.send(Command(CommandCode.PROGRESS, index=applied))
 
+    def page_request(self, block_id: int, first_page: int, count: int) -> None:
+        """PAGE_REQUEST (postcopy): a thread here is blocked on these pages."""
+        self.send(Command(CommandCode.PAGE_REQUEST, block_id=block_id, index=first_page, count=count))
+
     def heartbeat(self) -> None:
         """HEARTBEAT: the destination is alive (advisory: a source that does not know it skips it)."""
         self.send(Command(CommandCode.HEARTBEAT))
@@ -98,6 +102,8 @@ class ReturnPathReader:
         self.closed = threading.Event()  # the destination's side ended (END, EOF, error or SHUT)
         self.progressed = threading.Condition()
         self._progress: deque[tuple[int, int, float]] = deque()
+        # Postcopy: PAGE_REQUEST (block id, first page, count) goes to this callback.
+        self.on_page_request: Callable[[int, int, int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="migration-return-path", daemon=True)
 
     def start(self) -> None:
@@ -147,6 +153,9 @@ class ReturnPathReader:
                 self.progressed.notify_all()
         elif cmd.code == CommandCode.HEARTBEAT:
             self._on_heartbeat()
+        elif cmd.code == CommandCode.PAGE_REQUEST:
+            if self.on_page_request is not None:
+                self.on_page_request(cmd.block_id, cmd.index, cmd.count)
         elif cmd.code == CommandCode.ACK:
             self.ack_timings = _timings(cmd.data)
             self.ack_index = cmd.index

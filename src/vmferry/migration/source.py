@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import DataChannelEncoder, MultifdSender
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
+from vmferry.migration.postcopy import PostcopySource
 from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
@@ -75,6 +77,8 @@ ACK_TIMEOUT_S = 30.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
 DRAIN_S = 0.25
+# Postcopy's send buffer (the kernel doubles it): ~0.1 ms of a 1 GB/s link queued below the push.
+POSTCOPY_SNDBUF = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class OutgoingMigration:
         copy_drives: Sequence[str] = (),
         auto_converge: bool = False,
         multifd: MultifdSetup | None = None,
+        postcopy: bool = False,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
         the others are shared."""
@@ -127,6 +132,13 @@ class OutgoingMigration:
         self._cancel = threading.Event()
         self._paused_by_us = False
         self._end_sent = False
+        # Postcopy (migration/postcopy.py): capability postcopy-ram when `migrate` started;
+        # migrate-start-postcopy sets the request; RUN sent = the destination may run the guest.
+        self.postcopy_enabled = postcopy
+        self._postcopy_requested = threading.Event()
+        self.postcopy: PostcopySource | None = None
+        self._run_sent = False
+        self.postcopy_pause_reason: str | None = None
         self.watchdog: Watchdog | None = None
         self._silence: str | None = None  # the watchdog's reason, once the destination went silent
         self._beat_at = 0.0  # when the stream last carried anything
@@ -141,12 +153,25 @@ class OutgoingMigration:
         self.state.set(S.SETUP)
         self._thread.start()
 
+    def start_postcopy(self) -> None:
+        """migrate-start-postcopy: switch at the next step of the current pass (also during
+        setup or the first pass)."""
+        if not self.postcopy_enabled:
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start of migration")
+        self._postcopy_requested.set()
+
+    @property
+    def postcopy_started(self) -> bool:
+        """The destination may be running the guest (RUN went out): cancelling is over."""
+        return self._run_sent
+
     def cancel(self) -> None:
-        """migrate_cancel: the source keeps running. Ignored once END is out (see module doc)."""
-        if self._end_sent:
+        """migrate_cancel: the source keeps running. Ignored once END is out (see module doc)
+        and once postcopy's RUN is out (the control refuses that cancel by name)."""
+        if self._end_sent or self._run_sent:
             return
         self._cancel.set()
-        for frm in (S.SETUP, S.ACTIVE, S.DEVICE):
+        for frm in (S.SETUP, S.ACTIVE, S.DEVICE, S.POSTCOPY_ACTIVE):
             if self.state.try_set(frm, S.CANCELLING):
                 break
         if self.channel is not None:
@@ -235,8 +260,12 @@ class OutgoingMigration:
             self.channel = self._connected()
             self._setup()
             self.state.set(S.ACTIVE)
-            self._iterate()
-            self._switch_over()
+            if not self._postcopy_requested.is_set():
+                self._iterate()
+            if self._postcopy_requested.is_set():
+                self._postcopy()
+            else:
+                self._switch_over()
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             self._fail(e)
         finally:
@@ -306,6 +335,11 @@ class OutgoingMigration:
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
+        if self.postcopy_enabled:
+            if self.return_path is None:
+                raise MigrationError("postcopy-ram needs a return path (tcp:, unix: or a socket fd:): "
+                                     "the destination requests pages on it")
+            self.session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_ADVISE))])
         self._maybe_beat(now=True)  # tells the destination that this source beats
         if self.multifd is not None:
             self._open_data_channels(migration_id)
@@ -357,6 +391,8 @@ class OutgoingMigration:
         while True:
             self._take_progress()
             self._maybe_beat()
+            if self._postcopy_requested.is_set():
+                return
             step = session.step(self, time.monotonic)
             if step.pass_started and self.on_pass is not None:
                 self.on_pass(step.pass_started)
@@ -516,6 +552,96 @@ class OutgoingMigration:
                 f"the destination confirmed {rp.ack_index} records but {self.encoder.record_count} were sent"
             )
 
+    # --- postcopy ---
+
+    def _postcopy(self) -> None:
+        """The switch to postcopy: stop the vCPUs, tell the destination which pages are still to
+        come (POSTCOPY_DISCARD), LISTEN, the other savers' rest (drives, device state), RUN; then
+        push the rest of RAM, requested pages first, END, and wait for the ACK."""
+        session = self.session
+        assert session is not None and self.return_path is not None and self.channel is not None
+        gc.disable()  # as in _switch_over: no collection while the vCPUs are stopped
+        self.state.set(S.POSTCOPY_ACTIVE)
+        t0 = time.monotonic()
+        self.stats.stop_ns = time.monotonic_ns()
+        if self.machine.running:
+            self.machine.pause()
+            self._paused_by_us = True
+        t_paused = time.monotonic()
+        self.ram.sync()
+        pending = self.ram.take_pending()
+        pc = self.postcopy = PostcopySource(self.ram.blocks, self.encoder, pending)
+        log.info("postcopy: %d pages to send after the switch", pc.total)
+        cmds = [*pc.discard_commands(), Command(CommandCode.POSTCOPY_LISTEN)]
+        session.send(self, [self.encoder.encode(c) for c in cmds])
+        t_discard = time.monotonic()
+        phases = session.complete(self, time.monotonic, skip=(self.ram,))
+        if self._cancel.is_set():
+            raise MigrationError("migration cancelled")
+        t_devices = time.monotonic()
+        session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_RUN))])
+        self._run_sent = True  # from here the destination may run the guest
+        t_run = time.monotonic()
+        with self.stats.lock:
+            self.stats.downtime_ms = (time.monotonic_ns() - self.stats.stop_ns) / 1e6
+            self.stats.downtime_phases = {"pause": round((t_paused - t0) * 1000, 3),
+                                          "postcopy-discard": round((t_discard - t_paused) * 1000, 3),
+                                          **phases, "postcopy-run": round((t_run - t_devices) * 1000, 3)}
+            self.stats.remaining_pages = pc.left
+        self._unthrottle()
+        self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=0,
+                         phases=self.stats.downtime_phases)
+        self._postcopy_push()
+
+    def _postcopy_push(self) -> None:
+        """After RUN: the rest of RAM, requested pages first, then END and the ACK."""
+        session, pc, rp = self.session, self.postcopy, self.return_path
+        assert session is not None and pc is not None and rp is not None
+        rp.on_page_request = pc.request
+        _small_send_buffer(self.channel)
+        send = lambda bufs: session.send(_Unlimited(self), bufs)  # noqa: E731 - the push's output
+        while not pc.done():
+            if self._silence is not None:
+                raise MigrationError(self._silence)
+            if rp.closed.is_set() and not pc.done():
+                raise MigrationError(rp.shut_reason or "the destination closed the connection")
+            self._take_progress()
+            self._maybe_beat()
+            pc.step(send)
+            with self.stats.lock:
+                self.stats.remaining_pages = pc.left
+                self.stats.postcopy_requests = pc.requests
+                self.stats.postcopy_bytes = pc.bytes
+                self.stats.normal = self.ram.counters.pages + pc.pages
+                self.stats.duplicate = self.ram.counters.zero_pages + pc.zero_pages
+        pc.step(send)  # requests that came in meanwhile are for pages sent already: dropped
+        self._end_sent = True
+        session.end(self)
+        self._wait_for_ack()
+        self.stats.remaining_pages = 0
+        self.state.set(S.COMPLETED)
+        log.info("postcopy completed: %d pages after the switch, %d requested", pc.total, pc.requests)
+
+    def _postcopy_paused(self, e: BaseException) -> None:
+        """A failure after RUN: neither side has the whole VM. The source keeps its vCPUs stopped
+        and every page still to send, and waits for a recovery (`migrate` with resume)."""
+        if self._silence is not None:
+            reason = self._silence
+        elif self.return_path is not None and self.return_path.shut_reason:
+            reason = f"the destination gave up: {self.return_path.shut_reason}"
+        elif isinstance(e, VmferryError):
+            reason = str(e)
+        else:
+            log.exception("postcopy push failed")
+            reason = f"internal error: {type(e).__name__}: {e}"
+        self.postcopy_pause_reason = reason
+        with self.stats.lock:
+            self.stats.error = f"postcopy paused: {reason}"
+        if self.state.status != S.POSTCOPY_PAUSED:
+            self.state.set(S.POSTCOPY_PAUSED)
+        log.warning("postcopy paused: %s; the source keeps the guest stopped and waits for a recovery",
+                    reason)
+
     def _fail(self, e: BaseException) -> None:
         if (isinstance(e, TransportError) and self.return_path is not None
                 and not self.return_path.shut_reason):
@@ -524,6 +650,9 @@ class OutgoingMigration:
             # It reads to the end of a closed connection promptly; give it a moment.
             self.return_path.join(RETURN_PATH_LAST_WORD_S)
         self._unthrottle()  # before resuming the source and before the state says it ended
+        if self._run_sent:
+            self._postcopy_paused(e)
+            return
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self._silence is not None:
@@ -552,6 +681,36 @@ class OutgoingMigration:
         else:
             self.state.set(S.FAILED)
             log.warning("migration failed: %s", reason)
+
+
+class _Unlimited:
+    """The postcopy push's output: straight to the channel, counted, never rate-limited
+    (max-bandwidth is precopy's; a limit here would hold back requested pages too)."""
+
+    def __init__(self, mig: OutgoingMigration) -> None:
+        self._mig = mig
+        self.encoder = mig.encoder
+
+    def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        mig = self._mig
+        assert mig.channel is not None
+        n = mig.channel.sendmsg(bufs)
+        mig._main_sent += n
+        mig.stats.transferred = mig._main_sent + mig.stats.multifd_bytes
+        mig._beat_at = time.monotonic()
+        return n
+
+    def cancelled(self) -> bool:
+        return self._mig.cancelled()
+
+
+def _small_send_buffer(channel: Channel | None) -> None:
+    """Postcopy: keep little queued in the kernel below the push, so a requested page is not
+    sent behind megabytes of background pages (priority framing on one stream)."""
+    sock = getattr(channel, "socket", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
 
 
 def _close_if_connected(fut: Future[Channel]) -> None:

@@ -433,8 +433,13 @@ def _query_migrate_capabilities(d: CommandDispatcher, args: dict, session: Sessi
     return d.backend.migration_capabilities.query()
 
 
-@command("migrate-start-postcopy", "Switch the running migration to postcopy.",
-         errors=("GenericError: " + _POSTCOPY_UNSUPPORTED,))
+@command("migrate-start-postcopy", "Switch the running migration to postcopy at its next step (also "
+         "during setup or the first pass): the source stops the vCPUs, sends the device state, and the "
+         "destination runs the guest while the rest of RAM arrives (docs/migration.md, Postcopy). Needs "
+         "capability postcopy-ram on both sides when the migration starts.",
+         errors=("GenericError: Enable postcopy with migrate_set_capability before the start of migration",
+                 "GenericError: Postcopy must be started after migration has been started",
+                 "GenericError: Postcopy cannot start: the migration is STATUS"))
 def _migrate_start_postcopy(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_start_postcopy", _POSTCOPY_UNSUPPORTED)()
     return {}
