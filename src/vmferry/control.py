@@ -389,9 +389,15 @@ class VmControl:
 
     def close(self) -> None:
         if self.incoming is not None:
+            if self._postcopy_guest_here():
+                # The guest cannot go on without the source: stop the vCPUs first, so the ones a
+                # closed userfaultfd wakes (with zero pages) never run the guest again.
+                self.machine.request_shutdown()
             self.incoming.close()  # the userfaultfd first: no vCPU may stay blocked on a page
         self.dirty_rate.close()
-        if self._migration_running():
+        postcopy = self._postcopy_guest_here() or (self.outgoing is not None
+                                                   and self.outgoing.postcopy_started)
+        if self._migration_running() and not postcopy:  # a postcopy cannot be cancelled: just go
             self.migrate_cancel()
         for mig in (self.outgoing, self.incoming):
             if mig is not None:

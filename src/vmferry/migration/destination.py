@@ -294,6 +294,9 @@ class IncomingMigration:
         """The VMM is exiting: close the userfaultfd before the VM's fds (a vCPU blocked on a
         page that never came must be woken, or it may be stuck in the kernel)."""
         self.postcopy.release()
+        if self._paused:  # what postcopy-paused kept for a recovery (views of guest RAM too)
+            self._paused = False
+            self.session.release()
 
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():

@@ -148,6 +148,9 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                           "auto uses it too)",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "max-postcopy-bandwidth": "the source's postcopy push after the switch (may change during it): "
+                              "paces the background pages only; a page the destination requests "
+                              "is sent at once",
     "x-heartbeat-ms": "read when the migration starts, on each side (migration/heartbeat.py): "
                       "each side beats at its own interval and gives up on a peer silent for 3 of "
                       "its own intervals; a peer that sends no heartbeat is never timed out",

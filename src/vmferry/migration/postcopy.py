@@ -506,8 +506,12 @@ class PostcopySource:
     def done(self) -> bool:
         return self.left == 0
 
-    def step(self, send: Send) -> None:
-        """Send what was requested (and a few pages after each), then one background chunk."""
+    def has_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self, send: Send, background: bool = True) -> int:
+        """Send what was requested (and a few pages after each), then (with `background`) one
+        background chunk; returns the background chunk's bytes."""
         while True:
             with self._lock:
                 if not self._requests:
@@ -524,8 +528,11 @@ class PostcopySource:
                 self._send(send, i, idx)
             self._cursor = (i, end)
             self._chunk = MIN_CHUNK_PAGES
-        if self.left:
+        if self.left and background:
+            before = self.bytes
             self._background(send)
+            return self.bytes - before
+        return 0
 
     def _background(self, send: Send) -> None:
         i, page = self._cursor

@@ -600,6 +600,8 @@ class OutgoingMigration:
         rp.on_page_request = pc.request
         _small_send_buffer(self.channel)
         send = lambda bufs: session.send(_Unlimited(self), bufs)  # noqa: E731 - the push's output
+        # max-postcopy-bandwidth paces the background push only: a requested page never waits.
+        limiter = RateLimiter(self.params.max_postcopy_bandwidth)
         while not pc.done():
             if self._silence is not None:
                 raise MigrationError(self._silence)
@@ -607,7 +609,15 @@ class OutgoingMigration:
                 raise MigrationError(rp.shut_reason or "the destination closed the connection")
             self._take_progress()
             self._maybe_beat()
-            pc.step(send)
+            limit = self.params.max_postcopy_bandwidth
+            if limit != limiter.bytes_per_s:
+                limiter.set_limit(limit)
+            delay = limiter.delay_s()
+            if delay > 0 and not pc.has_requests():
+                pc.wakeup.wait(min(delay, 0.01))
+                pc.wakeup.clear()
+                continue
+            limiter.record(pc.step(send, background=delay == 0))
             with self.stats.lock:
                 self.stats.remaining_pages = pc.left
                 self.stats.postcopy_requests = pc.requests

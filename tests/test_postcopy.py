@@ -1,0 +1,197 @@
+"""Postcopy between two real `vmferry run` processes on KVM, driven through the official
+`qemu.qmp` client in QEMU's command order: `postcopy-ram` on both sides (the destination with
+`-incoming defer`, then `migrate-incoming`), `migrate`, `migrate-start-postcopy`.
+
+Deterministic without timing assumptions: precopy is slowed by max-bandwidth so the switch
+lands inside the first pass, and the postcopy push is slowed by max-postcopy-bandwidth until the
+guest (which keeps writing random pages of its working set) has faulted on a page still at the
+source, so the request path is always exercised; then the push is let go to finish. The proof
+that nothing was lost is the guest's own full-memory check on the destination (`verify ok`)
+plus the host-side verifier (`x-verify-dirty-guest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from polling import wait_for
+from vmproc import QmpReplyError, VmProcess
+
+pytestmark = [pytest.mark.kvm]
+
+MEM = "256M"
+DIRTY = "ws=32 rate=20 verify=1 check=full"
+SLOW = 4 << 20  # precopy's max-bandwidth: 32 MiB of working set is ~8 s of first pass
+TRICKLE = 256 << 10  # max-postcopy-bandwidth while waiting for a fault to be requested
+# Heartbeats notice a silent peer in 3 intervals (3 s); bounded generously against load.
+DETECTED_WITHIN_S = 20.0
+
+
+@pytest.fixture
+def procs() -> Iterator[list[VmProcess]]:
+    started: list[VmProcess] = []
+    yield started
+    for p in started:
+        with contextlib.suppress(ProcessLookupError):
+            p.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+        p.close()
+
+
+def _caps(vm: VmProcess, *names: str) -> None:
+    vm.cmd("migrate-set-capabilities", capabilities=[{"capability": n, "state": True} for n in names])
+
+
+def _pair(tmp: Path, procs: list[VmProcess], *,
+          dst_caps: tuple[str, ...] = ("postcopy-ram", "postcopy-blocktime"),
+          append: str = DIRTY) -> tuple[VmProcess, VmProcess, str]:
+    src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", append)
+    procs.append(src)
+    dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    src.wait_serial(r"verify ok")
+    _caps(src, "postcopy-ram", "events")
+    if dst_caps:
+        _caps(dst, *dst_caps)
+    uri = f"unix:{tmp / 'migration.sock'}"
+    dst.cmd("migrate-incoming", uri=uri)
+    return src, dst, uri
+
+
+def _status(vm: VmProcess, wanted: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (i := vm.cmd("query-migrate")) and i.get("status") == wanted and i,
+                    f"{vm.name} to be {wanted}", timeout)
+
+
+def _switch_with_a_request(src: VmProcess, dst: VmProcess, uri: str) -> None:
+    """migrate slowly, switch inside the first pass, hold the push back until the guest faulted
+    on a page still at the source and the destination requested it."""
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW, "max-postcopy-bandwidth": TRICKLE})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("transferred", 0) >= 1 << 20,
+             "the first MiB of precopy")
+    src.cmd("migrate-start-postcopy")
+    info = _status(dst, "postcopy-active")
+    assert info["ram"]["remaining"] >= 0
+    assert src.cmd("query-migrate")["status"] == "postcopy-active"
+    wait_for(lambda: src.cmd("query-migrate")["ram"]["postcopy-requests"] > 0, "a page request", 120)
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+
+
+def _verified(dst: VmProcess) -> None:
+    start = len(dst.serial())
+    dst.wait_serial(r"verify ok gen=\d+", after=start, timeout=60)
+    assert "FAIL" not in dst.serial()
+    verdict = dst.cmd("x-verify-dirty-guest")
+    assert verdict["ok"], verdict
+    assert "Traceback" not in dst.log()
+
+
+def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, dst, uri = _pair(tmp_path, procs)
+    _switch_with_a_request(src, dst, uri)
+    info = dst.wait_migration(timeout=120)
+    assert info["status"] == "completed", info
+    s = src.wait_migration(timeout=60)
+    assert s["status"] == "completed", s
+    assert src.status() == "postmigrate"  # QEMU: the source ends paused
+    assert dst.status() == "running"
+    _verified(dst)
+    # The numbers: requests both sides agree on; every page to come was placed; blocktime in ms,
+    # one entry per vCPU; every requested fault has a latency.
+    assert s["ram"]["postcopy-requests"] == info["ram"]["postcopy-requests"] > 0
+    assert s["ram"]["postcopy-bytes"] > 0
+    x = info["x-postcopy"]
+    assert x["pages-placed"] == x["pages-to-come"] > 0
+    assert x["fault-latency"]["faults"] >= 1
+    assert sum(x["fault-latency"]["histogram-us"].values()) == x["fault-latency"]["faults"]
+    assert isinstance(info["postcopy-blocktime"], int)
+    assert len(info["postcopy-vcpu-blocktime"]) == 1
+    assert "Traceback" not in src.log()
+
+
+def test_postcopy_started_before_the_first_pass_does_anything(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, dst, uri = _pair(tmp_path, procs)
+    src.cmd("migrate", uri=uri)
+    src.cmd("migrate-start-postcopy")  # at once: during setup or the first step
+    assert dst.wait_migration(timeout=120)["status"] == "completed"
+    assert src.wait_migration(timeout=60)["status"] == "completed"
+    _verified(dst)
+
+
+def test_postcopy_refused_by_a_destination_without_the_capability_leaves_the_source_running(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, dst, uri = _pair(tmp_path, procs, dst_caps=())
+    src.cmd("migrate", uri=uri)
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "failed", info
+    assert "'postcopy-ram' is off on this destination" in info["error-desc"]
+    assert src.status() == "running"
+    start = len(src.serial())
+    src.wait_serial(r"verify ok gen=\d+", after=start, timeout=60)
+    assert dst.cmd("query-migrate")["status"] == "failed"
+
+
+def test_start_postcopy_without_a_migration_or_the_capability_is_refused_by_name(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
+    procs.append(src)
+    _caps(src, "postcopy-ram")
+    with pytest.raises(QmpReplyError, match="Postcopy must be started after migration has been started"):
+        src.cmd("migrate-start-postcopy")
+    with pytest.raises(QmpReplyError, match="Postcopy is not yet compatible with multifd"):
+        _caps(src, "multifd")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": False}])
+    with pytest.raises(QmpReplyError, match="Enable postcopy with migrate_set_capability"):
+        src.cmd("migrate-start-postcopy")
+
+
+def test_killed_source_after_run_leaves_the_destination_paused_alive_and_killable(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, dst, uri = _pair(tmp_path, procs)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW, "max-postcopy-bandwidth": TRICKLE})
+    src.cmd("migrate", uri=uri)
+    src.cmd("migrate-start-postcopy")
+    _status(dst, "postcopy-active")
+    wait_for(lambda: dst.cmd("query-migrate")["ram"]["postcopy-requests"] > 0, "a page request", 120)
+    src.proc.kill()
+    src.proc.wait(30)
+    info = _status(dst, "postcopy-paused")
+    assert "postcopy paused" in info["error-desc"]
+    time.sleep(1.0)  # paused means paused: no exit of its own
+    assert dst.proc.poll() is None
+    assert dst.status() == "running"  # the guest keeps what it has; threads on missing pages wait
+    with pytest.raises(QmpReplyError, match="cannot be cancelled"):
+        dst.cmd("migrate_cancel")
+    with pytest.raises(QmpReplyError, match="postcopy is still bringing"):
+        dst.cmd("x-verify-dirty-guest")
+    dst.proc.send_signal(signal.SIGTERM)  # closes the userfaultfd before the VM: it exits
+    assert dst.proc.wait(60) == 130  # as for Ctrl-C: vmferry run's exit status for SIGTERM
+    assert "Traceback" not in dst.log()
+
+
+@pytest.mark.parametrize("silent", ["source", "destination"])
+def test_a_silent_peer_after_run_pauses_the_other_side_within_the_heartbeat_limit(
+        tmp_path: Path, procs: list[VmProcess], silent: str) -> None:
+    src, dst, uri = _pair(tmp_path, procs)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW, "max-postcopy-bandwidth": TRICKLE})
+    src.cmd("migrate", uri=uri)
+    src.cmd("migrate-start-postcopy")
+    _status(dst, "postcopy-active")
+    stopped, other = (src, dst) if silent == "source" else (dst, src)
+    t0 = time.monotonic()
+    stopped.proc.send_signal(signal.SIGSTOP)
+    info = _status(other, "postcopy-paused", DETECTED_WITHIN_S + 30)
+    took = time.monotonic() - t0
+    print(f"\n[postcopy] silent {silent}: {other.name} paused in {took:.2f} s")
+    assert took < DETECTED_WITHIN_S
+    assert f"no heartbeat from the {silent}" in info["error-desc"]
+    stopped.proc.send_signal(signal.SIGCONT)
+    _status(stopped, "postcopy-paused", 60)  # the stopped side sees the broken link once it runs
+    if silent == "destination":
+        assert src.status() in ("paused", "postmigrate")  # the source never runs the guest again
