@@ -68,9 +68,10 @@ def _status(vm: VmProcess, wanted: str, timeout: float = 60) -> dict:
                     f"{vm.name} to be {wanted}", timeout)
 
 
-def _switch_with_a_request(src: VmProcess, dst: VmProcess, uri: str) -> None:
+def _switch_with_a_request(src: VmProcess, dst: VmProcess, uri: str, release: bool = True) -> None:
     """migrate slowly, switch inside the first pass, hold the push back until the guest faulted
-    on a page still at the source and the destination requested it."""
+    on a page still at the source and the destination requested it; `release`: then let the
+    push run at full speed."""
     src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW, "max-postcopy-bandwidth": TRICKLE})
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("transferred", 0) >= 1 << 20,
@@ -80,7 +81,8 @@ def _switch_with_a_request(src: VmProcess, dst: VmProcess, uri: str) -> None:
     assert info["ram"]["remaining"] >= 0
     assert src.cmd("query-migrate")["status"] == "postcopy-active"
     wait_for(lambda: src.cmd("query-migrate")["ram"]["postcopy-requests"] > 0, "a page request", 120)
-    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    if release:
+        src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
 
 
 def _verified(dst: VmProcess) -> None:
@@ -195,3 +197,42 @@ def test_a_silent_peer_after_run_pauses_the_other_side_within_the_heartbeat_limi
     _status(stopped, "postcopy-paused", 60)  # the stopped side sees the broken link once it runs
     if silent == "destination":
         assert src.status() in ("paused", "postmigrate")  # the source never runs the guest again
+
+
+def _paused_both(src: VmProcess, dst: VmProcess) -> None:
+    _status(src, "postcopy-paused")
+    _status(dst, "postcopy-paused")
+
+
+def test_recovery_the_qemu_way_after_migrate_pause_completes_with_nothing_lost(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    """migrate-pause, then migrate-recover on the destination and migrate resume on the source;
+    a second pause during the recovered push (a double failure) lands back in postcopy-paused
+    and a second recovery completes."""
+    src, dst, uri = _pair(tmp_path, procs)
+    _switch_with_a_request(src, dst, uri, release=False)  # the push trickles: still going below
+    src.cmd("migrate-pause")
+    _paused_both(src, dst)
+    assert "migrate-pause" in src.cmd("query-migrate")["error-desc"]
+    assert dst.status() == "running"
+    with pytest.raises(QmpReplyError, match="Cannot resume if there is no paused migration"):
+        dst.cmd("migrate", uri=uri, resume=True)
+    for attempt in (1, 2):
+        again = f"unix:{tmp_path / f'recover{attempt}.sock'}"
+        dst.cmd("migrate-recover", uri=again)
+        assert dst.cmd("query-migrate")["status"] == "postcopy-paused"  # until the source connects
+        src.cmd("migrate", uri=again, resume=True)
+        _status(src, "postcopy-active")
+        _status(dst, "postcopy-active")
+        if attempt == 1:
+            dst.cmd("migrate-pause")  # the double failure: from the other side this time
+            _paused_both(src, dst)
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    info = dst.wait_migration(timeout=120)
+    assert info["status"] == "completed", info
+    s = src.wait_migration(timeout=60)
+    assert s["status"] == "completed" and "error-desc" not in s, s
+    x = info["x-postcopy"]
+    assert x["pages-placed"] == x["pages-to-come"]
+    _verified(dst)
+    assert "Traceback" not in src.log()

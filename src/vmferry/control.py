@@ -280,6 +280,44 @@ class VmControl:
                 raise QmpError(f"Postcopy cannot start: the migration is {self._state.status}")
             self.outgoing.start_postcopy()
 
+    def migrate_resume(self, uri: str) -> None:
+        """`migrate` with `"resume": true`: a paused postcopy goes on over a new connection to
+        `uri` (where the destination's migrate-recover listens), with the same TLS setup."""
+        with self._lock:
+            out = self.outgoing
+            if out is None or self._state is None or self._state.status != S.POSTCOPY_PAUSED:
+                raise QmpError("Cannot resume if there is no paused migration")
+            parsed = parse_uri(uri)
+            tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
+                                uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
+            channel, connected = _connect_in_background(uri, tls)
+            with contextlib.suppress(FutureTimeout):
+                connected.result(timeout=CONNECT_WAIT_S)
+            out.resume(channel)
+
+    def migrate_recover(self, uri: str) -> None:
+        """migrate-recover on a paused postcopy destination: listen on `uri` for the source's
+        resumed stream."""
+        with self._lock:
+            inc = self.incoming
+            if inc is None or inc.state.status != S.POSTCOPY_PAUSED:
+                raise QmpError("Migrate recover can only be run when postcopy is paused.")
+            listener = _TlsListener(listen_incoming(uri), self._incoming_tls)
+            inc.recover(listener)
+            self.listen_address = str(listener.address)
+            log.info("waiting for the resumed postcopy migration on %s", self.listen_address)
+
+    def migrate_pause(self) -> None:
+        """migrate-pause: break an active postcopy's connection on purpose, on either side."""
+        with self._lock:
+            if self.outgoing is not None and self.outgoing.postcopy_started:
+                self.outgoing.pause_postcopy()
+            elif self._postcopy_guest_here():
+                assert self.incoming is not None
+                self.incoming.pause_postcopy()
+            else:
+                raise QmpError("migrate-pause is only for a postcopy migration after the switch")
+
     def _postcopy_guest_here(self) -> bool:
         """Is this a destination running a guest whose RAM is still arriving (or paused)?"""
         inc = self.incoming

@@ -95,7 +95,8 @@ class IncomingMigration:
         self.losses = ChannelLosses()
         self.device_loader = DeviceLoader(devices)
         self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
-                                       machine.vcpu_thread_ids, self._postcopy_run)
+                                       machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed)
+        self._pause_requested: str | None = None
         self._paused = False  # postcopy-paused: state is kept for a recovery
         self.bytes_at_run = 0  # stream bytes received when postcopy's RUN arrived
         self.session = DestSession([self.ram, self.drives, self.device_loader, self.losses, self.postcopy],
@@ -273,11 +274,79 @@ class IncomingMigration:
         log.info("postcopy completed: %d pages requested, %d placed after the switch", dest.requests,
                  dest.pages_placed)
 
+    def recover(self, listener: Listener) -> None:
+        """migrate-recover: accept the source's resumed stream on `listener` (on a new incoming
+        thread); the migration stays postcopy-paused until the source connects."""
+        if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        self.listener = listener
+        self._pause_requested = None
+        self._thread = threading.Thread(target=self._recover_run, name="migration-incoming", daemon=True)
+        self._thread.start()
+
+    def pause_postcopy(self) -> None:
+        """migrate-pause on the destination: break the connection on purpose (postcopy-paused)."""
+        if self.state.status not in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+            raise MigrationError("migrate-pause is only for a postcopy migration after the switch "
+                                 f"(this one is {self.state.status})")
+        self._pause_requested = "paused by migrate-pause"
+        if self.channel is not None:
+            self.channel.shutdown()
+
+    def _recover_run(self) -> None:
+        """The recovery's incoming thread: the new stream starts with POSTCOPY_RESUMED (answered
+        by _postcopy_resumed), then carries the rest of the pages to END."""
+        try:
+            channel = self.listener.accept()
+            self.listener.close()
+            self.channel = channel
+            if not channel.has_return_path:
+                raise MigrationError("a postcopy recovery needs a return path")
+            self.state.set(S.POSTCOPY_RECOVER)
+            self._rp = ReturnPathWriter(channel)
+            self.watchdog = Watchdog(self._heartbeat_ms(), self._source_quiet_for, self._source_silent,
+                                     beat=self._rp.heartbeat, peer="source")
+            if self.watchdog.enabled:
+                self._rp.heartbeat()
+                self.watchdog.start()
+            self._main_watch = _ChannelWatch()
+            self._receive(channel)
+            self._waiting_since = None
+            if self.state.status != S.POSTCOPY_ACTIVE:
+                raise MigrationError("the recovered stream ended without POSTCOPY_RESUMED")
+            self._finish_postcopy()
+            self._paused = False
+        except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
+            traceback.clear_frames(e.__traceback__)
+            self._postcopy_paused(self._reason(e))
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            self.listener.close()
+            if not self._paused:
+                self.session.release()
+            if self.channel is not None:
+                self.channel.close()
+
+    def _postcopy_resumed(self) -> None:
+        """POSTCOPY_RESUMED arrived on the recovered stream: tell the source which pages are
+        here, then RESUME."""
+        assert self._rp is not None
+        for bid, bitmap in self.postcopy.received_bitmaps():
+            self._rp.received_bitmap(bid, bitmap)
+        self._rp.resume()
+        self.stats.error = None
+        self.state.set(S.POSTCOPY_ACTIVE)
+        log.info("postcopy recovered: %d pages still to come",
+                 self.postcopy.dest.missing() if self.postcopy.dest else 0)
+
     def _postcopy_paused(self, reason: str) -> None:
         """A failure after RUN: the guest runs here on what has arrived; threads touching a page
         still to come wait for it. Keep everything (userfaultfd, resolver, received pages) for a
         recovery; never exit on our own."""
         self._paused = True
+        if self._pause_requested is not None:
+            reason = self._pause_requested
         self.stats.error = f"postcopy paused: {reason}"
         if self.state.status != S.POSTCOPY_PAUSED:
             self.state.set(S.POSTCOPY_PAUSED)

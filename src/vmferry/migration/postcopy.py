@@ -398,19 +398,22 @@ class PostcopyLoader(Loader):
     name = "postcopy"
 
     def __init__(self, ram: RamLoader, enabled: Callable[[], bool], request: Callable[[int, int, int], None],
-                 vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None]) -> None:
+                 vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None],
+                 on_resumed: Callable[[], None] = lambda: None) -> None:
         self.ram = ram
         self._enabled = enabled
         self._request = request
         self._vcpu_thread_ids = vcpu_thread_ids
         self._on_run = on_run
+        self._on_resumed = on_resumed
         self.advised = False
         self.dest: PostcopyDestination | None = None
         self.running = False  # RUN applied: the guest runs here
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
         return {CommandCode.POSTCOPY_ADVISE: self._advise, CommandCode.POSTCOPY_DISCARD: self._discard,
-                CommandCode.POSTCOPY_LISTEN: self._listen, CommandCode.POSTCOPY_RUN: self._run}
+                CommandCode.POSTCOPY_LISTEN: self._listen, CommandCode.POSTCOPY_RUN: self._run,
+                CommandCode.POSTCOPY_RESUMED: self._resumed}
 
     def _advise(self, cmd: Command) -> None:
         if not self._enabled():
@@ -444,6 +447,21 @@ class PostcopyLoader(Loader):
             raise MigrationError("POSTCOPY_RUN before POSTCOPY_LISTEN")
         self._on_run()
         self.running = True
+
+    def _resumed(self, cmd: Command) -> None:
+        """POSTCOPY_RESUMED, the first command of a recovery's stream: answer with what is here
+        (RECEIVED_BITMAP per block, RESUME) through the driver, and ask again for every page a
+        thread still waits on."""
+        if not self.running or self.dest is None:
+            raise MigrationError("POSTCOPY_RESUMED without a paused postcopy migration here")
+        self._on_resumed()
+        self.dest.rerequest()
+
+    def received_bitmaps(self) -> list[tuple[int, bytes]]:
+        """(block id, bitmap) of the pages to come that were placed: what a recovery skips."""
+        assert self.dest is not None
+        with self.dest._lock:
+            return [(bid, mask_to_bitmap(self.dest.placed[bid])) for bid in self.dest.blocks]
 
     def release(self) -> None:
         if self.dest is not None:

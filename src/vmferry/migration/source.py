@@ -139,6 +139,7 @@ class OutgoingMigration:
         self.postcopy: PostcopySource | None = None
         self._run_sent = False
         self.postcopy_pause_reason: str | None = None
+        self._pause_requested: str | None = None
         self.watchdog: Watchdog | None = None
         self._silence: str | None = None  # the watchdog's reason, once the destination went silent
         self._beat_at = 0.0  # when the stream last carried anything
@@ -159,6 +160,30 @@ class OutgoingMigration:
         if not self.postcopy_enabled:
             raise MigrationError("Enable postcopy with migrate_set_capability before the start of migration")
         self._postcopy_requested.set()
+
+    def resume(self, channel: Future[Channel]) -> None:
+        """`migrate` with resume: a paused postcopy goes on over a new connection (the monitor
+        thread; the work is on a new migration thread)."""
+        if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
+            raise MigrationError("Cannot resume if there is no paused migration")
+        self._channel_future = channel
+        self._silence = None
+        self._pause_requested = None
+        with self.stats.lock:
+            self.stats.error = None
+        self.state.set(S.POSTCOPY_RECOVER)
+        self._thread = threading.Thread(target=self._resume_run, name="migration", daemon=True)
+        self._thread.start()
+
+    def pause_postcopy(self) -> None:
+        """migrate-pause: break the connection of an active postcopy on purpose; both sides go
+        to postcopy-paused and a recovery continues it."""
+        if self.state.status not in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER) or not self._run_sent:
+            raise MigrationError("migrate-pause is only for a postcopy migration after the switch "
+                                 f"(this one is {self.state.status})")
+        self._pause_requested = "paused by migrate-pause"
+        if self.channel is not None:
+            self.channel.shutdown()
 
     @property
     def postcopy_started(self) -> bool:
@@ -603,8 +628,8 @@ class OutgoingMigration:
         # max-postcopy-bandwidth paces the background push only: a requested page never waits.
         limiter = RateLimiter(self.params.max_postcopy_bandwidth)
         while not pc.done():
-            if self._silence is not None:
-                raise MigrationError(self._silence)
+            if self._silence is not None or self._pause_requested is not None:
+                raise MigrationError(self._silence or self._pause_requested or "")
             if rp.closed.is_set() and not pc.done():
                 raise MigrationError(rp.shut_reason or "the destination closed the connection")
             self._take_progress()
@@ -632,10 +657,57 @@ class OutgoingMigration:
         self.state.set(S.COMPLETED)
         log.info("postcopy completed: %d pages after the switch, %d requested", pc.total, pc.requests)
 
+    def _resume_run(self) -> None:
+        """The recovery's migration thread: a new stream (header, RAM_BLOCKS, POSTCOPY_RESUMED),
+        the destination's RECEIVED_BITMAPs then RESUME on the new return path (the pages it has
+        are not sent again; pages lost in flight are), then the push goes on to END."""
+        session, pc = self.session, self.postcopy
+        assert session is not None and pc is not None
+        try:
+            self.channel = self._connected()
+            if not self.channel.has_return_path:
+                raise MigrationError("a postcopy recovery needs a return path (tcp:, unix: or a socket fd:)")
+            self.encoder = session.encoder = pc.encoder = StreamEncoder(
+                machine_type=self.machine.machine_type.name)
+            self.watchdog = Watchdog(self.params.x_heartbeat_ms, self._destination_quiet_for,
+                                     self._destination_silent, peer="destination")
+            rp = self.return_path = ReturnPathReader(self.channel, sent=self._sent_all,
+                                                     on_heartbeat=self.watchdog.arm)
+            rp.on_received_bitmap = pc.received_bitmap
+            rp.start()
+            self.watchdog.start()
+            session.send(self, [self.encoder.header(), self.encoder.encode(block_table(self.ram.blocks)),
+                                self.encoder.encode(Command(CommandCode.POSTCOPY_RESUMED))])
+            self._maybe_beat(now=True)
+            deadline = time.monotonic() + ACK_TIMEOUT_S
+            while not rp.resumed.wait(0.05):
+                if rp.closed.is_set() or self._silence is not None or self._pause_requested:
+                    raise MigrationError(self._silence or self._pause_requested or rp.shut_reason
+                                         or "the destination closed the connection before RESUME")
+                if time.monotonic() > deadline:
+                    raise MigrationError("the destination did not answer the recovery within "
+                                         f"{ACK_TIMEOUT_S:.0f} s")
+            log.info("postcopy recovered: %d pages still to send", pc.left)
+            self.state.set(S.POSTCOPY_ACTIVE)
+            self._postcopy_push()
+        except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
+            self._fail(e)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            if self.channel is not None:
+                with contextlib.suppress(VmferryError, OSError):
+                    self.channel.close()
+            if self.return_path is not None:
+                self.return_path.join(1.0)
+            self.stats.end_ns = time.monotonic_ns()
+
     def _postcopy_paused(self, e: BaseException) -> None:
         """A failure after RUN: neither side has the whole VM. The source keeps its vCPUs stopped
         and every page still to send, and waits for a recovery (`migrate` with resume)."""
-        if self._silence is not None:
+        if self._pause_requested is not None:
+            reason = self._pause_requested
+        elif self._silence is not None:
             reason = self._silence
         elif self.return_path is not None and self.return_path.shut_reason:
             reason = f"the destination gave up: {self.return_path.shut_reason}"
