@@ -19,10 +19,12 @@ is not the source's silence), shutting the channel down; END disarms it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import select
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -36,7 +38,7 @@ from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
-from vmferry.migration.postcopy import PostcopyLoader
+from vmferry.migration.postcopy import POSTCOPY_RCVBUF, SWITCH_INTERVAL_S, PostcopyLoader
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -245,6 +247,7 @@ class IncomingMigration:
         """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
         start the guest while the rest of RAM arrives."""
         t0 = time.monotonic()
+        _postcopy_latency_settings(self.channel)
         self.bytes_at_run = self.stats.transferred
         self.drives.complete()
         self.device_loader.complete()
@@ -571,6 +574,16 @@ class IncomingMigration:
         if isinstance(smp, int) and smp != self.machine.smp:
             raise MigrationError(f"the source has {smp} vCPUs but this destination has "
                                  f"{self.machine.smp}; start it with --smp {smp}")
+
+
+def _postcopy_latency_settings(channel: Channel | None) -> None:
+    """Postcopy: a small receive buffer (a requested page waits behind little of the background
+    push) and a short GIL switch interval (postcopy.SWITCH_INTERVAL_S)."""
+    sock = getattr(channel, "socket", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def _drain_before_close(channel: Channel, limit_s: float = DRAIN_BEFORE_CLOSE_S) -> None:

@@ -57,6 +57,13 @@ MIN_CHUNK_PAGES = 4
 MAX_CHUNK_PAGES = 64
 # Pages sent with a requested one (the guest usually touches the next pages next).
 REQUEST_AHEAD_PAGES = 3
+# A requested page crosses four threads (resolver, the source's return-path reader, its push,
+# the destination's incoming thread), each of which may wait for the GIL while another thread
+# is busy: Python's default switch interval (5 ms) per hop would dominate the fault latency.
+SWITCH_INTERVAL_S = 0.0005
+# The destination's receive buffer in postcopy: a requested page queues behind at most this much
+# of the background push (the kernel doubles it).
+POSTCOPY_RCVBUF = 64 << 10
 HISTOGRAM_BUCKETS = 24  # log2 buckets of fault latency in us: [1, 2) ... [2^23, inf)
 
 
