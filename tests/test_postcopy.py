@@ -177,6 +177,25 @@ def test_killed_source_after_run_leaves_the_destination_paused_alive_and_killabl
     assert "Traceback" not in dst.log()
 
 
+def test_killed_destination_after_run_leaves_the_source_paused_with_its_state(
+        tmp_path: Path, procs: list[VmProcess]) -> None:
+    src, dst, uri = _pair(tmp_path, procs)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW, "max-postcopy-bandwidth": TRICKLE})
+    src.cmd("migrate", uri=uri)
+    src.cmd("migrate-start-postcopy")
+    _status(dst, "postcopy-active")
+    dst.proc.kill()
+    dst.proc.wait(30)
+    info = _status(src, "postcopy-paused")
+    assert "postcopy paused" in info["error-desc"] and info["ram"]["remaining"] > 0
+    assert src.status() in ("paused", "postmigrate")  # the guest is nowhere whole: never resumed here
+    with pytest.raises(QmpReplyError, match="cannot be cancelled"):
+        src.cmd("migrate_cancel")
+    with pytest.raises(QmpReplyError, match="the source cannot resume it"):
+        src.cmd("cont")
+    assert "Traceback" not in src.log()
+
+
 @pytest.mark.parametrize("silent", ["source", "destination"])
 def test_a_silent_peer_after_run_pauses_the_other_side_within_the_heartbeat_limit(
         tmp_path: Path, procs: list[VmProcess], silent: str) -> None:
