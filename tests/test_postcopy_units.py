@@ -130,3 +130,19 @@ def test_source_push_and_destination_faults_place_every_page_right() -> None:
         dest.close()  # wakes a reader still blocked, whatever failed
         src.close()
         dst.close()
+
+
+def test_the_automatic_switch_goes_when_precopy_cannot_make_it_in_the_budget() -> None:
+    from vmferry.migration.postcopy import precopy_overruns
+
+    mib = 1 << 20
+    # Dirtying faster than the link: never converges, whatever the budget.
+    why = precopy_overruns(1.0, 64 * mib, 200 * mib, 110 * mib, 300, 1024 * mib, 10**9)
+    assert why is not None and "does not converge" in why
+    # Converging, but not within the budget: 1 GiB at 100 MiB/s is ~10 s.
+    why = precopy_overruns(0.0, 1024 * mib, 1 * mib, 100 * mib, 300, 1024 * mib, 5000)
+    assert why is not None and "beyond x-postcopy-after-ms 5000" in why
+    # Within the budget, off (0), or nothing measured yet: no switch.
+    assert precopy_overruns(0.0, 1024 * mib, 1 * mib, 100 * mib, 300, 1024 * mib, 60_000) is None
+    assert precopy_overruns(1.0, 64 * mib, 200 * mib, 110 * mib, 300, 1024 * mib, 0) is None
+    assert precopy_overruns(1.0, 64 * mib, 200 * mib, 0.0, 300, 1024 * mib, 1000) is None

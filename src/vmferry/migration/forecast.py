@@ -102,6 +102,13 @@ def _simulate(f: ForecastInput) -> Forecast:
     return Forecast(False, MAX_PASSES, float("inf"), round(sent), exp)
 
 
+def simulate(f: ForecastInput) -> Forecast:
+    """The forecast alone, without the search for what would make it converge (cheap: at most
+    MAX_PASSES steps of arithmetic; the source asks it after every pass for postcopy's automatic
+    switch)."""
+    return _simulate(f)
+
+
 def _least(lo: float, hi: float, ok, steps: int = 60) -> float | None:  # noqa: ANN001 - predicate
     """The least x in [lo, hi] with ok(x), for an ok that is monotone in x; None if not even hi."""
     if not ok(hi):

@@ -126,6 +126,10 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
               "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
               "the other drives are shared storage"),
+    ParamSpec("x-postcopy-after-ms", "uint32", "vmferry: with postcopy-ram, the source switches to "
+              "postcopy by itself when, after a pass, precopy's forecast says it will not complete "
+              "within this many ms of `migrate` (or never); 0 = only on migrate-start-postcopy",
+              0, 2**32 - 1, _range(0, 2**32 - 1, "ms")),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -148,6 +152,9 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                           "auto uses it too)",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-postcopy-after-ms": "the source, after each precopy pass from the second on, when capability "
+                           "postcopy-ram was on at `migrate` (migration/postcopy.py precopy_overruns: "
+                           "forecast.py's model from where the migration stands); may change during it",
     "max-postcopy-bandwidth": "the source's postcopy push after the switch (may change during it): "
                               "paces the background pages only; a page the destination requests "
                               "is sent at once",
@@ -211,6 +218,7 @@ class MigrationParameters:
     x_trace_file: str = ""
     x_heartbeat_ms: int = 1000
     x_block_drives: str = ""
+    x_postcopy_after_ms: int = 0
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)

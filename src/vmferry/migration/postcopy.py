@@ -42,6 +42,7 @@ import numpy as np
 from vmferry.errors import MigrationError
 from vmferry.kvm.userfaultfd import Userfaultfd
 from vmferry.machine.ramblock import RamBlock
+from vmferry.migration.forecast import ForecastInput, simulate
 from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, runs, segments, zero_pages
 from vmferry.migration.saver import Handler, Loader, Send
 from vmferry.stream.encoder import StreamEncoder
@@ -65,6 +66,27 @@ SWITCH_INTERVAL_S = 0.0005
 # of the background push (the kernel doubles it).
 POSTCOPY_RCVBUF = 64 << 10
 HISTOGRAM_BUCKETS = 24  # log2 buckets of fault latency in us: [1, 2) ... [2^23, inf)
+
+
+def precopy_overruns(elapsed_s: float, remaining_bytes: int, dirty_rate_bps: float, bandwidth_bps: float,
+                     downtime_limit_ms: float, working_set_bytes: int, budget_ms: int) -> str | None:
+    """Postcopy's automatic switch (x-postcopy-after-ms): does precopy's forecast, from where the
+    migration stands after a pass, say it will not complete within `budget_ms` of its start?
+    The reason if so, else None (also while nothing has been measured). Pure."""
+    if budget_ms <= 0 or bandwidth_bps <= 0:
+        return None
+    f = simulate(ForecastInput(initial_bytes=remaining_bytes, dirty_rate_bps=dirty_rate_bps,
+                               bandwidth_bps=bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
+                               working_set_bytes=max(working_set_bytes, remaining_bytes)))
+    if not f.converges:
+        return (f"precopy does not converge: the guest dirties {dirty_rate_bps / 2**20:.1f} MiB/s "
+                f"against {bandwidth_bps / 2**20:.1f} MiB/s of bandwidth and a "
+                f"{downtime_limit_ms:.0f} ms downtime-limit")
+    done_ms = (elapsed_s + f.total_time_s) * 1000
+    if done_ms > budget_ms:
+        return (f"precopy would complete {done_ms:.0f} ms after the start, beyond "
+                f"x-postcopy-after-ms {budget_ms}")
+    return None
 
 
 def mask_to_bitmap(mask: np.ndarray) -> bytes:

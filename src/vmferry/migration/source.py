@@ -55,7 +55,7 @@ from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import DataChannelEncoder, MultifdSender
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
-from vmferry.migration.postcopy import SWITCH_INTERVAL_S, PostcopySource
+from vmferry.migration.postcopy import SWITCH_INTERVAL_S, PostcopySource, precopy_overruns
 from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
@@ -441,6 +441,7 @@ class OutgoingMigration:
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
                 self._throttle_after_sync(report.dirty_pages_after)
+                self._maybe_auto_postcopy(report)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if step.switchover:
@@ -579,6 +580,23 @@ class OutgoingMigration:
             )
 
     # --- postcopy ---
+
+    def _maybe_auto_postcopy(self, report: PassReport) -> None:
+        """x-postcopy-after-ms: switch by itself when precopy's forecast says it will not make it
+        within the budget (from the second pass on: pass 1 measured no dirty rate yet)."""
+        budget = self.params.x_postcopy_after_ms
+        session = self.session
+        if not (self.postcopy_enabled and budget and report.number >= 2 and session is not None):
+            return
+        elapsed = (time.monotonic_ns() - self.stats.start_ns) / 1e9
+        populated = self.stats.total_bytes - self.stats.unpopulated * PAGE_SIZE
+        why = precopy_overruns(elapsed, session.pending() + session.backlog(),
+                               report.dirty_rate_pps * PAGE_SIZE, session.bandwidth(),
+                               self.params.downtime_limit, populated, budget)
+        if why is not None:
+            log.info("switching to postcopy by itself (x-postcopy-after-ms): %s", why)
+            self.stats.auto_postcopy = why
+            self._postcopy_requested.set()
 
     def _postcopy(self) -> None:
         """The switch to postcopy: stop the vCPUs, tell the destination which pages are still to

@@ -52,6 +52,7 @@ class MigrationStats:
     postcopy_bytes: int = 0  # stream bytes of pages sent after postcopy's switch
     postcopy_requests: int = 0  # PAGE_REQUESTs received (source) or sent (destination)
     postcopy: dict = field(default_factory=dict)  # destination: blocktime and fault figures
+    auto_postcopy: str | None = None  # source: why it switched to postcopy by itself
     multifd_bytes: int = 0  # of `transferred`, what the multifd data channels carried
     multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
@@ -116,6 +117,8 @@ class MigrationStats:
             if self.cpu_throttle_percentage:
                 out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
             out.update(self.postcopy)
+            if self.auto_postcopy:
+                out["x-postcopy-auto"] = self.auto_postcopy
             if self.multifd_lost:
                 out["multifd-lost-channels"] = list(self.multifd_lost)
             if self.error:
