@@ -24,7 +24,6 @@ import gc
 import logging
 import select
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -38,7 +37,12 @@ from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
-from vmferry.migration.postcopy import POSTCOPY_RCVBUF, SWITCH_INTERVAL_S, PostcopyLoader
+from vmferry.migration.postcopy import (
+    POSTCOPY_RCVBUF,
+    PostcopyLoader,
+    restore_switch_interval,
+    short_switch_interval,
+)
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -268,6 +272,7 @@ class IncomingMigration:
             raise MigrationError(f"the stream ended with {dest.missing()} postcopy pages not sent")
         self.stats.postcopy = dest.report()
         dest.close()
+        restore_switch_interval()
         self._count()
         if self._rp is not None:
             self._rp.ack(self.session.record_count, {})
@@ -583,7 +588,7 @@ def _postcopy_latency_settings(channel: Channel | None) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    short_switch_interval()
 
 
 def _drain_before_close(channel: Channel, limit_s: float = DRAIN_BEFORE_CLOSE_S) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -62,6 +63,25 @@ REQUEST_AHEAD_PAGES = 3
 # the destination's incoming thread), each of which may wait for the GIL while another thread
 # is busy: Python's default switch interval (5 ms) per hop would dominate the fault latency.
 SWITCH_INTERVAL_S = 0.0005
+_saved_switch_interval: float | None = None
+
+
+def short_switch_interval() -> None:
+    """Postcopy's GIL hand-over (SWITCH_INTERVAL_S) for this process, until restored."""
+    global _saved_switch_interval
+    if _saved_switch_interval is None:
+        _saved_switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def restore_switch_interval() -> None:
+    """Postcopy is over here: the interval Python had before."""
+    global _saved_switch_interval
+    if _saved_switch_interval is not None:
+        sys.setswitchinterval(_saved_switch_interval)
+        _saved_switch_interval = None
+
+
 # The destination's receive buffer in postcopy: a requested page queues behind at most this much
 # of the background push (the kernel doubles it).
 POSTCOPY_RCVBUF = 64 << 10

@@ -36,7 +36,6 @@ import contextlib
 import gc
 import logging
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -55,7 +54,12 @@ from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import DataChannelEncoder, MultifdSender
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
-from vmferry.migration.postcopy import SWITCH_INTERVAL_S, PostcopySource, precopy_overruns
+from vmferry.migration.postcopy import (
+    PostcopySource,
+    precopy_overruns,
+    restore_switch_interval,
+    short_switch_interval,
+)
 from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
@@ -669,6 +673,7 @@ class OutgoingMigration:
                 self.stats.normal = self.ram.counters.pages + pc.pages
                 self.stats.duplicate = self.ram.counters.zero_pages + pc.zero_pages
         pc.step(send)  # requests that came in meanwhile are for pages sent already: dropped
+        restore_switch_interval()
         self._end_sent = True
         session.end(self)
         self._wait_for_ack()
@@ -813,7 +818,7 @@ def _small_send_buffer(channel: Channel | None) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    short_switch_interval()
 
 
 def _close_if_connected(fut: Future[Channel]) -> None:
