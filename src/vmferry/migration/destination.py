@@ -256,6 +256,9 @@ class IncomingMigration:
         self.drives.complete()
         self.device_loader.complete()
         self._applied("devices", self.session.passes)
+        # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
+        # RUN tells the source the guest never started here, and the source resumes it).
+        self.postcopy.started()
         self.on_loaded()
         self._applied("started", self.session.passes)
         self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}

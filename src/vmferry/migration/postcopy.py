@@ -495,6 +495,11 @@ class PostcopyLoader(Loader):
         if self.dest is None or self.dest.uffd is None:
             raise MigrationError("POSTCOPY_RUN before POSTCOPY_LISTEN")
         self._on_run()
+
+    def started(self) -> None:
+        """The driver is about to start the guest: from here a failure pauses instead of
+        refusing the stream (a refusal, SHUT, tells the source that the guest never ran here, and
+        the source resumes it)."""
         self.running = True
 
     def _resumed(self, cmd: Command) -> None:

@@ -756,9 +756,12 @@ class OutgoingMigration:
             # It reads to the end of a closed connection promptly; give it a moment.
             self.return_path.join(RETURN_PATH_LAST_WORD_S)
         self._unthrottle()  # before resuming the source and before the state says it ended
-        if self._run_sent:
+        refused = self.return_path is not None and self.return_path.shut_reason is not None
+        if self._run_sent and not refused:
             self._postcopy_paused(e)
             return
+        # A SHUT after RUN: the destination refused before it started the guest (it never SHUTs
+        # once the guest may run there): the source is still the only owner, and resumes.
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self._silence is not None:
