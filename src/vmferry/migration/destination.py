@@ -288,8 +288,13 @@ class IncomingMigration:
     def recover(self, listener: Listener) -> None:
         """migrate-recover: accept the source's resumed stream on `listener` (on a new incoming
         thread); the migration stays postcopy-paused until the source connects."""
-        if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
+        if self.state.status != S.POSTCOPY_PAUSED:
             raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        if self._thread.is_alive():  # an earlier migrate-recover still waits: this one replaces it
+            self.listener.close()
+            self._thread.join(5.0)
+            if self._thread.is_alive():
+                raise MigrationError("the previous migrate-recover is still being set up; try again")
         self.listener = listener
         self._pause_requested = None
         self._thread = threading.Thread(target=self._recover_run, name="migration-incoming", daemon=True)
