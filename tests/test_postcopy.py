@@ -237,6 +237,7 @@ def test_recovery_the_qemu_way_after_migrate_pause_completes_with_nothing_lost(
     assert dst.status() == "running"
     with pytest.raises(QmpReplyError, match="Cannot resume if there is no paused migration"):
         dst.cmd("migrate", uri=uri, resume=True)
+    dst.cmd("migrate-recover", uri=f"unix:{tmp_path / 'nobody-comes.sock'}")  # replaced below
     for attempt in (1, 2):
         again = f"unix:{tmp_path / f'recover{attempt}.sock'}"
         dst.cmd("migrate-recover", uri=again)
