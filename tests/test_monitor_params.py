@@ -33,7 +33,7 @@ EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tl
              "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
              "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "multifd-channels",
              "multifd-compression", "multifd-zlib-level", "multifd-zstd-level", "max-postcopy-bandwidth",
-             "x-postcopy-after-ms"}
+             "x-postcopy-after-ms", "x-postcopy-reconnect"}
 EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]

@@ -219,6 +219,7 @@ class VmControl:
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
                 multifd=multifd,
                 postcopy=self.migration_capabilities.enabled("postcopy-ram"),
+                reconnect=_reconnector(uri, tls),
             )
             self.incoming = None
             self.outgoing.start()
@@ -254,10 +255,18 @@ class VmControl:
                 lambda: self._open_trace("destination"),
                 lambda: self.migration_parameters.x_heartbeat_ms,
                 lambda: self.migration_capabilities.enabled("postcopy-ram"),
+                self._relisten,
             )
             self.incoming.start()
             self.listen_address = str(listener.address)
             log.info("waiting for an incoming migration on %s", self.listen_address)
+
+    def _relisten(self) -> Listener | None:
+        """x-postcopy-reconnect: a listener on the address the incoming migration used (its
+        actual port when it was given as 0), or None when the parameter is off."""
+        if not self.migration_parameters.x_postcopy_reconnect or not self.listen_address:
+            return None
+        return _TlsListener(listen_incoming(self.listen_address), self._incoming_tls)
 
     def _incoming_tls(self) -> TlsSetup | None:
         # As QEMU: tls-creds are read when the stream arrives (they may be set after -incoming).
@@ -534,6 +543,16 @@ def _socket_address(uri: str) -> dict:
     if uri.startswith("unix:"):
         return {"type": "unix", "path": uri[5:]}
     return {"type": "uri", "uri": uri}
+
+
+def _reconnector(uri: str, tls: TlsSetup | None) -> Callable[[], Channel]:
+    """x-postcopy-reconnect: one more connection to `migrate`'s address, TLS as the first."""
+
+    def connect() -> Channel:
+        channel = connect_outgoing(uri, timeout_s=1.0)
+        return channel if tls is None else tls_connect(channel, tls.context, tls.hostname)
+
+    return connect
 
 
 def _connect_in_background(uri: str, tls: TlsSetup | None) -> tuple[Future[Channel], Future[None]]:

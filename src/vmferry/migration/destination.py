@@ -86,6 +86,7 @@ class IncomingMigration:
         trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
         heartbeat_ms: Callable[[], int] = lambda: 1000,
         postcopy_enabled: Callable[[], bool] = lambda: False,
+        relisten: Callable[[], Listener | None] = lambda: None,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -103,6 +104,8 @@ class IncomingMigration:
         self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
                                        machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed)
         self._pause_requested: str | None = None
+        # x-postcopy-reconnect: a new listener on the address this side migrated on (None: off)
+        self._relisten = relisten
         self._paused = False  # postcopy-paused: state is kept for a recovery
         self.bytes_at_run = 0  # stream bytes received when postcopy's RUN arrived
         self.session = DestSession([self.ram, self.drives, self.device_loader, self.losses, self.postcopy],
@@ -367,6 +370,28 @@ class IncomingMigration:
         if self.state.status != S.POSTCOPY_PAUSED:
             self.state.set(S.POSTCOPY_PAUSED)
         log.warning("postcopy paused: %s; waiting for migrate-recover", reason)
+        if self._pause_requested is None:
+            threading.Thread(target=self._listen_again, args=(threading.current_thread(),),
+                             name="postcopy-relisten", daemon=True).start()
+
+    def _listen_again(self, paused_by: threading.Thread) -> None:
+        """x-postcopy-reconnect: once the failed incoming thread has ended, listen again on the
+        address the migration came in on, as migrate-recover would."""
+        paused_by.join()
+        if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
+            return
+        try:
+            listener = self._relisten()
+        except VmferryError as e:
+            log.warning("postcopy: cannot listen again for the source: %s", e)
+            return
+        if listener is None:
+            return
+        try:
+            self.recover(listener)
+            log.info("postcopy: listening again on %s for the source", listener.address)
+        except MigrationError:
+            listener.close()  # a migrate-recover by hand came first
 
     def postcopy_report(self) -> dict:
         """Live postcopy figures for query-migrate (the final ones once completed)."""

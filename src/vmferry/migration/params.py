@@ -130,6 +130,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "postcopy by itself when, after a pass, precopy's forecast says it will not complete "
               "within this many ms of `migrate` (or never); 0 = only on migrate-start-postcopy",
               0, 2**32 - 1, _range(0, 2**32 - 1, "ms")),
+    ParamSpec("x-postcopy-reconnect", "bool", "vmferry: after a postcopy's connection breaks, both "
+              "sides reconnect by themselves (the destination listens again on its address, the "
+              "source retries the original one every 100 ms) and the migration resumes"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -155,6 +158,10 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
     "x-postcopy-after-ms": "the source, after each precopy pass from the second on, when capability "
                            "postcopy-ram was on at `migrate` (migration/postcopy.py precopy_overruns: "
                            "forecast.py's model from where the migration stands); may change during it",
+    "x-postcopy-reconnect": "each side, when its postcopy pauses on a broken or silent connection (not "
+                            "on migrate-pause): the destination listens again on the address it "
+                            "migrated on, the source retries `migrate`'s address every 100 ms; then "
+                            "the recovery is QEMU's (migrate-recover + resume), done by themselves",
     "max-postcopy-bandwidth": "the source's postcopy push after the switch (may change during it): "
                               "paces the background pages only; a page the destination requests "
                               "is sent at once",
@@ -219,6 +226,7 @@ class MigrationParameters:
     x_heartbeat_ms: int = 1000
     x_block_drives: str = ""
     x_postcopy_after_ms: int = 0
+    x_postcopy_reconnect: bool = False
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)

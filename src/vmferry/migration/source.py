@@ -82,6 +82,8 @@ ACK_TIMEOUT_S = 30.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
 DRAIN_S = 0.25
+# x-postcopy-reconnect: how often the source retries the destination's address.
+RECONNECT_S = 0.1
 # Postcopy's send buffer (the kernel doubles it): ~0.1 ms of a 1 GB/s link queued below the push.
 POSTCOPY_SNDBUF = 64 << 10
 
@@ -112,6 +114,7 @@ class OutgoingMigration:
         auto_converge: bool = False,
         multifd: MultifdSetup | None = None,
         postcopy: bool = False,
+        reconnect: Callable[[], Channel] | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
         the others are shared."""
@@ -145,6 +148,8 @@ class OutgoingMigration:
         self._run_sent = False
         self.postcopy_pause_reason: str | None = None
         self._pause_requested: str | None = None
+        # x-postcopy-reconnect: opens a new connection to `migrate`'s address (same TLS)
+        self._reconnect = reconnect
         self.watchdog: Watchdog | None = None
         self._silence: str | None = None  # the watchdog's reason, once the destination went silent
         self._beat_at = 0.0  # when the stream last carried anything
@@ -747,6 +752,31 @@ class OutgoingMigration:
             self.state.set(S.POSTCOPY_PAUSED)
         log.warning("postcopy paused: %s; the source keeps the guest stopped and waits for a recovery",
                     reason)
+        if self._reconnect is not None and self.params.x_postcopy_reconnect and self._pause_requested is None:
+            threading.Thread(target=self._reconnect_loop, args=(threading.current_thread(),),
+                             name="postcopy-reconnect", daemon=True).start()
+
+    def _reconnect_loop(self, paused_by: threading.Thread) -> None:
+        """x-postcopy-reconnect: retry `migrate`'s address every RECONNECT_S until a connection
+        is up, then resume as `migrate` with resume would. Stops when something else moved the
+        migration on (a manual resume)."""
+        paused_by.join()
+        assert self._reconnect is not None
+        while self.state.status == S.POSTCOPY_PAUSED and not self._thread.is_alive():
+            try:
+                channel = self._reconnect()
+            except (VmferryError, OSError) as e:
+                log.debug("postcopy reconnect: %s", e)
+                time.sleep(RECONNECT_S)
+                continue
+            done: Future[Channel] = Future()
+            done.set_result(channel)
+            try:
+                self.resume(done)
+                log.info("postcopy: reconnected to the destination by itself")
+            except MigrationError:
+                channel.close()  # resumed meanwhile by hand
+            return
 
     def _fail(self, e: BaseException) -> None:
         if (isinstance(e, TransportError) and self.return_path is not None
