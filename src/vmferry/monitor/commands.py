@@ -16,7 +16,7 @@ from vmferry import __version__
 from vmferry.errors import QmpError
 from vmferry.migration.params import CAPABILITIES, PARAMETER_SPECS, ParamSpec
 from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
-from vmferry.monitor.objects import OBJECT_TYPES, PSK_UNSUPPORTED, create_object, migration_tls
+from vmferry.monitor.objects import OBJECT_TYPES, create_object, migration_tls
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
@@ -466,31 +466,35 @@ def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object
 # --- objects -----------------------------------------------------------------------------------
 
 _OBJECT_ARGS = (
-    Arg("qom-type", STR, doc="the object type: " + ", ".join(f"`{t}`" for t in OBJECT_TYPES)
-        + " (`tls-creds-psk` is refused: Python's ssl has no TLS-PSK)"),
+    Arg("qom-type", STR, doc="the object type: " + ", ".join(f"`{t}`" for t in OBJECT_TYPES)),
     Arg("id", STR, doc="the object's id, what `tls-creds` / `tls-authz` name"),
     Arg("dir", STR, optional=True, doc="tls-creds-x509: directory of `ca-cert.pem`, "
         "`server-cert.pem` + `server-key.pem` or `client-cert.pem` + `client-key.pem`, optional "
-        "`ca-crl.pem`"),
+        "`ca-crl.pem`; tls-creds-psk: directory of `keys.psk` (lines `username:hexkey`)"),
     Arg("endpoint", Enum("QCryptoTLSCredsEndpoint", ("client", "server")), optional=True,
-        doc="tls-creds-x509: `client` (default, the source) or `server` (the destination)"),
+        doc="tls-creds-x509, tls-creds-psk: `client` (default, the source) or `server` (the "
+        "destination)"),
+    Arg("username", STR, optional=True, doc="tls-creds-psk, client only: the identity whose key "
+        "`keys.psk` holds (default `qemu`)"),
     Arg("verify-peer", BOOL, optional=True, doc="tls-creds-x509: check the peer's certificate "
         "(default true): a server requires the client's, a client checks the server's and its hostname"),
     Arg("sanity-check", BOOL, optional=True, doc="tls-creds-x509: refuse an expired or not yet "
         "valid certificate or CA when the object is created (default true)"),
     Arg("identity", STR, optional=True, doc="authz-simple: the one client distinguished name "
-        "allowed, RFC 4514 form, e.g. `CN=src.example.com,O=Example Org,C=GB`"),
+        "allowed, RFC 4514 form, e.g. `CN=src.example.com,O=Example Org,C=GB` (under "
+        "tls-creds-psk: the one PSK username)"),
 )
 
 
 @command("object-add", "Create an object: TLS credentials for a migration (`tls-creds`) or the "
-         "authorization a destination checks clients with (`tls-authz`). Certificate files are "
+         "authorization a destination checks clients with (`tls-authz`). Certificate and key files are "
          "read and checked now.",
          args=_OBJECT_ARGS,
          errors=("GenericError: attempt to add duplicate property 'ID' to object (type 'container')",
                  "GenericError: Object type 'memory-backend-ram' is not supported by vmferry "
-                 "(supported: authz-simple, tls-creds-x509)",
-                 "GenericError: " + PSK_UNSUPPORTED,
+                 "(supported: authz-simple, tls-creds-psk, tls-creds-x509)",
+                 "GenericError: tls-creds-psk 'ID': Username NAME not found in PSK file DIR/keys.psk",
+                 "GenericError: tls-creds-psk 'ID': username should not be set when endpoint=server",
                  "GenericError: Property 'tls-creds-x509.identity' not found (a property of "
                  "another type)",
                  "GenericError: Unable to access credentials DIR/ca-cert.pem: No such file or directory",
