@@ -107,6 +107,9 @@ class ReturnPathReader:
         self.ack_index: int | None = None
         self.ack_timings: dict[str, float] = {}
         self.shut_reason: str | None = None
+        # A SHUT command arrived (not a TLS alert): the destination itself gave up, by its own
+        # decision. After postcopy's RUN that means it never started the guest (postcopy.py).
+        self.shut_received = False
         self.ended = False  # END arrived, verified
         self.closed = threading.Event()  # the destination's side ended (END, EOF, error or SHUT)
         self.progressed = threading.Condition()
@@ -184,6 +187,7 @@ class ReturnPathReader:
             self.ack_index = cmd.index
             self.acked.set()
         elif cmd.code == CommandCode.SHUT:
+            self.shut_received = True
             self.shut_reason = cmd.message
             log.warning("destination gave up: %s", self.shut_reason)
             # Unblock the sender at once; it reports shut_reason.

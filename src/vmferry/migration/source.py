@@ -786,7 +786,8 @@ class OutgoingMigration:
             # It reads to the end of a closed connection promptly; give it a moment.
             self.return_path.join(RETURN_PATH_LAST_WORD_S)
         self._unthrottle()  # before resuming the source and before the state says it ended
-        refused = self.return_path is not None and self.return_path.shut_reason is not None
+        # Only a SHUT command counts (a TLS alert also sets shut_reason, and may come after RUN).
+        refused = self.return_path is not None and self.return_path.shut_received
         if self._run_sent and not refused:
             self._postcopy_paused(e)
             return
