@@ -547,13 +547,19 @@ def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obje
 
 @command("query-dirty-rate", "The result of the last calc-dirty-rate. `dirty-rate` (MiB/s, QEMU's "
          "\"MB/s\") is there once `status` is `measured`; `-1` if the measurement failed (then "
-         "`x-error` says why). vmferry adds `x-dirty-bytes` (bytes found dirty) and `x-elapsed-ms` (the "
-         "window as measured).",
+         "`x-error` says why). vmferry adds `x-dirty-bytes` (distinct bytes found dirty), `x-elapsed-ms` "
+         "(the window as measured) and `x-dirty-rate-bytes` (the rate in bytes/s). In dirty-bitmap mode "
+         "the window is sampled 8 times (`x-dirty-curve`: [ms, bytes] pairs) and `dirty-rate` is the write "
+         "rate r of the curve D(t) = W (1 - exp(-r t / W)) fitted through them, `x-working-set` its W "
+         "(docs/migration.md, \"Seeing a migration\").",
          returns='`{"status": "unstarted"|"measuring"|"measured", "dirty-rate": int, "start-time": int, '
                  '"calc-time": int, "sample-pages": int, "mode": DirtyRateMeasureMode, ...}`',
          example=({}, {"status": "measured", "dirty-rate": 8, "start-time": 1700000000, "calc-time": 1,
-                       "sample-pages": 0, "mode": "dirty-bitmap", "x-dirty-bytes": 8388608,
-                       "x-elapsed-ms": 1000.4}))
+                       "sample-pages": 0, "mode": "dirty-bitmap", "x-working-set": 134217728,
+                       "x-dirty-curve": [[125.2, 1048576], [250.1, 2097152], [375.3, 3145728],
+                                         [500.2, 4194304], [625.1, 5242880], [750.3, 6291456],
+                                         [875.2, 7340032], [1000.4, 8388608]],
+                       "x-dirty-rate-bytes": 8388608, "x-dirty-bytes": 8388608, "x-elapsed-ms": 1000.4}))
 def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
     return _optional(d.backend, "query_dirty_rate", "query-dirty-rate is not supported here")()
 
@@ -562,16 +568,27 @@ def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obj
          "vmferry extension: forecast a precopy migration before starting it (docs/migration.md, "
          "\"Forecast\"): will it converge under downtime-limit, in how many passes, how long, how "
          "many bytes, how long a pause; if not, the least bandwidth, downtime-limit or throttle that "
-         "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap) "
-         "and the last migration's measured bandwidth (else max-bandwidth).",
-         args=(Arg("bandwidth", SIZE, optional=True, doc="end-to-end bytes per second"),
+         "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap: "
+         "rate and working set) and the last completed outgoing migration (the passes' bandwidth, "
+         "else max-bandwidth; setup, time between passes, switchover cost).",
+         args=(Arg("bandwidth", SIZE, optional=True, doc="bytes per second the passes move (default: the "
+                   "last migration's passes' bytes over their time, else max-bandwidth)"),
+               Arg("engine-bandwidth", SIZE, optional=True,
+                   doc="bytes per second the engine's switchover decision will divide by (its end-to-end "
+                       "measure; above max-bandwidth under a cap) (default: the last migration's, when "
+                       "`bandwidth` comes from it too, else `bandwidth`)"),
                Arg("dirty-rate", SIZE, optional=True, doc="bytes the guest dirties per second"),
                Arg("downtime-limit", SIZE, optional=True, doc="ms (default: the parameter)"),
                Arg("working-set", SIZE, optional=True,
-                   doc="bytes the guest writes into (default: all populated RAM)"),
+                   doc="bytes the guest writes into (default: the measured working set with the "
+                       "measured rate, else all populated RAM)"),
                Arg("switchover-ms", SIZE, optional=True,
                    doc="the pause's fixed cost besides RAM (default: the last migration's "
-                       "downtime-phases without `ram`, else 2 ms)")),
+                       "downtime-phases without `stopped-ram` and `destination-*`, else 5 ms)"),
+               Arg("setup-ms", SIZE, optional=True,
+                   doc="setup before pass 1 (default: the last migration's setup-time, else 0)"),
+               Arg("pass-overhead-ms", SIZE, optional=True,
+                   doc="time between passes (default: the last migration's, else 0)")),
          returns='`{"converges": bool, "passes": int, "total-time-ms": number|null, "total-bytes": int, '
                  '"downtime-ms": number, "bandwidth-needed", "downtime-limit-needed", '
                  '"throttle-percent-needed" (when not converging), "inputs": {...}}`',
@@ -580,10 +597,12 @@ def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obj
                  "GenericError: no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or "
                  "migrate once to measure it"),
          example=({"bandwidth": 104857600, "dirty-rate": 10485760},
-                  {"converges": True, "passes": 3, "total-time-ms": 2847.6, "total-bytes": 298139852,
-                   "downtime-ms": 4.56, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
-                                                   "bandwidth": 104857600, "downtime-limit": 300,
-                                                   "working-set": 268435456}}))
+                  {"converges": True, "passes": 3, "total-time-ms": 2835.286, "total-bytes": 296776970,
+                   "downtime-ms": 7.423, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
+                                                    "bandwidth": 104857600, "downtime-limit": 300,
+                                                    "engine-bandwidth": 104857600,
+                                                    "working-set": 268435456, "switchover-ms": None,
+                                                    "setup-ms": 0, "pass-overhead-ms": 0}}))
 def _migrate_forecast(d: CommandDispatcher, args: dict, session: Session) -> object:
     return _optional(d.backend, "migrate_forecast", "x-migrate-forecast is not supported here")(args)
 
