@@ -225,6 +225,13 @@ def _simulate(f: ForecastInput) -> Forecast:
     return Forecast(False, MAX_PASSES, float("inf"), round(sent), _pause(f, previous_remaining))
 
 
+def simulate(f: ForecastInput) -> Forecast:
+    """The forecast alone, without the search for what would make it converge (cheap: at most
+    MAX_PASSES steps of arithmetic; the source asks it after every pass for postcopy's automatic
+    switch)."""
+    return _simulate(f)
+
+
 def _pause(f: ForecastInput, remaining: float) -> float:
     """The pause, in ms, switching over with `remaining` bytes dirty."""
     fixed = f.device_state_ms if f.switchover_ms is None else f.switchover_ms

@@ -306,7 +306,7 @@ def _x_query_virtio_queue_status(d: CommandDispatcher, args: dict, session: Sess
                  "the URI has no host)",
                  "GenericError: TLS needs a socket (tcp:, unix: or a socket fd:) (tls-creds set with "
                  "a file: or exec: URI)",
-                 "GenericError: " + _RECOVERY_UNSUPPORTED + " (resume: true)",
+                 "GenericError: Cannot resume if there is no paused migration (resume: true)",
                  "GenericError: x-block-drives: this VM has no drive 'ID' (drives: ...)",
                  "GenericError: x-block-drives: drive 'ID' is read-only; only writable drives are copied",
                  "GenericError: inc: incremental block migration is not supported by vmferry"),
@@ -433,23 +433,31 @@ def _query_migrate_capabilities(d: CommandDispatcher, args: dict, session: Sessi
     return d.backend.migration_capabilities.query()
 
 
-@command("migrate-start-postcopy", "Switch the running migration to postcopy.",
-         errors=("GenericError: " + _POSTCOPY_UNSUPPORTED,))
+@command("migrate-start-postcopy", "Switch the running migration to postcopy at its next step (also "
+         "during setup or the first pass): the source stops the vCPUs, sends the device state, and the "
+         "destination runs the guest while the rest of RAM arrives (docs/migration.md, Postcopy). Needs "
+         "capability postcopy-ram on both sides when the migration starts.",
+         errors=("GenericError: Enable postcopy with migrate_set_capability before the start of migration",
+                 "GenericError: Postcopy must be started after migration has been started",
+                 "GenericError: Postcopy cannot start: the migration is STATUS"))
 def _migrate_start_postcopy(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_start_postcopy", _POSTCOPY_UNSUPPORTED)()
     return {}
 
 
-@command("migrate-recover", "Destination: accept a resumed postcopy migration on `uri`.",
+@command("migrate-recover", "Destination in postcopy-paused: accept the source's resumed stream on `uri` "
+         "(the source then runs `migrate` with `\"resume\": true`); the destination sends which pages "
+         "it has and the migration goes on to completed.",
          args=(Arg("uri", STR, doc="where to accept the resumed stream"),),
-         errors=("GenericError: " + _RECOVERY_UNSUPPORTED,))
+         errors=("GenericError: Migrate recover can only be run when postcopy is paused.",))
 def _migrate_recover(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_recover", _RECOVERY_UNSUPPORTED)(args["uri"])
     return {}
 
 
-@command("migrate-pause", "Pause a postcopy migration (to recover it later).",
-         errors=("GenericError: " + _RECOVERY_UNSUPPORTED,))
+@command("migrate-pause", "Break an active postcopy migration's connection on purpose, on either side: "
+         "both sides go to postcopy-paused, keep their state, and a recovery continues it.",
+         errors=("GenericError: migrate-pause is only for a postcopy migration after the switch",))
 def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object:
     _optional(d.backend, "migrate_pause", _RECOVERY_UNSUPPORTED)()
     return {}
