@@ -14,8 +14,14 @@ Sides:
   qemu-mirror  the same QEMU, the libvirt sequence: destination `-incoming ... -S`,
                `nbd-server-start` + `nbd-server-add` (writable); source `drive-mirror`
                (`sync: full`, `mode: existing`, target `nbd:HOST:PORT:exportname=d0`), wait for
-               the job's `ready`, `migrate` the RAM, then `block-job-cancel` (a ready mirror's
-               point-in-time end), destination `nbd-server-stop` and `cont`
+               the job's `ready`, `migrate` the RAM with the `pause-before-switchover`
+               capability; at `pre-switchover` (source paused) `block-job-cancel` (a ready
+               mirror's point-in-time end: the target equals the paused source) and
+               `migrate-continue`; after completion the destination's `nbd-server-stop` and
+               `cont`. (Cancelling only after completion, as the plain reading of the sequence
+               has it, crashes QEMU 7.2: the completed migration inactivates the source's images
+               under the running mirror, `bdrv_co_write_req_prepare: Assertion ... failed`.)
+  vmferry-shared  (not by default) vmferry with the image shared: the pause of shared storage
 
 Links: `loopback` (127.0.0.1) and `1g`: the destination in a network namespace of its own,
 reached over a veth pair shaped with `tc tbf rate 1gbit` (/work/shared/BENCHMARKS.md; needs
@@ -85,7 +91,8 @@ FILL_MIB = 512
 GUEST = f"dws={FILL_MIB} dfill={FILL_MIB} drate=20 dreq=64 ws=256 rate=50"
 UNCAPPED = 100 * GiB
 POLL_S = 0.01
-SIDES = ("vmferry", "qemu-blk", "qemu-mirror")
+SIDES = ("vmferry", "qemu-blk", "qemu-mirror", "vmferry-shared")
+DEFAULT_SIDES = SIDES[:3]
 LINKS = ("loopback", "1g")
 PROGRESS_RX = re.compile(r"disk: t=(\d+) gen=\d+ written=(\d+) KiB ram=(\d+) MiB stall=(\d+) us\n")
 
@@ -255,8 +262,10 @@ class DiskVm:
                                  f"\n{text[-1500:]}\n--- log:\n{self.log()[-1500:]}")
             time.sleep(0.05)
 
-    def wr_bytes(self) -> int:
-        return int(self.cmd("query-blockstats")[0]["stats"]["wr_bytes"])
+    def wr_stats(self) -> tuple[int, int, int]:
+        """(bytes written, write requests, their summed service time in ns) of the guest's drive."""
+        st = self.cmd("query-blockstats")[0]["stats"]
+        return int(st["wr_bytes"]), int(st["wr_operations"]), int(st["wr_total_time_ns"])
 
     def close(self) -> None:
         if self.qmp is not None:
@@ -347,7 +356,9 @@ def poll_migration(src: DiskVm, timeout: float, res: dict[str, Any], wire: WireC
 
 def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]:
     res: dict[str, Any] = {"side": side, "link": link.kind, "guest": f"{GUEST} verify={VERIFY_S}"}
-    src_img, dst_img = image(tmp / "src.img"), image(tmp / "dst.img")
+    src_img = image(tmp / "src.img")
+    # vmferry-shared: both sides open the one image (shared storage); nothing of it in the stream
+    dst_img = src_img if side == "vmferry-shared" else image(tmp / "dst.img")
     started: list[DiskVm] = []
     wire = WireCounter()
     try:
@@ -375,7 +386,7 @@ def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]
         mig_port = int(uri.rsplit(":", 1)[1])
         wire.ports.add(mig_port)
         src.cmd("migrate-set-parameters", **{"max-bandwidth": UNCAPPED})
-        wr0 = src.wr_bytes()
+        wr0 = src.wr_stats()
         verify_mark = len(src.serial())
         wire.start()
         t0 = time.monotonic()
@@ -406,7 +417,7 @@ def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]
         elif side == "qemu-blk":
             src.cmd("migrate", uri=incoming, blk=True)
         else:
-            src.cmd("migrate", uri=uri, blk=True)
+            src.cmd("migrate", uri=uri, blk=side == "vmferry")
         info = poll_migration(src, timeout, res, wire, mirror=side == "qemu-mirror")
         t_done = time.monotonic()
         res["status"] = info["status"]
@@ -450,8 +461,16 @@ def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]
                 res["passes"] = last.get("ram", {}).get("dirty-sync-count")
                 res.pop("info_at_timeout")
             return res
-        res["guest_wrote_mib"] = round((src.wr_bytes() - wr0) / MiB, 1)
+        wr1 = src.wr_stats()
+        res["guest_wrote_mib"] = round((wr1[0] - wr0[0]) / MiB, 1)
+        # The guest's disk while it migrates: its write rate, and the device's mean service time
+        # of a write (taken off the ring -> status written), both sides' own blockstats.
+        res["guest_disk_during_mibs"] = round(res["guest_wrote_mib"] / (res["total_ms"] / 1000), 1)
+        if wr1[1] > wr0[1]:
+            res["write_ms_during"] = round((wr1[2] - wr0[2]) / (wr1[1] - wr0[1]) / 1e6, 2)
         res["bound_mib"] = round(res["guest_wrote_mib"] + res["allocated_src_mib"], 1)
+        if side == "vmferry-shared":
+            res["bound_mib"] = res["disk_wire_mib"] = 0
         res["verify_inside"] = "disk verify ok" in src.serial()[verify_mark:]
         wait_status(dst, "running", 30)
         res["wall_ms"] = round((time.monotonic() - t0) * 1000)
@@ -478,14 +497,15 @@ def check_destination(dst: DiskVm, dst_img: Path, res: dict[str, Any]) -> None:
     res["dest_image"] = str(v)
     ext = allocated(dst_img)
     res["allocated_dst_mib"] = round(sum(n for _, n in ext) / MiB, 1)
-    res["holes_kept"] = all(off + n <= FILL_MIB * MiB for off, n in ext)
+    res["holes_kept"] = all(off + n <= FILL_MIB * MiB for off, n in ext)  # nothing past the guest's
     res["dest_ok"] = res["dest_verify"].startswith("disk verify ok") and v.ok and res["holes_kept"]
 
 
 # --- summaries ---
 
 METRICS = ("total_ms", "pause_ms", "stall_ms", "downtime_ms", "expected_ms", "disk_wire_mib", "bound_mib",
-           "guest_wrote_mib", "stream_mib", "passes", "allocated_dst_mib", "guest_disk_mibs", "wall_ms")
+           "guest_wrote_mib", "stream_mib", "passes", "allocated_dst_mib", "guest_disk_mibs", "wall_ms",
+           "guest_disk_during_mibs", "write_ms_during")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -499,19 +519,21 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def fmt(s: dict[str, Any], key: str) -> str:
+def fmt(s: dict[str, Any], key: str, digits: int = 0) -> str:
     v = s.get(key)
     if not v:
         return "-"
+    f = f"{{:.{digits}f}}"
     if v["min"] == v["max"]:
-        return f"{v['median']:.0f}"
-    return f"{v['median']:.0f} [{v['min']:.0f}-{v['max']:.0f}]"
+        return f.format(v["median"])
+    return f"{f.format(v['median'])} [{f.format(v['min'])}-{f.format(v['max'])}]"
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| link | side | completed | total ms | pause ms (own) | guest stall ms | disk MiB on the wire "
-             "| bound MiB (wrote + bulk) | stream MiB | passes | dest image MiB | dest ok |",
-             "|" + "---|" * 12]
+             "| bound MiB (wrote + bulk) | stream MiB | passes | guest disk MiB/s before / during "
+             "| write ms during | dest image MiB | dest ok |",
+             "|" + "---|" * 14]
     for link, per in results.items():
         for side, data in per.items():
             s = data["summary"]
@@ -519,7 +541,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             done = f"{s['completed']}/{s['runs']}" + (f" ({', '.join(notes)})" if notes else "")
             lines.append(f"| {link} | {side} | {done} | {fmt(s, 'total_ms')} | {fmt(s, 'pause_ms')} "
                          f"| {fmt(s, 'stall_ms')} | {fmt(s, 'disk_wire_mib')} | {fmt(s, 'bound_mib')} "
-                         f"| {fmt(s, 'stream_mib')} | {fmt(s, 'passes')} | {fmt(s, 'allocated_dst_mib')} "
+                         f"| {fmt(s, 'stream_mib')} | {fmt(s, 'passes')} "
+                         f"| {fmt(s, 'guest_disk_mibs')} / {fmt(s, 'guest_disk_during_mibs')} "
+                         f"| {fmt(s, 'write_ms_during', 1)} | {fmt(s, 'allocated_dst_mib')} "
                          f"| {s['dest_ok']}/{s['completed']} |")
     return "\n".join(lines)
 
@@ -569,6 +593,7 @@ BRIEF = ("status", "total_ms", "pause_ms", "stall_ms", "downtime_ms",
          "mirror_ready_ms", "mirror_cancel_ms",
          "expected_ms", "passes", "disk_wire_mib", "bound_mib", "guest_wrote_mib", "stream_mib", "ram_mib",
          "allocated_dst_mib", "holes_kept", "dest_verify", "dest_image", "verify_inside", "guest_disk_mibs",
+         "guest_disk_during_mibs", "write_ms_during",
          "source_after", "disk_remaining_mib", "error", "phases")
 
 
@@ -577,7 +602,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--links", default="loopback,1g")
-    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                    help=f"of {', '.join(SIDES)} (vmferry-shared: the image shared, for the pause alone)")
     ap.add_argument("--timeout", type=float, default=60, help="give a migration up after this many s")
     ap.add_argument("--verify", type=int, default=30, help="the guest's verify= period, s")
     ap.add_argument("--json", type=Path)
