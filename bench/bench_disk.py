@@ -44,6 +44,9 @@ seconds is cancelled and reported so; the source must then run on). Reported:
   guest wrote while migrating (`query-blockstats` wr_bytes, from the first command to the end)
   plus one bulk copy of the allocated blocks (512 MiB);
 - stream MiB: the migration connection's TCP bytes (`ss`), RAM and disk together;
+- the guest's disk while migrating: its write rate (wr_bytes over the total time; before: from
+  its progress lines) and the device's mean service time of a write (`wr_total_time_ns` /
+  `wr_operations`), each side's own query-blockstats;
 - the destination's guest `disk verify ok` (its own check of every block its table names) after
   the migration, the host verifier on the destination's image (guests/verify_disk.py), and
   whether the image's holes stayed holes (no data past the guest's 512 MiB; allocated MiB).
