@@ -180,7 +180,7 @@ def test_session_queries_and_migration_settings_on_a_running_vm(start_vm: Callab
             assert on == {"events", "return-path"}
 
             assert await error_of(qmp, "migrate-start-postcopy") == (
-                "GenericError", "Postcopy is not supported yet")
+                "GenericError", "Enable postcopy with migrate_set_capability before the start of migration")
             assert await error_of(qmp, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"}) == (
                 "GenericError", "'-incoming' was not specified on the command line")
 

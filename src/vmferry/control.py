@@ -23,7 +23,7 @@ from vmferry.migration.block import select_copied
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.dirty_rate import DirtyRateMeter
-from vmferry.migration.forecast import ForecastInput, forecast
+from vmferry.migration.forecast import ForecastInput, forecast, from_migration
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.source import MultifdSetup, OutgoingMigration
@@ -150,6 +150,8 @@ class VmControl:
             return
         if self.outgoing is not None and self.outgoing.state.status == S.DEVICE:
             raise QmpError("The migration is switching over; wait for it to finish")
+        if self.outgoing is not None and self.outgoing.postcopy_started and self._migration_running():
+            raise QmpError("The destination runs the guest (postcopy); the source cannot resume it")
         self.machine.resume()  # a drive whose image another VMM now holds refuses, by name
         self.postmigrate = False
 
@@ -216,6 +218,8 @@ class VmControl:
                 copy_drives=copy_drives,
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
                 multifd=multifd,
+                postcopy=self.migration_capabilities.enabled("postcopy-ram"),
+                reconnect=_reconnector(uri, tls),
             )
             self.incoming = None
             self.outgoing.start()
@@ -250,10 +254,19 @@ class VmControl:
                 self.machine, self._device_loader(self.machine), listener, self._state, self._loaded,
                 lambda: self._open_trace("destination"),
                 lambda: self.migration_parameters.x_heartbeat_ms,
+                lambda: self.migration_capabilities.enabled("postcopy-ram"),
+                self._relisten,
             )
             self.incoming.start()
             self.listen_address = str(listener.address)
             log.info("waiting for an incoming migration on %s", self.listen_address)
+
+    def _relisten(self) -> Listener | None:
+        """x-postcopy-reconnect: a listener on the address the incoming migration used (its
+        actual port when it was given as 0), or None when the parameter is off."""
+        if not self.migration_parameters.x_postcopy_reconnect or not self.listen_address:
+            return None
+        return _TlsListener(listen_incoming(self.listen_address), self._incoming_tls)
 
     def _incoming_tls(self) -> TlsSetup | None:
         # As QEMU: tls-creds are read when the stream arrives (they may be set after -incoming).
@@ -265,7 +278,68 @@ class VmControl:
         if self.autostart:
             self.machine.start()
 
+    def migrate_start_postcopy(self) -> None:
+        """migrate-start-postcopy (QEMU's checks and messages): switch at the next step."""
+        with self._lock:
+            if not self.migration_capabilities.enabled("postcopy-ram"):
+                raise QmpError("Enable postcopy with migrate_set_capability before the start of migration")
+            if self.outgoing is None or self._state is None or self._state.status == S.NONE:
+                raise QmpError("Postcopy must be started after migration has been started")
+            if self._state.status not in (S.SETUP, S.ACTIVE):
+                raise QmpError(f"Postcopy cannot start: the migration is {self._state.status}")
+            self.outgoing.start_postcopy()
+
+    def migrate_resume(self, uri: str) -> None:
+        """`migrate` with `"resume": true`: a paused postcopy goes on over a new connection to
+        `uri` (where the destination's migrate-recover listens), with the same TLS setup."""
+        with self._lock:
+            out = self.outgoing
+            if out is None or self._state is None or self._state.status != S.POSTCOPY_PAUSED:
+                raise QmpError("Cannot resume if there is no paused migration")
+            parsed = parse_uri(uri)
+            tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
+                                uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
+            channel, connected = _connect_in_background(uri, tls)
+            with contextlib.suppress(FutureTimeout):
+                connected.result(timeout=CONNECT_WAIT_S)
+            out.resume(channel)
+
+    def migrate_recover(self, uri: str) -> None:
+        """migrate-recover on a paused postcopy destination: listen on `uri` for the source's
+        resumed stream."""
+        with self._lock:
+            inc = self.incoming
+            if inc is None or inc.state.status != S.POSTCOPY_PAUSED:
+                raise QmpError("Migrate recover can only be run when postcopy is paused.")
+            listener = _TlsListener(listen_incoming(uri), self._incoming_tls)
+            inc.recover(listener)
+            self.listen_address = str(listener.address)
+            log.info("waiting for the resumed postcopy migration on %s", self.listen_address)
+
+    def migrate_pause(self) -> None:
+        """migrate-pause: break an active postcopy's connection on purpose, on either side."""
+        with self._lock:
+            if self.outgoing is not None and self.outgoing.postcopy_started:
+                self.outgoing.pause_postcopy()
+            elif self._postcopy_guest_here():
+                assert self.incoming is not None
+                self.incoming.pause_postcopy()
+            else:
+                raise QmpError("migrate-pause is only for a postcopy migration after the switch")
+
+    def _postcopy_guest_here(self) -> bool:
+        """Is this a destination running a guest whose RAM is still arriving (or paused)?"""
+        inc = self.incoming
+        return inc is not None and inc.state.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
+                                                        S.POSTCOPY_RECOVER)
+
     def migrate_cancel(self) -> None:
+        if self.outgoing is not None and self.outgoing.postcopy_started and self._migration_running():
+            raise QmpError("Postcopy cannot be cancelled: the destination runs the guest and only the "
+                           "source holds the rest of its RAM")
+        if self._postcopy_guest_here():
+            raise QmpError("Postcopy cannot be cancelled: this destination runs the guest on part of "
+                           "its RAM")
         if self.outgoing is not None and self._migration_running():
             self.outgoing.cancel()
         elif self.incoming is not None and self._migration_running():
@@ -283,6 +357,13 @@ class VmControl:
             out["disk"] = {"transferred": loader.received, "total": loader.total}
         if self.incoming is not None:
             out["passes-received"] = self.incoming.passes
+            report = self.incoming.postcopy_report()
+            if report:
+                out["ram"]["postcopy-requests"] = report["x-postcopy"]["requests"]
+                out["ram"]["postcopy-bytes"] = self.incoming.stats.transferred - self.incoming.bytes_at_run
+                if not self.migration_capabilities.enabled("postcopy-blocktime"):
+                    report = {"x-postcopy": report["x-postcopy"]}  # QEMU reports blocktime only with it
+                out.update(report)
             if self._state.status in (S.SETUP,) and self.listen_address:
                 out["socket-address"] = [_socket_address(self.listen_address)]
         return out
@@ -292,6 +373,9 @@ class VmControl:
         guest (paused at any instruction is fine: the verifier tolerates the in-flight page)."""
         if self.machine.finished:
             raise QmpError("The guest has shut down")
+        if self._postcopy_guest_here():
+            # Reading a page still to come from here would fault holding the GIL (a deadlock).
+            raise QmpError("postcopy is still bringing this guest's RAM: verify once the migration completed")
         was_running = self.machine.running
         self.machine.pause()
         try:
@@ -305,52 +389,75 @@ class VmControl:
     def calc_dirty_rate(self, calc_time: int, mode: str | None, sample_pages: int | None) -> None:
         if self.inmigrate:
             raise QmpError("the dirty rate cannot be measured while waiting for an incoming migration")
+        if self._postcopy_guest_here():
+            raise QmpError("the dirty rate cannot be measured while postcopy brings this guest's RAM")
         self.dirty_rate.calc(calc_time, mode, sample_pages)
 
     def query_dirty_rate(self) -> dict:
         return self.dirty_rate.query()
 
     def migrate_forecast(self, args: dict) -> dict:
-        """x-migrate-forecast: the inputs the caller gave, else the last measurements."""
+        """x-migrate-forecast: the inputs the caller gave, else the last measurements: the dirty
+        rate and working set from the last calc-dirty-rate (dirty-bitmap), the bandwidth, setup,
+        time between passes and switchover cost from the last completed outgoing migration."""
         for name, value in args.items():
             if value < 0:
                 raise QmpError(f"Parameter '{name}' expects a value of 0 or more")
         populated = sum(int(b.populated_pages().sum()) for b in self.machine.ram_blocks) * 4096
+        info = self.dirty_rate.query()
+        measured = "x-working-set" in info and info["mode"] == "dirty-bitmap"
         dirty = args.get("dirty-rate")
         if dirty is None:
-            info = self.dirty_rate.query()
-            if "x-dirty-bytes" not in info or info["mode"] != "dirty-bitmap":
+            if not measured:
                 raise QmpError("no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
                                "or give 'dirty-rate'")
-            dirty = info["x-dirty-bytes"] / (float(info["x-elapsed-ms"]) / 1000)
+            dirty = info["x-dirty-rate-bytes"]
+        # The measured working set goes with the measured rate only; a rate given alone writes
+        # into all populated RAM unless a working set is given too.
+        working_set = args.get("working-set", min(populated, info["x-working-set"])
+                               if measured and "dirty-rate" not in args else populated)
+        last = (from_migration(self.outgoing.stats.query(self.outgoing.state.status))
+                if self.outgoing is not None else None)
         bandwidth = args.get("bandwidth")
+        engine_bandwidth = args.get("engine-bandwidth")
         if bandwidth is None:
-            measured = self.outgoing.stats.bandwidth_bps if self.outgoing is not None else 0.0
+            measured = last.bandwidth_bps if last is not None else 0
             bandwidth = measured or self.migration_parameters.max_bandwidth
+            if engine_bandwidth is None and measured and last is not None:
+                engine_bandwidth = last.engine_bandwidth_bps
         if not bandwidth or bandwidth <= 0:
             raise QmpError("no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or migrate "
                            "once to measure it")
         inputs = ForecastInput(
             initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
             downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
-            working_set_bytes=args.get("working-set", populated),
-            switchover_ms=args.get("switchover-ms", self._last_switchover_ms()))
+            working_set_bytes=working_set, engine_bandwidth_bps=engine_bandwidth,
+            switchover_ms=args.get("switchover-ms", last.switchover_ms if last is not None else None),
+            setup_s=args.get("setup-ms", last.setup_s * 1000 if last is not None else 0) / 1000,
+            pass_overhead_s=args.get("pass-overhead-ms",
+                                     last.pass_overhead_s * 1000 if last is not None else 0) / 1000)
         out = forecast(inputs).as_qmp()
         out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
                          "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
-                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms}
+                         "engine-bandwidth": round(inputs.engine_bandwidth_bps or inputs.bandwidth_bps),
+                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms,
+                         "setup-ms": round(inputs.setup_s * 1000, 3),
+                         "pass-overhead-ms": round(inputs.pass_overhead_s * 1000, 3)}
         return out
-
-    def _last_switchover_ms(self) -> float | None:
-        """The last outgoing migration's pause minus its RAM: the fixed part of a switchover."""
-        phases = self.outgoing.stats.downtime_phases if self.outgoing is not None else {}
-        return sum(v for k, v in phases.items() if k != "ram") if phases else None
 
     # --- lifetime ---
 
     def close(self) -> None:
+        if self.incoming is not None:
+            if self._postcopy_guest_here():
+                # The guest cannot go on without the source: stop the vCPUs first, so the ones a
+                # closed userfaultfd wakes (with zero pages) never run the guest again.
+                self.machine.request_shutdown()
+            self.incoming.close()  # the userfaultfd first: no vCPU may stay blocked on a page
         self.dirty_rate.close()
-        if self._migration_running():
+        postcopy = self._postcopy_guest_here() or (self.outgoing is not None
+                                                   and self.outgoing.postcopy_started)
+        if self._migration_running() and not postcopy:  # a postcopy cannot be cancelled: just go
             self.migrate_cancel()
         for mig in (self.outgoing, self.incoming):
             if mig is not None:
@@ -449,6 +556,16 @@ def _socket_address(uri: str) -> dict:
     if uri.startswith("unix:"):
         return {"type": "unix", "path": uri[5:]}
     return {"type": "uri", "uri": uri}
+
+
+def _reconnector(uri: str, tls: TlsSetup | None) -> Callable[[], Channel]:
+    """x-postcopy-reconnect: one more connection to `migrate`'s address, TLS as the first."""
+
+    def connect() -> Channel:
+        channel = connect_outgoing(uri, timeout_s=1.0)
+        return channel if tls is None else tls_connect(channel, tls.context, tls.hostname)
+
+    return connect
 
 
 def _connect_in_background(uri: str, tls: TlsSetup | None) -> tuple[Future[Channel], Future[None]]:

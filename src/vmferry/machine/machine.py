@@ -320,9 +320,15 @@ class Machine:
         """The guest asked to power off with status `code` (debug-exit)."""
         self._finish(ExitStatus("poweroff", code, f"guest powered off with status {code}"))
 
+    def request_shutdown(self) -> None:
+        """Stop the machine for good without waiting for the vCPU threads: each leaves KVM_RUN at
+        its next chance (a vCPU blocked on a postcopy page leaves once the page is placed or the
+        userfaultfd closes, and then does not run the guest again)."""
+        self._finish(ExitStatus("shutdown", 0, "shutdown requested"))
+
     def shutdown(self) -> None:
         """Stop the machine for good (from the host side)."""
-        self._finish(ExitStatus("shutdown", 0, "shutdown requested"))
+        self.request_shutdown()
         for r in self._runners:
             r.join(timeout=5)
         with self._transitions:

@@ -38,6 +38,7 @@ _libc.mincore.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 MADV_POPULATE_WRITE = 23  # Linux 5.14
+MADV_DONTNEED = 4
 
 
 class RamBlock:
@@ -106,7 +107,11 @@ class RamBlock:
         if not self.contains_gpa(gpa, len(data)):
             raise VmferryError(f"{self.name}: write of {len(data)} bytes at {gpa:#x} outside the block")
         off = gpa - self.gpa
-        self.mem[off : off + len(data)] = data
+        # ctypes.memmove releases the GIL: during postcopy a page may still be missing, and a
+        # thread that faults holding the GIL would stop the fault resolver (a deadlock).
+        src = (ctypes.c_char * len(data)).from_buffer_copy(data) if data else None
+        if src is not None:
+            ctypes.memmove(self.host_addr + off, src, len(data))
         self._note(off, len(data))
 
     def note_written(self, gpa: int, nbytes: int) -> None:
@@ -122,10 +127,14 @@ class RamBlock:
             self.dirty.note(first, (off + nbytes - 1) // PAGE_SIZE - first + 1)
 
     def read(self, gpa: int, nbytes: int) -> bytes:
+        """Bytes of guest RAM at guest physical `gpa`. Like write(), safe on pages that are still
+        missing under postcopy: the copy runs without the GIL."""
         if not self.contains_gpa(gpa, nbytes):
             raise VmferryError(f"{self.name}: read of {nbytes} bytes at {gpa:#x} outside the block")
         off = gpa - self.gpa
-        return self.mem[off : off + nbytes]
+        out = ctypes.create_string_buffer(nbytes)
+        ctypes.memmove(out, self.host_addr + off, nbytes)  # GIL released: see write()
+        return out.raw
 
     def populate(self, first_page: int, npages: int) -> bool:
         """Allocate pages in one call instead of a fault per page (MADV_POPULATE_WRITE; the data
@@ -133,6 +142,13 @@ class RamBlock:
         meant for a helper thread running ahead of a writer."""
         addr = self.host_addr + first_page * PAGE_SIZE
         return _libc.madvise(addr, npages * PAGE_SIZE, MADV_POPULATE_WRITE) == 0
+
+    def discard(self, first_page: int, npages: int) -> None:
+        """Drop pages (MADV_DONTNEED): on this private anonymous mapping they read as zero again
+        and, under a userfaultfd in missing mode, are missing again (postcopy's discard)."""
+        addr = self.host_addr + first_page * PAGE_SIZE
+        if _libc.madvise(addr, npages * PAGE_SIZE, MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), f"madvise(DONTNEED) on RAM block {self.name}")
 
     def populated_pages(self) -> np.ndarray:
         """Bool per page: has anything ever touched it (guest or host)? From mincore(2), which

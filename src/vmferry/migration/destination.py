@@ -19,6 +19,7 @@ is not the source's silence), shutting the channel down; END disarms it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import select
@@ -36,6 +37,12 @@ from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
+from vmferry.migration.postcopy import (
+    POSTCOPY_RCVBUF,
+    PostcopyLoader,
+    restore_switch_interval,
+    short_switch_interval,
+)
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -78,6 +85,8 @@ class IncomingMigration:
         on_loaded: Callable[[], None],
         trace_opener: Callable[[], NullTrace] = lambda: NULL_TRACE,
         heartbeat_ms: Callable[[], int] = lambda: 1000,
+        postcopy_enabled: Callable[[], bool] = lambda: False,
+        relisten: Callable[[], Listener | None] = lambda: None,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -91,7 +100,15 @@ class IncomingMigration:
         self.ram = RamLoader(machine.ram_blocks)
         self.drives = DriveLoader(machine.block_devices)
         self.losses = ChannelLosses()
-        self.session = DestSession([self.ram, self.drives, DeviceLoader(devices), self.losses],
+        self.device_loader = DeviceLoader(devices)
+        self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
+                                       machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed)
+        self._pause_requested: str | None = None
+        # x-postcopy-reconnect: a new listener on the address this side migrated on (None: off)
+        self._relisten = relisten
+        self._paused = False  # postcopy-paused: state is kept for a recovery
+        self.bytes_at_run = 0  # stream bytes received when postcopy's RUN arrived
+        self.session = DestSession([self.ram, self.drives, self.device_loader, self.losses, self.postcopy],
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
@@ -160,6 +177,9 @@ class IncomingMigration:
             self._receive(self.channel)
             self._waiting_since = None  # END: nothing more to wait for from the source
             self._applied("ram", self.session.passes)
+            if self.postcopy.running:
+                self._finish_postcopy()
+                return
             self._finish_data_channels()
             if self._receivers:
                 self.stats.multifd_bytes = sum(rx.bytes_received for rx in self._receivers)
@@ -188,6 +208,9 @@ class IncomingMigration:
             # decoder, which also holds this exception: a cycle). Drop them now, or the mapping
             # cannot be closed at exit ("BufferError: cannot close exported pointers exist").
             traceback.clear_frames(e.__traceback__)
+            if self.postcopy.running:
+                self._postcopy_paused(reason)
+                return
             if self._rp is not None:
                 self._rp.shut(reason)
             self.stats.error = reason
@@ -207,11 +230,183 @@ class IncomingMigration:
                 t.join(5.0)
             for ch in self.data_channels:
                 ch.close()
-            self.session.release()
+            if not self._paused:
+                self.session.release()
             if self.channel is not None:
                 self.channel.close()
             gc.enable()
             gc.unfreeze()
+
+    # --- postcopy (migration/postcopy.py) ---
+
+    def _page_request(self, block_id: int, first_page: int, count: int) -> None:
+        """The fault resolver's PAGE_REQUEST. A dead return path loses it quietly: the migration
+        pauses, and a recovery asks again for every page a thread still waits on."""
+        if self._rp is None:
+            return
+        try:
+            self._rp.page_request(block_id, first_page, count)
+        except (TransportError, OSError, ValueError) as e:
+            log.debug("page request not sent: %s", e)
+        self.stats.postcopy_requests += 1
+
+    def _postcopy_run(self) -> None:
+        """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
+        start the guest while the rest of RAM arrives."""
+        t0 = time.monotonic()
+        _postcopy_latency_settings(self.channel)
+        self.bytes_at_run = self.stats.transferred
+        self.drives.complete()
+        self.device_loader.complete()
+        self._applied("devices", self.session.passes)
+        # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
+        # RUN tells the source the guest never started here, and the source resumes it).
+        self.postcopy.started()
+        self.on_loaded()
+        self._applied("started", self.session.passes)
+        self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        self.state.set(S.POSTCOPY_ACTIVE)
+        log.info("postcopy: the guest runs here; %d pages still to come",
+                 self.postcopy.dest.pages_to_come if self.postcopy.dest else 0)
+
+    def _finish_postcopy(self) -> None:
+        """END after postcopy: every page to come has been placed; close the userfaultfd (pages
+        never populated on the source become ordinary zero-fill pages), then ACK."""
+        dest = self.postcopy.dest
+        assert dest is not None
+        if not dest.all_placed():
+            raise MigrationError(f"the stream ended with {dest.missing()} postcopy pages not sent")
+        self.stats.postcopy = dest.report()
+        dest.close()
+        restore_switch_interval()
+        self._count()
+        if self._rp is not None:
+            self._rp.ack(self.session.record_count, {})
+            self._rp.end()
+        self.stats.end_ns = time.monotonic_ns()
+        self.state.set(S.COMPLETED)
+        log.info("postcopy completed: %d pages requested, %d placed after the switch", dest.requests,
+                 dest.pages_placed)
+
+    def recover(self, listener: Listener) -> None:
+        """migrate-recover: accept the source's resumed stream on `listener` (on a new incoming
+        thread); the migration stays postcopy-paused until the source connects."""
+        if self.state.status != S.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        if self._thread.is_alive():  # an earlier migrate-recover still waits: this one replaces it
+            self.listener.close()
+            self._thread.join(5.0)
+            if self._thread.is_alive():
+                raise MigrationError("the previous migrate-recover is still being set up; try again")
+        self.listener = listener
+        self._pause_requested = None
+        self._thread = threading.Thread(target=self._recover_run, name="migration-incoming", daemon=True)
+        self._thread.start()
+
+    def pause_postcopy(self) -> None:
+        """migrate-pause on the destination: break the connection on purpose (postcopy-paused)."""
+        if self.state.status not in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+            raise MigrationError("migrate-pause is only for a postcopy migration after the switch "
+                                 f"(this one is {self.state.status})")
+        self._pause_requested = "paused by migrate-pause"
+        if self.channel is not None:
+            self.channel.shutdown()
+
+    def _recover_run(self) -> None:
+        """The recovery's incoming thread: the new stream starts with POSTCOPY_RESUMED (answered
+        by _postcopy_resumed), then carries the rest of the pages to END."""
+        try:
+            channel = self.listener.accept()
+            self.listener.close()
+            self.channel = channel
+            if not channel.has_return_path:
+                raise MigrationError("a postcopy recovery needs a return path")
+            self.state.set(S.POSTCOPY_RECOVER)
+            self._rp = ReturnPathWriter(channel)
+            self.watchdog = Watchdog(self._heartbeat_ms(), self._source_quiet_for, self._source_silent,
+                                     beat=self._rp.heartbeat, peer="source")
+            if self.watchdog.enabled:
+                self._rp.heartbeat()
+                self.watchdog.start()
+            self._main_watch = _ChannelWatch()
+            self._receive(channel)
+            self._waiting_since = None
+            if self.state.status != S.POSTCOPY_ACTIVE:
+                raise MigrationError("the recovered stream ended without POSTCOPY_RESUMED")
+            self._finish_postcopy()
+            self._paused = False
+        except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
+            traceback.clear_frames(e.__traceback__)
+            self._postcopy_paused(self._reason(e))
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            self.listener.close()
+            if not self._paused:
+                self.session.release()
+            if self.channel is not None:
+                self.channel.close()
+
+    def _postcopy_resumed(self) -> None:
+        """POSTCOPY_RESUMED arrived on the recovered stream: tell the source which pages are
+        here, then RESUME."""
+        assert self._rp is not None
+        for bid, bitmap in self.postcopy.received_bitmaps():
+            self._rp.received_bitmap(bid, bitmap)
+        self._rp.resume()
+        self.stats.error = None
+        self.state.set(S.POSTCOPY_ACTIVE)
+        log.info("postcopy recovered: %d pages still to come",
+                 self.postcopy.dest.missing() if self.postcopy.dest else 0)
+
+    def _postcopy_paused(self, reason: str) -> None:
+        """A failure after RUN: the guest runs here on what has arrived; threads touching a page
+        still to come wait for it. Keep everything (userfaultfd, resolver, received pages) for a
+        recovery; never exit on our own."""
+        self._paused = True
+        if self._pause_requested is not None:
+            reason = self._pause_requested
+        self.stats.error = f"postcopy paused: {reason}"
+        if self.state.status != S.POSTCOPY_PAUSED:
+            self.state.set(S.POSTCOPY_PAUSED)
+        log.warning("postcopy paused: %s; waiting for migrate-recover", reason)
+        if self._pause_requested is None:
+            threading.Thread(target=self._listen_again, args=(threading.current_thread(),),
+                             name="postcopy-relisten", daemon=True).start()
+
+    def _listen_again(self, paused_by: threading.Thread) -> None:
+        """x-postcopy-reconnect: once the failed incoming thread has ended, listen again on the
+        address the migration came in on, as migrate-recover would."""
+        paused_by.join()
+        if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
+            return
+        try:
+            listener = self._relisten()
+        except VmferryError as e:
+            log.warning("postcopy: cannot listen again for the source: %s", e)
+            return
+        if listener is None:
+            return
+        try:
+            self.recover(listener)
+            log.info("postcopy: listening again on %s for the source", listener.address)
+        except MigrationError:
+            listener.close()  # a migrate-recover by hand came first
+
+    def postcopy_report(self) -> dict:
+        """Live postcopy figures for query-migrate (the final ones once completed)."""
+        dest = self.postcopy.dest
+        if self.stats.postcopy or dest is None or dest.uffd is None:
+            return dict(self.stats.postcopy)
+        return dest.report()
+
+    def close(self) -> None:
+        """The VMM is exiting: close the userfaultfd before the VM's fds (a vCPU blocked on a
+        page that never came must be woken, or it may be stuck in the kernel)."""
+        self.postcopy.release()
+        if self._paused:  # what postcopy-paused kept for a recovery (views of guest RAM too)
+            self._paused = False
+            self.session.release()
 
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
@@ -417,6 +612,16 @@ class IncomingMigration:
         if isinstance(smp, int) and smp != self.machine.smp:
             raise MigrationError(f"the source has {smp} vCPUs but this destination has "
                                  f"{self.machine.smp}; start it with --smp {smp}")
+
+
+def _postcopy_latency_settings(channel: Channel | None) -> None:
+    """Postcopy: a small receive buffer (a requested page waits behind little of the background
+    push) and a short GIL switch interval (postcopy.SWITCH_INTERVAL_S)."""
+    sock = getattr(channel, "socket", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+    short_switch_interval()
 
 
 def _drain_before_close(channel: Channel, limit_s: float = DRAIN_BEFORE_CLOSE_S) -> None:

@@ -126,6 +126,13 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
               "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
               "the other drives are shared storage"),
+    ParamSpec("x-postcopy-after-ms", "uint32", "vmferry: with postcopy-ram, the source switches to "
+              "postcopy by itself when, after a pass, precopy's forecast says it will not complete "
+              "within this many ms of `migrate` (or never); 0 = only on migrate-start-postcopy",
+              0, 2**32 - 1, _range(0, 2**32 - 1, "ms")),
+    ParamSpec("x-postcopy-reconnect", "bool", "vmferry: after a postcopy's connection breaks, both "
+              "sides reconnect by themselves (the destination listens again on its address, the "
+              "source retries the original one every 100 ms) and the migration resumes"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -148,6 +155,16 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                           "auto uses it too)",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
+    "x-postcopy-after-ms": "the source, after each precopy pass from the second on, when capability "
+                           "postcopy-ram was on at `migrate` (migration/postcopy.py precopy_overruns: "
+                           "forecast.py's model from where the migration stands); may change during it",
+    "x-postcopy-reconnect": "each side, when its postcopy pauses on a broken or silent connection (not "
+                            "on migrate-pause): the destination listens again on the address it "
+                            "migrated on, the source retries `migrate`'s address every 100 ms; then "
+                            "the recovery is QEMU's (migrate-recover + resume), done by themselves",
+    "max-postcopy-bandwidth": "the source's postcopy push after the switch (may change during it): "
+                              "paces the background pages only; a page the destination requests "
+                              "is sent at once",
     "x-heartbeat-ms": "read when the migration starts, on each side (migration/heartbeat.py): "
                       "each side beats at its own interval and gives up on a peer silent for 3 of "
                       "its own intervals; a peer that sends no heartbeat is never timed out",
@@ -208,6 +225,8 @@ class MigrationParameters:
     x_trace_file: str = ""
     x_heartbeat_ms: int = 1000
     x_block_drives: str = ""
+    x_postcopy_after_ms: int = 0
+    x_postcopy_reconnect: bool = False
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields
     # never see half an update.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -337,6 +356,11 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
     "multifd": "RAM pages travel on multifd-channels data connections beside the main stream (tcp: and "
                "unix: only; `migrate` refuses other URIs by name); the destination follows the "
                "source's CONFIG whether or not it set the capability",
+    "postcopy-ram": "both sides: allows migrate-start-postcopy on the source; the destination "
+                    "refuses a stream that advises postcopy while it is off here. Needs a return path; "
+                    "not with multifd (migration/postcopy.py, docs/migration.md)",
+    "postcopy-blocktime": "destination: query-migrate reports postcopy-blocktime and "
+                          "postcopy-vcpu-blocktime (ms; measured in every postcopy migration)",
     "return-path": "always on (QEMU's default is off) and cannot be turned off: on every two-way "
                    "channel (tcp:, unix:, an fd: socket) the source completes only when the destination "
                    "acknowledges, so a failure there resumes the source instead of losing the guest. "
@@ -408,6 +432,8 @@ def _check_caps(caps: Mapping[str, bool]) -> None:
         raise QmpError("Postcopy is not currently compatible with compression")
     if caps["postcopy-ram"] and caps["x-ignore-shared"]:
         raise QmpError("Postcopy is not compatible with ignore-shared")
+    if caps["postcopy-ram"] and caps["multifd"]:
+        raise QmpError("Postcopy is not yet compatible with multifd")
     if caps["postcopy-preempt"] and not caps["postcopy-ram"]:
         raise QmpError("Postcopy preempt requires postcopy-ram")
     if caps["zero-copy-send"] and (not caps["multifd"] or caps["compress"]):

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,6 +49,9 @@ from vmferry.stream.records import (
     RamPages,
     RamZero,
 )
+
+if TYPE_CHECKING:
+    from vmferry.migration.postcopy import PostcopyDestination
 
 log = logging.getLogger("vmferry.migration")
 CONSUMER = "migration"
@@ -215,6 +219,15 @@ class RamSaver(Saver):
                                                  data=why.encode()[:1024]))])
         return bool(lost)
 
+    def take_pending(self) -> list[np.ndarray]:
+        """Postcopy's switch (vCPUs stopped, after the last sync): per block, every page still to
+        send — queued or set in the bitmap — taken out of the saver, ascending."""
+        self._claim()
+        out = [q[pos:].copy() for q, pos in zip(self._queue, self._queue_pos, strict=True)]
+        self._queue = [np.empty(0, dtype=np.int64) for _ in self.blocks]
+        self._queue_pos = [0] * len(self.blocks)
+        return out
+
     def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
         """Claim and send every page set in the bitmaps (and any still queued), in one go."""
         self._claim()
@@ -365,6 +378,10 @@ class RamLoader(Loader):
         # on threads of their own, so the check-and-copy is under one lock.
         self._generations: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        # Postcopy (migration/postcopy.py): from POSTCOPY_ADVISE on nothing is placed straight
+        # into guest RAM; from POSTCOPY_LISTEN on, pages go through `placer` (UFFDIO_COPY).
+        self.no_placing = False
+        self.placer: PostcopyDestination | None = None
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
         return {
@@ -449,7 +466,17 @@ class RamLoader(Loader):
 
     def place(self, block_id: int, first_page: int, page_count: int) -> memoryview | None:
         """Where a RAM_PAGES payload goes: the guest pages themselves. The decoder has verified
-        the record header (and that the run lies inside the block) before calling this."""
+        the record header (and that the run lies inside the block) before calling this.
+
+        None once postcopy was advised: the decoder parses ahead of the records it has handed
+        on, so a payload it placed could land in guest RAM after POSTCOPY_LISTEN was read but
+        before it was applied — on pages then dropped as stale, or missing (a copy that faults
+        holding the GIL). Such payloads go through `store`, which postcopy routes to `placer`."""
+        if self.no_placing:
+            return None
+        return self._where(block_id, first_page, page_count)
+
+    def _where(self, block_id: int, first_page: int, page_count: int) -> memoryview | None:
         view = self._views.get(block_id)
         if view is None:
             return None
@@ -459,7 +486,10 @@ class RamLoader(Loader):
 
     def store(self, block_id: int, first_page: int, data: memoryview) -> None:
         """A RAM_PAGES payload that was not placed (fed in a chunk): copy it in."""
-        target = self.place(block_id, first_page, len(data) // PAGE_SIZE)
+        if self.placer is not None:
+            self.pages += self.placer.place_pages(block_id, first_page, data)
+            return
+        target = self._where(block_id, first_page, len(data) // PAGE_SIZE)
         if target is None:
             raise MigrationError(f"pages for unknown RAM block id {block_id}")
         target[:] = data
@@ -469,6 +499,9 @@ class RamLoader(Loader):
         b = self._by_id.get(block_id)
         if b is None:
             raise MigrationError(f"pages for unknown RAM block id {block_id}")
+        if self.placer is not None:
+            self.pages += self.placer.place_list(block_id, rec.pages, rec.data)
+            return
         rec.scatter_into(self._views[block_id], PAGE_SIZE)
         self._received[block_id][rec.pages] = True
         self.pages += len(rec.pages)
@@ -477,6 +510,10 @@ class RamLoader(Loader):
         b = self._by_id.get(block_id)
         if b is None:
             raise MigrationError(f"zero pages for unknown RAM block id {block_id}")
+        if self.placer is not None:
+            self.placer.place_zero(block_id, first_page, page_count)
+            self.zero_pages += page_count
+            return
         got = self._received[block_id][first_page : first_page + page_count]
         for off in np.flatnonzero(got).tolist():
             ctypes.memset(b.host_addr + (first_page + off) * PAGE_SIZE, 0, PAGE_SIZE)
@@ -505,6 +542,22 @@ class RamLoader(Loader):
                 continue  # the receiver got here first
             if not b.populate(first, count):
                 return  # kernel without MADV_POPULATE_WRITE: faults will do
+
+    def stop_prefaulting(self) -> None:
+        """Stop the prefault threads and wait for them (postcopy's LISTEN: nothing may populate
+        guest RAM once pages are dropped and registered as missing)."""
+        self._done.set()
+        for t in self._prefaulters:
+            t.join()
+
+    @property
+    def blocks_by_id(self) -> dict[int, RamBlock]:
+        return dict(self._by_id)
+
+    @property
+    def received(self) -> dict[int, np.ndarray]:
+        """Per block id, a bool per page: holds a copy sent with contents (live arrays)."""
+        return self._received
 
     def wait_prefaulted(self) -> None:
         """Block until every prefault thread has finished its hinted pages."""

@@ -25,6 +25,7 @@ from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode, EndOfStream
 from vmferry.transport.channel import Channel
+from vmferry.transport.tls import TlsAlert
 
 log = logging.getLogger("vmferry.migration")
 
@@ -51,6 +52,18 @@ class ReturnPathWriter:
     def progress(self, applied: int) -> None:
         """PROGRESS: `applied` stream bytes are in and handled."""
         self.send(Command(CommandCode.PROGRESS, index=applied))
+
+    def page_request(self, block_id: int, first_page: int, count: int) -> None:
+        """PAGE_REQUEST (postcopy): a thread here is blocked on these pages."""
+        self.send(Command(CommandCode.PAGE_REQUEST, block_id=block_id, index=first_page, count=count))
+
+    def received_bitmap(self, block_id: int, bitmap: bytes) -> None:
+        """RECEIVED_BITMAP (postcopy recovery): the pages of the block this side has."""
+        self.send(Command(CommandCode.RECEIVED_BITMAP, block_id=block_id, data=bitmap))
+
+    def resume(self) -> None:
+        """RESUME (postcopy recovery): every RECEIVED_BITMAP is out; go on sending."""
+        self.send(Command(CommandCode.RESUME))
 
     def heartbeat(self) -> None:
         """HEARTBEAT: the destination is alive (advisory: a source that does not know it skips it)."""
@@ -94,10 +107,18 @@ class ReturnPathReader:
         self.ack_index: int | None = None
         self.ack_timings: dict[str, float] = {}
         self.shut_reason: str | None = None
+        # A SHUT command arrived (not a TLS alert): the destination itself gave up, by its own
+        # decision. After postcopy's RUN that means it never started the guest (postcopy.py).
+        self.shut_received = False
         self.ended = False  # END arrived, verified
         self.closed = threading.Event()  # the destination's side ended (END, EOF, error or SHUT)
         self.progressed = threading.Condition()
         self._progress: deque[tuple[int, int, float]] = deque()
+        # Postcopy: PAGE_REQUEST (block id, first page, count) goes to this callback; in a
+        # recovery RECEIVED_BITMAP (block id, bitmap) to the other, and RESUME sets `resumed`.
+        self.on_page_request: Callable[[int, int, int], None] | None = None
+        self.on_received_bitmap: Callable[[int, bytes], None] | None = None
+        self.resumed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-return-path", daemon=True)
 
     def start(self) -> None:
@@ -132,6 +153,12 @@ class ReturnPathReader:
                     elif isinstance(rec, EndOfStream):
                         self.ended = True
                         return
+        except TlsAlert as e:
+            # The destination's TLS layer refused our stream (a record altered in flight fails
+            # its MAC: "bad record mac"): that alert is its reason, as a SHUT would be.
+            self.shut_reason = f"TLS: {e.alert}"
+            log.warning("destination gave up: %s", self.shut_reason)
+            self.channel.shutdown()
         except (TransportError, StreamError, OSError) as e:
             log.debug("return path ended: %s", e)
         finally:
@@ -147,11 +174,20 @@ class ReturnPathReader:
                 self.progressed.notify_all()
         elif cmd.code == CommandCode.HEARTBEAT:
             self._on_heartbeat()
+        elif cmd.code == CommandCode.PAGE_REQUEST:
+            if self.on_page_request is not None:
+                self.on_page_request(cmd.block_id, cmd.index, cmd.count)
+        elif cmd.code == CommandCode.RECEIVED_BITMAP:
+            if self.on_received_bitmap is not None:
+                self.on_received_bitmap(cmd.block_id, cmd.data)
+        elif cmd.code == CommandCode.RESUME:
+            self.resumed.set()
         elif cmd.code == CommandCode.ACK:
             self.ack_timings = _timings(cmd.data)
             self.ack_index = cmd.index
             self.acked.set()
         elif cmd.code == CommandCode.SHUT:
+            self.shut_received = True
             self.shut_reason = cmd.message
             log.warning("destination gave up: %s", self.shut_reason)
             # Unblock the sender at once; it reports shut_reason.

@@ -212,18 +212,26 @@ class SourceSession:
         self.expected_at_switchover_ms = exp
         return True
 
-    def complete(self, out: SaverOutput, clock: Callable[[], float]) -> dict[str, float]:
+    def complete(self, out: SaverOutput, clock: Callable[[], float],
+                 skip: Sequence[Saver] = ()) -> dict[str, float]:
         """The vCPUs are paused: each saver's rest. Returns where the time went, in ms, as
-        "stopped-<saver>" per saver. END follows with `end`."""
+        "stopped-<saver>" per saver. END follows with `end`. `skip`: savers whose rest goes
+        otherwise (postcopy's RAM, sent after the destination runs the guest)."""
         o = self._out(out)
         phases: dict[str, float] = {}
         t = clock()
         for s in self.savers:
+            if s in skip:
+                continue
             s.complete(o)
             t1 = clock()
             phases[f"stopped-{s.name}"] = round((t1 - t) * 1000, 3)
             t = t1
         return phases
+
+    def send(self, out: SaverOutput, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Records the driver writes itself (postcopy's commands and pages), counted as sent."""
+        return self._out(out).send(bufs)
 
     def end(self, out: SaverOutput) -> None:
         """END: the record count and running digest that close the stream."""

@@ -19,6 +19,8 @@ class MigrationStatus(enum.StrEnum):
     SETUP = "setup"
     ACTIVE = "active"
     POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
     DEVICE = "device"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -34,7 +36,11 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.NONE: frozenset({S.SETUP, S.FAILED}),
     S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING}),
     S.ACTIVE: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
-    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED}),
+    # Postcopy: before the destination runs the guest a failure is `failed` (the source resumes);
+    # after, both sides pause and keep their state until a recovery (docs/migration.md).
+    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING, S.POSTCOPY_PAUSED}),
+    S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER}),
+    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED}),
     S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
     # Terminal states may start over: a new `migrate` after a failure or a cancel.
@@ -43,7 +49,8 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.CANCELLED: frozenset({S.SETUP}),
 }
 
-IN_PROGRESS = frozenset({S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE, S.DEVICE, S.CANCELLING})
+IN_PROGRESS = frozenset({S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER,
+                         S.DEVICE, S.CANCELLING})
 
 
 class MigrationState:

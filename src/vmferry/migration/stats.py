@@ -14,6 +14,11 @@ Definitions (QEMU's, where QEMU has the field):
   applied, from its PROGRESS reports) with a return path, else what the channel accepted.
 - expected-downtime-at-switchover (ours): the expected downtime when the vCPUs were paused.
 - cpu-throttle-percentage: auto-converge's current vCPU throttle; present only while it is on.
+- ram.postcopy-bytes / postcopy-requests: stream bytes of pages sent after the switch to postcopy,
+  and the destination's page requests (received on the source, sent on the destination).
+- postcopy-blocktime / postcopy-vcpu-blocktime (destination, with capability postcopy-blocktime):
+  ms all vCPUs were blocked on missing pages at once, and ms per vCPU; x-postcopy: vmferry's
+  fault figures (migration/postcopy.py, docs/migration.md).
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class MigrationStats:
     dirty_sync_count: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    postcopy_bytes: int = 0  # stream bytes of pages sent after postcopy's switch
+    postcopy_requests: int = 0  # PAGE_REQUESTs received (source) or sent (destination)
+    postcopy: dict = field(default_factory=dict)  # destination: blocktime and fault figures
+    auto_postcopy: str | None = None  # source: why it switched to postcopy by itself
     multifd_bytes: int = 0  # of `transferred`, what the multifd data channels carried
     multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
@@ -99,8 +108,8 @@ class MigrationStats:
                 "page-size": PAGE_SIZE,
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
-                "postcopy-bytes": 0,
-                "postcopy-requests": 0,
+                "postcopy-bytes": self.postcopy_bytes,
+                "postcopy-requests": self.postcopy_requests,
                 "multifd-bytes": self.multifd_bytes,
                 "skipped": 0,
                 "dirty-sync-missed-zero-copy": 0,
@@ -108,6 +117,9 @@ class MigrationStats:
             }
             if self.cpu_throttle_percentage:
                 out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+            out.update(self.postcopy)
+            if self.auto_postcopy:
+                out["x-postcopy-auto"] = self.auto_postcopy
             if self.multifd_lost:
                 out["multifd-lost-channels"] = list(self.multifd_lost)
             if self.error:

@@ -69,6 +69,8 @@ class CommandCode(IntEnum):
     RECEIVED_BITMAP = 9
     CHANNEL = 10  # first record of a multifd data channel: which migration, which channel (JSON)
     CHANNEL_LOST = 11  # main stream: data channel `index` is gone; its pages were sent again
+    POSTCOPY_DISCARD = 12  # src -> dst: section = block, data = bitmap of the pages still to come
+    POSTCOPY_RESUMED = 13  # src -> dst, first command of a recovered stream: continue postcopy
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
     PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
     DEVICE_PROPERTIES = 0x8003  # advisory: the source's device properties (machine type vmferry-0.2 on)

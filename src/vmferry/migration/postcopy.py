@@ -1,0 +1,642 @@
+"""Postcopy RAM: the destination runs the guest while the rest of its RAM arrives.
+
+At the switch the source stops its vCPUs and works out, per RAM block, which pages it still has
+to send: the pages queued and not sent plus those the last sync found re-dirtied. That set goes
+to the destination as POSTCOPY_DISCARD bitmaps ("drop your copy, a fresh one is coming"). Every
+other page the destination either received in precopy or was never populated on the source
+(zero), so the destination knows exactly which pages it still waits for: the discard set.
+
+Destination (`PostcopyDestination`): at POSTCOPY_LISTEN it drops its copies of the pages to come
+(MADV_DONTNEED: missing again), registers every RAM block with userfaultfd in missing mode and
+starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST on the return
+path (once per page); a fault on any other missing page (never populated on the source: zero) is
+resolved on the spot with a zero page. The incoming thread places arriving pages with
+UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes every thread blocked on them. Blocked vCPUs are timed
+for QEMU's `postcopy-blocktime` (all vCPUs blocked at once) and `postcopy-vcpu-blocktime` (each
+vCPU); every fault's latency (read by the resolver -> placed) feeds vmferry's latency figures.
+
+Source (`PostcopySource`): the vCPUs stay stopped; requested pages go first, then the
+background push continues from just after the last requested page (the guest's locality) in
+chunks that start small after a request and double while no request comes (up to 256 KiB), so a
+request never waits behind more than one chunk of this thread's own output. All on the one
+stream (priority framing: one writer decides the order): the socket's send buffer is kept small
+in postcopy so that little is queued below us.
+
+Nothing here reads guest RAM through Python indexing on the destination: placing goes from the
+stream's buffers through ioctls that release the GIL (kvm/userfaultfd.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vmferry.errors import MigrationError
+from vmferry.kvm.userfaultfd import Userfaultfd
+from vmferry.machine.ramblock import RamBlock
+from vmferry.migration.forecast import ForecastInput, simulate
+from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, runs, segments, zero_pages
+from vmferry.migration.saver import Handler, Loader, Send
+from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.records import Command, CommandCode, RamZero
+
+if TYPE_CHECKING:
+    from vmferry.migration.ram import RamLoader
+
+log = logging.getLogger("vmferry.migration")
+
+# Background push chunk, in pages: starts at MIN after a request, doubles while none comes.
+MIN_CHUNK_PAGES = 4
+MAX_CHUNK_PAGES = 64
+# Pages sent with a requested one (the guest usually touches the next pages next).
+REQUEST_AHEAD_PAGES = 3
+# A requested page crosses four threads (resolver, the source's return-path reader, its push,
+# the destination's incoming thread), each of which may wait for the GIL while another thread
+# is busy: Python's default switch interval (5 ms) per hop would dominate the fault latency.
+SWITCH_INTERVAL_S = 0.0005
+_saved_switch_interval: float | None = None
+
+
+def short_switch_interval() -> None:
+    """Postcopy's GIL hand-over (SWITCH_INTERVAL_S) for this process, until restored."""
+    global _saved_switch_interval
+    if _saved_switch_interval is None:
+        _saved_switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def restore_switch_interval() -> None:
+    """Postcopy is over here: the interval Python had before."""
+    global _saved_switch_interval
+    if _saved_switch_interval is not None:
+        sys.setswitchinterval(_saved_switch_interval)
+        _saved_switch_interval = None
+
+
+# The destination's receive buffer in postcopy: a requested page queues behind at most this much
+# of the background push (the kernel doubles it).
+POSTCOPY_RCVBUF = 64 << 10
+HISTOGRAM_BUCKETS = 24  # log2 buckets of fault latency in us: [1, 2) ... [2^23, inf)
+
+
+def precopy_overruns(elapsed_s: float, remaining_bytes: int, dirty_rate_bps: float, bandwidth_bps: float,
+                     downtime_limit_ms: float, working_set_bytes: int, budget_ms: int) -> str | None:
+    """Postcopy's automatic switch (x-postcopy-after-ms): does precopy's forecast, from where the
+    migration stands after a pass, say it will not complete within `budget_ms` of its start?
+    The reason if so, else None (also while nothing has been measured). Pure."""
+    if budget_ms <= 0 or bandwidth_bps <= 0:
+        return None
+    f = simulate(ForecastInput(initial_bytes=remaining_bytes, dirty_rate_bps=dirty_rate_bps,
+                               bandwidth_bps=bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
+                               working_set_bytes=max(working_set_bytes, remaining_bytes)))
+    if not f.converges:
+        return (f"precopy does not converge: the guest dirties {dirty_rate_bps / 2**20:.1f} MiB/s "
+                f"against {bandwidth_bps / 2**20:.1f} MiB/s of bandwidth and a "
+                f"{downtime_limit_ms:.0f} ms downtime-limit")
+    done_ms = (elapsed_s + f.total_time_s) * 1000
+    if done_ms > budget_ms:
+        return (f"precopy would complete {done_ms:.0f} ms after the start, beyond "
+                f"x-postcopy-after-ms {budget_ms}")
+    return None
+
+
+def mask_to_bitmap(mask: np.ndarray) -> bytes:
+    """Bool per page -> bitmap (bit i of byte j = page 8j+i), the stream's bitmap layout."""
+    return np.packbits(mask, bitorder="little").tobytes()
+
+
+def bitmap_to_mask(data: bytes, npages: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits.size < npages:
+        raise MigrationError(f"a page bitmap of {len(data)} bytes is too short for {npages} pages")
+    return bits[:npages].astype(bool)
+
+
+# --- measured on the destination ---
+
+
+class Blocktime:
+    """QEMU's postcopy blocktime: per vCPU the time it spent blocked on missing pages, and the
+    time during which every vCPU was blocked at once (the guest made no progress). Times in s;
+    the caller passes the clock in (pure logic)."""
+
+    def __init__(self, nvcpus: int) -> None:
+        self.nvcpus = nvcpus
+        self.per_vcpu = [0.0] * nvcpus
+        self.total = 0.0
+        self._since: list[float | None] = [None] * nvcpus
+        self._blocked = 0
+        self._all_since = 0.0
+
+    def blocked(self, vcpu: int, now: float) -> None:
+        if self._since[vcpu] is not None:
+            return  # one fault at a time per vCPU; a repeated message changes nothing
+        self._since[vcpu] = now
+        self._blocked += 1
+        if self._blocked == self.nvcpus:
+            self._all_since = now
+
+    def unblocked(self, vcpu: int, now: float) -> None:
+        since = self._since[vcpu]
+        if since is None:
+            return
+        self.per_vcpu[vcpu] += max(0.0, now - since)
+        if self._blocked == self.nvcpus:
+            self.total += max(0.0, now - self._all_since)
+        self._blocked -= 1
+        self._since[vcpu] = None
+
+
+@dataclass
+class FaultLatency:
+    """Fault latency (fault read -> page placed), in us: count, sum, max, and a log2 histogram
+    (bucket k counts latencies in [2^k, 2^(k+1)) us; bucket 0 also takes those under 1 us)."""
+
+    count: int = 0
+    sum_us: float = 0.0
+    max_us: float = 0.0
+    histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+    _samples: list[float] = field(default_factory=list)
+
+    def add(self, us: float) -> None:
+        self.count += 1
+        self.sum_us += us
+        self.max_us = max(self.max_us, us)
+        k = min(HISTOGRAM_BUCKETS - 1, max(0, int(us).bit_length() - 1))
+        self.histogram[k] += 1
+        self._samples.append(us)
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile (nearest rank) of the samples, us; 0 without any."""
+        if not self._samples:
+            return 0.0
+        s = sorted(self._samples)
+        return s[min(len(s) - 1, max(0, int(np.ceil(p / 100 * len(s))) - 1))]
+
+    def report(self) -> dict:
+        """query-migrate's `x-postcopy-fault-latency` (docs/migration.md): ms, and the histogram
+        as {"<2^k us": count} for its non-empty buckets."""
+        ms = 1000.0
+        return {
+            "faults": self.count,
+            "avg-ms": round(self.sum_us / self.count / ms, 3) if self.count else 0.0,
+            "p50-ms": round(self.percentile(50) / ms, 3),
+            "p99-ms": round(self.percentile(99) / ms, 3),
+            "max-ms": round(self.max_us / ms, 3),
+            "histogram-us": {str(1 << (k + 1)): n for k, n in enumerate(self.histogram) if n},
+        }
+
+
+class PostcopyDestination:
+    """The destination's postcopy RAM: pages to come, the userfaultfd, the fault resolver.
+
+    `request(block_id, first_page, count)` sends a PAGE_REQUEST on the return path (from the
+    resolver thread); `vcpu_thread_ids()` maps faulting threads to vCPUs."""
+
+    def __init__(self, blocks: dict[int, RamBlock], received: dict[int, np.ndarray],
+                 request: Callable[[int, int, int], None],
+                 vcpu_thread_ids: Callable[[], Sequence[int]]) -> None:
+        self.blocks = blocks
+        self.received = received
+        self.to_come = {bid: np.zeros(b.npages, dtype=bool) for bid, b in blocks.items()}
+        self.placed = {bid: np.zeros(b.npages, dtype=bool) for bid, b in blocks.items()}
+        self._request = request
+        self._vcpu_thread_ids = vcpu_thread_ids
+        self._vcpu_of: dict[int, int] = {}
+        self._foreign: set[int] = set()  # fault thread ids outside this process (KVM's workers)
+        self._own: set[int] = set()
+        self.async_faults = 0  # faults taken by KVM's async page fault workers
+        self.uffd: Userfaultfd | None = None
+        self._lock = threading.Lock()
+        # (block, page) -> [(thread id, fault read at)] of the threads waiting for it
+        self._waiting: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        self._requested: set[tuple[int, int]] = set()
+        self.requests = 0  # PAGE_REQUESTs sent
+        self.local_zero = 0  # faults resolved here with a zero page
+        self.pages_to_come = 0
+        self.pages_placed = 0
+        self.blocktime = Blocktime(1)
+        self.latency = FaultLatency()
+        self.error: str | None = None  # the resolver's failure, if it failed
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- before LISTEN ---
+
+    def discard(self, block_id: int, bitmap: bytes) -> None:
+        """POSTCOPY_DISCARD: these pages will come again; the copies here are stale."""
+        b = self.blocks.get(block_id)
+        if b is None:
+            raise MigrationError(f"postcopy discard for unknown RAM block id {block_id}")
+        mask = bitmap_to_mask(bitmap, b.npages)
+        self.to_come[block_id] |= mask
+        self.received[block_id][mask] = False
+
+    def listen(self) -> None:
+        """POSTCOPY_LISTEN: drop the stale copies of the pages to come, register every block
+        with userfaultfd, start the resolver. Nothing may write guest RAM meanwhile (the caller
+        stopped its prefault threads)."""
+        for bid, b in self.blocks.items():
+            for first, count in runs(np.flatnonzero(self.to_come[bid]), 1 << 18):
+                b.discard(first, count)
+            self.pages_to_come += int(np.count_nonzero(self.to_come[bid]))
+        tids = list(self._vcpu_thread_ids())
+        self._vcpu_of = {tid: i for i, tid in enumerate(tids)}
+        self.blocktime = Blocktime(max(1, len(tids)))
+        self.uffd = Userfaultfd()
+        for b in self.blocks.values():
+            self.uffd.register(b.host_addr, b.nbytes)
+        self._thread = threading.Thread(target=self._resolve, name="postcopy-faults", daemon=True)
+        self._thread.start()
+
+    # --- placing what arrives (the incoming thread) ---
+
+    def place_pages(self, block_id: int, first_page: int, data: memoryview | bytes | bytearray) -> int:
+        """Pages first_page.. from `data`: the ones still to come are placed (and their waiters
+        woken); returns the pages placed."""
+        count = len(data) // PAGE_SIZE
+        src = np.frombuffer(data, dtype=np.uint8)
+        return self._place(block_id, np.arange(first_page, first_page + count),
+                           lambda i: src.ctypes.data + i * PAGE_SIZE, src)
+
+    def place_list(self, block_id: int, pages: np.ndarray, data: memoryview | bytes | bytearray) -> int:
+        src = np.frombuffer(data, dtype=np.uint8)
+        return self._place(block_id, np.asarray(pages, dtype=np.int64),
+                           lambda i: src.ctypes.data + i * PAGE_SIZE, src)
+
+    def place_zero(self, block_id: int, first_page: int, count: int) -> int:
+        return self._place(block_id, np.arange(first_page, first_page + count), None, None)
+
+    def _place(self, block_id: int, pages: np.ndarray, src_addr: Callable[[int], int] | None,
+               keep: object) -> int:
+        b = self.blocks.get(block_id)
+        if b is None:
+            raise MigrationError(f"pages for unknown RAM block id {block_id}")
+        uffd = self.uffd
+        if uffd is None:
+            raise MigrationError("postcopy pages arrived before POSTCOPY_LISTEN")
+        if pages.size and (pages[0] < 0 or pages[-1] >= b.npages):
+            raise MigrationError(f"postcopy pages beyond RAM block id {block_id}")
+        want = self.to_come[block_id][pages] & ~self.placed[block_id][pages]
+        positions = np.flatnonzero(want)
+        for pos, count in runs(positions, 1 << 16):
+            # Consecutive positions are consecutive pages only where the record's pages are.
+            for p0, n in _consecutive(pages, pos, count):
+                dst = b.host_addr + int(pages[p0]) * PAGE_SIZE
+                if src_addr is None:
+                    ok = uffd.zeropage(dst, n * PAGE_SIZE)
+                else:
+                    ok = uffd.copy(dst, src_addr(p0), n * PAGE_SIZE)
+                if not ok:  # some page of the run exists already: one by one
+                    for j in range(p0, p0 + n):
+                        at = b.host_addr + int(pages[j]) * PAGE_SIZE
+                        if src_addr is None:
+                            uffd.zeropage(at, PAGE_SIZE)
+                        else:
+                            uffd.copy(at, src_addr(j), PAGE_SIZE)
+        del keep
+        placed = pages[positions]
+        now = time.monotonic()
+        with self._lock:
+            self.placed[block_id][placed] = True
+            self.pages_placed += int(placed.size)
+            if self._waiting:
+                for p in placed.tolist():
+                    for tid, at in self._waiting.pop((block_id, p), ()):
+                        self._woken(tid, at, now)
+        return int(placed.size)
+
+    def _vcpu_for(self, tid: int) -> int | None:
+        """The vCPU a fault blocks. A vCPU thread's own fault is that vCPU's. A guest that can
+        take interrupts faults through KVM's async page fault instead: a kernel worker takes the
+        fault (its thread is not ours) and the vCPU halts until the page is there — with one
+        vCPU that is vCPU 0; with more, which one is not known (counted, not attributed)."""
+        vcpu = self._vcpu_of.get(tid)
+        if vcpu is not None or tid in self._own:
+            return vcpu
+        if tid not in self._foreign:
+            if os.path.exists(f"/proc/self/task/{tid}"):
+                self._own.add(tid)
+                return None
+            self._foreign.add(tid)
+        self.async_faults += 1
+        return 0 if self.blocktime.nvcpus == 1 else None
+
+    def _woken(self, tid: int, at: float, now: float) -> None:
+        self.latency.add((now - at) * 1e6)
+        vcpu = self._vcpu_for_woken(tid)
+        if vcpu is not None:
+            self.blocktime.unblocked(vcpu, now)
+
+    def _vcpu_for_woken(self, tid: int) -> int | None:
+        vcpu = self._vcpu_of.get(tid)
+        if vcpu is None and tid in self._foreign and self.blocktime.nvcpus == 1:
+            return 0
+        return vcpu
+
+    def all_placed(self) -> bool:
+        return self.pages_placed >= self.pages_to_come
+
+    def missing(self) -> int:
+        return self.pages_to_come - self.pages_placed
+
+    # --- the resolver thread ---
+
+    def _resolve(self) -> None:
+        uffd = self.uffd
+        assert uffd is not None
+        try:
+            while not self._stop.is_set() and not uffd.closed:
+                faults = uffd.wait(0.5)
+                now = time.monotonic()
+                requests: list[tuple[int, int]] = []
+                zero: list[int] = []
+                with self._lock:
+                    for f in faults:
+                        bid, page = self._locate(f.address)
+                        if bid == 0:
+                            continue
+                        if self.to_come[bid][page] and not self.placed[bid][page]:
+                            self._waiting.setdefault((bid, page), []).append((f.thread_id, now))
+                            vcpu = self._vcpu_for(f.thread_id)
+                            if vcpu is not None:
+                                self.blocktime.blocked(vcpu, now)
+                            if (bid, page) not in self._requested:
+                                self._requested.add((bid, page))
+                                requests.append((bid, page))
+                        else:
+                            zero.append(f.address & ~(PAGE_SIZE - 1))
+                for addr in zero:
+                    # Never populated on the source (zero there), or placed since the fault was
+                    # read: a zero page, or (EEXIST) just a wake-up.
+                    if not uffd.zeropage(addr, PAGE_SIZE):
+                        uffd.wake(addr, PAGE_SIZE)
+                    self.local_zero += 1
+                for bid, page in requests:
+                    self.requests += 1
+                    self._request(bid, page, 1)
+        except Exception as e:  # noqa: BLE001 - reported through the migration's state
+            if not self._stop.is_set():
+                self.error = f"postcopy fault resolver: {e}"
+                log.warning("%s", self.error)
+
+    def _locate(self, addr: int) -> tuple[int, int]:
+        for bid, b in self.blocks.items():
+            if b.host_addr <= addr < b.host_addr + b.nbytes:
+                return bid, (addr - b.host_addr) // PAGE_SIZE
+        return 0, 0
+
+    def rerequest(self) -> None:
+        """After a recovery: ask again for every page a thread still waits on."""
+        with self._lock:
+            waiting = list(self._waiting)
+        for bid, page in waiting:
+            self._request(bid, page, 1)
+
+    def close(self) -> None:
+        """Stop the resolver and close the userfaultfd: every page still missing is then an
+        ordinary zero-fill page and every blocked access is woken. On every exit path, before
+        the VM's fds close. Idempotent."""
+        self._stop.set()
+        uffd = self.uffd
+        if uffd is not None:
+            uffd.close()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(5)
+            uffd.release()
+
+    def report(self) -> dict:
+        """query-migrate's postcopy numbers on the destination (docs/migration.md)."""
+        with self._lock:
+            blocked = [round(t * 1000) for t in self.blocktime.per_vcpu]
+            total = round(self.blocktime.total * 1000)
+            latency = self.latency.report()
+        return {"postcopy-blocktime": total, "postcopy-vcpu-blocktime": blocked,
+                "x-postcopy": {"requests": self.requests, "request-bytes": self.requests * PAGE_SIZE,
+                               "pages-to-come": self.pages_to_come, "pages-placed": self.pages_placed,
+                               "local-zero-pages": self.local_zero, "kvm-async-faults": self.async_faults,
+                               "fault-latency": latency}}
+
+
+def _consecutive(pages: np.ndarray, pos: int, count: int) -> list[tuple[int, int]]:
+    """Split positions pos..pos+count-1 of `pages` into runs of consecutive page numbers."""
+    out: list[tuple[int, int]] = []
+    start = pos
+    for j in range(pos + 1, pos + count + 1):
+        if j == pos + count or pages[j] != pages[j - 1] + 1:
+            out.append((start, j - start))
+            start = j
+    return out
+
+
+class PostcopyLoader(Loader):
+    """The destination's postcopy commands (dest_session dispatch): ADVISE, DISCARD, LISTEN, RUN.
+
+    `enabled()`: this side's capability postcopy-ram; `request`: PAGE_REQUEST on the return
+    path; `on_run()`: apply the staged device state and start the guest (the driver's)."""
+
+    name = "postcopy"
+
+    def __init__(self, ram: RamLoader, enabled: Callable[[], bool], request: Callable[[int, int, int], None],
+                 vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None],
+                 on_resumed: Callable[[], None] = lambda: None) -> None:
+        self.ram = ram
+        self._enabled = enabled
+        self._request = request
+        self._vcpu_thread_ids = vcpu_thread_ids
+        self._on_run = on_run
+        self._on_resumed = on_resumed
+        self.advised = False
+        self.dest: PostcopyDestination | None = None
+        self.running = False  # RUN applied: the guest runs here
+
+    def handlers(self) -> Mapping[type | CommandCode, Handler]:
+        return {CommandCode.POSTCOPY_ADVISE: self._advise, CommandCode.POSTCOPY_DISCARD: self._discard,
+                CommandCode.POSTCOPY_LISTEN: self._listen, CommandCode.POSTCOPY_RUN: self._run,
+                CommandCode.POSTCOPY_RESUMED: self._resumed}
+
+    def _advise(self, cmd: Command) -> None:
+        if not self._enabled():
+            raise MigrationError("the source advises postcopy but capability 'postcopy-ram' is off on this "
+                                 "destination: turn it on on both sides (migrate-set-capabilities)")
+        Userfaultfd().release()  # can this process use userfaultfd at all? Say so now, not at the switch
+        self.advised = True
+        self.ram.no_placing = True
+
+    def _ready(self, what: str) -> PostcopyDestination:
+        if not self.advised:
+            raise MigrationError(f"{what} without POSTCOPY_ADVISE")
+        if self.dest is None:
+            self.dest = PostcopyDestination(self.ram.blocks_by_id, self.ram.received, self._request,
+                                            self._vcpu_thread_ids)
+        return self.dest
+
+    def _discard(self, cmd: Command) -> None:
+        self._ready("POSTCOPY_DISCARD").discard(cmd.block_id, cmd.data)
+
+    def _listen(self, cmd: Command) -> None:
+        dest = self._ready("POSTCOPY_LISTEN")
+        if dest.uffd is not None:
+            raise MigrationError("POSTCOPY_LISTEN twice")
+        self.ram.stop_prefaulting()
+        dest.listen()
+        self.ram.placer = dest
+
+    def _run(self, cmd: Command) -> None:
+        if self.dest is None or self.dest.uffd is None:
+            raise MigrationError("POSTCOPY_RUN before POSTCOPY_LISTEN")
+        self._on_run()
+
+    def started(self) -> None:
+        """The driver is about to start the guest: from here a failure pauses instead of
+        refusing the stream (a refusal, SHUT, tells the source that the guest never ran here, and
+        the source resumes it)."""
+        self.running = True
+
+    def _resumed(self, cmd: Command) -> None:
+        """POSTCOPY_RESUMED, the first command of a recovery's stream: answer with what is here
+        (RECEIVED_BITMAP per block, RESUME) through the driver, and ask again for every page a
+        thread still waits on."""
+        if not self.running or self.dest is None:
+            raise MigrationError("POSTCOPY_RESUMED without a paused postcopy migration here")
+        self._on_resumed()
+        self.dest.rerequest()
+
+    def received_bitmaps(self) -> list[tuple[int, bytes]]:
+        """(block id, bitmap) of the pages to come that were placed: what a recovery skips."""
+        assert self.dest is not None
+        with self.dest._lock:
+            return [(bid, mask_to_bitmap(self.dest.placed[bid])) for bid in self.dest.blocks]
+
+    def release(self) -> None:
+        if self.dest is not None:
+            self.dest.close()
+
+
+# --- the source ---
+
+
+class PostcopySource:
+    """The source's postcopy RAM push: pages to send (per block), requests first."""
+
+    def __init__(self, blocks: Sequence[RamBlock], encoder: StreamEncoder,
+                 pending: Sequence[np.ndarray]) -> None:
+        """`pending`: per block (ids 1-based, the RAM_BLOCKS order) the page indexes still to send."""
+        self.blocks = list(blocks)
+        self.encoder = encoder
+        self.unsent = [np.zeros(b.npages, dtype=bool) for b in self.blocks]
+        for mask, idx in zip(self.unsent, pending, strict=True):
+            mask[idx] = True
+        self.left = int(sum(int(np.count_nonzero(m)) for m in self.unsent))
+        self.total = self.left
+        # The whole postcopy set: after a recovery, what the destination may still miss.
+        self._to_send = [m.copy() for m in self.unsent]
+        self._requests: deque[tuple[int, int, int]] = deque()
+        self._lock = threading.Lock()
+        self.wakeup = threading.Event()
+        self._cursor = (0, 0)  # (block index, page) where the background push goes on
+        self._chunk = MIN_CHUNK_PAGES
+        self.requests = 0  # PAGE_REQUESTs received (QEMU's postcopy-requests)
+        self.request_pages_sent = 0
+        self.bytes = 0  # stream bytes of pages sent in postcopy (QEMU's postcopy-bytes)
+        self.pages = 0
+        self.zero_pages = 0
+
+    def discard_commands(self) -> list[Command]:
+        """POSTCOPY_DISCARD per block with pages to send: the destination drops its copies."""
+        return [Command(CommandCode.POSTCOPY_DISCARD, block_id=i + 1, count=int(np.count_nonzero(m)),
+                        data=mask_to_bitmap(m))
+                for i, m in enumerate(self.unsent) if m.any()]
+
+    def received_bitmap(self, block_id: int, bitmap: bytes) -> None:
+        """RECEIVED_BITMAP after a recovery: pages the destination has are not sent again; pages
+        sent but lost on the broken link are sent again."""
+        i = block_id - 1
+        if not 0 <= i < len(self.blocks):
+            raise MigrationError(f"received bitmap for unknown RAM block id {block_id}")
+        have = bitmap_to_mask(bitmap, self.blocks[i].npages)
+        # Only pages that were to come can be missing there; the rest it has by construction.
+        self.unsent[i] = self._to_send[i] & ~have
+        self.left = int(sum(int(np.count_nonzero(m)) for m in self.unsent))
+
+    def request(self, block_id: int, first_page: int, count: int) -> None:
+        """A PAGE_REQUEST (from the return path's thread)."""
+        with self._lock:
+            self._requests.append((block_id, first_page, count))
+            self.requests += 1
+        self.wakeup.set()
+
+    def done(self) -> bool:
+        return self.left == 0
+
+    def has_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self, send: Send, background: bool = True) -> int:
+        """Send what was requested (and a few pages after each), then (with `background`) one
+        background chunk; returns the background chunk's bytes."""
+        while True:
+            with self._lock:
+                if not self._requests:
+                    break
+                bid, first, count = self._requests.popleft()
+            i = bid - 1
+            if not 0 <= i < len(self.blocks) or first < 0 or first + count > self.blocks[i].npages:
+                raise MigrationError(f"the destination requested pages {first}+{count} of unknown "
+                                     f"RAM block id {bid}")
+            end = min(self.blocks[i].npages, first + count + REQUEST_AHEAD_PAGES)
+            idx = first + np.flatnonzero(self.unsent[i][first:end])
+            if idx.size:
+                self.request_pages_sent += int(np.count_nonzero(idx < first + count))
+                self._send(send, i, idx)
+            self._cursor = (i, end)
+            self._chunk = MIN_CHUNK_PAGES
+        if self.left and background:
+            before = self.bytes
+            self._background(send)
+            return self.bytes - before
+        return 0
+
+    def _background(self, send: Send) -> None:
+        i, page = self._cursor
+        for _ in range(len(self.blocks) + 1):
+            found = np.flatnonzero(self.unsent[i][page:])
+            if found.size:
+                idx = page + found[: self._chunk]
+                self._send(send, i, idx)
+                self._cursor = (i, int(idx[-1]) + 1)
+                self._chunk = min(MAX_CHUNK_PAGES, self._chunk * 2)
+                return
+            i, page = (i + 1) % len(self.blocks), 0
+        # Nothing after the cursor anywhere: wrap to the start of the first block.
+        self._cursor = (0, 0)
+
+    def _send(self, send: Send, i: int, idx: np.ndarray) -> None:
+        # A view made per call and dropped with it: a view kept would stop the RAM's mapping from
+        # closing at exit.
+        guest = np.frombuffer(self.blocks[i].mem, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
+        bufs: list[bytes | memoryview] = []
+        for first, count in runs(idx, MAX_CHUNK_PAGES):
+            held = guest[first : first + count]  # the vCPUs are stopped: stable, no copy
+            is_zero = zero_pages(held)
+            for _pos, f, n, zero in segments(np.arange(first, first + count), is_zero):
+                if zero:
+                    bufs.extend(self.encoder.encode_buffers(RamZero(i + 1, f, n)))
+                    self.zero_pages += n
+                else:
+                    data = memoryview(guest[f : f + n]).cast("B")
+                    bufs.extend(self.encoder.encode_ram_pages(i + 1, f, data))
+                    self.pages += n
+        self.unsent[i][idx] = False
+        self.left -= int(idx.size)
+        self.bytes += send(bufs)
+        del bufs, guest
