@@ -447,6 +447,7 @@ class OutgoingMigration:
                     self.stats.remaining_pages = report.dirty_pages_after
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
+                    self.stats.dirty_rate_bps = report.dirty_rate_bps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
                 self._throttle_after_sync(report.dirty_pages_after)

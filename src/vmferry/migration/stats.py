@@ -57,6 +57,7 @@ class MigrationStats:
     multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
+    dirty_rate_bps: float = 0.0  # every saver's state (RAM and copied disks), for `convergence`
     expected_downtime_ms: float | None = None
     expected_at_switchover_ms: float | None = None  # what the source expected when it paused
     error: str | None = None
@@ -125,7 +126,7 @@ class MigrationStats:
                 out["error-desc"] = self.error
             if self.passes:
                 out["passes"] = [p.as_qmp() for p in self.passes]
-                dirty_bps = self.dirty_rate_pps * PAGE_SIZE
+                dirty_bps = self.dirty_rate_bps
                 out["convergence"] = {
                     "dirty-rate-bytes-per-second": round(dirty_bps),
                     "bandwidth-bytes-per-second": round(self.bandwidth_bps),
