@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmferry.errors import StreamError
+from vmferry.stream.format import checksum
+from vmferry.stream.records import DELTA_ENTRY
 
 ENCODING_XBZRLE = 1
 CACHED_PAGE_LIFETIME = 2  # claims (QEMU: dirty syncs) an entry is protected from a conflicting page
@@ -50,6 +52,13 @@ def _write_uleb(out: np.ndarray, pos: np.ndarray, values: np.ndarray) -> None:
         more = v >= 0x80
         out[p] = ((v & 0x7F) | (more.astype(np.int64) << 7)).astype(np.uint8)
         v, p = v[more] >> 7, p[more] + 1
+
+
+def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indexes start[i] .. start[i] + lengths[i] - 1 of every span, concatenated."""
+    lengths = lengths.astype(np.int64, copy=False)
+    within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts.astype(np.int64, copy=False), lengths) + within
 
 
 @dataclass
@@ -135,8 +144,7 @@ def encode_pages(old: np.ndarray, new: np.ndarray, limit: int) -> Deltas:
         _write_uleb(out, off, z)
         _write_uleb(out, off + hz, nz)
         dstart = off + hz + uleb_size(nz)
-        within = np.arange(int(nz.sum()), dtype=np.int64) - np.repeat(np.cumsum(nz) - nz, nz)
-        out[np.repeat(dstart, nz) + within] = new.reshape(-1)[np.repeat(row * page + col, nz) + within]
+        out[_spans(dstart, nz)] = new.reshape(-1)[_spans(row * page + col, nz)]
     return Deltas(rows, page_len[rows], out, overflow, unchanged)
 
 
@@ -272,3 +280,122 @@ class XbzrleCounters:
         return {"cache-size": self.cache_size, "bytes": self.bytes, "pages": self.pages,
                 "cache-miss": self.cache_miss, "cache-miss-rate": round(self.cache_miss_rate, 6),
                 "encoding-rate": round(self.encoding_rate, 3), "overflow": self.overflow}
+
+
+@dataclass
+class ChunkPlan:
+    """What XBZRLE made of a chunk's non-zero pages (row numbers into the chunk): `whole` go as
+    pages (cache misses and overflows), `deltas` as RAM_DELTA records — one per channel their
+    bases went on (`channels`, -1 without multifd) — and `unchanged` not at all."""
+
+    whole: np.ndarray
+    unchanged: np.ndarray
+    deltas: list[tuple[int, np.ndarray, np.ndarray]]  # (channel, rows, DELTA_ENTRY array) ...
+    delta_data: list[np.ndarray]  # ... and each one's encodings, back to back
+
+
+class XbzrleSource:
+    """The source's XBZRLE: the page cache, the encoder and the counters, used by the RAM saver
+    on the migration thread. `plan` decides per chunk; `sent` records what went where."""
+
+    def __init__(self, cache_bytes: int, page_size: int, block_pages: list[int],
+                 limit: int | None = None) -> None:
+        self.cache = PageCache(cache_bytes, page_size, block_pages)
+        self.page_size = page_size
+        # A delta of more than a quarter page saves less than 4x and still costs the destination
+        # its decoding: such a page goes whole (QEMU's limit is the page itself).
+        self.limit = page_size // 4 if limit is None else limit
+        self.counters = XbzrleCounters(cache_size=cache_bytes, page_size=page_size)
+        # Bytes a page cost on the wire last period (wholes, deltas, and unchanged pages at 0):
+        # what `pending` multiplies the dirty pages by, in the unit the bandwidth is measured in.
+        self.bytes_per_page = float(page_size)
+        self._period = [0, 0]  # pages handled, bytes they cost
+
+    def new_generation(self) -> None:
+        """A claim from the dirty bitmaps: entries age by one."""
+        self.cache.age += 1
+        pages, nbytes = self._period
+        if pages:
+            self.bytes_per_page = max(64.0, nbytes / pages)
+        self._period = [0, 0]
+
+    def plan(self, block_index: int, pages: np.ndarray, data: np.ndarray, is_zero: np.ndarray) -> ChunkPlan:
+        """`data`: the chunk's pages as (n, page_size) uint8 — the saver's private copy, or guest
+        memory with the vCPUs paused; never live memory, since the delta and the cache copy must
+        be of the same bytes."""
+        keys = self.cache.keys_of(block_index, pages)
+        if is_zero.any():
+            self.cache.invalidate(keys[is_zero])  # a zero page goes as RAM_ZERO: its copy is stale
+        rows = np.flatnonzero(~is_zero)
+        c = self.counters
+        c.looked_up += rows.size
+        hit = self.cache.lookup(keys[rows])
+        hits, misses = rows[hit], rows[~hit]
+        c.cache_miss += misses.size
+        deltas: list[tuple[int, np.ndarray, np.ndarray]] = []
+        delta_data: list[np.ndarray] = []
+        if not hits.size:
+            self._period[0] += rows.size
+            self._period[1] += rows.size * self.page_size
+            return ChunkPlan(misses, hits, deltas, delta_data)
+        slots = self.cache.slots_of(keys[hits])
+        enc = encode_pages(self.cache.data[slots], data[hits], self.limit)
+        c.overflow += enc.overflow.size
+        c.unchanged += enc.unchanged.size
+        whole = np.sort(np.concatenate((misses, hits[enc.overflow])))
+        if enc.rows.size:
+            drows = hits[enc.rows]
+            entries = np.zeros(drows.size, dtype=DELTA_ENTRY)
+            entries["page"] = pages[drows]
+            entries["base"] = self.cache.generations[slots[enc.rows]]
+            entries["length"] = enc.lengths
+            entries["check"] = [checksum(row) for row in data[drows]]
+            channels = self.cache.channels[slots[enc.rows]]
+            offsets = np.concatenate(([0], np.cumsum(enc.lengths)))
+            for ch in np.unique(channels).tolist():
+                sel = np.flatnonzero(channels == ch)
+                deltas.append((int(ch), drows[sel], entries[sel]))
+                delta_data.append(enc.data[_spans(offsets[sel], enc.lengths[sel])])
+            nbytes = int(enc.lengths.sum()) + drows.size * DELTA_ENTRY.itemsize
+            c.pages += drows.size
+            c.bytes += nbytes
+            self._period[1] += nbytes
+        self._period[0] += rows.size
+        self._period[1] += whole.size * self.page_size
+        return ChunkPlan(whole, hits[enc.unchanged], deltas, delta_data)
+
+    def sent(self, block_index: int, pages: np.ndarray, data: np.ndarray, generation: int,
+             channel: int) -> None:
+        """These pages (rows of `data`, the same copy `plan` saw) went whole or as deltas at
+        `generation` on `channel`: the cache now holds exactly what the destination will."""
+        if pages.size:
+            self.cache.store(self.cache.keys_of(block_index, pages), data, generation, channel)
+
+    def forget(self, block_index: int, mask: np.ndarray) -> None:
+        """Pages handed to a lost channel: the destination may never have had their copies."""
+        pages = np.flatnonzero(mask)
+        if pages.size:
+            self.cache.invalidate(self.cache.keys_of(block_index, pages))
+
+
+def apply_deltas(dest: np.ndarray, rec_entries: np.ndarray, offsets: np.ndarray, data: bytes,
+                 rows: np.ndarray | None = None) -> None:
+    """The destination's side of a RAM_DELTA: apply entries `rows` (all if None) onto `dest`
+    ((pages, page_size) uint8, the RAM block), each page decoded in a scratch copy and checked
+    against its entry's checksum before anything is written. StreamError naming RAM_DELTA."""
+    idx = np.arange(rec_entries.size) if rows is None else rows
+    if not idx.size:
+        return
+    pages = rec_entries["page"][idx]
+    scratch = dest[pages]  # a copy: the guest's pages change only once every check passed
+    page_size = dest.shape[1]
+    view = memoryview(scratch).cast("B")
+    checks = rec_entries["check"][idx].tolist()
+    for k, i in enumerate(idx.tolist()):
+        page = view[k * page_size : (k + 1) * page_size]
+        decode_into(page, data, int(offsets[i]), int(offsets[i + 1]))
+        if checksum(page) != checks[k]:
+            raise StreamError(f"RAM_DELTA page {int(pages[k])} does not match its checksum after xbzrle "
+                              "decoding: the page here is not the copy the delta was computed against")
+    del view
+    dest[pages] = scratch
