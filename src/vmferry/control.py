@@ -216,6 +216,8 @@ class VmControl:
                 copy_drives=copy_drives,
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
                 multifd=multifd,
+                xbzrle_cache=(self.migration_parameters.xbzrle_cache_size
+                              if self.migration_capabilities.enabled("xbzrle") else None),
             )
             self.incoming = None
             self.outgoing.start()

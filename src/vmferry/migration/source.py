@@ -60,6 +60,7 @@ from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
 from vmferry.migration.throttle import AutoConverge, ThrottleParams
 from vmferry.migration.trace import NULL_TRACE, NullTrace
+from vmferry.migration.xbzrle import XbzrleSource
 from vmferry.stream.compression import Compressor
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode
@@ -102,9 +103,10 @@ class OutgoingMigration:
         copy_drives: Sequence[str] = (),
         auto_converge: bool = False,
         multifd: MultifdSetup | None = None,
+        xbzrle_cache: int | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
-        the others are shared."""
+        the others are shared. `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off)."""
         self.machine = machine
         self.multifd = multifd
         self.data_channels: list[Channel] = []
@@ -120,6 +122,8 @@ class OutgoingMigration:
         self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
+        if xbzrle_cache is not None:
+            self.ram.xbzrle = XbzrleSource(xbzrle_cache, PAGE_SIZE, [b.npages for b in machine.ram_blocks])
         self.drives = DriveSaver(machine.block_devices, copy_drives)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
@@ -298,6 +302,8 @@ class OutgoingMigration:
             "return-path": self.channel.has_return_path,
         }
         migration_id = uuid.uuid4().hex
+        if self.ram.xbzrle is not None:
+            config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:
             config.update({"multifd-channels": self.multifd.channels, "migration-id": migration_id,
                            "multifd-compression": self.multifd.compression})
@@ -369,6 +375,9 @@ class OutgoingMigration:
                     self.stats.transferred = self._main_sent + self.stats.multifd_bytes
                     self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             report = step.report
+            if report is not None and self.ram.xbzrle is not None:
+                self.ram.xbzrle.counters.end_period()
+            self._xbzrle_stats()
             if report is not None:
                 with self.stats.lock:
                     self.stats.dirty_sync_count += 1
@@ -390,6 +399,12 @@ class OutgoingMigration:
                     raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
+
+    def _xbzrle_stats(self) -> None:
+        if self.ram.xbzrle is not None:
+            snapshot = self.ram.xbzrle.counters.as_qmp()
+            with self.stats.lock:
+                self.stats.xbzrle = snapshot
 
     def _trace_pass(self, report: PassReport, sync_ms: float) -> None:
         remaining = report.dirty_pages_after * PAGE_SIZE
@@ -466,6 +481,9 @@ class OutgoingMigration:
         t_end = time.monotonic()
         phases["end"] = round((t_end - t) * 1000, 3)
         sent, zero, _ = session.pages()
+        if self.ram.xbzrle is not None:
+            self.ram.xbzrle.counters.end_period()  # the stopped part is a period of its own
+        self._xbzrle_stats()
         with self.stats.lock:
             self.stats.dirty_sync_count += 1
             self.stats.normal, self.stats.duplicate = sent, zero

@@ -14,6 +14,8 @@ Definitions (QEMU's, where QEMU has the field):
   applied, from its PROGRESS reports) with a return path, else what the channel accepted.
 - expected-downtime-at-switchover (ours): the expected downtime when the vCPUs were paused.
 - cpu-throttle-percentage: auto-converge's current vCPU throttle; present only while it is on.
+- xbzrle-cache (source, capability xbzrle): QEMU's cache-size, bytes, pages, cache-miss,
+  cache-miss-rate, encoding-rate, overflow (migration/xbzrle.py, XbzrleCounters).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class MigrationStats:
     expected_at_switchover_ms: float | None = None  # what the source expected when it paused
     error: str | None = None
     cpu_throttle_percentage: int = 0  # auto-converge's, 0 = off
+    xbzrle: dict[str, object] | None = None  # query-migrate's xbzrle-cache, while capability xbzrle is on
     passes: list[PassReport] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -107,6 +110,8 @@ class MigrationStats:
             }
             if self.cpu_throttle_percentage:
                 out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+            if self.xbzrle is not None:
+                out["xbzrle-cache"] = dict(self.xbzrle)
             if self.multifd_lost:
                 out["multifd-lost-channels"] = list(self.multifd_lost)
             if self.error:
