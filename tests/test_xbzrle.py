@@ -3,13 +3,31 @@ and the source's page cache."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmferry.errors import StreamError
-from vmferry.migration.xbzrle import PageCache, XbzrleCounters, decode_into, encode_page, encode_pages
+from vmferry.migration.xbzrle import (
+    PageCache,
+    XbzrleCounters,
+    apply_deltas,
+    decode_into,
+    encode_page,
+    encode_pages,
+)
+from vmferry.stream.decoder import StreamDecoder
+from vmferry.stream.encoder import StreamEncoder
+from vmferry.stream.format import checksum
+from vmferry.stream.payloads import DELTA_HEAD
+from vmferry.stream.records import DELTA_ENTRY, RamBlockInfo, RamBlocks, RamDelta
 
 PAGE = 4096
 
@@ -47,16 +65,21 @@ def apply(old: bytes, enc: bytes) -> bytes:
     return bytes(page)
 
 
+def _noise(seed: int, n: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
 @st.composite
 def page_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    """An old page and a new one made of it by a few writes: sparse, runs, wholesale, or none."""
-    old = bytearray(draw(st.binary(min_size=PAGE, max_size=PAGE)) if draw(st.booleans())
-                    else bytes(PAGE))
+    """An old page and a new one made of it by a few writes: sparse, runs, wholesale, or none.
+    Contents come from seeds (small inputs: hypothesis shrinks them and never runs out of data)."""
+    old = bytearray(_noise(draw(st.integers(0, 2**32)), PAGE) if draw(st.booleans()) else bytes(PAGE))
     new = bytearray(old)
     for _ in range(draw(st.integers(0, 12))):
         at = draw(st.integers(0, PAGE - 1))
-        data = draw(st.binary(min_size=1, max_size=draw(st.sampled_from([1, 8, 200, PAGE]))))
-        new[at : at + len(data)] = data[: PAGE - at]
+        size = draw(st.sampled_from([1, 2, 8, 9, 200, PAGE]))
+        data = _noise(draw(st.integers(0, 2**32)), size) if draw(st.booleans()) else bytes(size)
+        new[at : at + size] = data[: PAGE - at]
     return bytes(old), bytes(new)
 
 
@@ -148,3 +171,90 @@ def test_counters_give_qemus_rates_per_period() -> None:
     q = c.as_qmp()
     assert set(q) == {"cache-size", "bytes", "pages", "cache-miss", "cache-miss-rate", "encoding-rate",
                       "overflow"}
+
+
+# --- the RAM_DELTA record --------------------------------------------------------------------------
+
+
+def delta_stream(entries_pages: list[int], old: bytes, new: bytes) -> tuple[bytes, RamDelta]:
+    """A stream with one RAM_DELTA of the pages `entries_pages`, each encoded old -> new."""
+    enc_bytes = encode_page(old, new, PAGE)
+    assert enc_bytes
+    e = np.zeros(len(entries_pages), dtype=DELTA_ENTRY)
+    e["page"], e["base"], e["length"], e["check"] = entries_pages, 4, len(enc_bytes), checksum(new)
+    rec = RamDelta(1, e, enc_bytes * len(entries_pages))
+    enc = StreamEncoder(machine_type="test")
+    data = b"".join([enc.header(), enc.encode(RamBlocks((RamBlockInfo(1, "pc.ram", 0, 1 << 20),))),
+                     *(bytes(b) for b in enc.encode_buffers(rec)), enc.end()])
+    return data, rec
+
+
+def decode(data: bytes) -> list:
+    dec = StreamDecoder()
+    dec.feed(data)
+    dec.feed_eof()
+    return list(dec.records())
+
+
+OLD = bytes(range(256)) * 16
+NEW = OLD[:100] + b"sparse!!" + OLD[108:4000] + b"stamp..." + OLD[4008:]
+
+
+def test_a_delta_record_round_trips_and_applies() -> None:
+    data, rec = delta_stream([2, 9], OLD, NEW)
+    got = decode(data)[2]
+    assert isinstance(got, RamDelta) and got == rec
+    block = np.frombuffer(bytearray(OLD * 16), dtype=np.uint8).reshape(16, PAGE)
+    apply_deltas(block, got.entries, got.offsets(), bytes(got.data))
+    assert block[2].tobytes() == NEW and block[9].tobytes() == NEW and block[3].tobytes() == OLD
+
+
+@settings(max_examples=100, deadline=None)
+@given(bit=st.integers(0, 10**9))
+def test_any_flipped_bit_in_a_delta_record_is_refused_by_name(bit: int) -> None:
+    data = bytearray(delta_stream([2, 9], OLD, NEW)[0])
+    start = 80 + len(StreamEncoder().encode(RamBlocks((RamBlockInfo(1, "pc.ram", 0, 1 << 20),))))
+    end = len(data) - (32 + 16 + 8)
+    pos = start + bit % ((end - start) * 8) // 8
+    data[pos] ^= 1 << (bit % 8)
+    with pytest.raises(StreamError) as info:
+        decode(bytes(data))
+    msg = str(info.value)
+    assert "RAM_DELTA" in msg or "record header" in msg or "sync word" in msg, msg
+
+
+def test_a_delta_onto_a_page_that_is_not_its_base_is_refused_and_nothing_written() -> None:
+    data, _ = delta_stream([2], OLD, NEW)
+    rec = decode(data)[2]
+    block = np.zeros((16, PAGE), dtype=np.uint8)  # the destination never had the base
+    with pytest.raises(StreamError, match="RAM_DELTA page 2 does not match its checksum"):
+        apply_deltas(block, rec.entries, rec.offsets(), bytes(rec.data))
+    assert not block.any()
+
+
+@pytest.mark.parametrize(("mutate", "why"), [
+    (lambda e: e.__setitem__("page", [9, 2]), "not strictly increasing"),
+    (lambda e: e.__setitem__("zero", [0, 1]), "entry reserved field"),
+    (lambda e: e.__setitem__("length", [1, 2 * e["length"][0] - 1]), "encoding length outside"),
+])
+def test_malformed_delta_entries_are_refused(mutate: object, why: str) -> None:
+    _, rec = delta_stream([2, 9], OLD, NEW)
+    entries = rec.entries.copy()
+    mutate(entries)  # type: ignore[operator]
+    enc = StreamEncoder()
+    head = DELTA_HEAD.pack(1, 0, 0, 0) + entries.tobytes()
+    data = b"".join([enc.header(), enc.encode(RamBlocks((RamBlockInfo(1, "pc.ram", 0, 1 << 20),))),
+                     enc.raw_record(35, head + bytes(rec.data), section=1, count=2), enc.end()])
+    with pytest.raises(StreamError, match=f"RAM_DELTA.*{why}"):
+        decode(data)
+
+
+def test_analyze_reads_delta_records(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmf"
+    path.write_bytes(delta_stream([2, 9], OLD, NEW)[0])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-m", "vmferry", "analyze", "--json", str(path)],
+                         capture_output=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    block = json.loads(out.stdout)["ram_blocks"][0]
+    assert block["sent"] == 2 and block["record_types"] == {"RAM_DELTA xbzrle": 1}
