@@ -319,7 +319,10 @@ class RamSaver(Saver):
             c.pages += drows.size
             rows.append(drows)
         sent = np.sort(np.concatenate(rows))
-        self.xbzrle.sent(i, chunk[sent], u8[sent], self.generation, 0)
+        if sent.size == chunk.size:  # every page sent (no zero or unchanged one): no gather
+            self.xbzrle.sent(i, chunk, u8, self.generation, 0)
+        else:
+            self.xbzrle.sent(i, chunk[sent], u8[sent], self.generation, 0)
         keep = is_zero.copy()
         keep[plan.whole] = True
         if keep.all():

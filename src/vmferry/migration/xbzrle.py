@@ -182,11 +182,20 @@ def decode_into(page: memoryview, src: bytes, start: int, end: int) -> None:
     if i >= end:
         raise StreamError("RAM_DELTA page encoding is empty")
     while i < end:
-        count, i = _uleb(src, i, end)
+        # Lengths below 128 (one byte) are the common case: read inline, no call.
+        count = src[i]
+        if count < 0x80:
+            i += 1
+        else:
+            count, i = _uleb(src, i, end)
         if d and not count:  # only the first unchanged run may be empty
             raise StreamError("RAM_DELTA has an empty unchanged run after the first")
         d += count
-        count, i = _uleb(src, i, end)
+        if i < end and src[i] < 0x80:
+            count = src[i]
+            i += 1
+        else:
+            count, i = _uleb(src, i, end)
         if not count:
             raise StreamError("RAM_DELTA has an empty changed run")
         if d + count > limit or i + count > end:
@@ -231,17 +240,19 @@ class PageCache:
         """Cache these pages as sent at `generation` on `channel` (a hit's entry is updated; a
         miss takes its slot when the slot is free or its entry is old enough). -> per key, whether
         it is cached now. Keys must be distinct."""
-        slots = self.slots_of(keys)
+        all_keys = keys
+        all_slots = slots = self.slots_of(keys)
         held = self.keys[slots]
         ok = (held == keys) | (held == EMPTY) | (self.ages[slots] + CACHED_PAGE_LIFETIME <= self.age)
+        if not ok.all():
+            slots, keys, contents = slots[ok], keys[ok], contents[ok]
         # Two keys of one chunk in the same slot: numpy's last write wins for every field alike.
-        s = slots[ok]
-        self.keys[s] = keys[ok]
-        self.ages[s] = self.age
-        self.generations[s] = generation
-        self.channels[s] = channel
-        self.data[s] = contents[ok]
-        return self.keys[slots] == keys
+        self.keys[slots] = keys
+        self.ages[slots] = self.age
+        self.generations[slots] = generation
+        self.channels[slots] = channel
+        self.data[slots] = contents
+        return self.keys[all_slots] == all_keys
 
     def invalidate(self, keys: np.ndarray) -> None:
         """Forget these pages (sent as zero pages, or on a lost channel): the next send is whole."""
@@ -306,17 +317,24 @@ class XbzrleSource:
         # its decoding: such a page goes whole (QEMU's limit is the page itself).
         self.limit = page_size // 4 if limit is None else limit
         self.counters = XbzrleCounters(cache_size=cache_bytes, page_size=page_size)
-        # Bytes a page cost on the wire last period (wholes, deltas, and unchanged pages at 0):
-        # what `pending` multiplies the dirty pages by, in the unit the bandwidth is measured in.
-        self.bytes_per_page = float(page_size)
-        self._period = [0, 0]  # pages handled, bytes they cost
+        self._last_bytes_per_page = float(page_size)
+        self._period = [0, 0]  # pages handled this claim period, bytes they cost
+
+    @property
+    def bytes_per_page(self) -> float:
+        """Bytes a page costs on the wire (wholes, deltas, unchanged pages at 0): what `pending`
+        multiplies the dirty pages by, in the unit the bandwidth is measured in. This period's
+        once it has seen a chunk's worth of pages, else the last period's."""
+        pages, nbytes = self._period
+        if pages >= 512:
+            return max(32.0, nbytes / pages)
+        return self._last_bytes_per_page
 
     def new_generation(self) -> None:
         """A claim from the dirty bitmaps: entries age by one."""
         self.cache.age += 1
-        pages, nbytes = self._period
-        if pages:
-            self.bytes_per_page = max(64.0, nbytes / pages)
+        if self._period[0]:
+            self._last_bytes_per_page = max(32.0, self._period[1] / self._period[0])
         self._period = [0, 0]
 
     def plan(self, block_index: int, pages: np.ndarray, data: np.ndarray, is_zero: np.ndarray) -> ChunkPlan:
@@ -339,7 +357,8 @@ class XbzrleSource:
             self._period[1] += rows.size * self.page_size
             return ChunkPlan(misses, hits, deltas, delta_data)
         slots = self.cache.slots_of(keys[hits])
-        enc = encode_pages(self.cache.data[slots], data[hits], self.limit)
+        # Every page a hit (a later pass over a cached working set): no gather of the new pages.
+        enc = encode_pages(self.cache.data[slots], data if hits.size == len(data) else data[hits], self.limit)
         c.overflow += enc.overflow.size
         c.unchanged += enc.unchanged.size
         whole = np.sort(np.concatenate((misses, hits[enc.overflow])))
