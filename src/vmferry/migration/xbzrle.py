@@ -24,6 +24,8 @@ a page travels on the channel its base went on (docs/migration.md, "XBZRLE").
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,6 +207,17 @@ def decode_into(page: memoryview, src: bytes, start: int, end: int) -> None:
         i += count
 
 
+def _hugepage_backed(nbytes: int) -> mmap.mmap:
+    """Anonymous memory for the cache, backed lazily (untouched slots cost nothing) and with
+    transparent huge pages where the kernel offers them: filling the cache in pass 1 then takes
+    one fault per 2 MiB instead of one per page (measured on nested KVM: 4 KiB faults made a
+    128 MiB pass 1 take 0.45-1.5 s instead of 0.17 s)."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no THP: 4 KiB pages, still correct
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return m
+
+
 class PageCache:
     """The source's copies of the pages last sent (see the module doc). Not thread-safe: the
     migration thread owns it."""
@@ -222,8 +235,8 @@ class PageCache:
         self.ages = np.zeros(self.slots, dtype=np.int64)
         self.generations = np.zeros(self.slots, dtype=np.uint32)
         self.channels = np.zeros(self.slots, dtype=np.int16)
-        # Lazily backed: untouched slots cost no memory (np.zeros maps fresh anonymous pages).
-        self.data = np.zeros((self.slots, page_size), dtype=np.uint8)
+        self._map = _hugepage_backed(self.slots * page_size)
+        self.data = np.frombuffer(self._map, dtype=np.uint8).reshape(self.slots, page_size)
         self.age = 0
 
     def keys_of(self, block_index: int, pages: np.ndarray) -> np.ndarray:
