@@ -84,3 +84,40 @@ def test_xbzrle_migrates_a_sparse_writing_guest_and_it_verifies(
     start = len(dst.serial())
     dst.wait_serial(r"verify ok gen=\d+", after=start, timeout=60)
     assert "FAIL" not in dst.serial()
+
+
+def test_xbzrle_survives_a_lost_data_channel(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """One of two data channels is reset mid-precopy (the relay of test_migration_multifd.py):
+    the deltas it carried are lost with their bases; every page it was given goes again, whole,
+    on the other, and later deltas follow their bases there. The guest verifies on the
+    destination."""
+    from test_migration_multifd import _CuttingProxy
+
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
+    procs.append(src)
+    src.wait_serial(r"verify ok")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "xbzrle", "state": True},
+                                                      {"capability": "multifd", "state": True}])
+    src.cmd("migrate-set-parameters", **{"multifd-channels": 2, "max-bandwidth": 8 << 20})
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
+    procs.append(dst)
+    host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
+    proxy = _CuttingProxy((host, int(port)), cut_after=2 << 20)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+        deadline = time.monotonic() + 120
+        while not proxy.cut.wait(0.1):
+            assert time.monotonic() < deadline, "the relay never cut the data channel"
+            assert src.cmd("query-migrate")["status"] in ("setup", "active"), src.cmd("query-migrate")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+        info = src.wait_migration(timeout=180)
+    finally:
+        proxy.close()
+    assert info["status"] == "completed", info
+    assert len(info["multifd-lost-channels"]) == 1, info
+    assert info["xbzrle-cache"]["pages"] > 0, info
+    dinfo = dst.wait_migration(timeout=60)
+    assert dinfo["status"] == "completed", dinfo
+    start = len(dst.serial())
+    dst.wait_serial(r"verify ok gen=\d+", after=start, timeout=60)
+    assert "FAIL" not in dst.serial()

@@ -122,6 +122,8 @@ class RamSaver(Saver):
         self.generation = 0
         # XBZRLE (capability xbzrle): pages sent before go as deltas against the cached copy.
         self.xbzrle: XbzrleSource | None = None
+        # The migration's bandwidth, bytes/s (the session's), for weighing XBZRLE's CPU time.
+        self.bandwidth: Callable[[], float] | None = None
 
     def setup(self, out: SaverOutput | None = None) -> None:
         """Start dirty logging and mark what must be sent first: every page ever populated.
@@ -169,7 +171,14 @@ class RamSaver(Saver):
         """Bytes to send: with XBZRLE a dirty page weighs what pages cost on the wire last pass
         (deltas are small), the unit the bandwidth is measured in."""
         queued = self.multifd.queued_bytes() if self.multifd is not None else 0
-        per_page = PAGE_SIZE if self.xbzrle is None else self.xbzrle.bytes_per_page
+        if self.xbzrle is None:
+            return self.remaining() * PAGE_SIZE + queued
+        # A page weighs what it costs on the wire, or what the time the saver spends on it would
+        # carry at the bandwidth, whichever is more: the expected downtime then holds the
+        # encoding of the pages left, not just their few bytes.
+        per_page = self.xbzrle.bytes_per_page
+        bandwidth = self.bandwidth() if self.bandwidth is not None else 0.0
+        per_page = max(per_page, self.xbzrle.secs_per_page * bandwidth)
         return int(self.remaining() * per_page) + queued
 
     def sent_elsewhere(self) -> int:
@@ -271,16 +280,21 @@ class RamSaver(Saver):
                 at = self._queue_pos[i]
                 chunk = indexes[at : at + CHUNK_PAGES]
                 self._queue_pos[i] = at + chunk.size
+                t0 = time.perf_counter()
                 if self.multifd is not None:
                     c.bytes += self._to_channels(bid, guest_pages, chunk, c)
+                    if self.xbzrle is not None:
+                        self.xbzrle.timed(chunk.size, time.perf_counter() - t0)
                     continue
                 held = self._hold(guest_pages, chunk, stable)
                 is_zero = zero_pages(held)
                 bufs: list[bytes | memoryview] = []
                 if self.xbzrle is not None:
+                    n = chunk.size
                     chunk, held, is_zero = self._deltas(i, chunk, held, is_zero, bufs, c)
                     if not chunk.size:
                         c.bytes += send(bufs)
+                        self.xbzrle.timed(n, time.perf_counter() - t0)
                         continue
                 held_bytes = memoryview(held).cast("B")
                 # Scattered non-zero pages go as one RAM_PAGE_LIST; runs of them as RAM_PAGES.
@@ -296,6 +310,8 @@ class RamSaver(Saver):
                         bufs.extend(self.encoder.encode_ram_pages(bid, first, data))
                         c.pages += count
                 c.bytes += send(bufs)
+                if self.xbzrle is not None:
+                    self.xbzrle.timed(chunk.size, time.perf_counter() - t0)
                 del bufs, held_bytes, held
             del guest_pages
             if budget is not None and c.bytes >= budget:

@@ -311,6 +311,7 @@ class OutgoingMigration:
         self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
+        self.ram.bandwidth = self.session.bandwidth  # XBZRLE weighs its CPU time in bytes
         self.session.setup(self, time.monotonic())
         self._maybe_beat(now=True)  # tells the destination that this source beats
         if self.multifd is not None:

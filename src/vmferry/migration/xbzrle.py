@@ -332,6 +332,11 @@ class XbzrleSource:
         self.counters = XbzrleCounters(cache_size=cache_bytes, page_size=page_size)
         self._last_bytes_per_page = float(page_size)
         self._period = [0, 0]  # pages handled this claim period, bytes they cost
+        # Seconds the migration thread spent per page (copy, encode, cache, send): deltas are
+        # cheap on the wire but not on the CPU, and a switchover planned on bytes alone would
+        # pause the guest for the encoding of every page still dirty.
+        self._last_secs_per_page = 0.0
+        self._timed = [0, 0.0]  # pages timed this period, seconds
 
     @property
     def bytes_per_page(self) -> float:
@@ -343,12 +348,26 @@ class XbzrleSource:
             return max(32.0, nbytes / pages)
         return self._last_bytes_per_page
 
+    @property
+    def secs_per_page(self) -> float:
+        """Seconds the saver spent on a page, this period's once it timed a chunk's worth."""
+        pages, secs = self._timed
+        return secs / pages if pages >= 512 else self._last_secs_per_page
+
+    def timed(self, pages: int, secs: float) -> None:
+        """The saver handled `pages` (a chunk, zero pages included) in `secs`."""
+        self._timed[0] += pages
+        self._timed[1] += secs
+
     def new_generation(self) -> None:
         """A claim from the dirty bitmaps: entries age by one."""
         self.cache.age += 1
         if self._period[0]:
             self._last_bytes_per_page = max(32.0, self._period[1] / self._period[0])
         self._period = [0, 0]
+        if self._timed[0] >= 512:
+            self._last_secs_per_page = self._timed[1] / self._timed[0]
+        self._timed = [0, 0.0]
 
     def plan(self, block_index: int, pages: np.ndarray, data: np.ndarray, is_zero: np.ndarray) -> ChunkPlan:
         """`data`: the chunk's pages as (n, page_size) uint8 — the saver's private copy, or guest
