@@ -403,7 +403,8 @@ class XbzrleSource:
             entries["check"] = [checksum(row) for row in data[drows]]
             channels = self.cache.channels[slots[enc.rows]]
             offsets = np.concatenate(([0], np.cumsum(enc.lengths)))
-            for ch in np.unique(channels).tolist():
+            # Not np.unique: its first call imports numpy.ma (~30 ms), which could fall in a downtime.
+            for ch in np.flatnonzero(np.bincount(channels)).tolist():
                 sel = np.flatnonzero(channels == ch)
                 deltas.append((int(ch), drows[sel], entries[sel]))
                 delta_data.append(enc.data[_spans(offsets[sel], enc.lengths[sel])])
