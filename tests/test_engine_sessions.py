@@ -385,15 +385,22 @@ class MemoryChannels:
         self.lost: list[int] = []
         self.page_bytes = 0
 
-    def submit(self, chunk: PageChunk) -> int:
-        live = [k for k, a in enumerate(self.alive) if a]
-        i = live[self.pick(len(live))]
+    def submit(self, chunk: PageChunk, channel: int | None = None) -> tuple[int, int | None]:
+        """As MultifdSender.submit: `channel` fixed (an XBZRLE delta follows its base), or one
+        the test picks among the live ones."""
+        if channel is not None:
+            if not self.alive[channel]:
+                return 0, None
+            i = channel
+        else:
+            live = [k for k, a in enumerate(self.alive) if a]
+            i = live[self.pick(len(live))]
         data = b"".join(bytes(b) for b in self.encoders[i].encode(chunk))
         self.waiting[i].append(data)
         self.handed[i][chunk.block_id][chunk.pages] = True
         self.sent += len(data)
         self.page_bytes += int(np.count_nonzero(~chunk.is_zero)) * PAGE
-        return chunk.raw_bytes
+        return chunk.raw_bytes, i
 
     def deliver(self, i: int) -> None:
         i %= len(self.waiting)

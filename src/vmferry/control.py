@@ -220,6 +220,8 @@ class VmControl:
                 multifd=multifd,
                 postcopy=self.migration_capabilities.enabled("postcopy-ram"),
                 reconnect=_reconnector(uri, tls),
+                xbzrle_cache=(self.migration_parameters.xbzrle_cache_size
+                              if self.migration_capabilities.enabled("xbzrle") else None),
             )
             self.incoming = None
             self.outgoing.start()
