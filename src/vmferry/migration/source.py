@@ -232,6 +232,15 @@ class OutgoingMigration:
         self.stats.transferred = self._main_sent + self.stats.multifd_bytes
         return self._limit(n)
 
+    def _bandwidth_cap(self) -> float:
+        """max-bandwidth (wire bytes/s) in the session's units (main stream bytes plus page bytes
+        before compression): scaled by what the wire carried per unit so far."""
+        cap = self.params.max_bandwidth
+        if not cap:
+            return 0.0
+        wire, units = self.stats.transferred, self._sent_all()
+        return cap * units / wire if wire > 0 and units > 0 else float(cap)
+
     def _sent_all(self) -> int:
         """What PROGRESS reports are compared with: main stream bytes plus the data channels'
         page bytes, uncompressed (SourceSession.sent_total)."""
@@ -374,7 +383,8 @@ class OutgoingMigration:
         # The destination's PROGRESS counts the bytes it applied over all channels (main and data).
         self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
-                                     end_to_end=self.return_path is not None)
+                                     end_to_end=self.return_path is not None,
+                                     bandwidth_cap=self._bandwidth_cap)
         self.ram.bandwidth = self.session.bandwidth  # XBZRLE weighs its CPU time in bytes
         self.session.setup(self, time.monotonic())
         if self.postcopy_enabled:
