@@ -18,7 +18,7 @@ How (QEMU 8.1's softmmu/dirtylimit.c, restated; the arithmetic is `adjust_thrott
 
 ring_full_time: QEMU derives it from the ring's size in MB over the highest dirty rate seen; here
 it is the ring's entries over the highest rate of ring *entries* seen per second — what really
-fills a ring (an emulated write appends an entry per write, so entries outpace distinct pages).
+fills a ring (KVM may log one page several times between harvests: entries outpace pages).
 """
 
 from __future__ import annotations

@@ -11,7 +11,12 @@ QEMU 7.2's command and reply (names, fields, checks and messages), two of its mo
   copied at the start and compared at the end; the changed fraction times the populated size,
   over the time, is the rate. It needs no dirty log, and misses rewrites with the same bytes.
 
-`dirty-ring` is refused: vmferry uses KVM's dirty bitmap, not the ring.
+* `dirty-ring`: only on a VM with KVM's dirty ring (`--accel kvm,dirty-ring-size=N`; refused by
+  QEMU's message otherwise): each vCPU's pages from its ring over the window
+  (machine/dirty_ring.py: the distinct pages of each harvest, summed), so the reply adds
+  `vcpu-dirty-rate`: `[{"id": i, "dirty-rate": MB/s}]`, and `dirty-rate` is their sum, as in
+  QEMU. A page written again after its entry was harvested counts again (KVM logs it again), so
+  this rate can exceed dirty-bitmap's count of distinct pages for the same guest.
 
 dirty-rate (MB/s, QEMU's unit: MiB) = dirty bytes / 2^20 / measured seconds, where the measured
 time is the wall time of the window as it really was (a loaded host may sleep past calc-time).
@@ -27,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vmferry.errors import QmpError
+from vmferry.machine.dirty_ring import DirtyRing
 from vmferry.machine.ramblock import PAGE_SIZE, RamBlock
 
 log = logging.getLogger("vmferry.migration")
@@ -42,8 +48,9 @@ MiB = 1 << 20
 class DirtyRateMeter:
     """One measurement at a time, on a thread of its own; the monitor only starts and queries."""
 
-    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+    def __init__(self, blocks: Sequence[RamBlock], ring: DirtyRing | None = None) -> None:
         self.blocks = list(blocks)
+        self.ring = ring
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,7 +69,7 @@ class DirtyRateMeter:
                 raise QmpError("sample-pages is used only in page-sampling mode")
             if sample_pages is not None and not MIN_SAMPLE_PAGES <= sample_pages <= MAX_SAMPLE_PAGES:
                 raise QmpError(f"sample-pages is out of range[{MIN_SAMPLE_PAGES}, {MAX_SAMPLE_PAGES}].")
-            if mode == "dirty-ring":
+            if mode == "dirty-ring" and self.ring is None:
                 raise QmpError("mode dirty-ring is not enabled, use other method instead.")
             if any(b.vm is None for b in self.blocks):
                 raise QmpError("the dirty rate cannot be measured: guest RAM is not mapped into a VM")
@@ -86,14 +93,22 @@ class DirtyRateMeter:
 
     def _run(self, calc_time: int, mode: str, sample_pages: int) -> None:
         try:
+            vcpus: list[dict[str, int]] | None = None
             if mode == "dirty-bitmap":
                 dirty_bytes, elapsed = self._bitmap(calc_time)
+            elif mode == "dirty-ring":
+                per_vcpu, elapsed = self._ring(calc_time)
+                dirty_bytes = sum(per_vcpu)
+                vcpus = [{"id": i, "dirty-rate": round(b / MiB / elapsed)} for i, b in enumerate(per_vcpu)]
             else:
                 dirty_bytes, elapsed = self._sampling(calc_time, sample_pages)
             result: dict[str, object] = {"status": "measured",
                                          "dirty-rate": round(dirty_bytes / MiB / elapsed),
                                          "x-dirty-bytes": int(dirty_bytes),
                                          "x-elapsed-ms": round(elapsed * 1000, 3)}
+            if vcpus is not None:
+                result["dirty-rate"] = sum(v["dirty-rate"] for v in vcpus)
+                result["vcpu-dirty-rate"] = vcpus
         except Exception as e:  # noqa: BLE001 - the monitor reports it; the VM goes on
             log.warning("dirty rate measurement failed: %s", e)
             result = {"status": "measured", "dirty-rate": -1, "x-error": str(e)}
@@ -107,6 +122,20 @@ class DirtyRateMeter:
             return self.end_bitmap(t0)
         finally:
             self.release_bitmap()
+
+    def _ring(self, calc_time: int) -> tuple[list[int], float]:
+        """Bytes each vCPU's ring delivered over the window, and the window's length."""
+        assert self.ring is not None
+        t0 = self.begin_bitmap()  # the consumer keeps the slots logging, so the rings fill
+        try:
+            before = self.ring.snapshot()
+            t0 = time.monotonic()
+            self._stop.wait(calc_time)
+            after = self.ring.snapshot()
+            elapsed = time.monotonic() - t0
+        finally:
+            self.release_bitmap()
+        return [(a.pages - b.pages) * PAGE_SIZE for a, b in zip(after, before, strict=True)], elapsed
 
     # The dirty-bitmap window in three steps, so a test can pause the guest around it.
 
