@@ -130,6 +130,11 @@ def test_dirty_limit_slows_the_writer_and_not_the_computing_vcpu() -> None:
             time.sleep(secs)
             return _u64(m, HEADER + 0x48) - w0, _u64(m, COMPUTE) - c0
 
+        # The unlimited rate with the dirty log on (logging itself slows a writer: compare like
+        # with like).
+        for b in m.ram_blocks:
+            b.add_dirty_consumer("test")
+            b.start_dirty_log()
         free_writes, _ = window(2.0)
         limiter.set(None, 1)
         # The first period measures, the next ones throttle: wait for the writer's sleeps.
@@ -149,6 +154,8 @@ def test_dirty_limit_slows_the_writer_and_not_the_computing_vcpu() -> None:
         limiter.cancel(None)
         assert limiter.query() == [] and not limiter.in_service
         assert m._runners[0].dirty_limit_us == 0
+        for b in m.ram_blocks:
+            b.release_dirty_consumer("test")
         assert not m.ram_blocks[0].dirty_log_active  # the limiter's dirty-log consumer is gone
         slept = m._runners[0].dirty_limit_sleeps
         w0 = _u64(m, HEADER + 0x48)
@@ -213,7 +220,8 @@ def test_vcpu_dirty_limit_commands_and_dirty_ring_rate(procs: list[VmProcess], t
     vm.cmd("set-vcpu-dirty-limit", **{"cpu-index": 1, "dirty-rate": 100})
     assert [(q["cpu-index"], q["limit-rate"]) for q in vm.cmd("query-vcpu-dirty-limit")] == [(1, 100)]
     vm.cmd("set-vcpu-dirty-limit", **{"dirty-rate": 300})
-    assert [(q["cpu-index"], q["limit-rate"]) for q in vm.cmd("query-vcpu-dirty-limit")] == [(0, 300), (1, 300)]
+    limits = vm.cmd("query-vcpu-dirty-limit")
+    assert [(q["cpu-index"], q["limit-rate"]) for q in limits] == [(0, 300), (1, 300)]
     vm.cmd("cancel-vcpu-dirty-limit", **{"cpu-index": 0})
     assert [q["cpu-index"] for q in vm.cmd("query-vcpu-dirty-limit")] == [1]
     vm.cmd("set-vcpu-dirty-limit", **{"cpu-index": 1, "dirty-rate": 0})  # 0 cancels

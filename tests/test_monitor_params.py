@@ -27,11 +27,14 @@ from vmferry.migration.params import (
 # test_migration.py's killed/refusing destination tests), x-trace-file (test_trace_migration.py),
 # x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off),
 # x-block-drives (test_disk_migration.py, test_disk.py), auto-converge and its parameters
-# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs).
+# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs), dirty-limit
+# and its parameters (test_throttle.py: the trigger and the limiter's arithmetic;
+# test_dirty_ring_kvm.py: the limit set by a migration, the period and quota read over QMP).
 EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
              "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
-             "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"}
-EFFECTIVE_CAPS = {"events", "return-path", "auto-converge"}
+             "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "vcpu-dirty-limit",
+             "x-vcpu-dirty-limit-period"}
+EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "dirty-limit"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
