@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmferry.errors import QmpError, VmferryError
-from vmferry.machine.dirty_limit import THROTTLE_PCT_MAX, TOLERANCE_MB_S, adjust_throttle_us
+from vmferry.machine.dirty_limit import THROTTLE_PCT_MAX, adjust_throttle_us, tolerance_mb_s
 from vmferry.machine.vcpu_runner import THROTTLE_TIMESLICE_NS, throttle_period_ns, throttle_sleep_ns
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
@@ -209,7 +209,7 @@ def test_limiter_adjustment_properties(throttle: int, quota: int, current: int, 
     99 ring-full times; a vCPU that dirtied nothing (outside the tolerance) sleeps 0."""
     throttle = min(throttle, ring_full * THROTTLE_PCT_MAX)
     new = adjust_throttle_us(throttle, quota, current, ring_full)
-    if abs(current - quota) <= TOLERANCE_MB_S:
+    if abs(current - quota) <= tolerance_mb_s(quota):
         assert new == throttle
         return
     assert 0 <= new <= ring_full * THROTTLE_PCT_MAX
@@ -229,6 +229,11 @@ def test_limiter_adjustment_examples() -> None:
     assert adjust_throttle_us(5000, 100, 150, 1000) == 5100
     assert adjust_throttle_us(5000, 150, 100, 1000) == 4900
     assert adjust_throttle_us(5000, 100, 120, 1000) == 5000  # within 25 MB/s: done
+    # The dead band: QEMU's 25 MB/s for large quotas, a quarter of small ones (at least 1 MB/s),
+    # so the default quota of 1 MB/s does slow a vCPU writing 9 MB/s.
+    assert [tolerance_mb_s(q) for q in (1, 8, 40, 100, 1000)] == [1, 2, 10, 25, 25]
+    assert adjust_throttle_us(0, 1, 9, 1000) == 1000 * 88 // 12
+    assert adjust_throttle_us(0, 1, 2, 1000) == 0
 
 
 @pytest.mark.parametrize(("text", "ring"), [("kvm", 0), ("kvm,dirty-ring-size=4096", 4096),
