@@ -72,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ import migration_report as report
 from bench_procs import install_signal_handlers, stop_all
 from limit_copy import measure as measure_limit
 from migration_vm import BenchError, Vm, free_port, incoming_uri, vms
+from qemu_trace import QemuTrace
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -121,14 +123,18 @@ def dirty_rate_seen(info: dict[str, Any]) -> float:
     return max(rates) * page / MiB
 
 
-def migrate(src: Vm, uri: str, limit_s: float, res: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
-    """Start the migration, poll it to its end; returns the final query-migrate, t0 and wall seconds."""
+def migrate(src: Vm, uri: str, limit_s: float, res: dict[str, Any],
+            on_sample: Callable[[dict[str, Any], float], None] = lambda info, t: None,
+            ) -> tuple[dict[str, Any], float, float]:
+    """Start the migration, poll it to its end; returns the final query-migrate, t0 and wall
+    seconds. `on_sample(answer, seconds since migrate)` sees every polled answer."""
     t0 = time.monotonic()
     src.cmd("migrate", uri=uri)
     seen_rate = 0.0
     limit = limit_s
     while True:
         info = src.cmd("query-migrate")
+        on_sample(info, time.monotonic() - t0)
         src.serial()  # timestamps the guest's progress lines while it migrates
         seen_rate = max(seen_rate, dirty_rate_seen(info))
         status = info.get("status")
@@ -154,7 +160,10 @@ def migrate(src: Vm, uri: str, limit_s: float, res: dict[str, Any]) -> tuple[dic
     return info, t0, time.monotonic() - t0
 
 
-def run_once(side: str, sc: Scenario, tmp: Path, verify_s: int, timeout: float) -> dict[str, Any]:
+def run_once(side: str, sc: Scenario, tmp: Path, verify_s: int, timeout: float,
+             trace: Path | None = None) -> dict[str, Any]:
+    """One migration; with `trace`, the source's trace (docs/trace.md) is written there: vmferry's
+    own (x-trace-file), or QEMU's made from the polled query-migrate answers (qemu_trace.py)."""
     append = f"{sc.guest} verify={verify_s}"
     mem = sc.tcg_memory if side == "qemu-tcg" else sc.memory
     res: dict[str, Any] = {"side": side, "scenario": sc.id, "memory": mem, "append": append}
@@ -179,7 +188,17 @@ def run_once(side: str, sc: Scenario, tmp: Path, verify_s: int, timeout: float) 
             src.cmd("migrate-set-parameters", **{"max-bandwidth": UNCAPPED})
         res["max_bandwidth"] = src.cmd("query-migrate-parameters")["max-bandwidth"]
         n_before = len(src.progress)
-        info, t0, wall = migrate(src, uri, timeout, res)
+        qemu_trace = None
+        if trace is not None and side == "vmferry":
+            src.cmd("migrate-set-parameters", **{"x-trace-file": str(trace)})
+        elif trace is not None:
+            qemu_trace = QemuTrace(trace, parse_size(mem))
+        info, t0, wall = migrate(src, uri, timeout, res,
+                                 qemu_trace.sample if qemu_trace else lambda info, t: None)
+        if qemu_trace is not None:
+            qemu_trace.close(info)
+        if trace is not None:
+            res["trace"] = str(trace)
         src_stalls = [s for _, _, s in src.progress[n_before:] if s is not None]
         if src_stalls:
             res["stall_src_max_ms"] = max(src_stalls) / 1000
@@ -279,7 +298,8 @@ def run_all(args: argparse.Namespace, ids: list[str], sides: list[str],
                     tmp = Path(tempfile.mkdtemp(prefix=f"{sid}-{side}-{rep}-", dir=tmpdir))
                     try:
                         verify_s = args.verify_dirtying if sc.rate else args.verify
-                        r = run_once(side, sc, tmp, verify_s, timeout)
+                        trace = args.traces / f"{sid}-{side}-{rep + 1}.jsonl" if args.traces else None
+                        r = run_once(side, sc, tmp, verify_s, timeout, trace)
                     except BenchError as e:
                         r = {"side": side, "scenario": sid, "status": "error", "error": str(e)}
                     per[side]["runs"].append(r)
@@ -292,7 +312,27 @@ def run_all(args: argparse.Namespace, ids: list[str], sides: list[str],
                         print(f"limit {kind} run {rep + 1}: {json.dumps(lr)}", file=sys.stderr, flush=True)
             for side in sides:
                 per[side]["summary"] = report.summarize(per[side]["runs"])
+            if args.traces:
+                draw_traces(args.traces, sid, per)
     return results
+
+
+def draw_traces(where: Path, sid: str, per: dict[str, dict[str, Any]]) -> None:
+    """One report per scenario: the first completed run of every side, overlaid."""
+    from vmferry.report import write_report  # this checkout's vmferry (PYTHONPATH=src)
+
+    traces = [next((r["trace"] for r in d["runs"] if r.get("status") == "completed" and "trace" in r), None)
+              for d in per.values()]
+    traces = [t for t in traces if t]
+    if traces:
+        out = write_report(traces, where / f"{sid}.html")
+        print(f"{sid}: report {out}", file=sys.stderr, flush=True)
+
+
+def parse_size(mem: str) -> int:
+    """`-m` sizes as the benchmark writes them: 1G, 4G, 4194296k."""
+    units = {"k": 1 << 10, "M": MiB, "G": GiB}
+    return int(mem[:-1]) * units[mem[-1]] if mem[-1] in units else int(mem) * MiB
 
 
 def main() -> None:
@@ -312,6 +352,9 @@ def main() -> None:
     ap.add_argument("--capped-runs", type=int, default=1)
     ap.add_argument("--no-limit", action="store_true", help="skip the limit row measured with S3")
     ap.add_argument("--json", type=Path, help="write every run and the summaries here")
+    ap.add_argument("--traces", type=Path, help="write each run's source trace (docs/trace.md) into this "
+                    "(existing) directory, QEMU's made from its polled query-migrate, and one "
+                    "`vmferry report` per scenario overlaying the sides (SID.html)")
     ap.add_argument("--keep", type=Path, help="keep each run's consoles, logs and QMP sockets in this "
                     "(existing) directory instead of a temporary one")
     args = ap.parse_args()

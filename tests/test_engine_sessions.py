@@ -12,7 +12,7 @@ source's.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +24,12 @@ from vmferry.errors import MigrationError
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.convergence import EndToEndRate
 from vmferry.migration.dest_session import DestSession
-from vmferry.migration.ram import RamLoader, RamSaver
+from vmferry.migration.multifd import ChannelLosses, DataChannelEncoder, DataChannelReceiver, PageChunk
+from vmferry.migration.ram import RamLoader, RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader, ReturnPathWriter
 from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
 from vmferry.migration.source_session import SourceSession
+from vmferry.stream.compression import Compressor
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import (
@@ -36,6 +38,7 @@ from vmferry.stream.records import (
     CommandCode,
     Description,
     DeviceSection,
+    RamBlocks,
     SectionInfo,
     SectionPhase,
 )
@@ -113,7 +116,8 @@ class Pair:
                                      lambda: downtime_limit_ms, end_to_end=end_to_end, step_budget=1)
         self.ram_loader = RamLoader(self.dst_blocks)
         self.blob_loader = BlobLoader()
-        self.dest = DestSession([self.ram_loader, self.blob_loader])
+        self.losses = ChannelLosses()  # multifd's CHANNEL_LOST on the main stream
+        self.dest = DestSession([self.ram_loader, self.blob_loader, self.losses])
         self.dec = StreamDecoder(place=self.ram_loader.place)
         self.out = Out(self.encoder, self.dec, self.dest)
         self.now = 0.0
@@ -300,3 +304,166 @@ def test_return_path_carries_progress_ack_timings_and_end() -> None:
     finally:
         dst.close()
         src.close()
+
+
+# --- several channels (multifd): pages on data channels, delivered in any order -------------------
+
+
+class MemoryChannels:
+    """multifd's data channels in memory: each chunk is encoded at once on the channel `pick`
+    names; what a channel sent waits in its queue until the test delivers it, so channels
+    overtake each other in any interleaving. Within one channel bytes keep their order (TCP)."""
+
+    def __init__(self, n: int, blocks: RamBlocks, loader: RamLoader, pick: Callable[[int], int],
+                 compression: str = "none") -> None:
+        self.encoders = [DataChannelEncoder("m1", i, n, blocks, Compressor(compression)) for i in range(n)]
+        self.receivers = [DataChannelReceiver(loader, "m1") for _ in range(n)]
+        self.waiting: list[list[bytes]] = [[enc.start()] for enc in self.encoders]
+        self.pick = pick
+        self.sent = 0
+        self.alive = [True] * n
+        self.handed = [{i + 1: np.zeros(b.size // PAGE, dtype=bool) for i, b in enumerate(blocks.blocks)}
+                       for _ in range(n)]
+        self.lost: list[int] = []
+        self.page_bytes = 0
+
+    def submit(self, chunk: PageChunk) -> int:
+        live = [k for k, a in enumerate(self.alive) if a]
+        i = live[self.pick(len(live))]
+        data = b"".join(bytes(b) for b in self.encoders[i].encode(chunk))
+        self.waiting[i].append(data)
+        self.handed[i][chunk.block_id][chunk.pages] = True
+        self.sent += len(data)
+        self.page_bytes += int(np.count_nonzero(~chunk.is_zero)) * PAGE
+        return chunk.raw_bytes
+
+    def deliver(self, i: int) -> None:
+        i %= len(self.waiting)
+        if self.waiting[i]:
+            self.receivers[i].feed(self.waiting[i].pop(0))
+
+    def kill(self, i: int, keep_bytes: int) -> None:
+        """Channel i's connection breaks: of what it had not delivered, only the first
+        `keep_bytes` arrive (perhaps half a record); the rest is gone. The last live channel
+        is never killed."""
+        i %= len(self.waiting)
+        if not self.alive[i] or sum(self.alive) == 1:
+            return
+        rest = b"".join(self.waiting[i])
+        self.waiting[i] = []
+        self.receivers[i].feed(rest[:keep_bytes])
+        self.alive[i] = False
+        self.lost.append(i)
+
+    def drain(self) -> None:
+        for i in range(len(self.waiting)):
+            while self.alive[i] and self.waiting[i]:
+                self.deliver(i)
+
+    def take_lost(self) -> list[tuple[int, str, dict[int, np.ndarray]]]:
+        lost, self.lost = self.lost, []
+        return [(i, "cut by the test", self.handed[i]) for i in lost]
+
+    def finish(self) -> None:
+        for i, enc in enumerate(self.encoders):
+            if self.alive[i]:
+                self.waiting[i].append(enc.end())
+        while any(self.waiting):
+            self.deliver(self.pick(len(self.waiting)))
+        assert all(r.ended for r, a in zip(self.receivers, self.alive, strict=True) if a)
+
+    def queued_bytes(self) -> int:
+        return 0
+
+    def sent_bytes(self) -> int:
+        return self.sent
+
+    def page_bytes_sent(self) -> int:
+        return self.page_bytes
+
+
+channel_actions = st.lists(st.one_of(
+    st.tuples(st.just("write"), writes), st.tuples(st.just("step"), st.none()),
+    st.tuples(st.just("deliver"), st.integers(0, 3)),
+    st.tuples(st.just("kill"), st.tuples(st.integers(0, 3), st.integers(0, 3 << 20)))), max_size=80)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(before=st.lists(writes, max_size=30), during=channel_actions, n=st.integers(1, 4),
+       compression=st.sampled_from(["none", "lz4", "zstd", "zlib"]), data=st.data())
+def test_multifd_destination_equals_source_whatever_order_channels_deliver(
+    before: list[tuple[int, int, int]], during: list[tuple[str, object]], n: int, compression: str,
+    data: st.DataObject
+) -> None:
+    """Pages go on N data channels, each channel chosen by hypothesis and delivered whenever it
+    says: an older copy of a page may arrive after a newer one. Channels may break (all but one),
+    losing what they had not delivered, perhaps mid-record: their pages go again on the others.
+    After the switchover (every live channel drained and ended) the destination's memory equals
+    the source's."""
+    p = Pair(downtime_limit_ms=0)
+    try:
+        chans = MemoryChannels(n, block_table(p.src_blocks), p.ram_loader,
+                               lambda k: data.draw(st.integers(0, k - 1)), compression)
+        p.ram.multifd = chans  # type: ignore[assignment]
+        for block, page, value in before:
+            p.write(block, page, value)
+        p.setup()
+        for kind, arg in during:
+            if kind == "write":
+                p.write(*arg)  # type: ignore[misc]
+            elif kind == "deliver":
+                chans.deliver(arg)  # type: ignore[arg-type]
+            elif kind == "kill":
+                chans.kill(*arg)  # type: ignore[misc]
+            else:
+                p.step()
+        p.switch_over()
+        p.assert_equal()
+        assert set(p.losses.declared) == {i for i, a in enumerate(chans.alive) if not a}
+    finally:
+        p.close()
+
+
+def test_a_late_page_from_an_earlier_generation_never_overwrites_a_newer_one(pair: Pair) -> None:
+    """Deterministic: page 7 goes in generation 1 on channel 0, is rewritten and goes again in
+    generation 2 on channel 1; channel 1 delivers first, then channel 0's stale copy arrives."""
+    order = iter([0, 1])
+    chans = MemoryChannels(2, block_table(pair.src_blocks), pair.ram_loader, lambda k: next(order))
+    pair.ram.multifd = chans  # type: ignore[assignment]
+    pair.write(0, 7, 1)
+    pair.setup()
+    pair.session.step_budget = 1 << 30
+    pair.step()  # generation 1: the populated pages, channel 0
+    pair.write(0, 7, 2)
+    pair.ram.sync()
+    pair.session.step(pair.out, pair.tick)  # generation 2: page 7 again, channel 1
+    chans.deliver(1)
+    chans.deliver(1)  # the channel's start, then generation 2's page
+    chans.deliver(0)
+    chans.deliver(0)  # generation 1's stale page arrives last
+    view = np.frombuffer(pair.dst_blocks[0].mem, dtype=np.uint8)
+    assert view[7 * PAGE] == 2
+
+
+def test_a_data_channel_of_another_migration_is_refused_by_name() -> None:
+    blocks = [RamBlock("pc.ram", 0, 16 * PAGE)]
+    loader = RamLoader(blocks)
+    table = block_table(blocks)
+    enc = DataChannelEncoder("other", 0, 1, table, Compressor())
+    rx = DataChannelReceiver(loader, "mine")
+    with pytest.raises(MigrationError, match="data channel 0 belongs to migration 'other', not this one"):
+        rx.feed(enc.start())
+    loader.release()
+    blocks[0].close()
+
+
+def test_a_truncated_data_channel_is_refused_naming_the_channel() -> None:
+    blocks = [RamBlock("pc.ram", 0, 16 * PAGE)]
+    loader = RamLoader(blocks)
+    enc = DataChannelEncoder("m", 3, 4, block_table(blocks), Compressor())
+    rx = DataChannelReceiver(loader, "m")
+    rx.feed(enc.start())
+    with pytest.raises(MigrationError, match="data channel 3: stream truncated"):
+        rx.feed_eof()
+    loader.release()
+    blocks[0].close()

@@ -339,3 +339,32 @@ def test_bad_object_on_the_command_line_is_an_error_not_a_traceback(tmp_path: Pa
                              env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
         assert run.returncode != 0 and message in run.stderr, (spec, run.stderr)
         assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_multifd_data_channels_are_tls_too(
+    tmp_path: Path, procs: list[VmProcess], pki: dict[str, Path]
+) -> None:
+    """With tls-creds set, every data connection does the handshake (and passes tls-authz): the
+    destination refuses a plain-text connection, so a completed multifd migration whose pages
+    went on the data channels proves they were TLS."""
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    _x509(dst, pki["server"], "server")
+    dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "auth0", "identity": CLIENT_DN})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+    port = _listen(dst)
+    _x509(src, pki["client"], "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost",
+                                         "multifd-channels": 2})
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(timeout=TIMEOUT)
+    assert info["status"] == "completed", info
+    dinfo = dst.wait_migration(timeout=TIMEOUT)
+    assert dinfo["status"] == "completed", dinfo
+    assert dinfo["ram"]["multifd-bytes"] > dinfo["ram"]["transferred"] // 2, dinfo
+    verdict = dst.cmd("x-verify-dirty-guest")
+    assert verdict["ok"], verdict
+    assert "plain text" not in dst.log()
+    _no_traceback(src, dst)

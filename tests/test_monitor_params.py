@@ -27,14 +27,16 @@ from vmferry.migration.params import (
 # test_migration.py's killed/refusing destination tests), x-trace-file (test_trace_migration.py),
 # x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off),
 # x-block-drives (test_disk_migration.py, test_disk.py), auto-converge and its parameters
-# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs), dirty-limit
-# and its parameters (test_throttle.py: the trigger and the limiter's arithmetic;
-# test_dirty_ring_kvm.py: the limit set by a migration, the period and quota read over QMP).
+# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs), multifd and
+# its parameters (test_multifd*.py), dirty-limit and its parameters (test_throttle.py: the trigger
+# and the limiter's arithmetic; test_dirty_ring_kvm.py: the limit set by a migration, the period
+# and quota read over QMP).
 EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
              "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
-             "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "vcpu-dirty-limit",
+             "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "multifd-channels",
+             "multifd-compression", "multifd-zlib-level", "multifd-zstd-level", "vcpu-dirty-limit",
              "x-vcpu-dirty-limit-period"}
-EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "dirty-limit"}
+EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "dirty-limit"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
@@ -153,6 +155,21 @@ def test_return_path_is_on_and_cannot_be_turned_off() -> None:
     with pytest.raises(QmpError, match="^Capability 'return-path' cannot be turned off in vmferry"):
         caps.set([{"capability": "return-path", "state": False}])
     assert caps.enabled("return-path")
+
+
+@pytest.mark.parametrize("value", ["none", "zlib", "zstd", "lz4", "auto"])
+def test_multifd_compression_takes_qemus_names_and_lz4_and_auto(value: str) -> None:
+    p = MigrationParameters()
+    p.apply({"multifd-compression": value})
+    assert p.multifd_compression == value
+
+
+def test_multifd_capability_turns_on_and_off() -> None:
+    caps = MigrationCapabilities()
+    caps.set([{"capability": "multifd", "state": True}])
+    assert caps.enabled("multifd")
+    caps.set([{"capability": "multifd", "state": False}])
+    assert not caps.enabled("multifd")
 
 
 def test_events_capability_turns_on_and_off() -> None:

@@ -27,7 +27,7 @@ from vmferry.migration.dirty_rate import DirtyRateMeter
 from vmferry.migration.forecast import ForecastInput, forecast
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.return_path import ReturnPathWriter
-from vmferry.migration.source import OutgoingMigration
+from vmferry.migration.source import MultifdSetup, OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
 from vmferry.migration.trace import NULL_TRACE, NullTrace, TraceWriter
 from vmferry.monitor.objects import ObjectRegistry, TlsSetup, migration_tls
@@ -35,7 +35,7 @@ from vmferry.stream.format import MAGIC as STREAM_MAGIC
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener, connect_outgoing, listen_incoming
 from vmferry.transport.tls import HANDSHAKE_TIMEOUT_S, tls_accept, tls_connect
-from vmferry.transport.uri import TcpUri, parse_uri
+from vmferry.transport.uri import TcpUri, UnixUri, parse_uri
 
 log = logging.getLogger("vmferry.control")
 # How long `migrate` waits for the channel before replying (see VmControl.migrate).
@@ -197,6 +197,7 @@ class VmControl:
             parsed = parse_uri(uri)  # a malformed URI is an error reply
             tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
                                 uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
+            multifd = self._multifd_setup(uri, parsed, tls)
             trace = self._open_trace("source")  # a path it cannot write is refused here
             channel, connected = _connect_in_background(uri, tls)
             # A refused or unreachable peer answers at once: an error reply, as the user
@@ -216,9 +217,28 @@ class VmControl:
                 copy_drives=copy_drives,
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
                 dirty_limit=self.migration_capabilities.enabled("dirty-limit"),
+                multifd=multifd,
             )
             self.incoming = None
             self.outgoing.start()
+
+    def _multifd_setup(self, uri: str, parsed: object, tls: TlsSetup | None) -> MultifdSetup | None:
+        """Capability `multifd`: its parameters as they are now, and how to open each data
+        connection (same URI; TLS too when tls-creds is set). Only tcp: and unix: can carry
+        several connections: a file:, exec: or fd: migration with multifd is refused by name."""
+        if not self.migration_capabilities.enabled("multifd"):
+            return None
+        if not isinstance(parsed, TcpUri | UnixUri):
+            raise MigrationError(f"multifd needs a tcp: or unix: URI (several connections); "
+                                 f"'{uri}' has one channel: turn capability 'multifd' off for it")
+        p = self.migration_parameters.snapshot()
+
+        def connect() -> Channel:
+            channel = connect_outgoing(uri)
+            return channel if tls is None else tls_connect(channel, tls.context, tls.hostname)
+
+        return MultifdSetup(p.multifd_channels, p.multifd_compression, p.multifd_zlib_level,
+                            p.multifd_zstd_level, connect)
 
     def migrate_incoming(self, uri: str) -> None:
         with self._lock:

@@ -27,13 +27,15 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from vmferry.errors import MigrationError, StreamError, VmferryError
+from vmferry.errors import MigrationError, StreamError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.block import DriveLoader
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
+from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -53,6 +55,17 @@ PROGRESS_BYTES = 1 << 20
 CAUGHT_UP_S = 0.001
 # After refusing a stream: how long to read what the source still sends before closing.
 DRAIN_BEFORE_CLOSE_S = 1.0
+DATA_ACCEPT_S = 60.0  # how long the destination waits for a data channel (multifd)
+
+
+@dataclass
+class _ChannelWatch:
+    """Per channel: its bytes when it last triggered a PROGRESS, when that was, and a poll for
+    "more waiting?"."""
+
+    reported: int = 0
+    reported_at: float = 0.0
+    poll: select.poll | None = None
 
 
 class IncomingMigration:
@@ -77,13 +90,15 @@ class IncomingMigration:
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
         self.ram = RamLoader(machine.ram_blocks)
         self.drives = DriveLoader(machine.block_devices)
-        self.session = DestSession([self.ram, self.drives, DeviceLoader(devices)],
+        self.losses = ChannelLosses()
+        self.session = DestSession([self.ram, self.drives, DeviceLoader(devices), self.losses],
                                    check_header=self._check_header, check_config=self._check_config)
         self.channel: Channel | None = None
         self._rp: ReturnPathWriter | None = None
-        self._reported = 0  # stream bytes last reported in PROGRESS
-        self._reported_at = 0.0
-        self._poll: select.poll | None = None  # is more of the stream waiting to be read?
+        self._reported = 0  # stream bytes (all channels) last reported in PROGRESS
+        self._progress_lock = threading.Lock()
+        self._main_watch = _ChannelWatch()
+        self._decoder: StreamDecoder | None = None
         self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
         self._traced_pass = 0
         self._heartbeat_ms = heartbeat_ms  # read when the source connects
@@ -91,6 +106,11 @@ class IncomingMigration:
         self._waiting_since: float | None = None  # blocked reading the stream since then
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
+        # multifd: the data channels CONFIG announced, their threads, the first failure among them
+        self.data_channels: list[Channel] = []
+        self._data_threads: list[threading.Thread] = []
+        self._receivers: list[DataChannelReceiver] = []
+        self._data_error: str | None = None
 
     @property
     def passes(self) -> int:
@@ -123,7 +143,6 @@ class IncomingMigration:
         gc.disable()
         try:
             self.channel = self.listener.accept()
-            self.listener.close()
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if self.channel.has_return_path:
@@ -141,6 +160,11 @@ class IncomingMigration:
             self._receive(self.channel)
             self._waiting_since = None  # END: nothing more to wait for from the source
             self._applied("ram", self.session.passes)
+            self._finish_data_channels()
+            if self._receivers:
+                self.stats.multifd_bytes = sum(rx.bytes_received for rx in self._receivers)
+                self.stats.transferred += self.stats.multifd_bytes
+                self._count()
             elapsed_s = (time.monotonic_ns() - self.stats.start_ns) / 1e9
             self.stats.bandwidth_bps = self.stats.transferred / elapsed_s if elapsed_s > 0 else 0.0
             t0 = time.monotonic()
@@ -176,6 +200,13 @@ class IncomingMigration:
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
+            self.listener.close()
+            for ch in self.data_channels:
+                ch.shutdown()
+            for t in self._data_threads:
+                t.join(5.0)
+            for ch in self.data_channels:
+                ch.close()
             self.session.release()
             if self.channel is not None:
                 self.channel.close()
@@ -187,6 +218,8 @@ class IncomingMigration:
             return "migration cancelled on the destination"
         if self.watchdog is not None and self.watchdog.fired:
             return self.watchdog.fired
+        if self._data_error is not None:
+            return self._data_error
         if isinstance(e, VmferryError):
             return str(e)
         log.exception("incoming migration thread failed")
@@ -194,7 +227,7 @@ class IncomingMigration:
 
     def _receive(self, channel: Channel) -> None:
         """Read and load the whole stream, up to and including END."""
-        dec = StreamDecoder(place=self.ram.place)
+        dec = self._decoder = StreamDecoder(place=self.ram.place)
         chunk = memoryview(bytearray(CHUNK_BYTES))
         while True:
             # A large placed payload is received straight into guest memory; everything else
@@ -251,27 +284,39 @@ class IncomingMigration:
             dec.feed(chunk[:n])
         dec.next_record()  # raises "N bytes after the end of stream", from this chunk or END's
 
-    def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool) -> None:
-        """PROGRESS per MiB applied, and whenever we caught up with the source (nothing more to
-        read right now): the report the source waits for before it pauses the guest. Whether
-        more is waiting is asked (one poll) only after a short read or a read straight into
-        place — a full 1 MiB chunk means more is coming. Caught-up reports come at most once
-        per CAUGHT_UP_S: within it, the poll waits that long for more data, and reports only
-        if none came (so the last report is never held back, and a destination that keeps
-        catching up does not flood the source with one report per read)."""
-        per_mib = consumed - self._reported >= PROGRESS_BYTES
+    def _progress(self, channel: Channel, consumed: int, maybe_caught_up: bool,
+                  watch: _ChannelWatch | None = None) -> None:
+        """PROGRESS per MiB applied on a channel, and whenever a channel caught up with the
+        source (nothing more to read on it right now): the report the source waits for before it
+        pauses the guest. Whether more is waiting is asked (one poll) only after a short read or
+        a read straight into place — a full 1 MiB chunk means more is coming. Caught-up reports
+        come at most once per CAUGHT_UP_S per channel: within it, the poll waits that long for
+        more data, and reports only if none came (so the last report is never held back, and a
+        destination that keeps catching up does not flood the source with one report per read).
+        The value is the main stream's bytes plus, for multifd, the page bytes (uncompressed) the
+        data channels applied: the source plans in those units whatever the compression ratio."""
+        watch = watch or self._main_watch
+        per_mib = consumed - watch.reported >= PROGRESS_BYTES
         if not per_mib:
             if not maybe_caught_up:
                 return
-            if self._poll is None:
-                self._poll = select.poll()
-                self._poll.register(channel.fileno(), select.POLLIN)
-            wait_s = CAUGHT_UP_S - (time.monotonic() - self._reported_at)
-            if self._poll.poll(max(0, round(wait_s * 1000))):
+            if watch.poll is None:
+                watch.poll = select.poll()
+                watch.poll.register(channel.fileno(), select.POLLIN)
+            wait_s = CAUGHT_UP_S - (time.monotonic() - watch.reported_at)
+            if watch.poll.poll(max(0, round(wait_s * 1000))):
                 return  # more is waiting: not caught up after all
-        self._reported = consumed
-        self._reported_at = time.monotonic()
-        self._rp.progress(consumed)  # type: ignore[union-attr]
+        watch.reported = consumed
+        watch.reported_at = time.monotonic()
+        with self._progress_lock:  # one total at a time, so the reports only grow
+            total = self._applied_total()
+            if total > self._reported:
+                self._reported = total
+                self._rp.progress(total)  # type: ignore[union-attr]
+
+    def _applied_total(self) -> int:
+        main = self._decoder.bytes_consumed if self._decoder is not None else 0
+        return main + sum(rx.page_bytes for rx in self._receivers if rx.lost is None)
 
     def _count(self) -> None:
         self.stats.normal = self.ram.pages
@@ -293,9 +338,81 @@ class IncomingMigration:
                 f" start it with -M {h.machine_type}"
             )
 
+    def _accept_data_channels(self, cfg: dict) -> None:
+        """CONFIG names the data channels (multifd): accept them on the same listener, each on a
+        receiving thread of its own; then close the listener."""
+        n = cfg.get("multifd-channels")
+        if n is None:
+            self.listener.close()
+            return
+        mid = cfg.get("migration-id")
+        if not isinstance(n, int) or not 1 <= n <= 255 or not isinstance(mid, str):
+            raise MigrationError(f"CONFIG multifd-channels {n!r} / migration-id {mid!r} are not valid")
+        for i in range(n):
+            try:
+                ch = self.listener.accept(DATA_ACCEPT_S)
+            except VmferryError as e:
+                raise MigrationError(f"multifd: data channel {i + 1} of {n} did not connect: {e}") from None
+            self.data_channels.append(ch)
+            rx = DataChannelReceiver(self.ram, mid)
+            self._receivers.append(rx)
+            t = threading.Thread(target=self._receive_data, args=(ch, rx), name=f"multifd-recv-{i}",
+                                 daemon=True)
+            self._data_threads.append(t)
+            t.start()
+        self.listener.close()
+        log.info("multifd: %d data channels connected (migration %s)", n, mid)
+
+    def _receive_data(self, channel: Channel, rx: DataChannelReceiver) -> None:
+        """One data channel, to its END. A connection that ends early is *lost*: not fatal here,
+        the source re-sends its pages on the other channels and says so on the main stream (see
+        _finish_data_channels). Anything else wrong with the channel (a bad checksum, a foreign
+        migration) fails the migration: the main stream is shut down so its thread stops and
+        reports this reason."""
+        chunk = memoryview(bytearray(CHUNK_BYTES))
+        watch = _ChannelWatch()
+        try:
+            while not rx.ended and rx.read_from(channel.recv_into, chunk):
+                if self._rp is not None:
+                    self._progress(channel, rx.decoder.bytes_consumed, rx.maybe_caught_up, watch)
+        except (DataChannelLost, TransportError, OSError) as e:
+            rx.lost = str(e)
+            log.warning("multifd: data channel %s lost: %s", rx.channel_id, e)
+        except VmferryError as e:
+            if self._data_error is None and not self._cancel.is_set():
+                self._data_error = str(e) if "channel" in str(e) else f"multifd data channel: {e}"
+                if self.channel is not None:
+                    self.channel.shutdown()
+
+    def _finish_data_channels(self) -> None:
+        """After the main stream's END: every data channel must have ended (its END verified)
+        and its pages applied before the guest may start."""
+        deadline = time.monotonic() + DATA_ACCEPT_S
+        while True:
+            if self._data_error is not None:
+                raise MigrationError(self._data_error)
+            waiting = []
+            for i, rx in enumerate(self._receivers):
+                cid = i if rx.channel_id is None else rx.channel_id
+                if rx.ended:
+                    continue
+                if cid in self.losses.declared:  # the source gave up on it: its pages came again
+                    self.data_channels[i].shutdown()
+                    continue
+                if rx.lost is not None:  # gone, but the source ended without re-sending its pages
+                    raise MigrationError(f"multifd: data channel {cid} was lost before its END: {rx.lost}")
+                waiting.append(cid)
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise MigrationError(f"multifd: data channel(s) {waiting} did not end")
+            time.sleep(0.005)
+
     def _check_config(self, cfg: object) -> None:
         if not isinstance(cfg, dict):
+            self.listener.close()
             return
+        self._accept_data_channels(cfg)
         smp = cfg.get("smp")
         if isinstance(smp, int) and smp != self.machine.smp:
             raise MigrationError(f"the source has {smp} vCPUs but this destination has "

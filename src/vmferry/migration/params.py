@@ -61,7 +61,8 @@ def _range(lo: int, hi: int, unit: str = "") -> str:
     return f"an integer in the range of {lo} to {hi}" + (f" {unit}" if unit else "")
 
 
-MULTIFD_COMPRESSION = ("none", "zlib", "zstd")
+# QEMU's three, plus lz4 and vmferry's `auto` (stream/compression.py)
+MULTIFD_COMPRESSION = ("none", "zlib", "zstd", "lz4", "auto")
 
 PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("announce-initial", "size", "initial delay (ms) before the first self-announcement",
@@ -109,7 +110,9 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "0 means unlimited", 0, UINT64_MAX, _range(0, UINT64_MAX, "bytes/second")),
     ParamSpec("max-cpu-throttle", "uint8", "largest vCPU throttle percentage auto-converge may reach",
               1, 99, "an integer in the range of 1 to 99"),
-    ParamSpec("multifd-compression", "MultiFDCompression", "compression of multifd channels",
+    ParamSpec("multifd-compression", "MultiFDCompression", "compression of multifd channels (vmferry "
+              "adds lz4, and auto: per chunk raw, lz4 or zstd, whichever the measured compression "
+              "cost and wire rate say finishes sooner)",
               choices=MULTIFD_COMPRESSION),
     ParamSpec("multifd-zlib-level", "uint8", "zlib level of multifd compression", 0, 9,
               "a value between 0 and 9"),
@@ -142,6 +145,13 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                  "missing one refuses the migration (`No TLS credentials with id '...'`)",
     "tls-hostname": "the name the source checks the destination's certificate against (default: "
                     "the URI's host); ignored while tls-creds is empty, as in QEMU",
+    "multifd-channels": "the number of data connections `migrate` opens beside the main stream while "
+                        "capability multifd is on (read when `migrate` starts)",
+    "multifd-compression": "how each multifd data channel compresses its pages: RAM_COMPRESSED records "
+                           "(read when `migrate` starts)",
+    "multifd-zlib-level": "the zlib level of multifd-compression zlib (read when `migrate` starts)",
+    "multifd-zstd-level": "the zstd level of multifd-compression zstd (read when `migrate` starts; "
+                          "auto uses it too)",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
     "x-heartbeat-ms": "read when the migration starts, on each side (migration/heartbeat.py): "
@@ -341,6 +351,9 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
                      "migration/throttle.py): a throttled vCPU sleeps that percentage of the time in "
                      "10 ms timeslices; query-migrate reports cpu-throttle-percentage while it is on; "
                      "the throttle ends with the migration (completed, failed or cancelled)",
+    "multifd": "RAM pages travel on multifd-channels data connections beside the main stream (tcp: and "
+               "unix: only; `migrate` refuses other URIs by name); the destination follows the "
+               "source's CONFIG whether or not it set the capability",
     "return-path": "always on (QEMU's default is off) and cannot be turned off: on every two-way "
                    "channel (tcp:, unix:, an fd: socket) the source completes only when the destination "
                    "acknowledges, so a failure there resumes the source instead of losing the guest. "

@@ -17,6 +17,7 @@ vCPUs paused (switchover) the pages are stable and go straight from guest memory
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 
 from vmferry.errors import MigrationError
 from vmferry.machine.ramblock import RamBlock
+from vmferry.migration.multifd import MultifdSender, PageChunk
 from vmferry.migration.pages import (
     PAGE_SIZE,
     WORDS_PER_PAGE,
@@ -35,7 +37,7 @@ from vmferry.migration.pages import (
     segments,
     zero_pages,
 )
-from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput, Send
+from vmferry.migration.saver import Buffer, Handler, Loader, Saver, SaverOutput, Send
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import (
     Command,
@@ -47,6 +49,7 @@ from vmferry.stream.records import (
     RamZero,
 )
 
+log = logging.getLogger("vmferry.migration")
 CONSUMER = "migration"
 # Dirty pages handled per step: 2 MiB, one sendmsg, and the longest record. At most 3 buffers a
 # record keeps a step's vector within IOV_MAX for any mix of runs (the channel splits it anyway).
@@ -111,6 +114,10 @@ class RamSaver(Saver):
         self.populated: list[np.ndarray] = []
         self.unpopulated = 0
         self.counters = PassCounters()  # everything sent so far
+        # multifd: pages go to the data channels (migration/multifd.py) instead of `out`, each
+        # chunk tagged with the claim generation it was read at.
+        self.multifd: MultifdSender | None = None
+        self.generation = 0
 
     def setup(self, out: SaverOutput | None = None) -> None:
         """Start dirty logging and mark what must be sent first: every page ever populated.
@@ -155,12 +162,19 @@ class RamSaver(Saver):
         return queued + sum(count_dirty(b.dirty_bitmap(CONSUMER)) for b in self.blocks)
 
     def pending(self) -> int:
-        return self.remaining() * PAGE_SIZE
+        queued = self.multifd.queued_bytes() if self.multifd is not None else 0
+        return self.remaining() * PAGE_SIZE + queued
+
+    def sent_elsewhere(self) -> int:
+        """multifd: page bytes sent, uncompressed — the unit of the destination's PROGRESS for
+        data channels and of `pending`, so plans hold whatever the compression ratio."""
+        return self.multifd.page_bytes_sent() if self.multifd is not None else 0
 
     def page_counts(self) -> tuple[int, int, int]:
         return self.counters.pages, self.counters.zero_pages, self.remaining()
 
     def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
+        self._requeue_lost(out)
         if not any(q.size - pos for q, pos in zip(self._queue, self._queue_pos, strict=True)):
             self._claim()
         c = self._send_queue(out.send, stable=False, cancelled=out.cancelled, budget=budget_bytes)
@@ -174,6 +188,32 @@ class RamSaver(Saver):
         self.final_sync = (self.remaining(), (time.monotonic() - t) * 1000)  # pages, ms: for traces
         self._claim()
         self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
+        if self.multifd is not None:
+            # Every data channel's last pages are out, re-sending what a lost channel carried,
+            # then END on each, before device state.
+            while True:
+                self.multifd.drain()
+                if not self._requeue_lost(out):
+                    break
+                self._claim()
+                self._send_queue(out.send, stable=True, cancelled=out.cancelled, budget=None)
+            self.multifd.finish()
+
+    def _requeue_lost(self, out: SaverOutput) -> bool:
+        """multifd: a data channel was lost. Every page ever handed to it is marked dirty again
+        (the next generation sends it on the others; the destination keeps the newest copy), and
+        the main stream tells the destination the channel is gone (COMMAND CHANNEL_LOST)."""
+        if self.multifd is None:
+            return False
+        lost = self.multifd.take_lost()
+        for channel, why, handed in lost:
+            for bid, mask in handed.items():
+                if mask.any():
+                    self.blocks[bid - 1].mark_dirty(CONSUMER, mask)
+            log.warning("multifd channel %d lost (%s): its pages go again on the others", channel, why)
+            out.send([out.encoder.encode(Command(CommandCode.CHANNEL_LOST, index=channel,
+                                                 data=why.encode()[:1024]))])
+        return bool(lost)
 
     def send_dirty(self, send: Send, *, stable: bool, cancelled: Callable[[], bool]) -> PassCounters:
         """Claim and send every page set in the bitmaps (and any still queued), in one go."""
@@ -183,7 +223,9 @@ class RamSaver(Saver):
     def _claim(self) -> None:
         """Move every page set in the bitmaps into the queue. From here a guest write
         re-dirties a page through the dirty log; the bitmap is taken and cleared in one step, so
-        a sync by another consumer's thread (calc-dirty-rate) cannot lose a bit in between."""
+        a sync by another consumer's thread (calc-dirty-rate) cannot lose a bit in between. Each
+        claim is a new generation: a page is queued at most once per generation."""
+        self.generation += 1
         for i, b in enumerate(self.blocks):
             taken = b.take_dirty(CONSUMER)
             if taken is None:
@@ -218,6 +260,9 @@ class RamSaver(Saver):
                 at = self._queue_pos[i]
                 chunk = indexes[at : at + CHUNK_PAGES]
                 self._queue_pos[i] = at + chunk.size
+                if self.multifd is not None:
+                    c.bytes += self._to_channels(bid, guest_pages, chunk, c)
+                    continue
                 held = self._hold(guest_pages, chunk, stable)
                 is_zero = zero_pages(held)
                 held_bytes = memoryview(held).cast("B")
@@ -243,6 +288,21 @@ class RamSaver(Saver):
         self.counters.zero_pages += c.zero_pages
         self.counters.bytes += c.bytes
         return c
+
+    def _to_channels(self, bid: int, guest_pages: np.ndarray, chunk: np.ndarray, c: PassCounters) -> int:
+        """multifd: copy the chunk's pages (the sender threads compress and send the copy, never
+        guest memory) and hand it to the least busy data channel."""
+        first = int(chunk[0])
+        if int(chunk[-1]) - first == chunk.size - 1:
+            data = guest_pages[first : first + chunk.size].copy()
+        else:
+            data = np.take(guest_pages, chunk, axis=0)
+        is_zero = zero_pages(data)
+        nzero = int(np.count_nonzero(is_zero))
+        c.zero_pages += nzero
+        c.pages += chunk.size - nzero
+        assert self.multifd is not None
+        return self.multifd.submit(PageChunk(bid, self.generation, chunk.astype(np.uint32), data, is_zero))
 
     def _hold(self, guest_pages: np.ndarray, chunk: np.ndarray, stable: bool) -> np.ndarray:
         """The chunk's pages, in chunk order, as a (pages, 512) u64 array. A run of consecutive
@@ -301,6 +361,10 @@ class RamLoader(Loader):
         self.zero_pages = 0
         self._done = threading.Event()
         self._prefaulters: list[threading.Thread] = []
+        # multifd: per page, the generation of the copy it holds (0: none). Data channels apply
+        # on threads of their own, so the check-and-copy is under one lock.
+        self._generations: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
         return {
@@ -317,6 +381,10 @@ class RamLoader(Loader):
 
     def check_layout(self, table: RamBlocks) -> None:
         """The stream's RAM blocks must match ours by name, address and size."""
+        with self._lock:
+            self._check_layout(table)
+
+    def _check_layout(self, table: RamBlocks) -> None:
         ours = {b.name: b for b in self.blocks}
         for info in table.blocks:
             b = ours.get(info.name)
@@ -330,9 +398,54 @@ class RamLoader(Loader):
                     f"RAM block '{info.name}' is {info.size >> 20} MiB at {info.gpa:#x} in the stream "
                     f"but {b.nbytes >> 20} MiB at {b.gpa:#x} here; start the destination with the same -m"
                 )
+            known = self._by_id.get(info.id)
+            if known is not None:  # the main stream and each data channel list the blocks
+                if known is not b:
+                    raise MigrationError(f"RAM block id {info.id} is '{known.name}' on one channel and "
+                                         f"'{b.name}' on another")
+                continue
             self._by_id[info.id] = b
             self._received[info.id] = np.zeros(b.npages, dtype=bool)
+            self._generations[info.id] = np.zeros(b.npages, dtype=np.uint32)
             self._views[info.id] = memoryview(b.mem)
+
+    def apply_pages(self, block_id: int, pages: np.ndarray, data: Buffer, generation: int) -> None:
+        """multifd: pages read at `generation`; only those this destination holds an older copy
+        of (or none) are written."""
+        view, gens = self._views.get(block_id), self._generations.get(block_id)
+        if view is None or gens is None:
+            raise MigrationError(f"pages for unknown RAM block id {block_id}")
+        src = np.frombuffer(data, dtype=np.uint8).reshape(len(pages), PAGE_SIZE)
+        dest = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        with self._lock:
+            newer = gens[pages] < generation
+            if newer.all():
+                if int(pages[-1]) - int(pages[0]) == len(pages) - 1:
+                    dest[int(pages[0]) : int(pages[-1]) + 1] = src
+                else:
+                    dest[pages] = src
+                gens[pages] = generation
+                self._received[block_id][pages] = True
+            elif newer.any():
+                take = pages[newer]
+                dest[take] = src[newer]
+                gens[take] = generation
+                self._received[block_id][take] = True
+            self.pages += len(pages)
+
+    def apply_zero(self, block_id: int, first: int, count: int, generation: int) -> None:
+        """multifd: a zero run read at `generation`, applied like `apply_pages`."""
+        b, gens = self._by_id.get(block_id), self._generations.get(block_id)
+        if b is None or gens is None:
+            raise MigrationError(f"zero pages for unknown RAM block id {block_id}")
+        with self._lock:
+            g = gens[first : first + count]
+            newer = g < generation
+            filled = self._received[block_id][first : first + count] & newer
+            for off in np.flatnonzero(filled).tolist():
+                ctypes.memset(b.host_addr + (first + off) * PAGE_SIZE, 0, PAGE_SIZE)
+            g[newer] = generation
+            self.zero_pages += count
 
     def place(self, block_id: int, first_page: int, page_count: int) -> memoryview | None:
         """Where a RAM_PAGES payload goes: the guest pages themselves. The decoder has verified

@@ -76,6 +76,11 @@ class Saver(ABC):
     def cleanup(self) -> None:  # noqa: B027 - nothing to undo by default
         """Undo setup (stop tracking); called once however the migration ended."""
 
+    def sent_elsewhere(self) -> int:
+        """Bytes this saver's own channels accepted (multifd data channels), beside `out`; the
+        session counts them with the main stream's for the pass's bandwidth."""
+        return 0
+
     def page_counts(self) -> tuple[int, int, int]:
         """(pages sent with contents, zero pages sent, pages waiting) for query-migrate's page
         counters; state that is not made of pages has none."""

@@ -32,13 +32,16 @@ arriving (the guest runs on the destination by then); without a return path, to 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from vmferry import __version__
 from vmferry.errors import MigrationError, TransportError, VmferryError
@@ -48,15 +51,17 @@ from vmferry.migration.block import DriveSaver
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
 from vmferry.migration.heartbeat import Watchdog
+from vmferry.migration.multifd import DataChannelEncoder, MultifdSender
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.params import MigrationParameters
-from vmferry.migration.ram import RamSaver
+from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
 from vmferry.migration.throttle import AutoConverge, DirtyLimitConverge, ThrottleParams
 from vmferry.migration.trace import NULL_TRACE, NullTrace
+from vmferry.stream.compression import Compressor
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode
 from vmferry.transport.bandwidth import RateLimiter
@@ -73,6 +78,18 @@ ACK_TIMEOUT_S = 30.0
 DRAIN_S = 0.25
 
 
+@dataclass(frozen=True)
+class MultifdSetup:
+    """Capability `multifd` with its parameters, read when `migrate` started; `connect` opens
+    one more connection to the destination (same URI, same TLS)."""
+
+    channels: int
+    compression: str
+    zlib_level: int
+    zstd_level: int
+    connect: Callable[[], Channel]
+
+
 class OutgoingMigration:
     def __init__(
         self,
@@ -86,6 +103,7 @@ class OutgoingMigration:
         copy_drives: Sequence[str] = (),
         auto_converge: bool = False,
         dirty_limit: bool = False,
+        multifd: MultifdSetup | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
         the others are shared. `auto_converge` / `dirty_limit`: the capabilities (at most one;
@@ -96,6 +114,10 @@ class OutgoingMigration:
             raise MigrationError("dirty-limit conflicts with auto-converge "
                                  "either of then available currently")
         self.machine = machine
+        self.multifd = multifd
+        self.data_channels: list[Channel] = []
+        self.sender: MultifdSender | None = None
+        self._main_sent = 0
         self.devices = devices
         self._channel_future = channel
         self.channel: Channel | None = None  # once connected, on the migration thread
@@ -139,6 +161,8 @@ class OutgoingMigration:
                 break
         if self.channel is not None:
             self.channel.shutdown()
+        for ch in list(self.data_channels):
+            ch.shutdown()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -148,15 +172,38 @@ class OutgoingMigration:
     def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
         assert self.channel is not None
         n = self.channel.sendmsg(bufs)
-        self.stats.transferred += n
+        self._main_sent += n
+        if self.sender is not None:
+            self.stats.multifd_bytes = self.sender.sent_bytes()
+        self.stats.transferred = self._main_sent + self.stats.multifd_bytes
+        return self._limit(n)
+
+    def _sent_all(self) -> int:
+        """What PROGRESS reports are compared with: main stream bytes plus the data channels'
+        page bytes, uncompressed (SourceSession.sent_total)."""
+        return self._main_sent + (self.sender.page_bytes_sent() if self.sender is not None else 0)
+
+    def _limit(self, n: int, main: bool = True) -> int:
+        """max-bandwidth over the main stream and every data channel together (the limiter is
+        thread-safe)."""
         limit = self.params.max_bandwidth  # migrate-set-parameters takes effect at once
         if limit != self.limiter.bytes_per_s:
             self.limiter.set_limit(limit)
         self.limiter.record(n)
-        self._beat_at = time.monotonic()
-        if limit and not self.limiter.wait(self._stop_waiting):
+        if main:
+            self._beat_at = time.monotonic()  # the main stream just carried something
+        if limit and not self.limiter.wait(self._stop_waiting if main else self._stopped):
             raise MigrationError(self._silence or "migration cancelled")
         return n
+
+    def _send_data(self, i: int, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        """A multifd sender thread writes on data channel i (never beats: only the migration
+        thread writes on the main stream)."""
+        n = self.data_channels[i].sendmsg(bufs)
+        return self._limit(n, main=False)
+
+    def _stopped(self) -> bool:
+        return self._cancel.is_set() or self._silence is not None
 
     def _stop_waiting(self) -> bool:
         """The rate limit's wait: beat while held; stop on cancel or a silent destination."""
@@ -173,6 +220,7 @@ class OutgoingMigration:
             return
         n = self.channel.sendmsg([self.encoder.encode(Command(CommandCode.HEARTBEAT))])
         self._beat_at = time.monotonic()
+        self._main_sent += n
         self.stats.transferred += n
         if self.session is not None:
             self.session.sent += n
@@ -204,6 +252,11 @@ class OutgoingMigration:
         finally:
             gc.enable()
             gc.unfreeze()
+            if self.sender is not None:
+                self.sender.stop()
+            for ch in self.data_channels:
+                with contextlib.suppress(VmferryError, OSError):
+                    ch.close()
             if self.session is not None:
                 self.session.cleanup()
             else:
@@ -243,7 +296,7 @@ class OutgoingMigration:
         if self.channel.has_return_path:
             self.watchdog = Watchdog(self.params.x_heartbeat_ms, self._destination_quiet_for,
                                      self._destination_silent, peer="destination")
-            self.return_path = ReturnPathReader(self.channel, sent=lambda: self.stats.transferred,
+            self.return_path = ReturnPathReader(self.channel, sent=self._sent_all,
                                                 on_heartbeat=self.watchdog.arm)
             self.return_path.start()
             self.watchdog.start()
@@ -254,11 +307,18 @@ class OutgoingMigration:
             "smp": self.machine.smp,
             "return-path": self.channel.has_return_path,
         }
+        migration_id = uuid.uuid4().hex
+        if self.multifd is not None:
+            config.update({"multifd-channels": self.multifd.channels, "migration-id": migration_id,
+                           "multifd-compression": self.multifd.compression})
+        # The destination's PROGRESS counts the bytes it applied over all channels (main and data).
         self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
         self.session.setup(self, time.monotonic())
         self._maybe_beat(now=True)  # tells the destination that this source beats
+        if self.multifd is not None:
+            self._open_data_channels(migration_id)
         # Objects alive now (the whole VMM) are never garbage; frozen, a collection during the
         # migration only scans what the migration allocates, and stays short.
         gc.freeze()
@@ -274,6 +334,29 @@ class OutgoingMigration:
                          unpopulated_pages=self.stats.unpopulated)
         log.info("migration setup done: %d pages to send, %d never populated",
                  self.stats.remaining_pages, self.stats.unpopulated)
+
+    def _open_data_channels(self, migration_id: str) -> None:
+        """After CONFIG went out (the destination accepts the data channels once it read it):
+        N more connections, each with its own encoder, compressor and sender thread."""
+        m = self.multifd
+        assert m is not None
+        table = block_table(self.machine.ram_blocks)
+        encoders = []
+        for i in range(m.channels):
+            if self._cancel.is_set():
+                raise MigrationError("migration cancelled")
+            try:
+                self.data_channels.append(m.connect())
+            except VmferryError as e:
+                raise MigrationError(f"multifd channel {i} could not connect: {e}") from None
+            encoders.append(DataChannelEncoder(migration_id, i, m.channels, table,
+                                               Compressor(m.compression, m.zlib_level, m.zstd_level),
+                                               self.machine.machine_type.name))
+        self.sender = MultifdSender(self.data_channels, encoders, self._send_data, self._stopped,
+                                    {i + 1: b.npages for i, b in enumerate(self.machine.ram_blocks)},
+                                    lambda i: self.data_channels[i].shutdown(), on_wait=self._maybe_beat)
+        self.sender.start()
+        self.ram.multifd = self.sender
 
     def _take_progress(self) -> None:
         if self.return_path is not None and self.session is not None:
@@ -293,6 +376,10 @@ class OutgoingMigration:
             with self.stats.lock:
                 self.stats.normal, self.stats.duplicate = sent, zero
                 self.stats.precopy_bytes = self.ram.counters.bytes
+                if self.sender is not None:
+                    self.stats.multifd_bytes = self.sender.sent_bytes()
+                    self.stats.transferred = self._main_sent + self.stats.multifd_bytes
+                    self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             report = step.report
             if report is not None:
                 with self.stats.lock:
@@ -417,6 +504,10 @@ class OutgoingMigration:
         with self.stats.lock:
             self.stats.dirty_sync_count += 1
             self.stats.normal, self.stats.duplicate = sent, zero
+            if self.sender is not None:
+                self.stats.multifd_bytes = self.sender.sent_bytes()
+                self.stats.transferred = self._main_sent + self.stats.multifd_bytes
+                self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             self.stats.downtime_bytes = self.stats.transferred - before
             self.stats.remaining_pages = 0
             self.stats.expected_at_switchover_ms = session.expected_at_switchover_ms

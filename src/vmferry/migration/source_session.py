@@ -84,12 +84,16 @@ class SourceSession:
     def pending(self) -> int:
         return sum(s.pending() for s in self.savers)
 
+    def sent_total(self) -> int:
+        """Bytes accepted on the main stream and on the savers' own channels (multifd)."""
+        return self.sent + sum(s.sent_elsewhere() for s in self.savers)
+
     def backlog(self) -> int:
         """Bytes sent and not yet reported applied; 0 until a first report arrived (a
         destination that does not send PROGRESS must not look infinitely behind)."""
         if not self.end_to_end or self.e2e.samples == 0:
             return 0
-        return max(0, self.sent - self.e2e.applied)
+        return max(0, self.sent_total() - self.e2e.applied)
 
     def bandwidth(self) -> float:
         """End to end where the destination reports it, else what the channel accepted."""
@@ -135,7 +139,7 @@ class SourceSession:
             self._in_pass = True
             self._drained = set()
             self._pass_t0 = now
-            self._pass_sent0 = self.sent
+            self._pass_sent0 = self.sent_total()
             self._pass_pages0 = self.pages()[:2]
             o.send([self.encoder.encode(PassStart(self._pass))])
             step.pass_started = self._pass
@@ -158,7 +162,7 @@ class SourceSession:
         for s in self.savers:
             s.sync()
         secs = now - self._pass_t0
-        nbytes = self.sent - self._pass_sent0
+        nbytes = self.sent_total() - self._pass_sent0
         self._send_bytes += nbytes
         self._send_secs += secs
         sent, zero, waiting = self.pages()

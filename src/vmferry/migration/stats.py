@@ -44,6 +44,8 @@ class MigrationStats:
     dirty_sync_count: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    multifd_bytes: int = 0  # of `transferred`, what the multifd data channels carried
+    multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
     expected_downtime_ms: float | None = None
@@ -98,13 +100,15 @@ class MigrationStats:
                 "downtime-bytes": self.downtime_bytes,
                 "postcopy-bytes": 0,
                 "postcopy-requests": 0,
-                "multifd-bytes": 0,
+                "multifd-bytes": self.multifd_bytes,
                 "skipped": 0,
                 "dirty-sync-missed-zero-copy": 0,
                 "unpopulated": self.unpopulated,
             }
             if self.cpu_throttle_percentage:
                 out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+            if self.multifd_lost:
+                out["multifd-lost-channels"] = list(self.multifd_lost)
             if self.error:
                 out["error-desc"] = self.error
             if self.passes:

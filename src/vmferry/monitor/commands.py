@@ -560,9 +560,9 @@ _NO_RING = ("dirty page limit feature requires KVM with accelerator property 'di
 @command("set-vcpu-dirty-limit", "Limit one vCPU's dirty page rate (all vCPUs without `cpu-index`) to "
          "`dirty-rate` MB/s (QEMU's dirtylimit; machine/dirty_limit.py): once per second each vCPU's "
          "rate is measured from its dirty ring and a vCPU above its quota (by more than a quarter of "
-         "it, at most 25 MB/s) sleeps longer after each time its ring fills. A vCPU that does not write is never slowed. "
-         "Keeps the RAM's dirty log on while any limit is set. 0 cancels. Needs `--accel "
-         "kvm,dirty-ring-size=N`.",
+         "it, at most 25 MB/s) sleeps longer after each time its ring fills. A vCPU that does not "
+         "write is never slowed. Keeps the RAM's dirty log on while any limit is set. 0 cancels. "
+         "Needs `--accel kvm,dirty-ring-size=N`.",
          args=(Arg("cpu-index", INT, optional=True, doc="the vCPU; all when absent"),
                Arg("dirty-rate", SIZE, doc="the quota, MB/s")),
          errors=("GenericError: " + _NO_RING,

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vmferry.errors import StreamError
+from vmferry.stream.compression import Codec, decompress
+from vmferry.stream.format import checksum
 from vmferry.stream.records import (
     ADVISORY_COMMANDS,
     DISK_SHARED,
@@ -30,6 +32,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlockInfo,
     RamBlocks,
+    RamCompressed,
     RamPageList,
     RamPages,
     RamZero,
@@ -44,6 +47,9 @@ _LIST_HEAD = struct.Struct("<HH")
 _LIST_ENTRY = struct.Struct("<HHIQQ")  # id, name_len, unit, base, size; then the name
 _COMMAND_HEAD = struct.Struct("<HH")
 _END = struct.Struct("<QQ")
+# RAM_COMPRESSED: u8 codec, u8 layout (0 run, 1 list), u16 0, u32 raw length, u64 xxh3 of the raw bytes
+COMPRESSED_HEAD = struct.Struct("<BBHIQ")
+LAYOUT_RUN, LAYOUT_LIST = 0, 1
 T = RecordType
 _LE_U32 = np.dtype("<u4")
 
@@ -88,6 +94,8 @@ def encode_payload(rec: Record, page_size: int) -> tuple[Frame, list[Buffer]]:
     passed through, not copied; only RAM_PAGE_LIST has more than one part)."""
     if isinstance(rec, RamPageList):
         return page_list_payload(rec.block_id, rec.pages, rec.data, page_size)
+    if isinstance(rec, RamCompressed):
+        return compressed_payload(rec, page_size)
     frame, payload = _encode_one(rec, page_size)
     return frame, [payload]
 
@@ -102,6 +110,21 @@ def page_list_payload(block_id: int, pages: np.ndarray, data: Buffer,
         raise ValueError(f"RAM_PAGE_LIST data is {view.nbytes} bytes, expected {count} pages of "
                          f"{page_size} bytes ({count * page_size})")
     return Frame(T.RAM_PAGE_LIST, block_id, count, 0), [index, view]
+
+
+def compressed_payload(rec: RamCompressed, page_size: int) -> tuple[Frame, list[Buffer]]:
+    """RAM_COMPRESSED: [head (+ index area for a list), the compressed bytes (`rec.wire`)]."""
+    if rec.codec not in (Codec.ZSTD, Codec.ZLIB, Codec.LZ4):
+        raise ValueError(f"RAM_COMPRESSED needs a compressing codec, not {rec.codec}")
+    raw_length = rec.page_count * page_size
+    if rec.pages is None:
+        head = COMPRESSED_HEAD.pack(rec.codec, LAYOUT_RUN, 0, raw_length, rec.raw_check)
+        return Frame(T.RAM_COMPRESSED, rec.block_id, rec.page_count, rec.first_page), [head, rec.wire]
+    if len(rec.pages) != rec.page_count:
+        raise ValueError(f"RAM_COMPRESSED lists {len(rec.pages)} pages but counts {rec.page_count}")
+    head = COMPRESSED_HEAD.pack(rec.codec, LAYOUT_LIST, 0, raw_length, rec.raw_check)
+    return (Frame(T.RAM_COMPRESSED, rec.block_id, rec.page_count, 0),
+            [head + page_list_index_bytes(rec.pages), rec.wire])
 
 
 def _encode_one(rec: Record, page_size: int) -> tuple[Frame, Buffer]:
@@ -152,6 +175,8 @@ def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
         return RamZero(section, index, count)
     if rtype == T.RAM_PAGE_LIST:
         return _parse_page_list(section, count, payload)
+    if rtype == T.RAM_COMPRESSED:
+        return _parse_compressed(frame, payload, page_size)
     if T.SECTION_FULL <= rtype <= T.SECTION_END:
         return DeviceSection(section, SectionPhase(rtype), bytes(payload))
     if rtype == T.BLOCK_DATA:
@@ -196,14 +221,55 @@ def _parse_page_list(block_id: int, count: int, payload: Buffer) -> RamPageList:
     against the block). `pages` is copied: 4 bytes a page, and it then outlives the input."""
     view = memoryview(payload)
     index_size = page_list_index_size(count)
-    pages = np.frombuffer(view, dtype=_LE_U32, count=count).astype(np.uint32)
-    if any(view[4 * count:index_size]):
-        raise StreamError("RAM_PAGE_LIST padding after the page indexes is not zero")
+    pages = _parse_page_indexes(count, view[:index_size], "RAM_PAGE_LIST")
+    return RamPageList(block_id, pages, view[index_size:])
+
+
+def _parse_page_indexes(count: int, area: memoryview, what: str = "RAM_COMPRESSED") -> np.ndarray:
+    """A page-list index area (u32 indexes, zero padding): checked, copied to native uint32."""
+    pages = np.frombuffer(area, dtype=_LE_U32, count=count).astype(np.uint32)
+    if any(area[4 * count:]):
+        raise StreamError(f"{what} padding after the page indexes is not zero")
     if count > 1 and not np.all(pages[1:] > pages[:-1]):  # not np.diff: uint32 differences wrap
         i = int(np.flatnonzero(pages[1:] <= pages[:-1])[0])
-        raise StreamError(f"RAM_PAGE_LIST page indexes are not strictly increasing: entry {i + 1} is "
+        raise StreamError(f"{what} page indexes are not strictly increasing: entry {i + 1} is "
                           f"page {pages[i + 1]} after page {pages[i]}")
-    return RamPageList(block_id, pages, view[index_size:])
+    return pages
+
+
+def _parse_compressed(frame: Frame, payload: Buffer, page_size: int) -> RamCompressed:
+    """Head checks, then decompression, then the raw bytes against the record's raw checksum: a
+    page is handed on only as it was when the source read it."""
+    _, section, count, index = frame
+    view = memoryview(payload)
+    if view.nbytes < COMPRESSED_HEAD.size:
+        raise StreamError(f"RAM_COMPRESSED payload is {view.nbytes} bytes, shorter than its "
+                          f"{COMPRESSED_HEAD.size}-byte head")
+    codec, layout, zero, raw_length, raw_check = COMPRESSED_HEAD.unpack_from(view)
+    if zero:
+        raise StreamError("RAM_COMPRESSED reserved field is not 0")
+    if codec not in (Codec.ZSTD, Codec.ZLIB, Codec.LZ4):
+        raise StreamError(f"RAM_COMPRESSED has unknown codec {codec}")
+    if raw_length != count * page_size:
+        raise StreamError(f"RAM_COMPRESSED raw length {raw_length}, expected {count} pages of "
+                          f"{page_size} bytes")
+    pos = COMPRESSED_HEAD.size
+    pages: np.ndarray | None = None
+    if layout == LAYOUT_LIST:
+        if index:
+            raise StreamError(f"RAM_COMPRESSED page list has index {index}, must be 0")
+        end = pos + page_list_index_size(count)
+        if view.nbytes < end:
+            raise StreamError("RAM_COMPRESSED page list runs past the payload")
+        pages = _parse_page_indexes(count, view[pos:end])
+        pos = end
+    elif layout != LAYOUT_RUN:
+        raise StreamError(f"RAM_COMPRESSED has unknown layout {layout}")
+    raw = decompress(codec, view[pos:], raw_length)
+    if checksum(raw) != raw_check:
+        raise StreamError(f"RAM_COMPRESSED pages do not match their checksum after "
+                          f"{Codec(codec).name.lower()} decompression")
+    return RamCompressed(section, index, count, codec, raw_check, raw, pages, view[pos:])
 
 
 def _parse_command(frame: Frame, payload: bytes) -> Command:

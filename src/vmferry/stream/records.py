@@ -30,7 +30,7 @@ class RecordType(IntEnum):
     SECTION_END = 19
     RAM_PAGES = 32
     RAM_ZERO = 33
-    RAM_COMPRESSED = 34  # reserved in 1.0
+    RAM_COMPRESSED = 34
     RAM_DELTA = 35  # reserved in 1.0
     RAM_PAGE_LIST = 36
     BLOCK_DATA = 48
@@ -42,7 +42,7 @@ class RecordType(IntEnum):
 
 
 # Defined so later minors can use them; a 1.0 reader refuses them by name.
-RESERVED_TYPES = frozenset({RecordType.RAM_COMPRESSED, RecordType.RAM_DELTA, RecordType.BLOCK_COMPRESSED})
+RESERVED_TYPES = frozenset({RecordType.RAM_DELTA, RecordType.BLOCK_COMPRESSED})
 
 
 class SectionPhase(IntEnum):
@@ -67,6 +67,8 @@ class CommandCode(IntEnum):
     POSTCOPY_LISTEN = 7
     POSTCOPY_RUN = 8
     RECEIVED_BITMAP = 9
+    CHANNEL = 10  # first record of a multifd data channel: which migration, which channel (JSON)
+    CHANNEL_LOST = 11  # main stream: data channel `index` is gone; its pages were sent again
     POPULATED_HINT = 0x8001  # advisory: the pages pass 1 will send, so a destination can prefault
     PROGRESS = 0x8002  # advisory, return path: stream bytes the destination has applied
     DEVICE_PROPERTIES = 0x8003  # advisory: the source's device properties (machine type vmferry-0.2 on)
@@ -204,6 +206,35 @@ class RamPageList:
         dest[self.pages] = np.frombuffer(self.data, dtype=np.uint8).reshape(len(self.pages), page_size)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RamCompressed:
+    """Compressed RAM pages: a run (`pages` None, from `first_page`) or a list (`pages`, strictly
+    increasing uint32 indexes, as RAM_PAGE_LIST). `data` is the raw page bytes (decoded records:
+    already decompressed and checked against `raw_check`, xxh3-64 of the raw bytes); `codec` is a
+    compression.Codec; `wire` the compressed bytes (decoded records: a view of the input, valid
+    as long as RamPages.data would be)."""
+
+    block_id: int
+    first_page: int
+    page_count: int
+    codec: int
+    raw_check: int
+    data: Buffer
+    pages: np.ndarray | None = None
+    wire: Buffer = b""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RamCompressed):
+            return NotImplemented
+        same_pages = (self.pages is None and other.pages is None) or (
+            self.pages is not None and other.pages is not None and np.array_equal(self.pages, other.pages))
+        return (same_pages and (self.block_id, self.first_page, self.page_count, self.codec, self.raw_check)
+                == (other.block_id, other.first_page, other.page_count, other.codec, other.raw_check)
+                and bytes(self.data) == bytes(other.data))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True)
 class RamZero:
     block_id: int
@@ -258,14 +289,16 @@ class Skipped:
     length: int
 
 
-Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamPageList | RamZero
+Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamPageList
+          | RamCompressed | RamZero
           | BlockData | BlockZero | Command | PassStart | EndOfStream | Skipped)
 
 
 _TYPE_OF: dict[type, RecordType] = {
     Config: RecordType.CONFIG, Description: RecordType.DESCRIPTION, RamBlocks: RecordType.RAM_BLOCKS,
     BlockDevices: RecordType.BLOCK_DEVICES, RamPages: RecordType.RAM_PAGES,
-    RamPageList: RecordType.RAM_PAGE_LIST, RamZero: RecordType.RAM_ZERO, BlockData: RecordType.BLOCK_DATA,
+    RamPageList: RecordType.RAM_PAGE_LIST, RamCompressed: RecordType.RAM_COMPRESSED,
+    RamZero: RecordType.RAM_ZERO, BlockData: RecordType.BLOCK_DATA,
     BlockZero: RecordType.BLOCK_ZERO, Command: RecordType.COMMAND, PassStart: RecordType.PASS,
     EndOfStream: RecordType.END,
 }

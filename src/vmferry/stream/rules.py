@@ -20,6 +20,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlockInfo,
     RamBlocks,
+    RamCompressed,
     RamPageList,
     Record,
     RecordType,
@@ -33,14 +34,18 @@ _RUN_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.BLOCK_DATA, T.BLOCK_ZERO)
 # Which generic header fields each type uses (s = section, c = count, i = index); the rest must be 0.
 _USES = {T.CONFIG: "", T.DESCRIPTION: "", T.RAM_BLOCKS: "", T.BLOCK_DEVICES: "", T.END: "",
          T.PASS: "i", T.COMMAND: "sci", **dict.fromkeys(_SECTION_TYPES, "s"),
-         **dict.fromkeys(_RUN_TYPES, "sci"), T.RAM_PAGE_LIST: "sc"}
-_RAM_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.RAM_PAGE_LIST)
+         **dict.fromkeys(_RUN_TYPES, "sci"), T.RAM_PAGE_LIST: "sc", T.RAM_COMPRESSED: "sci"}
+_RAM_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.RAM_PAGE_LIST, T.RAM_COMPRESSED)
+COMPRESSED_HEAD_SIZE = 16
 END_PAYLOAD = 16
 # Plain dicts on the per-record path: an IntEnum lookup costs more than the rest of a header check.
 _NAMES = {t.value: t.name for t in RecordType}
 _USES_S = {int(t) for t, u in _USES.items() if "s" in u}
 _USES_C = {int(t) for t, u in _USES.items() if "c" in u}
 _USES_I = {int(t) for t, u in _USES.items() if "i" in u}
+
+
+_TYPE = {RamPageList: T.RAM_PAGE_LIST, RamCompressed: T.RAM_COMPRESSED}
 
 
 def type_name(rtype: int) -> str:
@@ -94,6 +99,14 @@ class StreamRules:
                 self._check_length(name, length, count * self.page_size)
         elif rtype == T.RAM_PAGE_LIST:
             self._check_page_list_header(name, section, length, count)
+        elif rtype == T.RAM_COMPRESSED:
+            # A run (index = first page) must lie inside the block; a list (index 0) is checked
+            # like RAM_PAGE_LIST's in `apply`. The payload's head says which.
+            self._check_run(name, "RAM block", "pages", self.ram.get(section), section, index, count,
+                            self.page_size)
+            if length < COMPRESSED_HEAD_SIZE:
+                raise StreamError(f"{name} payload length {length}, shorter than its "
+                                  f"{COMPRESSED_HEAD_SIZE}-byte head")
         elif rtype in _SECTION_TYPES:
             self._check_section(rtype, section)
         elif rtype in (T.RAM_PAGES, T.RAM_ZERO):
@@ -162,13 +175,14 @@ class StreamRules:
 
     def apply(self, rec: Record) -> None:
         match rec:
-            case RamPageList(block_id, pages):
+            case RamPageList(block_id, pages) | RamCompressed(block_id, pages=pages) if pages is not None:
                 # The payload layout (increasing, zero padding) was checked by the parser; whether
                 # the indexes lie inside the block is an order rule: it needs the declared block.
                 block = self.ram[block_id]
                 npages = block.size // self.page_size
                 if pages[-1] >= npages:
-                    raise StreamError(f"RAM_PAGE_LIST page {pages[-1]} lies outside RAM block "
+                    raise StreamError(f"{type_name(_TYPE[type(rec)])} page {pages[-1]} lies outside "
+                                      f"RAM block "
                                       f"'{block.name}' ({npages} pages of {self.page_size} bytes)")
             case DeviceSection(section_id, phase):
                 if phase == SectionPhase.START:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmferry.errors import StreamError
+from vmferry.stream.compression import Codec
 from vmferry.stream.format import RECORD_HEADER_SIZE, TRAILER_SIZE
-from vmferry.stream.payloads import page_list_index_size
+from vmferry.stream.payloads import COMPRESSED_HEAD, page_list_index_size
 from vmferry.stream.records import (
     BlockData,
     BlockDevices,
@@ -28,6 +29,7 @@ from vmferry.stream.records import (
     EndOfStream,
     PassStart,
     RamBlocks,
+    RamCompressed,
     RamPageList,
     RamPages,
     RamZero,
@@ -106,6 +108,10 @@ class StreamSummary:
                 n = len(pages)
                 self._run(self.ram[block_id], "RAM_PAGE_LIST", n, 0, page_list_index_size(n) + len(data),
                           current)
+            case RamCompressed(block_id, _, count, codec, pages=pages, wire=wire):
+                index_area = 0 if pages is None else page_list_index_size(count)
+                self._run(self.ram[block_id], f"RAM_COMPRESSED {Codec(codec).name.lower()}", count, 0,
+                          COMPRESSED_HEAD.size + index_area + len(wire), current)
             case RamZero(block_id, _, count):
                 self._run(self.ram[block_id], "RAM_ZERO", 0, count, 0, current)
             case BlockData(disk_id, _, count, data):
