@@ -13,6 +13,11 @@ returns, nothing changes device state until resume(), so the device phase of a m
 captures a still machine. resume() un-quiesces the devices, then lets the vCPUs run. A drive
 whose migrated state carried requests in flight holds them until that first resume/start.
 
+Dirty tracking: KVM's slot bitmaps (manual protect) by default; with `dirty_ring_size` (QEMU's
+`-accel kvm,dirty-ring-size=N`) KVM's per-vCPU dirty ring instead (`dirty_ring`, the RAM blocks'
+guest-write producer; machine/dirty_ring.py), which also gives each vCPU a dirty rate and makes
+the dirty limiter possible (`dirty_limiter`; machine/dirty_limit.py).
+
 `on_event(name, data)` is called on state changes: "STOP", "RESUME", "SHUTDOWN" (data has the
 exit status), from whichever thread caused them; the monitor turns them into QMP events.
 """
