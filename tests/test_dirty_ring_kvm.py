@@ -23,6 +23,7 @@ from test_migration import _listen_uri
 from vmferry.devices.state import MachineDeviceState
 from vmferry.errors import VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.machine.machine_type import MACHINE_TYPES
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -98,13 +99,14 @@ def procs() -> Iterator[list[VmProcess]]:
         p.close()
 
 
-def test_precopy_with_the_ring_on_verifies(procs: list[VmProcess], tmp_path: Path) -> None:
-    """Both machines with the ring; the source dirties while migrating; the destination's guest
-    checks every page (in the guest and from the host)."""
-    src = VmProcess(tmp_path, "src", "-m", "128M", "--accel", "kvm,dirty-ring-size=1024", "--guest", "dirty",
-                    "--append", "ws=32 rate=40 verify=1")
+@pytest.mark.parametrize("machine_type", sorted(MACHINE_TYPES))
+def test_precopy_with_the_ring_on_verifies(procs: list[VmProcess], tmp_path: Path, machine_type: str) -> None:
+    """Both machines with the ring, every machine type; the source dirties while migrating; the
+    destination's guest checks every page (in the guest and from the host)."""
+    src = VmProcess(tmp_path, "src", "-m", "128M", "-M", machine_type, "--accel", "kvm,dirty-ring-size=1024",
+                    "--guest", "dirty", "--append", "ws=32 rate=40 verify=1")
     procs.append(src)
-    dst = VmProcess(tmp_path, "dst", "-m", "128M", "--accel", "kvm,dirty-ring-size=1024",
+    dst = VmProcess(tmp_path, "dst", "-m", "128M", "-M", machine_type, "--accel", "kvm,dirty-ring-size=1024",
                     "--incoming", "tcp:127.0.0.1:0")
     procs.append(dst)
     src.wait_serial(r"verify ok")
