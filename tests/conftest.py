@@ -1,5 +1,7 @@
 """Shared test setup: real-KVM tests are marked `kvm`; without /dev/kvm they skip, unless
-VMFERRY_REQUIRE_KVM=1 (as on CI), where a missing /dev/kvm is a failure."""
+VMFERRY_REQUIRE_KVM=1 (as on CI), where a missing /dev/kvm is a failure. Hypothesis runs without
+its per-example deadline: on a loaded host an example of pure logic may take 300 ms once and 1 ms
+the next time, and a test must not fail for the machine being busy."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import os
 import shutil
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("vmferry", deadline=None)
+settings.load_profile("vmferry")
 
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 REQUIRE_KVM = os.environ.get("VMFERRY_REQUIRE_KVM") == "1"

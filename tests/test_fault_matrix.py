@@ -470,3 +470,97 @@ def test_a_full_disk_for_file(tmp_path: Path, procs: list[VmProcess], small_tmpf
     info = src.wait_migration()
     assert info["status"] == "failed" and "No space left on device" in info["error-desc"], info
     _source_survives(src)
+
+
+# --- with TLS: the same faults inside TLS records (x509 and PSK) ---
+
+@pytest.fixture(scope="module")
+def tls_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Credentials for both ends: an x509 server + client pair (trustme) and a keys.psk."""
+    import trustme
+
+    root = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    dirs = {}
+    for role, leaf in (("server", ca.issue_cert("127.0.0.1", "localhost")),
+                       ("client", ca.issue_cert("src.example.com", common_name="src.example.com"))):
+        d = root / role
+        d.mkdir()
+        ca.cert_pem.write_to_path(str(d / "ca-cert.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(d / f"{role}-cert.pem"))
+        leaf.private_key_pem.write_to_path(str(d / f"{role}-key.pem"))
+        dirs[role] = d
+    psk = root / "psk"
+    psk.mkdir()
+    (psk / "keys.psk").write_text(f"qemu:{secrets.token_hex(32)}\n")
+    dirs["psk"] = psk
+    return dirs
+
+
+def _with_tls(src: VmProcess, dst: VmProcess, dirs: dict[str, Path], kind: str) -> None:
+    """QEMU's sequence on both ends: the credentials object, then tls-creds."""
+    qom_type = "tls-creds-x509" if kind == "x509" else "tls-creds-psk"
+    for vm, endpoint in ((dst, "server"), (src, "client")):
+        d = dirs["psk"] if kind == "psk" else dirs[endpoint]
+        vm.cmd("object-add", **{"qom-type": qom_type, "id": "tls0", "dir": str(d), "endpoint": endpoint})
+        vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_tls_source_killed(tmp_path: Path, procs: list[VmProcess], tls_dirs: dict[str, Path],
+                           kind: str) -> None:
+    src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
+    _with_tls(src, dst, tls_dirs, kind)
+    _mid_pass(src, _uri(dst))
+    src.proc.kill()
+    src.proc.wait()
+    _dest_failed(dst, r"without TLS close_notify \(truncated\)|Connection reset")
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_tls_destination_killed(tmp_path: Path, procs: list[VmProcess], tls_dirs: dict[str, Path],
+                                kind: str) -> None:
+    src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
+    _with_tls(src, dst, tls_dirs, kind)
+    _mid_pass(src, _uri(dst))
+    dst.proc.kill()
+    dst.proc.wait()
+    info = src.wait_migration()
+    assert info["status"] == "failed", info
+    _source_survives(src)
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_tls_a_flipped_byte_is_a_record_mac_failure(tmp_path: Path, procs: list[VmProcess],
+                                                    tls_dirs: dict[str, Path], kind: str) -> None:
+    """A bit flipped inside a TLS record mid-pass: the destination's TLS layer rejects the record
+    (its authentication tag) before any byte of it reaches the stream decoder."""
+    src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
+    _with_tls(src, dst, tls_dirs, kind)
+    relay = _Relay(_listen_address(dst), flip_at=3 << 20)
+    try:
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
+        src.cmd("migrate", uri=relay.uri)
+        info = src.wait_migration()
+        # The destination's alert is the source's reason, as a SHUT would be.
+        assert info["status"] == "failed", info
+        assert re.search(r"the destination refused the stream: TLS: \S+ alert bad record mac",
+                         info["error-desc"]), info
+        _source_survives(src)
+        _dest_failed(dst, r"TLS: (decryption failed or )?bad record mac")
+    finally:
+        relay.close()
+
+
+def test_tls_stream_cut_mid_pass(tmp_path: Path, procs: list[VmProcess], tls_dirs: dict[str, Path]) -> None:
+    src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
+    _with_tls(src, dst, tls_dirs, "psk")
+    relay = _Relay(_listen_address(dst), cut_at=3 << 20)
+    try:
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
+        src.cmd("migrate", uri=relay.uri)
+        assert src.wait_migration()["status"] == "failed"
+        _source_survives(src)
+        _dest_failed(dst, r"without TLS close_notify \(truncated\)")
+    finally:
+        relay.close()

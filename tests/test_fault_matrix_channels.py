@@ -1,5 +1,6 @@
 """The fault matrix again, on the capabilities that add connections or state beside RAM: several
-channels (capability multifd: the faults hit while pages travel on the data connections) and
+channels (capability multifd: the faults hit while pages travel on the data connections; plain
+and under TLS-PSK) and
 non-shared storage (`blk`: the faults hit while the disk's contents are in the stream). Same
 outcomes as plain precopy (docs/migration.md, "Nothing lost"): the source keeps running and its
 guest verifies, the destination ends `failed` with its guest never started, and neither side
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -46,13 +48,19 @@ class Kind:
         self.name = name
 
     def pair(self, tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, VmProcess]:
-        if self.name == "multifd":
+        if self.name.startswith("multifd"):
             src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", "ws=8 rate=5 verify=1")
             procs.append(src)
             src.wait_serial(r"verify ok")
             src.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
             src.cmd("migrate-set-parameters", **{"multifd-channels": 2})
             dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
+            if self.name == "multifd-psk":  # every connection, the data channels too, under TLS-PSK
+                (tmp / "keys.psk").write_text(f"qemu:{secrets.token_hex(32)}\n")
+                for vm, endpoint in ((dst, "server"), (src, "client")):
+                    vm.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "tls0", "dir": str(tmp),
+                                            "endpoint": endpoint})
+                    vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
         else:
             images = [tmp / "src.img", tmp / "dst.img"]
             for img in images:
@@ -69,18 +77,18 @@ class Kind:
 
     def underway(self, info: dict) -> bool:
         """The part under test has carried something: the data channels, or the disk."""
-        if self.name == "multifd":
+        if self.name.startswith("multifd"):
             return info.get("ram", {}).get("multifd-bytes", 0) >= 1 << 20
         return info.get("disk", {}).get("transferred", 0) >= 1 << 20
 
     def verifies(self, vm: VmProcess) -> None:
-        word = r"verify ok gen=\d+" if self.name == "multifd" else r"disk verify ok gen=\d+"
+        word = r"verify ok gen=\d+" if self.name.startswith("multifd") else r"disk verify ok gen=\d+"
         start = len(vm.serial())
         vm.wait_serial(word, after=start, timeout=60)
         assert "FAIL" not in vm.serial()
 
 
-KINDS = [Kind("multifd"), Kind("blk")]
+KINDS = [Kind("multifd"), Kind("multifd-psk"), Kind("blk")]
 
 
 def _listen_uri(dst: VmProcess) -> str:

@@ -99,33 +99,43 @@ def _no_traceback(*vms: VmProcess) -> None:
 
 
 class Relay:
-    """A TCP relay between the source and the destination that records what the source sends;
-    `cut_after` forwards only that many bytes of the destination's answer, then cuts both
-    connections (a handshake cut midway)."""
+    """A TCP relay between the source and the destination that records what the source sends on
+    each connection it relays (the main one first, then any data channels); `cut_after` forwards
+    only that many bytes of the destination's answer, then cuts both connections (a handshake cut
+    midway)."""
 
     def __init__(self, target_port: int, *, cut_after: int | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.target_port = target_port
         self.cut_after = cut_after
-        self.captured = bytearray()
+        self.captures: list[bytearray] = []  # per connection, in the order they came
         self._socks: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._serve, daemon=True)]
         self._threads[0].start()
 
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        up = socket.create_connection(("127.0.0.1", self.target_port))
-        self._socks += [conn, up]
-        for args in ((conn, up, self.captured, None), (up, conn, None, self.cut_after)):
-            t = threading.Thread(target=self._pump, args=args, daemon=True)
-            self._threads.append(t)
-            t.start()
+    @property
+    def captured(self) -> bytearray:
+        return self.captures[0] if self.captures else bytearray()
 
-    def _pump(self, a: socket.socket, b: socket.socket, record: bytearray | None, limit: int | None) -> None:
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [conn, up]
+            record = bytearray()
+            self.captures.append(record)
+            pair = [conn, up]
+            for args in ((conn, up, pair, record, None), (up, conn, pair, None, self.cut_after)):
+                t = threading.Thread(target=self._pump, args=args, daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, pair: list[socket.socket],
+              record: bytearray | None, limit: int | None) -> None:
         try:
             while data := a.recv(65536):
                 if record is not None:
@@ -134,7 +144,7 @@ class Relay:
                     b.sendall(data[:limit])
                     limit -= min(limit, len(data))
                     if limit == 0:
-                        for s in self._socks:
+                        for s in pair:
                             with contextlib.suppress(OSError):
                                 s.shutdown(socket.SHUT_RDWR)
                         return
@@ -142,11 +152,13 @@ class Relay:
                     b.sendall(data)
             b.shutdown(socket.SHUT_WR)
         except OSError:
-            for s in self._socks:
+            for s in pair:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self.listener.close()
         for s in self._socks:
             with contextlib.suppress(OSError):
@@ -294,7 +306,11 @@ def test_object_add_refuses_by_name(tmp_path: Path, procs: list[VmProcess], pki:
     cases = [
         ({"qom-type": "memory-backend-ram", "id": "m"}, "Object type 'memory-backend-ram' is not supported"),
         ({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "endpoint": "client"},
-         "'tls-creds-psk' is not supported by vmferry: Python's ssl module"),
+         r"tls-creds-psk 'p': Unable to access credentials .*keys\.psk"),
+        ({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "endpoint": "server",
+          "username": "qemu"}, "username should not be set when endpoint=server"),
+        ({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "verify-peer": True},
+         "Property 'tls-creds-psk.verify-peer' not found"),
         ({**x509, "dir": str(pki["server"]), "identity": "x"},
          "Property 'tls-creds-x509.identity' not found"),
         ({**x509, "dir": str(pki["server"]), "priority": "NORMAL"}, "Parameter 'priority' is unexpected"),
@@ -366,5 +382,166 @@ def test_multifd_data_channels_are_tls_too(
     assert dinfo["ram"]["multifd-bytes"] > dinfo["ram"]["transferred"] // 2, dinfo
     verdict = dst.cmd("x-verify-dirty-guest")
     assert verdict["ok"], verdict
+    assert "plain text" not in dst.log()
+
+
+# -- PSK ----------------------------------------------------------------------------------------
+
+PSK_KEY = "6b3f1f4cc0ad9a3e2b8f4e0a1d7c55e0f2a9b4c3d6e7f8091a2b3c4d5e6f7081"
+
+
+def _psk_dir(tmp: Path, name: str, text: str) -> Path:
+    d = tmp / name
+    d.mkdir()
+    (d / "keys.psk").write_text(text)
+    return d
+
+
+def _psk(vm: VmProcess, d: Path, endpoint: str, **extra: object) -> None:
+    with contextlib.suppress(QmpReplyError):
+        vm.cmd("object-del", id="tls0")
+    vm.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "tls0", "dir": str(d),
+                            "endpoint": endpoint, **extra})
+
+
+def test_psk_migration_completes_verified_and_the_wire_shows_no_plaintext(
+    tmp_path: Path, procs: list[VmProcess]
+) -> None:
+    keys = _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\nalice:{'5a' * 32}\n")
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    # QEMU's sequence, through qemu.qmp; under PSK tls-authz checks the client's username.
+    _psk(dst, keys, "server")
+    dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "auth0", "identity": "alice"})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+    port = _listen(dst)
+    _psk(src, keys, "client", username="alice")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    relay = Relay(port)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+        info = src.wait_migration(timeout=TIMEOUT)
+        assert info["status"] == "completed", info
+        assert dst.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+    finally:
+        relay.close()
+    verdict = dst.cmd("x-verify-dirty-guest")
+    assert verdict["ok"], verdict
+    wire = bytes(relay.captured)
+    assert len(wire) >= info["ram"]["transferred"] and wire[:2] == b"\x16\x03"
+    assert STREAM_MAGIC not in wire and DIRTY_GUEST_MAGIC not in wire
+    _no_traceback(src, dst)
+
+
+def test_psk_refusals_source_keeps_running_destination_keeps_waiting(
+    tmp_path: Path, procs: list[VmProcess], pki: dict[str, Path]
+) -> None:
+    keys = _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\n")
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer",
+                    "--object", f"tls-creds-psk,id=tls0,dir={keys},endpoint=server")
+    procs.append(dst)
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    port = _listen(dst)
+    refusals = 0
+
+    def refused(pattern: str, dst_pattern: str) -> None:
+        nonlocal refusals
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        info = src.wait_migration(timeout=TIMEOUT)
+        assert info["status"] == "failed", info
+        assert re.search(pattern, info["error-desc"]), info["error-desc"]
+        assert src.status() == "running"
+        refusals += 1
+        deadline = time.monotonic() + TIMEOUT
+        while dst.log().count("incoming migration connection refused") < refusals:
+            assert time.monotonic() < deadline, dst.log()
+            time.sleep(0.05)
+        assert re.search(dst_pattern, dst.log()), dst.log()
+        assert dst.status() == "inmigrate" and dst.cmd("query-migrate")["status"] == "setup"
+
+    cases = [
+        ("PSK mismatch", f"qemu:{'ff' * 32}\n", {},
+         r"TLS handshake on tcp:\S+ failed: .*decrypt error \(the destination's key for PSK username 'qemu'",
+         r"the client's key for PSK username 'qemu' does not match"),
+        ("unknown username", f"bob:{PSK_KEY}\n", {"username": "bob"},
+         r"TLS handshake on tcp:\S+ failed: .*PSK username 'bob'",
+         r"PSK username 'bob' is not in \S+keys\.psk"),
+    ]
+    for number, (case, text, extra, pattern, dst_pattern) in enumerate(cases):
+        _psk(src, _psk_dir(tmp_path, f"client{number}", text), "client", **extra)
+        src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+        try:
+            refused(pattern, dst_pattern)
+        except AssertionError as e:
+            raise AssertionError(f"{case}: {e}") from e
+
+    # x509 credentials against the PSK destination.
+    _x509(src, pki["client"], "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+    refused(r"TLS handshake on tcp:\S+ failed: ", r"incoming migration connection refused: TLS handshake")
+
+    # A plain-text source against the PSK destination.
+    src.cmd("migrate-set-parameters", **{"tls-creds": ""})
+    refused(r"the destination requires TLS \(tls-creds 'tls0'\); this connection is plain text",
+            r"this connection is plain text")
+
+    # Still waiting: the right key migrates, memory verified.
+    _psk(src, keys, "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert src.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+    assert dst.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+    assert dst.cmd("x-verify-dirty-guest")["ok"]
+    _no_traceback(src, dst)
+
+
+def test_psk_source_against_a_plain_text_destination(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    port = _listen(dst)
+    _psk(src, _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\n"), "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(timeout=TIMEOUT)
+    assert info["status"] == "failed", info
+    assert re.search(r"TLS handshake on tcp:\S+ failed: ", info["error-desc"]), info
+    assert src.status() == "running"
+    dinfo = dst.wait_migration(timeout=TIMEOUT)
+    assert dinfo["status"] == "failed" and "magic" in dinfo["error-desc"], dinfo
+    assert dst.status() == "inmigrate"
+    _no_traceback(src, dst)
+
+
+def test_multifd_data_channels_are_psk_too(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """PSK on every data connection: the migration goes through the relay, the data channels
+    too (they connect to the same URI); a completed multifd migration whose pages went on the
+    data channels, with memory verified and no plaintext page on any connection."""
+    keys = _psk_dir(tmp_path, "keys", f"qemu:{PSK_KEY}\n")
+    src = _source(tmp_path, procs)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    _psk(dst, keys, "server")
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    port = _listen(dst)
+    _psk(src, keys, "client")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "multifd-channels": 2})
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    relay = Relay(port)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+        info = src.wait_migration(timeout=TIMEOUT)
+        assert info["status"] == "completed", info
+        dinfo = dst.wait_migration(timeout=TIMEOUT)
+        assert dinfo["status"] == "completed", dinfo
+    finally:
+        relay.close()
+    assert dinfo["ram"]["multifd-bytes"] > dinfo["ram"]["transferred"] // 2, dinfo
+    assert dst.cmd("x-verify-dirty-guest")["ok"]
+    assert len(relay.captures) == 3, [len(c) for c in relay.captures]  # main + 2 data channels
+    for wire in relay.captures:
+        assert wire[:2] == b"\x16\x03" and STREAM_MAGIC not in wire and DIRTY_GUEST_MAGIC not in wire
     assert "plain text" not in dst.log()
     _no_traceback(src, dst)

@@ -6,7 +6,14 @@ import pytest
 
 from vmferry.errors import QmpError
 from vmferry.migration.params import MigrationParameters
-from vmferry.monitor.objects import AuthzSimple, ObjectRegistry, TlsCredentials, TlsSetup, migration_tls
+from vmferry.monitor.objects import (
+    AuthzSimple,
+    ObjectRegistry,
+    TlsCredentials,
+    TlsSetup,
+    create_object,
+    migration_tls,
+)
 
 
 def params(**values: str) -> MigrationParameters:
@@ -76,3 +83,11 @@ def test_checks_passed_give_the_hostname_and_the_authorization() -> None:
     assert setup.authorize("CN=evil.example.com,O=Example Org") == (
         "client 'CN=evil.example.com,O=Example Org' is not allowed by tls-authz 'auth0'")
     assert "sent no certificate" in (setup.authorize(None) or "")
+
+
+def test_psk_client_needs_no_hostname(tmp_path) -> None:
+    (tmp_path / "keys.psk").write_text("qemu:00112233\n")
+    reg = ObjectRegistry()
+    reg.add("p", create_object("tls-creds-psk", "p", {"dir": str(tmp_path), "endpoint": "client"}))
+    setup = migration_tls(params(tls_creds="p"), reg, endpoint="client", uri_host="")
+    assert setup is not None and setup.hostname == ""

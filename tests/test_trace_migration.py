@@ -129,7 +129,15 @@ def test_migrate_with_forecast(tmp_path: Path, procs: list[VmProcess]) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "forecast against what happened" in r.stdout
-    assert src.wait_migration()["status"] == "completed"
+    info = src.wait_migration()
+    assert info["status"] == "completed"
+    # The next forecast from this source takes what the migration measured: the passes' bytes over
+    # their time, its setup, its pause besides the last RAM.
+    f = src.cmd("x-migrate-forecast", **{"dirty-rate": 0})
+    secs = sum(p["duration-ms"] for p in info["passes"]) / 1000
+    assert f["inputs"]["bandwidth"] == round(sum(p["bytes"] for p in info["passes"]) / secs)
+    assert f["inputs"]["setup-ms"] == info["setup-time"]
+    assert f["inputs"]["switchover-ms"] > 0 and f["inputs"]["pass-overhead-ms"] >= 0
 
 
 def test_trace_of_a_refused_migrate_and_an_unwritable_destination_trace(

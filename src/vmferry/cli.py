@@ -57,6 +57,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--object", action="append", default=[], metavar="TYPE,id=ID[,PROP=VALUE...]",
         help="create an object as QMP object-add does (repeatable), e.g. "
              "tls-creds-x509,id=tls0,dir=/etc/pki/vmferry,endpoint=server or "
+             "tls-creds-psk,id=tls0,dir=/etc/pki/vmferry,endpoint=client,username=qemu or "
              "authz-simple,id=auth0,identity=CN=src.example.com,,O=Example (',,' is a comma)",
     )
     p.add_argument("-S", "--paused", action="store_true", help="do not start the vCPUs until `cont`")

@@ -24,7 +24,7 @@ from vmferry.migration.block import select_copied
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.device_state import DeviceStateLoader, DeviceStateSaver
 from vmferry.migration.dirty_rate import DirtyRateMeter
-from vmferry.migration.forecast import ForecastInput, forecast
+from vmferry.migration.forecast import ForecastInput, forecast, from_migration
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.source import MultifdSetup, OutgoingMigration
@@ -360,40 +360,53 @@ class VmControl:
         return self.dirty_rate.query()
 
     def migrate_forecast(self, args: dict) -> dict:
-        """x-migrate-forecast: the inputs the caller gave, else the last measurements."""
+        """x-migrate-forecast: the inputs the caller gave, else the last measurements: the dirty
+        rate and working set from the last calc-dirty-rate (dirty-bitmap), the bandwidth, setup,
+        time between passes and switchover cost from the last completed outgoing migration."""
         for name, value in args.items():
             if value < 0:
                 raise QmpError(f"Parameter '{name}' expects a value of 0 or more")
         populated = sum(int(b.populated_pages().sum()) for b in self.machine.ram_blocks) * 4096
+        info = self.dirty_rate.query()
+        measured = "x-working-set" in info and info["mode"] == "dirty-bitmap"
         dirty = args.get("dirty-rate")
         if dirty is None:
-            info = self.dirty_rate.query()
-            if "x-dirty-bytes" not in info or info["mode"] != "dirty-bitmap":
+            if not measured:
                 raise QmpError("no dirty rate measured: run calc-dirty-rate with mode dirty-bitmap first, "
                                "or give 'dirty-rate'")
-            dirty = info["x-dirty-bytes"] / (float(info["x-elapsed-ms"]) / 1000)
+            dirty = info["x-dirty-rate-bytes"]
+        # The measured working set goes with the measured rate only; a rate given alone writes
+        # into all populated RAM unless a working set is given too.
+        working_set = args.get("working-set", min(populated, info["x-working-set"])
+                               if measured and "dirty-rate" not in args else populated)
+        last = (from_migration(self.outgoing.stats.query(self.outgoing.state.status))
+                if self.outgoing is not None else None)
         bandwidth = args.get("bandwidth")
+        engine_bandwidth = args.get("engine-bandwidth")
         if bandwidth is None:
-            measured = self.outgoing.stats.bandwidth_bps if self.outgoing is not None else 0.0
+            measured = last.bandwidth_bps if last is not None else 0
             bandwidth = measured or self.migration_parameters.max_bandwidth
+            if engine_bandwidth is None and measured and last is not None:
+                engine_bandwidth = last.engine_bandwidth_bps
         if not bandwidth or bandwidth <= 0:
             raise QmpError("no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or migrate "
                            "once to measure it")
         inputs = ForecastInput(
             initial_bytes=populated, dirty_rate_bps=float(dirty), bandwidth_bps=float(bandwidth),
             downtime_limit_ms=args.get("downtime-limit", self.migration_parameters.downtime_limit),
-            working_set_bytes=args.get("working-set", populated),
-            switchover_ms=args.get("switchover-ms", self._last_switchover_ms()))
+            working_set_bytes=working_set, engine_bandwidth_bps=engine_bandwidth,
+            switchover_ms=args.get("switchover-ms", last.switchover_ms if last is not None else None),
+            setup_s=args.get("setup-ms", last.setup_s * 1000 if last is not None else 0) / 1000,
+            pass_overhead_s=args.get("pass-overhead-ms",
+                                     last.pass_overhead_s * 1000 if last is not None else 0) / 1000)
         out = forecast(inputs).as_qmp()
         out["inputs"] = {"initial-bytes": inputs.initial_bytes, "dirty-rate": round(inputs.dirty_rate_bps),
                          "bandwidth": round(inputs.bandwidth_bps), "downtime-limit": inputs.downtime_limit_ms,
-                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms}
+                         "engine-bandwidth": round(inputs.engine_bandwidth_bps or inputs.bandwidth_bps),
+                         "working-set": inputs.working_set_bytes, "switchover-ms": inputs.switchover_ms,
+                         "setup-ms": round(inputs.setup_s * 1000, 3),
+                         "pass-overhead-ms": round(inputs.pass_overhead_s * 1000, 3)}
         return out
-
-    def _last_switchover_ms(self) -> float | None:
-        """The last outgoing migration's pause minus its RAM: the fixed part of a switchover."""
-        phases = self.outgoing.stats.downtime_phases if self.outgoing is not None else {}
-        return sum(v for k, v in phases.items() if k != "ram") if phases else None
 
     # --- lifetime ---
 

@@ -25,6 +25,7 @@ from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode, EndOfStream
 from vmferry.transport.channel import Channel
+from vmferry.transport.tls import TlsAlert
 
 log = logging.getLogger("vmferry.migration")
 
@@ -132,6 +133,12 @@ class ReturnPathReader:
                     elif isinstance(rec, EndOfStream):
                         self.ended = True
                         return
+        except TlsAlert as e:
+            # The destination's TLS layer refused our stream (a record altered in flight fails
+            # its MAC: "bad record mac"): that alert is its reason, as a SHUT would be.
+            self.shut_reason = f"TLS: {e.alert}"
+            log.warning("destination gave up: %s", self.shut_reason)
+            self.channel.shutdown()
         except (TransportError, StreamError, OSError) as e:
             log.debug("return path ended: %s", e)
         finally:

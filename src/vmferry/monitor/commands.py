@@ -16,7 +16,7 @@ from vmferry import __version__
 from vmferry.errors import QmpError
 from vmferry.migration.params import CAPABILITIES, PARAMETER_SPECS, ParamSpec
 from vmferry.monitor.backend import MIGRATION_RUNNING_STATES, MonitorBackend
-from vmferry.monitor.objects import OBJECT_TYPES, PSK_UNSUPPORTED, create_object, migration_tls
+from vmferry.monitor.objects import OBJECT_TYPES, create_object, migration_tls
 from vmferry.monitor.protocol import Session
 from vmferry.monitor.schema import (
     BOOL,
@@ -460,31 +460,35 @@ def _migrate_pause(d: CommandDispatcher, args: dict, session: Session) -> object
 # --- objects -----------------------------------------------------------------------------------
 
 _OBJECT_ARGS = (
-    Arg("qom-type", STR, doc="the object type: " + ", ".join(f"`{t}`" for t in OBJECT_TYPES)
-        + " (`tls-creds-psk` is refused: Python's ssl has no TLS-PSK)"),
+    Arg("qom-type", STR, doc="the object type: " + ", ".join(f"`{t}`" for t in OBJECT_TYPES)),
     Arg("id", STR, doc="the object's id, what `tls-creds` / `tls-authz` name"),
     Arg("dir", STR, optional=True, doc="tls-creds-x509: directory of `ca-cert.pem`, "
         "`server-cert.pem` + `server-key.pem` or `client-cert.pem` + `client-key.pem`, optional "
-        "`ca-crl.pem`"),
+        "`ca-crl.pem`; tls-creds-psk: directory of `keys.psk` (lines `username:hexkey`)"),
     Arg("endpoint", Enum("QCryptoTLSCredsEndpoint", ("client", "server")), optional=True,
-        doc="tls-creds-x509: `client` (default, the source) or `server` (the destination)"),
+        doc="tls-creds-x509, tls-creds-psk: `client` (default, the source) or `server` (the "
+        "destination)"),
+    Arg("username", STR, optional=True, doc="tls-creds-psk, client only: the identity whose key "
+        "`keys.psk` holds (default `qemu`)"),
     Arg("verify-peer", BOOL, optional=True, doc="tls-creds-x509: check the peer's certificate "
         "(default true): a server requires the client's, a client checks the server's and its hostname"),
     Arg("sanity-check", BOOL, optional=True, doc="tls-creds-x509: refuse an expired or not yet "
         "valid certificate or CA when the object is created (default true)"),
     Arg("identity", STR, optional=True, doc="authz-simple: the one client distinguished name "
-        "allowed, RFC 4514 form, e.g. `CN=src.example.com,O=Example Org,C=GB`"),
+        "allowed, RFC 4514 form, e.g. `CN=src.example.com,O=Example Org,C=GB` (under "
+        "tls-creds-psk: the one PSK username)"),
 )
 
 
 @command("object-add", "Create an object: TLS credentials for a migration (`tls-creds`) or the "
-         "authorization a destination checks clients with (`tls-authz`). Certificate files are "
+         "authorization a destination checks clients with (`tls-authz`). Certificate and key files are "
          "read and checked now.",
          args=_OBJECT_ARGS,
          errors=("GenericError: attempt to add duplicate property 'ID' to object (type 'container')",
                  "GenericError: Object type 'memory-backend-ram' is not supported by vmferry "
-                 "(supported: authz-simple, tls-creds-x509)",
-                 "GenericError: " + PSK_UNSUPPORTED,
+                 "(supported: authz-simple, tls-creds-psk, tls-creds-x509)",
+                 "GenericError: tls-creds-psk 'ID': Username NAME not found in PSK file DIR/keys.psk",
+                 "GenericError: tls-creds-psk 'ID': username should not be set when endpoint=server",
                  "GenericError: Property 'tls-creds-x509.identity' not found (a property of "
                  "another type)",
                  "GenericError: Unable to access credentials DIR/ca-cert.pem: No such file or directory",
@@ -540,14 +544,20 @@ def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obje
 @command("query-dirty-rate", "The result of the last calc-dirty-rate. `dirty-rate` (MiB/s, QEMU's "
          "\"MB/s\") is there once `status` is `measured`; `-1` if the measurement failed (then "
          "`x-error` says why). Mode dirty-ring adds `vcpu-dirty-rate`, each vCPU's rate (QEMU's "
-         "field), and `dirty-rate` is their sum. vmferry adds `x-dirty-bytes` (bytes found dirty) and "
-         "`x-elapsed-ms` (the window as measured).",
+         "field), and `dirty-rate` is their sum. vmferry adds `x-dirty-bytes` (distinct bytes found "
+         "dirty), `x-elapsed-ms` (the window as measured) and `x-dirty-rate-bytes` (the rate in "
+         "bytes/s). In dirty-bitmap mode the window is sampled 8 times (`x-dirty-curve`: [ms, bytes] "
+         "pairs) and `dirty-rate` is the write rate r of the curve D(t) = W (1 - exp(-r t / W)) fitted "
+         "through them, `x-working-set` its W (docs/migration.md, \"Seeing a migration\").",
          returns='`{"status": "unstarted"|"measuring"|"measured", "dirty-rate": int, "start-time": int, '
                  '"calc-time": int, "sample-pages": int, "mode": DirtyRateMeasureMode, '
                  '"vcpu-dirty-rate": [{"id": int, "dirty-rate": int}] (dirty-ring), ...}`',
          example=({}, {"status": "measured", "dirty-rate": 8, "start-time": 1700000000, "calc-time": 1,
-                       "sample-pages": 0, "mode": "dirty-bitmap", "x-dirty-bytes": 8388608,
-                       "x-elapsed-ms": 1000.4}))
+                       "sample-pages": 0, "mode": "dirty-bitmap", "x-working-set": 134217728,
+                       "x-dirty-curve": [[125.2, 1048576], [250.1, 2097152], [375.3, 3145728],
+                                         [500.2, 4194304], [625.1, 5242880], [750.3, 6291456],
+                                         [875.2, 7340032], [1000.4, 8388608]],
+                       "x-dirty-rate-bytes": 8388608, "x-dirty-bytes": 8388608, "x-elapsed-ms": 1000.4}))
 def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
     return _optional(d.backend, "query_dirty_rate", "query-dirty-rate is not supported here")()
 
@@ -601,16 +611,27 @@ def _query_vcpu_dirty_limit(d: CommandDispatcher, args: dict, session: Session) 
          "vmferry extension: forecast a precopy migration before starting it (docs/migration.md, "
          "\"Forecast\"): will it converge under downtime-limit, in how many passes, how long, how "
          "many bytes, how long a pause; if not, the least bandwidth, downtime-limit or throttle that "
-         "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap) "
-         "and the last migration's measured bandwidth (else max-bandwidth).",
-         args=(Arg("bandwidth", SIZE, optional=True, doc="end-to-end bytes per second"),
+         "would make it converge. Inputs not given come from the last calc-dirty-rate (dirty-bitmap: "
+         "rate and working set) and the last completed outgoing migration (the passes' bandwidth, "
+         "else max-bandwidth; setup, time between passes, switchover cost).",
+         args=(Arg("bandwidth", SIZE, optional=True, doc="bytes per second the passes move (default: the "
+                   "last migration's passes' bytes over their time, else max-bandwidth)"),
+               Arg("engine-bandwidth", SIZE, optional=True,
+                   doc="bytes per second the engine's switchover decision will divide by (its end-to-end "
+                       "measure; above max-bandwidth under a cap) (default: the last migration's, when "
+                       "`bandwidth` comes from it too, else `bandwidth`)"),
                Arg("dirty-rate", SIZE, optional=True, doc="bytes the guest dirties per second"),
                Arg("downtime-limit", SIZE, optional=True, doc="ms (default: the parameter)"),
                Arg("working-set", SIZE, optional=True,
-                   doc="bytes the guest writes into (default: all populated RAM)"),
+                   doc="bytes the guest writes into (default: the measured working set with the "
+                       "measured rate, else all populated RAM)"),
                Arg("switchover-ms", SIZE, optional=True,
                    doc="the pause's fixed cost besides RAM (default: the last migration's "
-                       "downtime-phases without `ram`, else 2 ms)")),
+                       "downtime-phases without `stopped-ram` and `destination-*`, else 5 ms)"),
+               Arg("setup-ms", SIZE, optional=True,
+                   doc="setup before pass 1 (default: the last migration's setup-time, else 0)"),
+               Arg("pass-overhead-ms", SIZE, optional=True,
+                   doc="time between passes (default: the last migration's, else 0)")),
          returns='`{"converges": bool, "passes": int, "total-time-ms": number|null, "total-bytes": int, '
                  '"downtime-ms": number, "bandwidth-needed", "downtime-limit-needed", '
                  '"throttle-percent-needed" (when not converging), "inputs": {...}}`',
@@ -619,10 +640,12 @@ def _query_vcpu_dirty_limit(d: CommandDispatcher, args: dict, session: Session) 
                  "GenericError: no bandwidth known: give 'bandwidth' (bytes/s), set max-bandwidth, or "
                  "migrate once to measure it"),
          example=({"bandwidth": 104857600, "dirty-rate": 10485760},
-                  {"converges": True, "passes": 3, "total-time-ms": 2847.6, "total-bytes": 298139852,
-                   "downtime-ms": 4.56, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
-                                                   "bandwidth": 104857600, "downtime-limit": 300,
-                                                   "working-set": 268435456}}))
+                  {"converges": True, "passes": 3, "total-time-ms": 2835.286, "total-bytes": 296776970,
+                   "downtime-ms": 7.423, "inputs": {"initial-bytes": 268435456, "dirty-rate": 10485760,
+                                                    "bandwidth": 104857600, "downtime-limit": 300,
+                                                    "engine-bandwidth": 104857600,
+                                                    "working-set": 268435456, "switchover-ms": None,
+                                                    "setup-ms": 0, "pass-overhead-ms": 0}}))
 def _migrate_forecast(d: CommandDispatcher, args: dict, session: Session) -> object:
     return _optional(d.backend, "migrate_forecast", "x-migrate-forecast is not supported here")(args)
 

@@ -1,7 +1,7 @@
 """User-created objects (QEMU's `object-add` namespace) and the TLS checks of a migration, which
 name such objects.
 
-Two object types exist, with QEMU's names and properties:
+Three object types exist, with QEMU's names and properties:
 
   tls-creds-x509  `dir` holds ca-cert.pem and, by `endpoint`, server-cert.pem + server-key.pem or
                   client-cert.pem + client-key.pem (optional for a client; ca-crl.pem if present
@@ -10,11 +10,15 @@ Two object types exist, with QEMU's names and properties:
                   `sanity-check` (default on) refuses, at creation, a certificate or CA that has
                   expired or is not yet valid. The files are read and checked when the object is
                   created, so a bad file is an error of `object-add`, not of a later migration.
+  tls-creds-psk   `dir` holds keys.psk, lines `username:hexkey`; `endpoint`; `username` (a client's
+                  identity, default "qemu"; refused on a server, as QEMU does). A server accepts
+                  any username of its file with that username's key. The file is read when the
+                  object is created. Under PSK, `tls-authz` checks the client's username.
   authz-simple    `identity`: the one client distinguished name `tls-authz` allows, in the RFC 4514
-                  form QEMU uses ("CN=laptop.example.com,O=Example Org,C=GB").
+                  form QEMU uses ("CN=laptop.example.com,O=Example Org,C=GB"), or, under PSK,
+                  the one username.
 
-`tls-creds-psk` is refused by name: Python 3.11's ssl module has no PSK callbacks. Every other type
-and every property not listed is refused by name too.
+Every other type and every property not listed is refused by name.
 
 `migration_tls` runs QEMU's checks in QEMU's order (the object exists, is TLS credentials, has the
 right endpoint; a client has a hostname to check; a destination's `tls-authz` names an object) and
@@ -35,27 +39,28 @@ from typing import Literal
 from vmferry.errors import QmpError, TransportError
 from vmferry.migration.params import MigrationParameters
 from vmferry.options import split_options
-from vmferry.transport.tls import Authorizer, TlsFiles, make_context
+from vmferry.transport.tls import Authorizer, TlsContext, TlsFiles, make_context
+from vmferry.transport.tls_psk import PskContext, PskError
 
 Endpoint = Literal["client", "server"]
 
-OBJECT_TYPES = ("authz-simple", "tls-creds-x509")
-PSK_UNSUPPORTED = ("Object type 'tls-creds-psk' is not supported by vmferry: Python's ssl module "
-                   "(3.11) has no TLS-PSK callbacks; use tls-creds-x509")
+OBJECT_TYPES = ("authz-simple", "tls-creds-psk", "tls-creds-x509")
 # Properties per type: name -> "str" | "bool". id and qom-type are common to all.
 PROPERTIES: dict[str, dict[str, str]] = {
     "tls-creds-x509": {"dir": "str", "endpoint": "str", "verify-peer": "bool", "sanity-check": "bool"},
+    "tls-creds-psk": {"dir": "str", "endpoint": "str", "username": "str"},
     "authz-simple": {"identity": "str"},
 }
 
 
 @dataclass(frozen=True)
 class TlsCredentials:
-    """A `tls-creds-x509` object: its endpoint and the SSLContext made from its files."""
+    """A `tls-creds-x509` or `tls-creds-psk` object: its endpoint and the context made from its
+    files (an SSLContext, or a PskContext)."""
 
     id: str
     endpoint: Endpoint
-    context: ssl.SSLContext | None = None
+    context: TlsContext | None = None
     dir: str = ""
     verify_peer: bool = True
 
@@ -87,7 +92,7 @@ class TlsSetup:
     authorize: Authorizer | None = None
 
     @property
-    def context(self) -> ssl.SSLContext:
+    def context(self) -> TlsContext:
         assert self.creds.context is not None
         return self.creds.context
 
@@ -121,8 +126,6 @@ class ObjectRegistry:
 def create_object(qom_type: str, obj_id: str, props: Mapping[str, object]) -> object:
     """Build an object from typed properties (QMP's: bool for bool). Raises QmpError naming the
     type, property or file that is wrong."""
-    if qom_type == "tls-creds-psk":
-        raise QmpError(PSK_UNSUPPORTED)
     if qom_type not in PROPERTIES:
         raise QmpError(f"Object type '{qom_type}' is not supported by vmferry "
                        f"(supported: {', '.join(OBJECT_TYPES)})")
@@ -142,6 +145,8 @@ def create_object(qom_type: str, obj_id: str, props: Mapping[str, object]) -> ob
         if not isinstance(identity, str) or not identity:
             raise QmpError("Parameter 'identity' is missing")
         return AuthzSimple(obj_id, identity)
+    if qom_type == "tls-creds-psk":
+        return _psk(obj_id, props)
     return _x509(obj_id, props)
 
 
@@ -215,6 +220,24 @@ def _x509(obj_id: str, props: Mapping[str, object]) -> TlsCredentials:
     return TlsCredentials(obj_id, endpoint, ctx, directory, verify_peer)  # type: ignore[arg-type]
 
 
+def _psk(obj_id: str, props: Mapping[str, object]) -> TlsCredentials:
+    endpoint = props.get("endpoint", "client")  # QEMU's default endpoint
+    if endpoint not in ("client", "server"):
+        raise QmpError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+    directory = props.get("dir")
+    if not isinstance(directory, str) or not directory:
+        raise QmpError(f"tls-creds-psk '{obj_id}': Missing 'dir' property value")
+    username = props.get("username")
+    if endpoint == "server" and username is not None:
+        raise QmpError(f"tls-creds-psk '{obj_id}': username should not be set when endpoint=server")
+    try:
+        ctx = PskContext(directory, server=endpoint == "server",
+                         username=username if isinstance(username, str) else None)
+    except PskError as e:
+        raise QmpError(f"tls-creds-psk '{obj_id}': {e}") from e
+    return TlsCredentials(obj_id, endpoint, ctx, directory, True)  # type: ignore[arg-type]
+
+
 def _check_validity(what: str, path: str) -> None:
     """QEMU's sanity check: a certificate outside its validity period is refused at creation."""
     try:
@@ -251,7 +274,8 @@ def migration_tls(params: MigrationParameters, objects: ObjectRegistry, *, endpo
         raise QmpError(f"Expected TLS credentials for a {endpoint} endpoint")
     if endpoint == "client":
         hostname = p.tls_hostname or uri_host
-        if not hostname:
+        # Only a certificate is checked against a name: PSK needs none (unix: works without).
+        if not hostname and not isinstance(creds.context, PskContext):
             raise QmpError("No hostname available for TLS")
         return TlsSetup(creds, hostname=hostname)
     authorize = None

@@ -11,6 +11,9 @@ cancel or the ACK sends. `ssl.SSLSocket` is not safe for a read and a write from
               drained before anyone drains again (the receiver drains too: TLS 1.3 may answer a
               KeyUpdate from inside a read).
 
+The engine is an ssl.SSLObject for x509 credentials, or, for pre-shared keys (which Python 3.11's
+ssl cannot do), a `tls_psk.PskSession` with the same interface; everything here serves both.
+
 TLS 1.3 only. Small writes (a list of 4 KiB page views) are gathered into large plaintext batches
 before encryption, so the records are full-sized (16 KiB) and each batch is one system call: the
 stream's zero-copy `sendmsg` of page lists does not exist through TLS, and copying a page into
@@ -34,9 +37,11 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vmferry.errors import TransportError
 from vmferry.transport.channel import Buffer, Channel, SocketChannel
+from vmferry.transport.tls_psk import PskContext, PskSession
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer that stops mid-handshake must not hold a listener forever
 CLOSE_TIMEOUT_S = 1.0  # close_notify is best effort: a peer that stopped reading is not waited on
@@ -46,9 +51,20 @@ VERDICT_ACCEPTED = 0x01
 VERDICT_REFUSED = 0x00
 MAX_REASON_BYTES = 1024
 
-# (authorize) the client's distinguished name, or None without a client certificate -> None to
-# accept, or the reason for refusing.
+# (authorize) the client's distinguished name (its PSK username under tls-creds-psk), or None
+# without a client certificate -> None to accept, or the reason for refusing.
 Authorizer = Callable[[str | None], str | None]
+# x509 credentials are an ssl.SSLContext; PSK credentials a PskContext (Python's ssl has no PSK).
+TlsContext = ssl.SSLContext | PskContext
+
+
+class TlsAlert(TransportError):
+    """The peer ended the connection with a fatal TLS alert (`alert`: OpenSSL's words, e.g.
+    "sslv3 alert bad record mac" when one of our records reached it altered)."""
+
+    def __init__(self, message: str, alert: str) -> None:
+        super().__init__(message)
+        self.alert = alert
 
 
 # -- contexts ---------------------------------------------------------------------------------
@@ -105,8 +121,8 @@ def _load(load: Callable[[str], None], path: str, *, what: str) -> None:
 class TlsChannel(SocketChannel):
     """A SocketChannel whose bytes are TLS records. Counters count plaintext bytes."""
 
-    def __init__(self, sock: socket.socket, label: str, sslobj: ssl.SSLObject,
-                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
+    def __init__(self, sock: socket.socket, label: str, sslobj: ssl.SSLObject | PskSession,
+                 incoming: ssl.MemoryBIO | Any, outgoing: ssl.MemoryBIO | Any) -> None:
         super().__init__(sock, label)
         self._ssl = sslobj
         self._in = incoming
@@ -116,7 +132,9 @@ class TlsChannel(SocketChannel):
         self._batch = bytearray(BATCH_BYTES)
         self._recv_buf = bytearray(RECV_BYTES)
         self._peer_closed = False  # close_notify received
-        self.peer_dn: str | None = None  # the destination's view of its client, once accepted
+        # The destination's view of its client, once accepted: its certificate's distinguished
+        # name, or its PSK username.
+        self.peer_dn: str | None = None
 
     @property
     def tls_version(self) -> str | None:
@@ -174,6 +192,20 @@ class TlsChannel(SocketChannel):
         except OSError as e:
             raise self._error("send on", e) from e
 
+    def _flush_best_effort(self) -> None:
+        """_flush for a failing connection: bounded, errors ignored (the peer may be gone)."""
+        if not self._send_lock.acquire(timeout=CLOSE_TIMEOUT_S):
+            return
+        try:
+            with self._tls:
+                data = self._out.read()
+            if data:
+                with contextlib.suppress(OSError):
+                    self._sock.settimeout(CLOSE_TIMEOUT_S)
+                    self._sock.sendall(data)
+        finally:
+            self._send_lock.release()
+
     def _flush(self) -> None:
         """Send whatever the TLS engine queued (alerts, KeyUpdate answers, close_notify)."""
         with self._send_lock:
@@ -186,9 +218,19 @@ class TlsChannel(SocketChannel):
 
     def _read_into(self, view: memoryview) -> int:
         while True:
+            failure: TransportError | None = None
             with self._tls:
-                got = self._decrypt_into(view)
+                try:
+                    got = self._decrypt_into(view)
+                except TransportError as e:
+                    failure, got = e, 0
                 queued = self._out.pending
+            if failure is not None:
+                # The engine queued a fatal alert (a record that fails its MAC: "bad record
+                # mac"): send it, so the peer learns why, then fail.
+                if queued:
+                    self._flush_best_effort()
+                raise failure
             if queued:
                 self._flush()
             if got:
@@ -210,7 +252,10 @@ class TlsChannel(SocketChannel):
                 self._peer_closed = True
                 break
             except ssl.SSLError as e:
-                raise TransportError(f"receive on {self.label} failed: TLS: {_ssl_reason(e)}") from e
+                message = f"receive on {self.label} failed: TLS: {_ssl_reason(e)}"
+                if "ALERT" in (e.reason or ""):
+                    raise TlsAlert(message, _ssl_reason(e)) from e
+                raise TransportError(message) from e
             if n == 0:
                 self._peer_closed = True
                 break
@@ -261,7 +306,7 @@ class TlsChannel(SocketChannel):
 # -- handshakes -------------------------------------------------------------------------------
 
 
-def tls_connect(channel: Channel, context: ssl.SSLContext, hostname: str, *,
+def tls_connect(channel: Channel, context: TlsContext, hostname: str, *,
                 timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
     """The source's side: handshake, check the destination's certificate against `hostname`, and
     wait for the destination's verdict. The plain channel is consumed (closed on failure)."""
@@ -277,7 +322,7 @@ def tls_connect(channel: Channel, context: ssl.SSLContext, hostname: str, *,
     return tls
 
 
-def tls_accept(channel: Channel, context: ssl.SSLContext, authorize: Authorizer | None, *,
+def tls_accept(channel: Channel, context: TlsContext, authorize: Authorizer | None, *,
                timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
     """The destination's side: handshake (the client's certificate is required when the context
     verifies peers), check the client's distinguished name with `authorize`, send the verdict.
@@ -285,8 +330,11 @@ def tls_accept(channel: Channel, context: ssl.SSLContext, authorize: Authorizer 
     tls = _wrap(channel, context, server=True, hostname=None)
     try:
         _handshake(tls, timeout_s)
-        cert = tls._ssl.getpeercert()
-        tls.peer_dn = distinguished_name(cert) if cert else None
+        if isinstance(tls._ssl, PskSession):
+            tls.peer_dn = tls._ssl.identity
+        else:
+            cert = tls._ssl.getpeercert()
+            tls.peer_dn = distinguished_name(cert) if cert else None
         refusal = authorize(tls.peer_dn) if authorize is not None else None
         if refusal is not None:
             reason = refusal.encode()[:MAX_REASON_BYTES]
@@ -303,11 +351,18 @@ def tls_accept(channel: Channel, context: ssl.SSLContext, authorize: Authorizer 
     return tls
 
 
-def _wrap(channel: Channel, context: ssl.SSLContext, *, server: bool, hostname: str | None) -> TlsChannel:
+def _wrap(channel: Channel, context: TlsContext, *, server: bool, hostname: str | None) -> TlsChannel:
     if not isinstance(channel, SocketChannel) or isinstance(channel, TlsChannel):
         channel.close()
         raise TransportError(f"TLS needs a socket (tcp:, unix: or a socket fd:); {channel.label} is not one")
     sock = channel.socket
+    if isinstance(context, PskContext):
+        if context.server != server:
+            channel.close()
+            raise TransportError(f"cannot start TLS on {channel.label}: PSK credentials for the "
+                                 f"other endpoint")
+        session = context.new_session()
+        return TlsChannel(sock, channel.label, session, session.incoming, session.outgoing)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     try:
         sslobj = context.wrap_bio(incoming, outgoing, server_side=server, server_hostname=hostname)
