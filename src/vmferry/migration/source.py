@@ -81,6 +81,8 @@ S = MigrationStatus
 # How long a failed send waits for the destination's reason on the return path.
 RETURN_PATH_LAST_WORD_S = 2.0
 ACK_TIMEOUT_S = 30.0
+# How long `migrate` with resume waits for the paused migration's thread to finish closing.
+RESUME_WAIT_S = 5.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
 DRAIN_S = 0.25
@@ -189,6 +191,10 @@ class OutgoingMigration:
     def resume(self, channel: Future[Channel]) -> None:
         """`migrate` with resume: a paused postcopy goes on over a new connection (the monitor
         thread; the work is on a new migration thread)."""
+        if self.state.status == S.POSTCOPY_PAUSED and self._thread.is_alive():
+            # The state says paused before the failed thread has closed its channel and joined
+            # its return-path reader (up to a second): a resume right away waits for that.
+            self._thread.join(RESUME_WAIT_S)
         if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
             raise MigrationError("Cannot resume if there is no paused migration")
         self._channel_future = channel
