@@ -583,9 +583,14 @@ class IncomingMigration:
         """After the main stream's END: every data channel must have ended (its END verified)
         and its pages applied before the guest may start."""
         deadline = time.monotonic() + DATA_ACCEPT_S
+        # With heartbeats on, a channel whose END is due and that brings nothing for their limit
+        # is stalled (the source sent every END before the main stream's): fail naming it.
+        heard = [(rx.bytes_received, time.monotonic()) for rx in self._receivers]
         while True:
             if self._data_error is not None:
                 raise MigrationError(self._data_error)
+            wd = self.watchdog
+            stall_s = wd.limit_s if wd is not None and wd.enabled and wd.armed else None
             waiting = []
             for i, rx in enumerate(self._receivers):
                 cid = i if rx.channel_id is None else rx.channel_id
@@ -596,6 +601,13 @@ class IncomingMigration:
                     continue
                 if rx.lost is not None:  # gone, but the source ended without re-sending its pages
                     raise MigrationError(f"multifd: data channel {cid} was lost before its END: {rx.lost}")
+                now = time.monotonic()
+                if rx.bytes_received != heard[i][0]:
+                    heard[i] = (rx.bytes_received, now)
+                elif stall_s is not None and now - heard[i][1] > stall_s:
+                    raise MigrationError(f"multifd: data channel {cid} stalled: nothing arrived for "
+                                         f"{now - heard[i][1]:.1f} s after the main stream's END "
+                                         f"(limit {stall_s:.1f} s, x-heartbeat-ms)")
                 waiting.append(cid)
             if not waiting:
                 return
