@@ -12,10 +12,8 @@ plus the host-side verifier (`x-verify-dirty-guest`).
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +32,6 @@ TRICKLE = 256 << 10  # max-postcopy-bandwidth while waiting for a fault to be re
 NEVER_CONVERGES_MS = 1  # downtime-limit
 # Heartbeats notice a silent peer in 3 intervals (3 s); bounded generously against load.
 DETECTED_WITHIN_S = 20.0
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        with contextlib.suppress(ProcessLookupError):
-            p.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        p.close()
 
 
 def _caps(vm: VmProcess, *names: str) -> None:
