@@ -34,7 +34,8 @@ EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tl
              "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "multifd-channels",
              "multifd-compression", "multifd-zlib-level", "multifd-zstd-level", "max-postcopy-bandwidth",
              "x-postcopy-after-ms", "x-postcopy-reconnect"}
-EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime"}
+EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime",
+                  "postcopy-preempt"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
