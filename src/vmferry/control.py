@@ -222,6 +222,8 @@ class VmControl:
                 postcopy=self.migration_capabilities.enabled("postcopy-ram"),
                 reconnect=_reconnector(uri, tls),
                 preempt=preempt,
+                xbzrle_cache=(self.migration_parameters.xbzrle_cache_size
+                              if self.migration_capabilities.enabled("xbzrle") else None),
             )
             self.incoming = None
             self.outgoing.start()

@@ -153,6 +153,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
     "multifd-zlib-level": "the zlib level of multifd-compression zlib (read when `migrate` starts)",
     "multifd-zstd-level": "the zstd level of multifd-compression zstd (read when `migrate` starts; "
                           "auto uses it too)",
+    "xbzrle-cache-size": "the size of the source's XBZRLE page cache while capability xbzrle is on "
+                         "(read when `migrate` starts)",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
     "x-postcopy-after-ms": "the source, after each precopy pass from the second on, when capability "
@@ -353,6 +355,11 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
                      "migration/throttle.py): a throttled vCPU sleeps that percentage of the time in "
                      "10 ms timeslices; query-migrate reports cpu-throttle-percentage while it is on; "
                      "the throttle ends with the migration (completed, failed or cancelled)",
+    "xbzrle": "from the first pass on the source caches what it sends (xbzrle-cache-size); a cached page "
+              "sent again goes as a RAM_DELTA record, QEMU's XOR run-length encoding against the cached "
+              "copy, when that is at most a quarter page (else whole); with multifd too (QEMU refuses "
+              "that pair), each delta on the channel its base went on; query-migrate reports "
+              "xbzrle-cache",
     "multifd": "RAM pages travel on multifd-channels data connections beside the main stream (tcp: and "
                "unix: only; `migrate` refuses other URIs by name); the destination follows the "
                "source's CONFIG whether or not it set the capability",
@@ -439,6 +446,11 @@ def _check_caps(caps: Mapping[str, bool]) -> None:
         raise QmpError("Postcopy is not compatible with ignore-shared")
     if caps["postcopy-ram"] and caps["multifd"]:
         raise QmpError("Postcopy is not yet compatible with multifd")
+    if caps["postcopy-ram"] and caps["xbzrle"]:
+        # Not QEMU's rule (QEMU sends deltas until the switch): vmferry's postcopy destination
+        # places whole pages only, so the two are refused together rather than half-honoured.
+        raise QmpError("Capability 'xbzrle' cannot be used with 'postcopy-ram' in vmferry: "
+                       "postcopy places whole pages only")
     if caps["postcopy-preempt"] and not caps["postcopy-ram"]:
         raise QmpError("Postcopy preempt requires postcopy-ram")
     if caps["zero-copy-send"] and (not caps["multifd"] or caps["compress"]):

@@ -68,6 +68,7 @@ from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
 from vmferry.migration.throttle import AutoConverge, ThrottleParams
 from vmferry.migration.trace import NULL_TRACE, NullTrace
+from vmferry.migration.xbzrle import XbzrleSource
 from vmferry.stream.compression import Compressor
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode
@@ -117,9 +118,10 @@ class OutgoingMigration:
         postcopy: bool = False,
         reconnect: Callable[[], Channel] | None = None,
         preempt: Callable[[], Channel] | None = None,
+        xbzrle_cache: int | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
-        the others are shared."""
+        the others are shared. `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off)."""
         self.machine = machine
         self.multifd = multifd
         self.data_channels: list[Channel] = []
@@ -135,6 +137,8 @@ class OutgoingMigration:
         self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
+        if xbzrle_cache is not None:
+            self.ram.xbzrle = XbzrleSource(xbzrle_cache, PAGE_SIZE, [b.npages for b in machine.ram_blocks])
         self.drives = DriveSaver(machine.block_devices, copy_drives)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
@@ -372,6 +376,8 @@ class OutgoingMigration:
         migration_id = uuid.uuid4().hex
         if self._preempt_connect is not None:
             config.update({"postcopy-preempt": True, "migration-id": migration_id})
+        if self.ram.xbzrle is not None:
+            config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:
             config.update({"multifd-channels": self.multifd.channels, "migration-id": migration_id,
                            "multifd-compression": self.multifd.compression})
@@ -379,6 +385,7 @@ class OutgoingMigration:
         self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
                                      end_to_end=self.return_path is not None)
+        self.ram.bandwidth = self.session.bandwidth  # XBZRLE weighs its CPU time in bytes
         self.session.setup(self, time.monotonic())
         if self.postcopy_enabled:
             if self.return_path is None:
@@ -458,6 +465,9 @@ class OutgoingMigration:
                     self.stats.transferred = self._main_sent + self.stats.multifd_bytes
                     self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             report = step.report
+            if report is not None and self.ram.xbzrle is not None:
+                self.ram.xbzrle.counters.end_period()
+            self._xbzrle_stats()
             if report is not None:
                 with self.stats.lock:
                     self.stats.dirty_sync_count += 1
@@ -465,6 +475,7 @@ class OutgoingMigration:
                     self.stats.remaining_pages = report.dirty_pages_after
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
+                    self.stats.dirty_rate_bps = report.dirty_rate_bps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
                 self._throttle_after_sync(report.dirty_pages_after)
@@ -480,6 +491,12 @@ class OutgoingMigration:
                     raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
+
+    def _xbzrle_stats(self) -> None:
+        if self.ram.xbzrle is not None:
+            snapshot = self.ram.xbzrle.counters.as_qmp()
+            with self.stats.lock:
+                self.stats.xbzrle = snapshot
 
     def _trace_pass(self, report: PassReport, sync_ms: float) -> None:
         remaining = report.dirty_pages_after * PAGE_SIZE
@@ -556,6 +573,9 @@ class OutgoingMigration:
         t_end = time.monotonic()
         phases["end"] = round((t_end - t) * 1000, 3)
         sent, zero, _ = session.pages()
+        if self.ram.xbzrle is not None:
+            self.ram.xbzrle.counters.end_period()  # the stopped part is a period of its own
+        self._xbzrle_stats()
         with self.stats.lock:
             self.stats.dirty_sync_count += 1
             self.stats.normal, self.stats.duplicate = sent, zero

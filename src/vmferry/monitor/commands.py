@@ -414,7 +414,7 @@ _CAP_STATUS = Struct("MigrationCapabilityStatus",
          args=(Arg("capabilities", ListOf(_CAP_STATUS), doc="`[{\"capability\": NAME, \"state\": bool}]`"),),
          errors=("GenericError: " + _MIGRATION_ACTIVE,
                  "GenericError: Parameter 'capabilities[0].capability' does not accept value 'x'",
-                 "GenericError: Capability 'xbzrle' is not supported by vmferry yet (any capability "
+                 "GenericError: Capability 'postcopy-ram' is not supported by vmferry yet (any capability "
                  "not marked effective, turned on)",
                  "GenericError: Capability 'return-path' cannot be turned off in vmferry: the "
                  "destination confirms the switchover on it"),
