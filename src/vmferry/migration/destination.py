@@ -376,6 +376,7 @@ class IncomingMigration:
         recovery; never exit on our own."""
         self._paused = True
         self._drop_preempt()  # a recovery goes on without it
+        self._data_error = None  # its failure (in `reason` already) must not outlive the recovery
         if self._pause_requested is not None:
             reason = self._pause_requested
         self.stats.error = f"postcopy paused: {reason}"
@@ -581,16 +582,25 @@ class IncomingMigration:
         log.info("postcopy-preempt: the preempt channel connected (migration %s)", mid)
 
     def _receive_preempt(self, channel: Channel, rx: PreemptReceiver) -> None:
-        """The preempt channel, to its END: requested pages are placed as they arrive. A failure
-        while the migration needs the channel ends the main stream too (its thread reports why:
-        a failure before RUN, a pause after)."""
+        """The preempt channel, to its END: requested pages are placed as they arrive. A channel
+        that is wrong (a bad record, another migration) fails the migration: the main stream is
+        shut down and its thread reports why. One that just ends early fails nothing before RUN
+        (the main stream says what happened); after RUN the main stream is shut down too, so
+        that both sides pause at once instead of at the next request."""
         chunk = memoryview(bytearray(CHUNK_BYTES))
         try:
             while not rx.ended and rx.read_from(channel.recv_into, chunk):
                 pass
             if not rx.ended:
-                raise MigrationError("the postcopy-preempt channel closed before its END")
-        except (VmferryError, OSError) as e:
+                raise DataChannelLost("the postcopy-preempt channel closed before its END")
+        except (DataChannelLost, TransportError, OSError) as e:
+            rx.lost = str(e)
+            if self._preempt_done or self._cancel.is_set() or not self.postcopy.running:
+                return
+            log.warning("postcopy-preempt channel lost: %s", e)
+            if self.channel is not None:
+                self.channel.shutdown()
+        except VmferryError as e:
             rx.lost = str(e)
             if self._preempt_done or self._cancel.is_set():
                 return
@@ -611,7 +621,7 @@ class IncomingMigration:
         if self._data_error is not None:
             raise MigrationError(self._data_error)
         if not rx.ended:
-            raise MigrationError("the postcopy-preempt channel did not end")
+            raise MigrationError(f"the postcopy-preempt channel did not end: {rx.lost or 'no END'}")
 
     def _drop_preempt(self) -> None:
         """The migration is over here, or paused (a recovery goes on without it). Idempotent."""
