@@ -7,6 +7,7 @@ verifier. No assertion on latency values (the machine may be loaded); only that 
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from test_postcopy import (  # noqa: F401
     DIRTY,
     MEM,
+    NEVER_CONVERGES_MS,
     _caps,
     _pair,
     _paused_both,
@@ -96,5 +98,31 @@ def test_recovery_with_preempt_goes_on_without_it_and_completes(
     assert src.wait_migration(timeout=60)["status"] == "completed"
     x = info["x-postcopy"]
     assert x["pages-placed"] == x["pages-to-come"]
+    _verified(dst)
+    assert "Traceback" not in src.log()
+
+
+def test_postcopy_with_preempt_under_tls_psk_completes(tmp_path: Path, procs: list[VmProcess]) -> None:  # noqa: F811
+    """tls-creds set: the preempt channel is opened and accepted under TLS as the main one."""
+    src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
+    procs.append(src)
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "defer")
+    procs.append(dst)
+    src.wait_serial(r"verify ok")
+    (tmp_path / "keys.psk").write_text(f"qemu:{secrets.token_hex(32)}\n")
+    for vm, endpoint in ((dst, "server"), (src, "client")):
+        vm.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "tls0", "dir": str(tmp_path),
+                                "endpoint": endpoint})
+        vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    _caps(src, "postcopy-ram", "events", "postcopy-preempt")
+    src.cmd("migrate-set-parameters", **{"downtime-limit": NEVER_CONVERGES_MS})
+    _caps(dst, *PREEMPT)
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    dst.cmd("migrate-incoming", uri=uri)
+    _switch_with_a_request(src, dst, uri)
+    info = dst.wait_migration(timeout=120)
+    assert info["status"] == "completed", info
+    assert src.wait_migration(timeout=60)["status"] == "completed"
+    assert info["x-postcopy"]["preempt-page-bytes"] > 0
     _verified(dst)
     assert "Traceback" not in src.log()
