@@ -532,3 +532,23 @@ def test_a_truncated_data_channel_is_refused_naming_the_channel() -> None:
         rx.feed_eof()
     loader.release()
     blocks[0].close()
+
+
+def test_bandwidth_never_exceeds_max_bandwidth() -> None:
+    """Under max-bandwidth the destination idles while the limiter waits, and idle time is left
+    out of the end-to-end rate: the measured rate is a burst's. The expected downtime must use
+    the cap, or a capped migration switches over with seconds of backlog (as one did: several
+    channels each burst a chunk, then waited)."""
+    p = Pair(downtime_limit_ms=300, end_to_end=True)
+    try:
+        p.setup()
+        p.session.progress(0, p.session.sent + (4 << 20), 0.0)
+        p.session.progress(4 << 20, p.session.sent + (4 << 20), 0.01)  # a 4 MiB burst in 10 ms
+        burst = p.session.bandwidth()
+        assert burst == pytest.approx((4 << 20) / 0.01)
+        p.session.bandwidth_cap = lambda: float(1 << 20)  # max-bandwidth 1 MiB/s
+        assert p.session.bandwidth() == 1 << 20
+        p.session.bandwidth_cap = lambda: float(1 << 30)  # a cap above the rate changes nothing
+        assert p.session.bandwidth() == burst
+    finally:
+        p.close()

@@ -49,9 +49,11 @@ class Step:
 class SourceSession:
     def __init__(self, savers: Sequence[Saver], encoder: StreamEncoder, config: Mapping[str, Any],
                  downtime_limit_ms: Callable[[], int], *, end_to_end: bool = False,
-                 step_budget: int = STEP_BUDGET) -> None:
+                 step_budget: int = STEP_BUDGET,
+                 bandwidth_cap: Callable[[], float] = lambda: 0.0) -> None:
         """`end_to_end`: the destination reports progress (a return path), so bandwidth and
-        backlog come from `progress`; else from what the channel accepted."""
+        backlog come from `progress`; else from what the channel accepted. `bandwidth_cap`:
+        max-bandwidth in the units `sent_total` counts (0: none)."""
         self.savers = list(savers)
         # Within a pass, state the guest rewrites slowly for its size goes first (Saver.bulk_first:
         # a disk), so that what the long first pass sends early is less likely to be dirtied again
@@ -60,6 +62,7 @@ class SourceSession:
         self.encoder = encoder
         self.config = dict(config)
         self.downtime_limit_ms = downtime_limit_ms
+        self.bandwidth_cap = bandwidth_cap
         self.end_to_end = end_to_end
         self.step_budget = step_budget
         self.sent = 0  # stream bytes the channel accepted
@@ -103,11 +106,15 @@ class SourceSession:
         return max(0, self.sent_total() - self.e2e.applied)
 
     def bandwidth(self) -> float:
-        """End to end where the destination reports it, else what the channel accepted."""
+        """End to end where the destination reports it, else what the channel accepted; never
+        above max-bandwidth. The cap matters: the end-to-end rate leaves out the destination's
+        idle time, and under a cap the limiter's waits are idle time, so the measured rate is
+        the burst's, not the cap's (several channels burst a chunk each, then wait)."""
         rate = self.e2e.rate() if self.end_to_end else 0.0
-        if rate > 0:
-            return rate
-        return self._send_bytes / self._send_secs if self._send_secs > 0 else 0.0
+        if rate <= 0:
+            rate = self._send_bytes / self._send_secs if self._send_secs > 0 else 0.0
+        cap = self.bandwidth_cap()
+        return min(rate, cap) if cap > 0 and rate > 0 else rate
 
     def expected_downtime(self) -> float:
         return expected_downtime_ms(self.pending() + self.backlog(), self.bandwidth(), FIXED_MS)
