@@ -1,6 +1,7 @@
 """Postcopy fault latency on loopback while the background push runs.
 
     python bench/bench_postcopy.py [--runs 3] [--mem 1G] [--ws 512] [--rate 64] [--transport tcp]
+                                   [--preempt]
 
 Two `vmferry run` processes on KVM; the `dirty` guest (--ws MiB working set, --rate MiB/s of
 random page writes) on the source. `postcopy-ram` on both sides, `migrate`, and
@@ -11,12 +12,14 @@ the destination's query-migrate (docs/migration.md, "Postcopy"): fault latency (
 resolver reading the fault to the page placed) average, p50, p99, max and its log2 histogram;
 requests; postcopy-blocktime against the guest's own worst `stall=` after the switch; the
 source's switch pause (downtime) and total time. Every run must end with the destination's guest
-printing `verify ok` and the host verifier agreeing.
+printing `verify ok` and the host verifier agreeing. `--preempt`: capability `postcopy-preempt`
+on both sides (requested pages on a second connection); the load average is printed per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import statistics
@@ -44,8 +47,9 @@ def one_run(tmp: Path, args: argparse.Namespace) -> dict:
     dst = VmProcess(tmp, "dst", "-m", args.mem, "--incoming", "defer")
     try:
         src.wait_serial(r"dirty: filled \d+ pages", timeout=300)  # the whole working set is populated
+        caps = ["postcopy-ram", "postcopy-preempt"] if args.preempt else ["postcopy-ram"]
         for vm in (src, dst):
-            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
         dst.cmd("migrate-set-capabilities",
                 capabilities=[{"capability": "postcopy-blocktime", "state": True}])
         uri = f"tcp:127.0.0.1:{_free_port()}" if args.transport == "tcp" else f"unix:{tmp / 'm.sock'}"
@@ -69,7 +73,8 @@ def one_run(tmp: Path, args: argparse.Namespace) -> dict:
         return {"latency": x["fault-latency"], "requests": x["requests"], "placed": x["pages-placed"],
                 "blocktime": d.get("postcopy-blocktime"), "stall_ms": max(stalls) / 1000 if stalls else None,
                 "downtime": s.get("downtime"), "total": s.get("total-time"),
-                "postcopy_mb": s["ram"]["postcopy-bytes"] / 1e6}
+                "postcopy_mb": s["ram"]["postcopy-bytes"] / 1e6, "load": os.getloadavg()[0],
+                "preempt_mb": x.get("preempt-page-bytes", 0) / 1e6}
     finally:
         src.close()
         dst.close()
@@ -82,6 +87,7 @@ def main() -> int:
     p.add_argument("--ws", type=int, default=512)
     p.add_argument("--rate", type=int, default=64)
     p.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    p.add_argument("--preempt", action="store_true", help="capability postcopy-preempt on both sides")
     args = p.parse_args()
     results = []
     for i in range(args.runs):
@@ -91,7 +97,8 @@ def main() -> int:
         print(f"run {i + 1}: faults {lat['faults']} avg {lat['avg-ms']} ms p50 {lat['p50-ms']} "
               f"p99 {lat['p99-ms']} max {lat['max-ms']} ms; requests {r['requests']}, {r['placed']} pages "
               f"after the switch ({r['postcopy_mb']:.0f} MB); blocktime {r['blocktime']} ms vs guest stall "
-              f"{r['stall_ms']} ms; switch pause {r['downtime']} ms, total {r['total']} ms", flush=True)
+              f"{r['stall_ms']} ms; switch pause {r['downtime']} ms, total {r['total']} ms; "
+              f"preempt channel {r['preempt_mb']:.1f} MB; load average {r['load']:.1f}", flush=True)
         print(f"       histogram (<= us: faults) {lat['histogram-us']}", flush=True)
         results.append(r)
     avg = [r["latency"]["avg-ms"] for r in results]

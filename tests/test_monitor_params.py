@@ -39,7 +39,7 @@ EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tl
              "x-postcopy-after-ms", "x-postcopy-reconnect", "xbzrle-cache-size", "vcpu-dirty-limit",
              "x-vcpu-dirty-limit-period"}
 EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime",
-                  "xbzrle", "dirty-limit"}
+                  "postcopy-preempt", "xbzrle", "dirty-limit"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}

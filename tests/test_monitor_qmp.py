@@ -263,8 +263,8 @@ def test_migration_parameters_and_capabilities(vm_server) -> None:
         assert await error_of(
             qmp,
             "migrate-set-capabilities",
-            {"capabilities": [{"capability": "postcopy-preempt", "state": True}]},
-        ) == ("GenericError", "Capability 'postcopy-preempt' is not supported by vmferry yet")
+            {"capabilities": [{"capability": "x-colo", "state": True}]},
+        ) == ("GenericError", "Capability 'x-colo' is not supported by vmferry yet")
 
     run(server, body)
     assert vm.migration_parameters.downtime_limit == 500  # what the migration thread will read

@@ -40,13 +40,14 @@ def _caps(vm: VmProcess, *names: str) -> None:
 
 def _pair(tmp: Path, procs: list[VmProcess], *,
           dst_caps: tuple[str, ...] = ("postcopy-ram", "postcopy-blocktime"),
+          src_caps: tuple[str, ...] = (),
           append: str = DIRTY) -> tuple[VmProcess, VmProcess, str]:
     src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", append)
     procs.append(src)
     dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", "defer")
     procs.append(dst)
     src.wait_serial(r"verify ok")
-    _caps(src, "postcopy-ram", "events")
+    _caps(src, "postcopy-ram", "events", *src_caps)
     # Precopy can never switch over (the fixed part of a pause alone is above 1 ms): postcopy is
     # the only way these migrations finish, so no test races a precopy that converged.
     src.cmd("migrate-set-parameters", **{"downtime-limit": NEVER_CONVERGES_MS})

@@ -200,6 +200,7 @@ class VmControl:
             tls = migration_tls(self.migration_parameters, self.objects, endpoint="client",
                                 uri_host=parsed.host if isinstance(parsed, TcpUri) else "")
             multifd = self._multifd_setup(uri, parsed, tls)
+            preempt = self._preempt_setup(uri, parsed, tls)
             trace = self._open_trace("source")  # a path it cannot write is refused here
             channel, connected = _connect_in_background(uri, tls)
             # A refused or unreachable peer answers at once: an error reply, as the user
@@ -222,6 +223,7 @@ class VmControl:
                 multifd=multifd,
                 postcopy=self.migration_capabilities.enabled("postcopy-ram"),
                 reconnect=_reconnector(uri, tls),
+                preempt=preempt,
                 xbzrle_cache=(self.migration_parameters.xbzrle_cache_size
                               if self.migration_capabilities.enabled("xbzrle") else None),
             )
@@ -246,6 +248,16 @@ class VmControl:
         return MultifdSetup(p.multifd_channels, p.multifd_compression, p.multifd_zlib_level,
                             p.multifd_zstd_level, connect)
 
+    def _preempt_setup(self, uri: str, parsed: object, tls: TlsSetup | None) -> Callable[[], Channel] | None:
+        """Capability `postcopy-preempt`: how to open the preempt channel (same URI; TLS too when
+        tls-creds is set). Only tcp: and unix: can carry a second connection."""
+        if not self.migration_capabilities.enabled("postcopy-preempt"):
+            return None
+        if not isinstance(parsed, TcpUri | UnixUri):
+            raise MigrationError(f"postcopy-preempt needs a tcp: or unix: URI (a second connection); "
+                                 f"'{uri}' has one channel: turn capability 'postcopy-preempt' off for it")
+        return _reconnector(uri, tls)
+
     def migrate_incoming(self, uri: str) -> None:
         with self._lock:
             if not self.inmigrate:
@@ -260,6 +272,7 @@ class VmControl:
                 lambda: self.migration_parameters.x_heartbeat_ms,
                 lambda: self.migration_capabilities.enabled("postcopy-ram"),
                 self._relisten,
+                lambda: self.migration_capabilities.enabled("postcopy-preempt"),
             )
             self.incoming.start()
             self.listen_address = str(listener.address)
@@ -610,7 +623,8 @@ def _socket_address(uri: str) -> dict:
 
 
 def _reconnector(uri: str, tls: TlsSetup | None) -> Callable[[], Channel]:
-    """x-postcopy-reconnect: one more connection to `migrate`'s address, TLS as the first."""
+    """One more connection to `migrate`'s address, TLS as the first (x-postcopy-reconnect, and
+    postcopy-preempt's channel)."""
 
     def connect() -> Channel:
         channel = connect_outgoing(uri, timeout_s=1.0)

@@ -43,6 +43,7 @@ from vmferry.migration.postcopy import (
     restore_switch_interval,
     short_switch_interval,
 )
+from vmferry.migration.preempt import PreemptPages, PreemptReceiver, no_delay
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -87,6 +88,7 @@ class IncomingMigration:
         heartbeat_ms: Callable[[], int] = lambda: 1000,
         postcopy_enabled: Callable[[], bool] = lambda: False,
         relisten: Callable[[], Listener | None] = lambda: None,
+        preempt_enabled: Callable[[], bool] = lambda: False,
     ) -> None:
         """`on_loaded` runs once everything is verified and applied; it starts the guest (or,
         with -S, leaves it paused) — before the source is acknowledged."""
@@ -128,6 +130,12 @@ class IncomingMigration:
         self._data_threads: list[threading.Thread] = []
         self._receivers: list[DataChannelReceiver] = []
         self._data_error: str | None = None
+        # postcopy-preempt (migration/preempt.py): this side's capability; the preempt channel's
+        # connection, receiver and thread once CONFIG announced it (dropped at a postcopy pause).
+        self._preempt_enabled = preempt_enabled
+        self._preempt: tuple[Channel, PreemptReceiver, threading.Thread] | None = None
+        self._preempt_done = False  # the migration no longer needs it: its end is no failure
+        self._preempt_page_bytes = 0
 
     @property
     def passes(self) -> int:
@@ -181,6 +189,7 @@ class IncomingMigration:
                 self._finish_postcopy()
                 return
             self._finish_data_channels()
+            self._preempt_done = True  # precopy completed: the preempt channel carried nothing
             if self._receivers:
                 self.stats.multifd_bytes = sum(rx.bytes_received for rx in self._receivers)
                 self.stats.transferred += self.stats.multifd_bytes
@@ -224,6 +233,7 @@ class IncomingMigration:
             if self.watchdog is not None:
                 self.watchdog.stop()
             self.listener.close()
+            self._drop_preempt()
             for ch in self.data_channels:
                 ch.shutdown()
             for t in self._data_threads:
@@ -274,9 +284,10 @@ class IncomingMigration:
         never populated on the source become ordinary zero-fill pages), then ACK."""
         dest = self.postcopy.dest
         assert dest is not None
+        self._finish_preempt()
         if not dest.all_placed():
             raise MigrationError(f"the stream ended with {dest.missing()} postcopy pages not sent")
-        self.stats.postcopy = dest.report()
+        self.stats.postcopy = self._with_preempt(dest.report())
         latencies = dest.fault_latencies_us()
         # One event for the whole postcopy, written after the last fault: a line per fault from
         # the resolver thread would cost time on the path it measures (docs/trace.md).
@@ -371,6 +382,8 @@ class IncomingMigration:
         still to come wait for it. Keep everything (userfaultfd, resolver, received pages) for a
         recovery; never exit on our own."""
         self._paused = True
+        self._drop_preempt()  # a recovery goes on without it
+        self._data_error = None  # its failure (in `reason` already) must not outlive the recovery
         if self._pause_requested is not None:
             reason = self._pause_requested
         self.stats.error = f"postcopy paused: {reason}"
@@ -405,7 +418,16 @@ class IncomingMigration:
         dest = self.postcopy.dest
         if self.stats.postcopy or dest is None or dest.uffd is None:
             return dict(self.stats.postcopy)
-        return dest.report()
+        return self._with_preempt(dest.report())
+
+    def _with_preempt(self, report: dict) -> dict:
+        """x-postcopy's `preempt-page-bytes`: page bytes the preempt channel brought (while it is
+        there; after a recovery, what it brought before the pause)."""
+        if self._preempt is not None:
+            self._preempt_page_bytes = self._preempt[1].page_bytes
+        if self._preempt_enabled() or self._preempt_page_bytes:
+            report["x-postcopy"]["preempt-page-bytes"] = self._preempt_page_bytes
+        return report
 
     def close(self) -> None:
         """The VMM is exiting: close the userfaultfd before the VM's fds (a vCPU blocked on a
@@ -540,12 +562,92 @@ class IncomingMigration:
                 f" start it with -M {h.machine_type}"
             )
 
+    def _accept_preempt(self, cfg: dict) -> None:
+        """postcopy-preempt: both sides must have it (the source says so in CONFIG); then accept
+        the preempt channel on the same listener, with a receiving thread of its own."""
+        theirs, ours = cfg.get("postcopy-preempt") is True, self._preempt_enabled()
+        if theirs != ours:
+            side = ("the source has capability 'postcopy-preempt' on but this destination has it off"
+                    if theirs else
+                    "this destination has capability 'postcopy-preempt' on but the source has it off")
+            raise MigrationError(f"{side}: set it the same on both sides (migrate-set-capabilities)")
+        if not theirs:
+            return
+        mid = cfg.get("migration-id")
+        if not isinstance(mid, str):
+            raise MigrationError(f"CONFIG migration-id {mid!r} is not valid")
+        try:
+            ch = self.listener.accept(DATA_ACCEPT_S)
+        except VmferryError as e:
+            raise MigrationError(f"postcopy-preempt: the preempt channel did not connect: {e}") from None
+        no_delay(ch)
+        rx = PreemptReceiver(PreemptPages(self.ram, lambda: self.postcopy.dest), mid)
+        t = threading.Thread(target=self._receive_preempt, args=(ch, rx), name="postcopy-preempt-recv",
+                             daemon=True)
+        self._preempt = (ch, rx, t)
+        t.start()
+        log.info("postcopy-preempt: the preempt channel connected (migration %s)", mid)
+
+    def _receive_preempt(self, channel: Channel, rx: PreemptReceiver) -> None:
+        """The preempt channel, to its END: requested pages are placed as they arrive. A channel
+        that is wrong (a bad record, another migration) fails the migration: the main stream is
+        shut down and its thread reports why. One that just ends early fails nothing before RUN
+        (the main stream says what happened); after RUN the main stream is shut down too, so
+        that both sides pause at once instead of at the next request."""
+        chunk = memoryview(bytearray(CHUNK_BYTES))
+        try:
+            while not rx.ended and rx.read_from(channel.recv_into, chunk):
+                pass
+            if not rx.ended:
+                raise DataChannelLost("the postcopy-preempt channel closed before its END")
+        except (DataChannelLost, TransportError, OSError) as e:
+            rx.lost = str(e)
+            if self._preempt_done or self._cancel.is_set() or not self.postcopy.running:
+                return
+            log.warning("postcopy-preempt channel lost: %s", e)
+            if self.channel is not None:
+                self.channel.shutdown()
+        except VmferryError as e:
+            rx.lost = str(e)
+            if self._preempt_done or self._cancel.is_set():
+                return
+            if self._data_error is None:
+                why = str(e)
+                self._data_error = why if "postcopy-preempt" in why else f"postcopy-preempt channel: {why}"
+            log.warning("%s", self._data_error)
+            if self.channel is not None:
+                self.channel.shutdown()
+
+    def _finish_preempt(self) -> None:
+        """Postcopy's END on the main stream: the preempt channel's END (sent before it) must be
+        read and its pages placed before the last pages can be counted."""
+        if self._preempt is None:
+            return
+        _, rx, t = self._preempt
+        t.join(DATA_ACCEPT_S)
+        if self._data_error is not None:
+            raise MigrationError(self._data_error)
+        if not rx.ended:
+            raise MigrationError(f"the postcopy-preempt channel did not end: {rx.lost or 'no END'}")
+
+    def _drop_preempt(self) -> None:
+        """The migration is over here, or paused (a recovery goes on without it). Idempotent."""
+        self._preempt_done = True
+        if self._preempt is None:
+            return
+        ch, rx, t = self._preempt
+        self._preempt_page_bytes = rx.page_bytes
+        self._preempt = None
+        ch.shutdown()
+        if t is not threading.current_thread():
+            t.join(5.0)
+        ch.close()
+
     def _accept_data_channels(self, cfg: dict) -> None:
         """CONFIG names the data channels (multifd): accept them on the same listener, each on a
-        receiving thread of its own; then close the listener."""
+        receiving thread of its own."""
         n = cfg.get("multifd-channels")
         if n is None:
-            self.listener.close()
             return
         mid = cfg.get("migration-id")
         if not isinstance(n, int) or not 1 <= n <= 255 or not isinstance(mid, str):
@@ -562,7 +664,6 @@ class IncomingMigration:
                                  daemon=True)
             self._data_threads.append(t)
             t.start()
-        self.listener.close()
         log.info("multifd: %d data channels connected (migration %s)", n, mid)
 
     def _receive_data(self, channel: Channel, rx: DataChannelReceiver) -> None:
@@ -627,6 +728,8 @@ class IncomingMigration:
             self.listener.close()
             return
         self._accept_data_channels(cfg)
+        self._accept_preempt(cfg)
+        self.listener.close()
         smp = cfg.get("smp")
         if isinstance(smp, int) and smp != self.machine.smp:
             raise MigrationError(f"the source has {smp} vCPUs but this destination has "

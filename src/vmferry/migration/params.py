@@ -383,6 +383,11 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
     "postcopy-ram": "both sides: allows migrate-start-postcopy on the source; the destination "
                     "refuses a stream that advises postcopy while it is off here. Needs a return path; "
                     "not with multifd (migration/postcopy.py, docs/migration.md)",
+    "postcopy-preempt": "both sides (each refuses a stream where only one side has it; needs "
+                        "postcopy-ram and a tcp: or unix: URI): the source opens a second connection "
+                        "for requested postcopy pages, sent and placed on threads of their own, so they "
+                        "never queue behind the background push (migration/preempt.py). Not reopened "
+                        "after a postcopy recovery",
     "postcopy-blocktime": "destination: query-migrate reports postcopy-blocktime and "
                           "postcopy-vcpu-blocktime (ms; measured in every postcopy migration)",
     "return-path": "always on (QEMU's default is off) and cannot be turned off: on every two-way "

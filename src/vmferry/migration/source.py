@@ -61,6 +61,7 @@ from vmferry.migration.postcopy import (
     restore_switch_interval,
     short_switch_interval,
 )
+from vmferry.migration.preempt import PreemptSender
 from vmferry.migration.ram import RamSaver, block_table
 from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
@@ -120,6 +121,7 @@ class OutgoingMigration:
         multifd: MultifdSetup | None = None,
         postcopy: bool = False,
         reconnect: Callable[[], Channel] | None = None,
+        preempt: Callable[[], Channel] | None = None,
         xbzrle_cache: int | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
@@ -165,6 +167,10 @@ class OutgoingMigration:
         self._pause_requested: str | None = None
         # x-postcopy-reconnect: opens a new connection to `migrate`'s address (same TLS)
         self._reconnect = reconnect
+        # postcopy-preempt (migration/preempt.py): opens the preempt channel (same address, same
+        # TLS); the channel once open. Not opened again after a recovery.
+        self._preempt_connect = preempt
+        self.preempt: PreemptSender | None = None
         self.watchdog: Watchdog | None = None
         self._silence: str | None = None  # the watchdog's reason, once the destination went silent
         self._beat_at = 0.0  # when the stream last carried anything
@@ -348,6 +354,8 @@ class OutgoingMigration:
             gc.unfreeze()
             if self.sender is not None:
                 self.sender.stop()
+            if self.preempt is not None:
+                self.preempt.close()
             for ch in self.data_channels:
                 with contextlib.suppress(VmferryError, OSError):
                     ch.close()
@@ -402,6 +410,8 @@ class OutgoingMigration:
             "return-path": self.channel.has_return_path,
         }
         migration_id = uuid.uuid4().hex
+        if self._preempt_connect is not None:
+            config.update({"postcopy-preempt": True, "migration-id": migration_id})
         if self.ram.xbzrle is not None:
             config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:
@@ -422,6 +432,14 @@ class OutgoingMigration:
         self._maybe_beat(now=True)  # tells the destination that this source beats
         if self.multifd is not None:
             self._open_data_channels(migration_id)
+        if self._preempt_connect is not None:
+            try:
+                self.preempt = PreemptSender(self._preempt_connect(), migration_id,
+                                             block_table(self.machine.ram_blocks),
+                                             self.machine.machine_type.name)
+            except VmferryError as e:
+                raise MigrationError(f"postcopy-preempt: the preempt channel could not connect: {e}"
+                                     ) from None
         # Objects alive now (the whole VMM) are never garbage; frozen, a collection during the
         # migration only scans what the migration allocates, and stays short.
         gc.freeze()
@@ -733,7 +751,12 @@ class OutgoingMigration:
         """After RUN: the rest of RAM, requested pages first, then END and the ACK."""
         session, pc, rp = self.session, self.postcopy, self.return_path
         assert session is not None and pc is not None and rp is not None
-        rp.on_page_request = pc.request
+        preempt = self.preempt
+        if preempt is not None:  # requested pages go on the preempt channel, from its own thread
+            rp.on_page_request = preempt.request
+            preempt.start(pc)
+        else:
+            rp.on_page_request = pc.request
         _small_send_buffer(self.channel)
         send = lambda bufs: session.send(_Unlimited(self), bufs)  # noqa: E731 - the push's output
         # max-postcopy-bandwidth paces the background push only: a requested page never waits.
@@ -743,6 +766,8 @@ class OutgoingMigration:
                 raise MigrationError(self._silence or self._pause_requested or "")
             if rp.closed.is_set() and not pc.done():
                 raise MigrationError(rp.shut_reason or "the destination closed the connection")
+            if preempt is not None and preempt.error is not None:
+                raise MigrationError(preempt.error)
             self._take_progress()
             self._maybe_beat()
             limit = self.params.max_postcopy_bandwidth
@@ -761,6 +786,11 @@ class OutgoingMigration:
                 self.stats.normal = self.ram.counters.pages + pc.pages
                 self.stats.duplicate = self.ram.counters.zero_pages + pc.zero_pages
         pc.step(send)  # requests that came in meanwhile are for pages sent already: dropped
+        if preempt is not None:
+            preempt.finish()  # its END before the main stream's: the destination waits for both
+            with self.stats.lock:
+                self.stats.postcopy_requests = pc.requests
+                self.stats.postcopy_bytes = pc.bytes
         restore_switch_interval()
         self._end_sent = True
         session.end(self)
@@ -817,6 +847,9 @@ class OutgoingMigration:
     def _postcopy_paused(self, e: BaseException) -> None:
         """A failure after RUN: neither side has the whole VM. The source keeps its vCPUs stopped
         and every page still to send, and waits for a recovery (`migrate` with resume)."""
+        if self.preempt is not None:  # a recovery goes on without it (migration/preempt.py)
+            self.preempt.close()
+            self.preempt = None
         if self._pause_requested is not None:
             reason = self._pause_requested
         elif self._silence is not None:
