@@ -18,7 +18,7 @@ Say yes only to what works: every name keeps QEMU 7.2's spelling, type and defau
 dirty-limit's; clients probe them with `query-migrate-parameters` /
 `query-migrate-capabilities`), but only the names in
 `EFFECTIVE_PARAMETERS` / `EFFECTIVE_CAPABILITIES` may be changed — each says what reads it. Any
-other name is refused ("Parameter 'multifd-channels' is not supported by vmferry yet") unless the
+other name is refused ("Parameter 'compress-level' is not supported by vmferry yet") unless the
 value asked for is the one it already has: setting a parameter to its default, or a capability to
 off, changes nothing and is accepted, so clients that write back what they read keep working.
 """

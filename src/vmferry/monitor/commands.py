@@ -389,7 +389,7 @@ _PARAM_ARGS = tuple(Arg(s.qmp_name, _param_type(s), optional=True, doc=s.doc) fo
          args=_PARAM_ARGS,
          errors=("GenericError: Parameter 'downtime-limit' expects an integer in the range of 0 to "
                  "2000000 ms (and the like for each parameter)",
-                 "GenericError: Parameter 'multifd-channels' is not supported by vmferry yet (any "
+                 "GenericError: Parameter 'compress-level' is not supported by vmferry yet (any "
                  "parameter not marked effective, set to anything but its default)"),
          example=({"max-bandwidth": 1073741824, "downtime-limit": 500}, {}))
 def _migrate_set_parameters(d: CommandDispatcher, args: dict, session: Session) -> object:
@@ -416,7 +416,7 @@ _CAP_STATUS = Struct("MigrationCapabilityStatus",
          args=(Arg("capabilities", ListOf(_CAP_STATUS), doc="`[{\"capability\": NAME, \"state\": bool}]`"),),
          errors=("GenericError: " + _MIGRATION_ACTIVE,
                  "GenericError: Parameter 'capabilities[0].capability' does not accept value 'x'",
-                 "GenericError: Capability 'postcopy-ram' is not supported by vmferry yet (any capability "
+                 "GenericError: Capability 'x-colo' is not supported by vmferry yet (any capability "
                  "not marked effective, turned on)",
                  "GenericError: Capability 'return-path' cannot be turned off in vmferry: the "
                  "destination confirms the switchover on it"),

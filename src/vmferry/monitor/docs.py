@@ -176,7 +176,7 @@ def _parameters() -> list[str]:
              "them keep working. An out-of-range value is refused naming the parameter, e.g. "
              "`Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 ms`.", "",
              "Only the parameters marked **effective** may change; each says what reads it. Any other "
-             "is refused when set to anything but its default (`Parameter 'multifd-channels' is not "
+             "is refused when set to anything but its default (`Parameter 'compress-level' is not "
              "supported by vmferry yet`); setting it to its default changes nothing and is accepted.",
              "",
              "| parameter | type | default | allowed | meaning | in vmferry |", "|---|---|---|---|---|---|"]
@@ -194,7 +194,7 @@ def _capabilities() -> list[str]:
              "Set with `migrate-set-capabilities`, read with `query-migrate-capabilities`: QEMU 7.2's "
              "list, in its order. All are off by default as in QEMU, except `return-path`. Only the "
              "capabilities marked **effective** may be turned on; turning any other on is refused "
-             "(`Capability 'postcopy-ram' is not supported by vmferry yet`), turning it off is accepted.", "",
+             "(`Capability 'x-colo' is not supported by vmferry yet`), turning it off is accepted.", "",
              "| capability | default | meaning | in vmferry |", "|---|---|---|---|"]
     for c in CAPABILITIES:
         effect = EFFECTIVE_CAPABILITIES.get(c)
