@@ -56,7 +56,8 @@ class Vm:
     """One VM process (QEMU or vmferry) with a QMP socket and its COM1 output in a file."""
 
     def __init__(self, side: str, tmp: Path, name: str, memory: str, append: str,
-                 incoming: str | None = None) -> None:
+                 incoming: str | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: run the process under it, e.g. `ip netns exec NS` (a network namespace)."""
         self.side = side
         self.name = f"{side}-{name}"
         self.qmp_path = tmp / f"{self.name}.qmp"
@@ -76,7 +77,7 @@ class Vm:
             cmd = [sys.executable, "-m", "vmferry", "run", "-m", memory,
                    "--qmp", f"unix:{self.qmp_path}", "--serial", f"file:{self.serial_path}"]
             cmd += ["--incoming", incoming] if incoming else ["--guest", "dirty", "--append", append]
-        self.cmd_line = cmd
+        self.cmd_line = cmd = [*prefix, *cmd]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.qmp: QEMUMonitorProtocol | None = None
         self.proc = spawn(cmd, self._log)
