@@ -149,6 +149,20 @@ def poll_until(vm: Vm, done: tuple[str, ...], timeout: float) -> dict[str, Any]:
         time.sleep(POLL_S)
 
 
+def switch_seen(src: Vm, dst: Vm, t_switch: float, timeout: float = 60) -> dict[str, Any]:
+    """When each side first reported postcopy-active after migrate-start-postcopy, polling both
+    every few ms (the destination's is when it runs the guest: an upper bound of the pause the
+    source's `downtime` does not see, which ends at RUN written into its socket)."""
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for name, vm in (("src", src), ("dst", dst)):
+            if name not in seen and vm.cmd("query-migrate").get("status") in ("postcopy-active", "completed"):
+                seen[name] = time.monotonic()
+        time.sleep(0.005)
+    return {f"{name}_postcopy_active_after_ms": round((t - t_switch) * 1000) for name, t in seen.items()}
+
+
 def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
     append = APPEND.format(verify=args.verify)
     res: dict[str, Any] = {"side": side, "append": append, "load_start": os.getloadavg()[0]}
@@ -191,9 +205,12 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
             "dirty_rate_mibs": round(ram.get("dirty-pages-rate", 0) * 4096 / 2**20),
             "expected_downtime_ms": pre.get("expected-downtime"),
             "mbps": ram.get("mbps")}
+        rate = src.write_rate(t0)
+        res["precopy"]["guest_rate_mibs"] = round(rate, 1) if rate is not None else None
         serial_at = len(dst.serial())
         t_switch = time.monotonic()
         src.cmd("migrate-start-postcopy")
+        res.update(switch_seen(src, dst, t_switch))
         s = poll_until(src, ("completed", "failed", "cancelled", "postcopy-paused"), args.timeout)
         res["wall_s"] = round(time.monotonic() - t0, 2)
         res["postcopy_wall_s"] = round(time.monotonic() - t_switch, 2)
@@ -209,6 +226,9 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
             "setup_ms": s.get("setup-time"), "transferred": ram.get("transferred"),
             "postcopy_requests_src": ram.get("postcopy-requests"),
             "postcopy_bytes_src": ram.get("postcopy-bytes"),
+            # The wire rate after the switch: what precopy had not sent, over the postcopy's time.
+            "postcopy_phase_mbs": round((ram.get("transferred", 0) - pre["ram"]["transferred"]) / 1e6
+                                        / res["postcopy_wall_s"], 1),
             "blocktime_ms": d.get("postcopy-blocktime"),
             "vcpu_blocktime_ms": d.get("postcopy-vcpu-blocktime"),
             "downtime_phases": s.get("downtime-phases"), "x_postcopy": d.get("x-postcopy")})
@@ -247,26 +267,30 @@ def fmt(values: list[float | None], unit: str = "", nd: int = 0) -> str:
 
 
 def table(results: list[dict[str, Any]], sides: list[str]) -> str:
-    rows = ["| side | runs ok | precopy after N s: passes, left MiB, expected downtime ms | total ms | "
-            "bytes sent MiB | total / (bytes / 1 Gbit/s) | total / (bytes / measured link) | "
-            "switch pause (downtime) ms | guest stall at switch ms | worst stall after ms | "
-            "blocktime ms | requests | verify |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["side", "runs ok", "precopy after N s: passes, left MiB, expected downtime ms",
+            "guest's write rate in precopy MiB/s", "total ms",
+            "bytes sent MiB", "total / (bytes / 1 Gbit/s)", "total / (bytes / measured link)",
+            "switch pause (downtime) ms", "destination postcopy-active after ms", "guest stall at switch ms",
+            "worst stall after ms", "blocktime ms", "requests", "wire after the switch MB/s", "verify"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for side in sides:
         ok = [r for r in results if r["side"] == side and "error" not in r]
         n = sum(1 for r in results if r["side"] == side)
         if not ok:
-            rows.append(f"| {side} | 0 / {n} | | | | | | | | | | | |")
+            rows.append(f"| {side} | 0 / {n} |" + " |" * (len(head) - 2))
             continue
         pre = [r["precopy"] for r in ok]
         pre_cell = (f"{pre[0]['seconds']:.0f} s: {fmt([p['passes'] for p in pre])}, "
                     f"{fmt([p['remaining_mib'] for p in pre])}, "
                     f"{fmt([p['expected_downtime_ms'] for p in pre])}")
-        cells = [fmt([r["total_ms"] for r in ok]), fmt([r["transferred"] / 2**20 for r in ok]),
-                 fmt([r["ratio_nominal"] for r in ok], nd=2), fmt([r["ratio_measured"] for r in ok], nd=2),
-                 fmt([r["downtime_ms"] for r in ok]), fmt([r["stall_first_ms"] for r in ok], nd=1),
-                 fmt([r["stall_max_ms"] for r in ok], nd=1), fmt([r["blocktime_ms"] for r in ok]),
-                 fmt([r["postcopy_requests_src"] for r in ok]),
+        def col(key: str, nd: int = 0, ok: list[dict[str, Any]] = ok) -> str:
+            return fmt([r.get(key) for r in ok], nd=nd)
+
+        cells = [fmt([p.get("guest_rate_mibs") for p in pre]), col("total_ms"),
+                 fmt([r["transferred"] / 2**20 for r in ok]), col("ratio_nominal", 2),
+                 col("ratio_measured", 2), col("downtime_ms"), col("dst_postcopy_active_after_ms"),
+                 col("stall_first_ms", 1), col("stall_max_ms", 1), col("blocktime_ms"),
+                 col("postcopy_requests_src"), col("postcopy_phase_mbs", 1),
                  "ok" if all(r.get("verify_ok") for r in ok) else "FAIL"]
         rows.append(f"| {side} | {len(ok)} / {n} | {pre_cell} | {' | '.join(cells)} |")
     return "\n".join(rows)
