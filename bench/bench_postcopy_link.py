@@ -1,7 +1,7 @@
 """S5 over a real 1 Gbit/s link: precopy never converges, postcopy completes; vmferry and QEMU.
 
     python bench/bench_postcopy_link.py [--runs 3] [--sides vmferry,qemu-kvm] [--rate 1gbit]
-                                        [--precopy-s 20] [--json out.json]
+                                        [--precopy-s 10] [--json out.json]
 
 Root needed. The link: a veth pair into a network namespace of its own, shaped by `tc tbf` to
 --rate both ways (/work/shared/BENCHMARKS.md, "A 1 Gbit/s link on one machine"); the destination
@@ -13,10 +13,12 @@ arguments: 4 GiB, ws=1024 rate=200, i.e. S5): start the source, wait for the fil
 `verify ok`; start the destination with `--incoming defer` / `-incoming defer` in the namespace;
 QEMU's sequence on both: `migrate-set-capabilities postcopy-ram` on both sides
 (`postcopy-blocktime` on the destination), `migrate-incoming`, `max-bandwidth` raised to
-100 GiB/s on the source (the link is the limit), `migrate`; precopy runs --precopy-s seconds and
-must not have completed (what it had left and its expected downtime are recorded: it cannot
-converge with 200 MiB/s written against ~119 MiB/s of wire); then `migrate-start-postcopy`, and
-both sides are polled to `completed`. The destination's guest must then print `verify ok` (its
+100 GiB/s on the source (the link is the limit), `migrate`; precopy runs --precopy-s seconds (10: into its second pass, the first
+takes ~9 s for the 1 GiB working set) and what it had left, its expected downtime, vmferry's
+convergence verdict and the guest's real write rate meanwhile are recorded (the guest writes
+slower while it is migrated than its rate=200: the vCPU shares 2 cores with the migration; a
+precopy that completes on its own before the switch is recorded as such, and the run then
+exercised no postcopy); then `migrate-start-postcopy`, and both sides are polled to `completed`. The destination's guest must then print `verify ok` (its
 own check of every page; vmferry's host verifier `x-verify-dirty-guest` too).
 
 Reported from the source's final query-migrate: total-time, downtime (the pause at the switch:
@@ -189,14 +191,24 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
         t0 = time.monotonic()
         src.cmd("migrate", uri=uri)
         while time.monotonic() - t0 < args.precopy_s:
-            info = src.cmd("query-migrate")
-            if info.get("status") not in ("setup", "active"):
-                raise BenchError(f"{side}: precopy ended on its own ({info.get('status')}): {info}")
+            pre = src.cmd("query-migrate")
+            if pre.get("status") not in ("setup", "active"):
+                break
             src.serial()
             time.sleep(0.2)
-        pre = src.cmd("query-migrate")
+        else:
+            pre = src.cmd("query-migrate")
         if pre.get("status") != "active":
-            raise BenchError(f"{side}: precopy is {pre.get('status')} after {args.precopy_s} s: {pre}")
+            # Precopy ended on its own: a result (the guest wrote slower than the link while
+            # migrating), recorded and checked, but postcopy was not exercised.
+            res["precopy_ended"] = {"status": pre.get("status"), "total_ms": pre.get("total-time"),
+                                    "downtime_ms": pre.get("downtime"),
+                                    "passes": pre.get("ram", {}).get("dirty-sync-count"),
+                                    "convergence": pre.get("convergence")}
+            if pre.get("status") == "completed":
+                dst.wait_serial(r"verify ok gen=\d+", timeout=args.verify + 120)
+            raise BenchError(f"{side}: precopy ended on its own ({pre.get('status')}) after "
+                             f"{pre.get('total-time')} ms, before the switch: {res['precopy_ended']}")
         ram = pre.get("ram", {})
         res["precopy"] = {
             "seconds": round(time.monotonic() - t0, 1), "status": pre["status"],
@@ -204,7 +216,7 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
             "transferred_mib": round(ram.get("transferred", 0) / 2**20),
             "dirty_rate_mibs": round(ram.get("dirty-pages-rate", 0) * 4096 / 2**20),
             "expected_downtime_ms": pre.get("expected-downtime"),
-            "mbps": ram.get("mbps")}
+            "mbps": ram.get("mbps"), "convergence": (pre.get("convergence") or {}).get("verdict")}
         rate = src.write_rate(t0)
         res["precopy"]["guest_rate_mibs"] = round(rate, 1) if rate is not None else None
         serial_at = len(dst.serial())
@@ -301,7 +313,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sides", default="vmferry,qemu-kvm")
     ap.add_argument("--rate", default="1gbit", help="tc tbf rate of the link (both ways)")
-    ap.add_argument("--precopy-s", type=float, default=20, help="seconds of precopy before the switch")
+    ap.add_argument("--precopy-s", type=float, default=10, help="seconds of precopy before the switch")
     ap.add_argument("--verify", type=int, default=30, help="the guest's verify interval, s (longer than "
                     "the precopy window: a verify pass is a quiet window)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed after the switch")
