@@ -20,19 +20,35 @@ flat out (`ws=48 rate=100000`) while vCPU 1 computes; it migrates over loopback 
 `vmferry run --incoming` process with auto-converge on (defaults but max-bandwidth 32 MiB/s,
 downtime-limit 30 ms). Reported: vCPU 1's loops/s before the migration and at each throttle
 level (by the host's clock), the throttle steps and the total time.
+
+--s5: who pays on S5 (4 GiB guest, 1 GiB working set rewritten at 200 MiB/s), dirty-limit against
+auto-converge. The source Machine (in this process, 2 vCPUs, `--accel kvm,dirty-ring-size=4096`
+in both modes so only the throttle differs) runs `dirty` with `ws=1024 rate=200 compute=1`; the
+destination is a `vmferry run --incoming` process. --link 1g (default): the destination in a
+network namespace behind a veth pair shaped by `tc tbf rate 1gbit` (docs: ../shared/BENCHMARKS.md;
+needs root); --link max-bandwidth: loopback with max-bandwidth --bandwidth-mib (110) MiB/s as a
+stand-in. Parameters
+are QEMU's defaults (downtime-limit 300 ms, throttle-trigger-threshold 50, vcpu-dirty-limit 1,
+x-vcpu-dirty-limit-period 1000). Reported per run: status, total s, passes, the pass after whose
+sync throttling started and how many passes ran after it (the switchover pass included), and vCPU
+1's loops/s by the host's clock: before the migration (3 s), during it before throttling, and
+while throttled (0.25 s samples, medians), with the throttled share of before.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +102,11 @@ def _wait_end(runner: VcpuRunner) -> None:
         time.sleep(0.0002)
 
 
-def _destination(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _destination(tmp: Path, memory: str = "128M", address: str = "127.0.0.1",
+                 wrap: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], str]:
     log = Path(tmp) / "dst.log"
-    proc = subprocess.Popen([sys.executable, "-m", "vmferry", "run", "-m", "128M", "--smp", "2",
-                             "--incoming", "tcp:127.0.0.1:0", "--serial", f"file:{tmp}/dst.serial"],
+    proc = subprocess.Popen([*wrap, sys.executable, "-m", "vmferry", "run", "-m", memory, "--smp", "2",
+                             "--incoming", f"tcp:{address}:0", "--serial", f"file:{tmp}/dst.serial"],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -161,13 +178,160 @@ def main_migrate(runs: int) -> None:
         print(f"| {i + 1} | {r.status} | {r.total_s:.1f} | {r.passes} | {r.before / 1e6:.2f} M | {cells} |")
 
 
+# --- S5: dirty-limit against auto-converge -------------------------------------------------------
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def gigabit_link() -> Iterator[tuple[str, str]]:
+    """(namespace, destination address): a veth pair into a namespace of our own, the host's end
+    shaped to 1 Gbit/s; removed however the run ends."""
+    tag = secrets.token_hex(3)
+    ns, host_if, peer_if = f"vmfb-{tag}", f"vb{tag}a", f"vb{tag}b"
+    net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
+    try:
+        _ip("netns", "add", ns)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        _ip("link", "set", peer_if, "netns", ns)
+        _ip("addr", "add", f"{net}.1/24", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", peer_if)
+        _ip("-n", ns, "link", "set", peer_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        subprocess.run(["tc", "qdisc", "add", "dev", host_if, "root", "tbf", "rate", "1gbit",
+                        "burst", "256kb", "latency", "50ms"], check=True, capture_output=True, timeout=30)
+        yield ns, f"{net}.2"
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            _ip("link", "del", host_if)
+        with contextlib.suppress(subprocess.SubprocessError):
+            _ip("netns", "del", ns)
+
+
+@dataclass
+class S5Run:
+    mode: str
+    status: str
+    total_s: float
+    passes: int
+    throttle_pass: int | None  # the pass after whose sync throttling started
+    before: float  # vCPU 1 loops/s before the migration
+    unthrottled: float  # ... during the migration, before throttling
+    throttled: float  # ... while throttled
+    writer_throttled: float  # vCPU 0's page writes/s while throttled
+    steps: str  # auto-converge's percentages, or dirty-limit's quota
+    writer_unthrottled: float = 0.0  # vCPU 0's page writes/s during the migration, unthrottled
+    error: str = ""
+
+
+def _median(v: list[float]) -> float:
+    return statistics.median(v) if v else float("nan")
+
+
+def s5_once(tmp: str, mode: str, link: str, bandwidth_mib: int = 110, ws_mib: int = 1024,
+            memory_gib: int = 4) -> S5Run:
+    writes_gpa = 0x9048  # the guest's page-write counter (guests/dirty_layout.h)
+    with contextlib.ExitStack() as stack:
+        m = stack.enter_context(Machine(memory=memory_gib << 30, smp=2, dirty_ring_size=4096))
+        m.load_kernel(guest_image("dirty"), f"ws={ws_mib} rate=200 verify=0 compute=1")
+        m.start()
+        deadline = time.monotonic() + 300
+        while _loops(m) == 0 or int.from_bytes(m.read_gpa(0x9040, 8), "little") < ws_mib * 256:
+            if time.monotonic() > deadline:
+                raise SystemExit("the guest never filled its working set")
+            time.sleep(0.1)
+        t0, l0 = time.monotonic(), _loops(m)
+        time.sleep(3.0)
+        before = (_loops(m) - l0) / (time.monotonic() - t0)
+        params = {"downtime-limit": 300}
+        if link == "1g":
+            ns, address = stack.enter_context(gigabit_link())
+            dst, uri = _destination(Path(tmp), f"{memory_gib}G", address, ("ip", "netns", "exec", ns))
+        else:
+            dst, uri = _destination(Path(tmp), f"{memory_gib}G")
+            params["max-bandwidth"] = bandwidth_mib << 20
+        stack.callback(dst.wait)
+        stack.callback(dst.kill)
+        channel: Future[Channel] = Future()
+        channel.set_result(connect_outgoing(uri))
+        out = OutgoingMigration(m, MachineDeviceState(m), channel, MigrationParameters.from_qmp(params),
+                                MigrationState(), auto_converge=mode == "auto-converge",
+                                dirty_limit=mode == "dirty-limit")
+        limiter = m.dirty_limiter
+        assert limiter is not None
+        start = time.monotonic()
+        out.start()
+        samples: dict[bool, list[float]] = {False: [], True: []}
+        writer: list[float] = []
+        writer_free: list[float] = []
+        first_pass: int | None = None
+        def writes() -> int:
+            return int.from_bytes(m.read_gpa(writes_gpa, 8), "little")
+
+        last_t, last_l, last_w = time.monotonic(), _loops(m), writes()
+        while out._thread.is_alive():
+            if time.monotonic() - start > 600:
+                out.cancel()
+            time.sleep(0.25)
+            throttled = bool(m.cpu_throttle_percentage) or limiter.in_service
+            if throttled and first_pass is None:
+                first_pass = out.dirty_limit_pass if mode == "dirty-limit" else len(out.stats.passes)
+            t, loops = time.monotonic(), _loops(m)
+            w = writes()
+            if m.running:
+                samples[throttled].append((loops - last_l) / (t - last_t))
+                (writer if throttled else writer_free).append((w - last_w) / (t - last_t))
+            last_t, last_l, last_w = t, loops, w
+        total = time.monotonic() - start
+        if out.auto_converge is not None:
+            steps = ",".join(f"{p} %" for p in out.auto_converge.history)
+        else:
+            assert out.dirty_limit is not None
+            steps = ",".join(f"{q} MB/s" for q in out.dirty_limit.history)
+        return S5Run(mode, str(out.state.status), total, len(out.stats.passes), first_pass, before,
+                     _median(samples[False]), _median(samples[True]), _median(writer), steps,
+                     _median(writer_free), out.stats.error or "")
+
+
+def main_s5(runs: int, link: str, modes: list[str], bandwidth_mib: int) -> None:
+    print(f"# {platform.node()} {platform.release()} {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, link {link}"
+          f"{f' {bandwidth_mib} MiB/s' if link == 'max-bandwidth' else ''}, load {os.getloadavg()}")
+    print("| run | mode | status | total s | passes | throttling from pass | passes after | vCPU 1 loops/s "
+          "before | during, unthrottled | throttled (share of before) | writer MiB/s unthrottled "
+          "| throttled | steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i in range(runs):
+        for mode in modes:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = s5_once(tmp, mode, link, bandwidth_mib)
+            after = r.passes - r.throttle_pass if r.throttle_pass is not None else "-"
+            print(f"| {i + 1} | {r.mode} | {r.status} | {r.total_s:.1f} | {r.passes} | {r.throttle_pass} "
+                  f"| {after} "
+                  f"| {r.before / 1e6:.2f} M | {r.unthrottled / 1e6:.2f} M | {r.throttled / 1e6:.2f} M "
+                  f"({r.throttled / r.before:.3f}) | {r.writer_unthrottled / 256:.1f} "
+                  f"| {r.writer_throttled / 256:.1f} | {r.steps} |", flush=True)
+            if r.error:
+                print(f"  ({r.mode} run {i + 1}: {r.error})", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pcts", default="0,20,50,80,95,99")
     ap.add_argument("--secs", type=float, default=3.0)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--migrate", action="store_true")
+    ap.add_argument("--s5", action="store_true")
+    ap.add_argument("--link", choices=["1g", "max-bandwidth"], default="1g")
+    ap.add_argument("--modes", default="dirty-limit,auto-converge")
+    ap.add_argument("--bandwidth-mib", type=int, default=110, help="--link max-bandwidth: MiB/s")
     args = ap.parse_args()
+    if args.s5:
+        main_s5(args.runs, args.link, args.modes.split(","), args.bandwidth_mib)
+        return
     if args.migrate:
         main_migrate(args.runs)
         return

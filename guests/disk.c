@@ -14,7 +14,8 @@
 #define BLOCK (SECTOR * DISK_BLOCK_SECTORS)
 #define ALIGN_4K(x) (((x) + 0xFFFul) & ~0xFFFul)
 #define LOW_RAM_LIMIT 0xC0000000ul
-#define VERIFY_CHUNK_BLOCKS 16 /* blocks per read request while verifying */
+#define IOBUF_BLOCKS 256 /* 1 MiB: the largest request (a verify read, a fill or dreq write) */
+#define PAGE 4096ul
 #define QSIZE 8
 
 #define MMIO_BASE 0xFEB00000ul
@@ -54,7 +55,7 @@
 #define DESC_NEXT 1
 #define DESC_WRITE 2
 
-static const char *const known[] = {"dws", "drate", "verify", "runtime", "seed", 0};
+static const char *const known[] = {"dws", "drate", "dreq", "dfill", "ws", "rate", "verify", "runtime", "seed", 0};
 
 struct desc {
     u64 addr;
@@ -80,12 +81,32 @@ static volatile struct {
 } used __attribute__((aligned(4096)));
 static struct blk_req req;
 static volatile u8 req_status;
-static u64 iobuf[VERIFY_CHUNK_BLOCKS * BLOCK / 8] __attribute__((aligned(4096)));
+static u64 iobuf[IOBUF_BLOCKS * BLOCK / 8] __attribute__((aligned(4096)));
 
 static u64 base;
 static u16 last_used;
 static u32 *table;
 static u64 nblocks, gen, rng, requests;
+static u64 ram_gpa, ram_pages, ram_writes;
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+/* TSC ticks per millisecond, measured against the PIT: the stopwatch for stalls (as in dirty). */
+static u64 tsc_per_ms(void)
+{
+    u64 start = rt_ticks;
+    while (rt_ticks == start)
+        rt_idle();
+    u64 t0 = rdtsc(), from = rt_ticks;
+    while (rt_ticks < from + 50)
+        rt_idle();
+    return (rdtsc() - t0) / 50 + 1;
+}
 
 static inline u32 rd32(u64 off) { return *(volatile u32 *)(base + off); }
 static inline void wr32(u64 off, u32 v) { *(volatile u32 *)(base + off) = v; }
@@ -164,26 +185,39 @@ static int sector_bad(const u64 *w, u64 lba, u64 g)
     return w[DISK_SECTOR_WORDS - 1] != fnv(w, DISK_SECTOR_WORDS - 1);
 }
 
-static int write_block(u64 block)
+/* Blocks [first, first + n) in one request, each block with the next generation. */
+static int write_blocks(u64 first, u64 n)
 {
-    gen++;
-    u64 lba = block * DISK_BLOCK_SECTORS;
-    for (u64 s = 0; s < DISK_BLOCK_SECTORS; s++)
-        stamp_sector(iobuf + s * DISK_SECTOR_WORDS, lba + s, gen);
-    u8 st = blk_request(T_OUT, lba, iobuf, BLOCK);
+    u64 lba = first * DISK_BLOCK_SECTORS;
+    for (u64 b = 0; b < n; b++)
+        for (u64 s = 0; s < DISK_BLOCK_SECTORS; s++)
+            stamp_sector(iobuf + (b * DISK_BLOCK_SECTORS + s) * DISK_SECTOR_WORDS, lba + b * DISK_BLOCK_SECTORS + s,
+                         gen + 1 + b);
+    u8 st = blk_request(T_OUT, lba, iobuf, (u32)(n * BLOCK));
     if (st) {
         rt_printf("disk: write lba=%lu failed: status %u\n", lba, st);
         return 0;
     }
-    table[block] = (u32)gen;
+    for (u64 b = 0; b < n; b++)
+        table[first + b] = (u32)(gen + 1 + b);
+    gen += n;
     return 1;
+}
+
+/* One RAM page of the ws= working set rewritten: its index and the write count in every u64. */
+static void dirty_page(u64 page)
+{
+    volatile u64 *w = (volatile u64 *)(ram_gpa + page * PAGE);
+    u64 v = (++ram_writes << 32) | page;
+    for (u64 i = 0; i < PAGE / 8; i++)
+        w[i] = v;
 }
 
 static int verify_all(void)
 {
     u64 checked = 0;
-    for (u64 b = 0; b < nblocks; b += VERIFY_CHUNK_BLOCKS) {
-        u64 n = nblocks - b < VERIFY_CHUNK_BLOCKS ? nblocks - b : VERIFY_CHUNK_BLOCKS;
+    for (u64 b = 0; b < nblocks; b += IOBUF_BLOCKS) {
+        u64 n = nblocks - b < IOBUF_BLOCKS ? nblocks - b : IOBUF_BLOCKS;
         u8 st = blk_request(T_IN, b * DISK_BLOCK_SECTORS, iobuf, (u32)(n * BLOCK));
         if (st) {
             rt_printf("disk verify FAIL lba=%lu: read status %u\n", b * DISK_BLOCK_SECTORS, st);
@@ -264,11 +298,18 @@ void guest_main(void)
     param_check("disk", known);
     u64 dws = param_u64("dws", 4);
     u64 drate = param_u64("drate", 1);
+    u64 dreq = param_u64("dreq", 4);
+    u64 dfill = param_u64("dfill", 0);
+    u64 ws = param_u64("ws", 0);
+    u64 rate = param_u64("rate", 0);
     u64 verify_s = param_u64("verify", 2);
     u64 runtime = param_u64("runtime", 0);
     u64 seed = param_u64("seed", 1);
-    if (dws < 1 || dws > 65536 || drate > 65536) {
-        rt_printf("disk: bad parameter: dws=1..65536 MiB, drate=0..65536 MiB/s\n");
+    if (dws < 1 || dws > 65536 || drate > 65536 || dreq < 4 || dreq > IOBUF_BLOCKS * BLOCK / 1024 ||
+        dreq % 4 || dfill > dws || ws > 65536 || rate > 65536) {
+        rt_printf("disk: bad parameter: dws=1..65536 MiB, drate=0..65536 MiB/s, dreq=4..%lu KiB in 4 KiB "
+                  "steps, dfill=0..dws MiB, ws=0..65536 MiB, rate=0..65536 MiB/s\n",
+                  IOBUF_BLOCKS * BLOCK / 1024);
         rt_exit(EXIT_BAD_PARAM);
     }
     if (!find_device()) {
@@ -294,8 +335,10 @@ void guest_main(void)
     }
     u64 table_gpa = ALIGN_4K((u64)_end);
     u64 top = rt_mem_top < LOW_RAM_LIMIT ? rt_mem_top : LOW_RAM_LIMIT;
-    if (table_gpa + nblocks * 4 > top) {
-        rt_printf("disk: the table of %lu blocks does not fit in RAM\n", nblocks);
+    ram_gpa = (table_gpa + nblocks * 4 + 0x1FFFFFul) & ~0x1FFFFFul;
+    ram_pages = ws * (MIB / PAGE);
+    if (table_gpa + nblocks * 4 > top || ram_gpa + ram_pages * PAGE > top) {
+        rt_printf("disk: the table of %lu blocks and ws=%lu MiB do not fit in RAM\n", nblocks, ws);
         rt_exit(EXIT_BAD_PARAM);
     }
     table = (u32 *)table_gpa;
@@ -305,15 +348,43 @@ void guest_main(void)
         rng = 1;
     rt_printf("disk: dws=%lu MiB blocks=%lu drate=%lu MiB/s verify=%lu runtime=%lu table=0x%lx\n", dws,
               nblocks, drate, verify_s, runtime, table_gpa);
+    if (dreq != 4 || dfill || ws)
+        rt_printf("disk: dreq=%lu KiB dfill=%lu MiB ws=%lu MiB rate=%lu MiB/s ram=0x%lx\n", dreq, dfill, ws,
+                  rate, ram_gpa);
+    u64 fails = 0;
+    /* dfill: the first dfill MiB of the disk written once, in order, flat out. */
+    for (u64 b = 0, end = dfill * (MIB / BLOCK); b < end; b += IOBUF_BLOCKS)
+        fails += !write_blocks(b, end - b < IOBUF_BLOCKS ? end - b : IOBUF_BLOCKS);
+    if (dfill)
+        rt_printf("disk: filled %lu MiB gen=%lu\n", dfill, gen);
+    for (u64 p = 0; p < ram_pages; p++)
+        dirty_page(p);
+    if (ram_pages)
+        rt_printf("disk: ram filled %lu MiB\n", ws);
 
-    u64 blocks_per_s = drate * (MIB / BLOCK);
-    u64 max_debt = blocks_per_s / 10 + 1; /* owed writes are forgiven beyond 100 ms worth */
-    u64 start = rt_ticks, last_sec = 0, paced = 0, fails = 0, written = 0;
+    /* Paced in requests of dreq KiB (at random dreq-aligned places) and in RAM pages; what could
+     * not be done in time (a verify pass, a migration pause) is forgiven beyond 100 ms worth. */
+    u64 req_blocks = dreq * 1024 / BLOCK;
+    u64 req_slots = nblocks / req_blocks;
+    u64 reqs_per_s = drate * 1024 / dreq, pages_per_s = ram_pages ? rate * (MIB / PAGE) : 0;
+    u64 max_req_debt = reqs_per_s / 10 + 1, max_page_debt = pages_per_s / 10 + 1;
+    u64 start = rt_ticks, last_sec = 0, paced = 0, paced_pages = 0, written = 0;
+    /* stall: the longest time between two turns of this loop since the last progress line, by the
+     * TSC (which keeps counting through a migration's pause); printing, flushing and checking are
+     * not counted. */
+    u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0;
     for (;;) {
+        u64 t = rdtsc();
+        if (t - last_tsc > stall)
+            stall = t - last_tsc;
+        last_tsc = t;
         u64 now = rt_ticks - start;
         u64 sec = now / RT_TICK_HZ;
         if (sec != last_sec) {
             last_sec = sec;
+            rt_printf("disk: t=%lu gen=%lu written=%lu KiB ram=%lu MiB stall=%lu us\n", sec, gen,
+                      written * (BLOCK / 1024), ram_writes / (MIB / PAGE), stall * 1000 / tpm);
+            stall = 0;
             if (features & F_BLK_FLUSH && blk_request(T_FLUSH, 0, 0, 0) != 0) {
                 rt_printf("disk: flush failed\n");
                 fails++;
@@ -325,18 +396,26 @@ void guest_main(void)
                           written * (BLOCK / 1024), requests, fails);
                 rt_exit(fails ? EXIT_FAILED : EXIT_OK);
             }
+            last_tsc = rdtsc();
             continue;
         }
-        u64 due = now * blocks_per_s / RT_TICK_HZ;
-        if (due > paced + max_debt)
-            paced = due - max_debt;
-        if (due == paced) {
+        int busy = 0;
+        u64 due = now * reqs_per_s / RT_TICK_HZ;
+        if (due > paced + max_req_debt)
+            paced = due - max_req_debt;
+        if (due > paced) {
+            if (!write_blocks(rnd() % req_slots * req_blocks, req_blocks))
+                fails++;
+            written += req_blocks;
+            paced++;
+            busy = 1;
+        }
+        u64 due_pages = now * pages_per_s / RT_TICK_HZ;
+        if (due_pages > paced_pages + max_page_debt)
+            paced_pages = due_pages - max_page_debt;
+        for (u64 n = 0; due_pages > paced_pages && n < 64; n++, paced_pages++, busy = 1)
+            dirty_page(rnd() % ram_pages);
+        if (!busy)
             rt_idle();
-            continue;
-        }
-        if (!write_block(rnd() % nblocks))
-            fails++;
-        written++;
-        paced++;
     }
 }

@@ -75,6 +75,38 @@ def test_same_guest_image_verifies_under_qemu_kvm(tmp_path: Path) -> None:
     assert verify_disk_image(img).ok
 
 
+# The benchmark's guest (bench/bench_disk.py) scaled down: a filled disk, 16 KiB requests, RAM
+# dirtied alongside.
+BENCH_ARGS = "dws=2 dfill=2 dreq=16 drate=2 ws=2 rate=4 verify=1 runtime=2"
+
+
+@pytest.mark.parametrize("hypervisor", ["vmferry", pytest.param("qemu", marks=pytest.mark.qemu)])
+def test_filled_disk_bigger_requests_and_ram_dirtying_verify(tmp_path: Path, hypervisor: str) -> None:
+    img = _image(tmp_path)
+    if hypervisor == "vmferry":
+        p = _run("--guest", "disk", "--append", BENCH_ARGS, "--drive", f"file={img},format=raw,id=disk0")
+        assert p.returncode == 0, p.stdout + p.stderr
+    else:
+        p = subprocess.run([*_qemu(img, "-kernel", str(image_path("disk")), "-append", BENCH_ARGS)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, p.stdout + p.stderr
+    _assert_verified(p.stdout)
+    assert "disk: filled 2 MiB gen=512" in p.stdout and "disk: ram filled 2 MiB" in p.stdout, p.stdout
+    # every block of the 2 MiB written by the fill, and checked by the guest
+    assert "disk verify ok gen=" in p.stdout and " blocks=512\n" in p.stdout, p.stdout
+    assert "stall=" in p.stdout
+    verdict = verify_disk_image(img)
+    assert verdict.ok and verdict.sectors == 2 * 2048, verdict
+    with open(img, "rb") as f, pytest.raises(OSError):
+        os.lseek(f.fileno(), 2 << 20, os.SEEK_DATA)  # nothing past the working set
+
+
+def test_disk_guest_refuses_a_request_size_that_is_not_whole_blocks(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    p = _run("--guest", "disk", "--append", "dreq=6", "--drive", f"file={img},format=raw,id=disk0")
+    assert "disk: bad parameter" in p.stdout and "dreq=4..1024 KiB in 4 KiB steps" in p.stdout, p.stdout
+
+
 def test_query_block_and_blockstats(tmp_path: Path) -> None:
     img = _image(tmp_path)
     ro = _image(tmp_path, 1 << 20, "ro.img")

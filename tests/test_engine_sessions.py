@@ -306,6 +306,64 @@ def test_return_path_carries_progress_ack_timings_and_end() -> None:
         src.close()
 
 
+class UnitsSaver(Saver):
+    """Test-only state counted in 4 KiB units, as a copied drive is: no pages, so only
+    `units()` tells the session what it sent and what is left."""
+
+    def __init__(self, name: str, bulk_first: bool, order: list[str], send_units: int,
+                 left_units: int) -> None:
+        self.name, self.bulk_first, self.order = name, bulk_first, order
+        self.to_send, self.left, self.sent_units = send_units, left_units, 0
+
+    def setup(self, out: SaverOutput) -> None:
+        pass
+
+    def pending(self) -> int:
+        return (self.to_send + self.left) * PAGE
+
+    def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
+        self.order.append(self.name)
+        n = min(self.to_send, max(budget_bytes // PAGE, 1))
+        self.to_send -= n
+        self.sent_units += n
+        return out.send([bytes(n * PAGE)]) if n else 0
+
+    def units(self) -> tuple[int, int]:
+        return self.sent_units, self.to_send + self.left
+
+    def complete(self, out: SaverOutput) -> None:
+        pass
+
+
+class CountingSink:
+    encoder = StreamEncoder(machine_type="test")
+
+    def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        return sum(len(b) for b in bufs)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def test_a_pass_of_disk_blocks_that_shrank_the_backlog_pays_and_bulk_state_goes_first() -> None:
+    """A pass that sent 1000 blocks and left 100 halved the backlog: within the downtime limit
+    but above its goal, the session makes another pass (counting pages alone, it saw 0 sent and
+    0 left and switched over). The bulk-first saver is iterated before the one listed first."""
+    order: list[str] = []
+    late = UnitsSaver("ram-like", False, order, 0, 0)
+    disk = UnitsSaver("disk-like", True, order, 1000, 100)
+    session = SourceSession([late, disk], CountingSink.encoder, {}, lambda: 300)
+    times = iter([0.0, 1.0, 1.0])  # pass start, pass end, after the sync
+    session.setup(CountingSink(), 0.0)
+    step = session.step(CountingSink(), lambda: next(times))
+    assert order[:2] == ["disk-like", "ram-like"]
+    assert step.report is not None
+    # 100 blocks left at 1000 blocks/s: ~100 ms + the fixed part, within 300 ms, above 15 ms
+    assert 15 < step.report.expected_downtime_ms <= 300
+    assert not step.switchover
+    assert step.report.dirty_rate_bps == 100 * PAGE / 1.0
+
+
 # --- several channels (multifd): pages on data channels, delivered in any order -------------------
 
 
@@ -327,15 +385,22 @@ class MemoryChannels:
         self.lost: list[int] = []
         self.page_bytes = 0
 
-    def submit(self, chunk: PageChunk) -> int:
-        live = [k for k, a in enumerate(self.alive) if a]
-        i = live[self.pick(len(live))]
+    def submit(self, chunk: PageChunk, channel: int | None = None) -> tuple[int, int | None]:
+        """As MultifdSender.submit: `channel` fixed (an XBZRLE delta follows its base), or one
+        the test picks among the live ones."""
+        if channel is not None:
+            if not self.alive[channel]:
+                return 0, None
+            i = channel
+        else:
+            live = [k for k, a in enumerate(self.alive) if a]
+            i = live[self.pick(len(live))]
         data = b"".join(bytes(b) for b in self.encoders[i].encode(chunk))
         self.waiting[i].append(data)
         self.handed[i][chunk.block_id][chunk.pages] = True
         self.sent += len(data)
         self.page_bytes += int(np.count_nonzero(~chunk.is_zero)) * PAGE
-        return chunk.raw_bytes
+        return chunk.raw_bytes, i
 
     def deliver(self, i: int) -> None:
         i %= len(self.waiting)
@@ -467,3 +532,23 @@ def test_a_truncated_data_channel_is_refused_naming_the_channel() -> None:
         rx.feed_eof()
     loader.release()
     blocks[0].close()
+
+
+def test_bandwidth_never_exceeds_max_bandwidth() -> None:
+    """Under max-bandwidth the destination idles while the limiter waits, and idle time is left
+    out of the end-to-end rate: the measured rate is a burst's. The expected downtime must use
+    the cap, or a capped migration switches over with seconds of backlog (as one did: several
+    channels each burst a chunk, then waited)."""
+    p = Pair(downtime_limit_ms=300, end_to_end=True)
+    try:
+        p.setup()
+        p.session.progress(0, p.session.sent + (4 << 20), 0.0)
+        p.session.progress(4 << 20, p.session.sent + (4 << 20), 0.01)  # a 4 MiB burst in 10 ms
+        burst = p.session.bandwidth()
+        assert burst == pytest.approx((4 << 20) / 0.01)
+        p.session.bandwidth_cap = lambda: float(1 << 20)  # max-bandwidth 1 MiB/s
+        assert p.session.bandwidth() == 1 << 20
+        p.session.bandwidth_cap = lambda: float(1 << 30)  # a cap above the rate changes nothing
+        assert p.session.bandwidth() == burst
+    finally:
+        p.close()

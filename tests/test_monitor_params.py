@@ -28,13 +28,18 @@ from vmferry.migration.params import (
 # x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off),
 # x-block-drives (test_disk_migration.py, test_disk.py), auto-converge and its parameters
 # (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs), multifd and
-# its parameters (test_multifd*.py), postcopy (test_postcopy*.py).
+# its parameters (test_multifd*.py), postcopy (test_postcopy*.py), xbzrle and xbzrle-cache-size
+# (test_migration_xbzrle.py), dirty-limit and its parameters (test_throttle.py: the trigger and the
+# limiter's arithmetic; test_dirty_ring_kvm.py: the limit set by a migration, the period and quota
+# read over QMP).
 EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
              "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
              "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "multifd-channels",
              "multifd-compression", "multifd-zlib-level", "multifd-zstd-level", "max-postcopy-bandwidth",
-             "x-postcopy-after-ms", "x-postcopy-reconnect"}
-EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime"}
+             "x-postcopy-after-ms", "x-postcopy-reconnect", "xbzrle-cache-size", "vcpu-dirty-limit",
+             "x-vcpu-dirty-limit-period"}
+EFFECTIVE_CAPS = {"events", "return-path", "auto-converge", "multifd", "postcopy-ram", "postcopy-blocktime",
+                  "xbzrle", "dirty-limit"}
 UNSUPPORTED = [s for s in PARAMETER_SPECS if s.qmp_name not in EFFECTIVE]
 UNSUPPORTED_CAPS = [c for c in CAPABILITIES if c not in EFFECTIVE_CAPS]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(MigrationParameters) if f.init}
@@ -266,3 +271,5 @@ def test_qemu_combination_checks_kept_for_when_the_capabilities_land() -> None:
     _check_caps({**on, "postcopy-ram": True, "postcopy-preempt": True})
     with pytest.raises(QmpError, match="Postcopy is not yet compatible with multifd"):
         _check_caps({**on, "postcopy-ram": True, "multifd": True})
+    with pytest.raises(QmpError, match="'xbzrle' cannot be used with 'postcopy-ram'"):
+        _check_caps({**on, "postcopy-ram": True, "xbzrle": True})

@@ -172,10 +172,10 @@ def test_session_queries_and_migration_settings_on_a_running_vm(start_vm: Callab
             assert [c["capability"] for c in caps if c["state"]] == ["return-path"]
             assert {"events", "xbzrle", "postcopy-ram", "multifd"} <= {c["capability"] for c in caps}
             assert await error_of(qmp, "migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True}, {"capability": "xbzrle", "state": True}]}) == (
-                "GenericError", "Capability 'xbzrle' is not supported by vmferry yet")
+                {"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": True}]}) == (
+                "GenericError", "Capability 'postcopy-ram' is not supported by vmferry yet")
             await qmp.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True}, {"capability": "xbzrle", "state": False}]})
+                {"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": False}]})
             on = {c["capability"] for c in await qmp.execute("query-migrate-capabilities") if c["state"]}
             assert on == {"events", "return-path"}
 

@@ -131,8 +131,8 @@ def test_unknown_record_type_flagged_skippable_is_skipped() -> None:
 
 def test_reserved_record_type_is_refused_by_name() -> None:
     enc = StreamEncoder()
-    data = prologue(enc) + enc.raw_record(35, b"\x01", section=1, count=1)
-    assert "record type RAM_DELTA is reserved in format 1.0" in str(error_of(data))
+    data = prologue(enc) + enc.raw_record(50, b"\x01", section=1, count=1)
+    assert "record type BLOCK_COMPRESSED is reserved in format 1.0" in str(error_of(data))
 
 
 def test_unknown_section_id() -> None:

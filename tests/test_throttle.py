@@ -1,5 +1,6 @@
-"""auto-converge as pure logic (migration/throttle.py) and the vCPU throttle's arithmetic
-(machine/vcpu_runner.py): QEMU's rule, each parameter, the sleeping share."""
+"""auto-converge and dirty-limit as pure logic (migration/throttle.py, machine/dirty_limit.py) and
+the vCPU throttle's arithmetic (machine/vcpu_runner.py): QEMU's rules, each parameter, the
+sleeping share; `--accel` parsing."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vmferry.errors import QmpError, VmferryError
+from vmferry.machine.dirty_limit import THROTTLE_PCT_MAX, adjust_throttle_us, tolerance_mb_s
 from vmferry.machine.vcpu_runner import THROTTLE_TIMESLICE_NS, throttle_period_ns, throttle_sleep_ns
 from vmferry.migration.pages import PAGE_SIZE
-from vmferry.migration.throttle import PERIOD_S, AutoConverge, ThrottleParams, next_percentage
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.throttle import (
+    PERIOD_S,
+    AutoConverge,
+    DirtyLimitConverge,
+    ThrottleParams,
+    next_percentage,
+)
+from vmferry.options import parse_accel
 
 pct = st.integers(1, 99)
 params = st.builds(ThrottleParams, throttle_trigger_threshold=st.integers(1, 100), cpu_throttle_initial=pct,
@@ -141,13 +152,102 @@ def test_trigger_never_changes_twice_in_a_row_and_respects_its_parameters(
         assert all(c <= max(p.max_cpu_throttle, p.cpu_throttle_initial) for c in changes)
 
 
-def test_dirty_limit_is_refused_by_name() -> None:
-    """QEMU 8.1's dirty-limit is not offered (docs/migration.md says why): refused as 7.2 does."""
-    from vmferry.errors import QmpError
-    from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+# --- dirty-limit: the capability, its parameters, the trigger, the limiter's arithmetic ---
 
-    with pytest.raises(QmpError, match="does not accept value 'dirty-limit'"):
+def test_dirty_limit_needs_the_ring_and_excludes_auto_converge() -> None:
+    """QEMU 8.1's checks and messages (migrate_caps_check)."""
+    no_ring = "^dirty-limit requires KVM with accelerator property 'dirty-ring-size' set$"
+    with pytest.raises(QmpError, match=no_ring):
         MigrationCapabilities().set([{"capability": "dirty-limit", "state": True}])
-    for name in ("vcpu-dirty-limit", "x-vcpu-dirty-limit-period"):
-        with pytest.raises(QmpError, match=f"^Parameter '{name}' is unexpected$"):
-            MigrationParameters().apply({name: 1})
+    caps = MigrationCapabilities(dirty_ring=True)
+    caps.set([{"capability": "dirty-limit", "state": True}])
+    assert caps.enabled("dirty-limit")
+    with pytest.raises(QmpError, match="^dirty-limit conflicts with auto-converge"):
+        caps.set([{"capability": "auto-converge", "state": True}])
+    assert not caps.enabled("auto-converge")  # all or nothing
+    caps.set([{"capability": "dirty-limit", "state": False}, {"capability": "auto-converge", "state": True}])
+    assert caps.enabled("auto-converge") and not caps.enabled("dirty-limit")
+
+
+def test_dirty_limit_parameters_qemu_defaults_and_bounds() -> None:
+    p = MigrationParameters()
+    assert (p.vcpu_dirty_limit, p.x_vcpu_dirty_limit_period) == (1, 1000)  # QEMU 8.1's defaults
+    for name, bad in (("vcpu-dirty-limit", 0), ("x-vcpu-dirty-limit-period", 0),
+                      ("x-vcpu-dirty-limit-period", 1001)):
+        with pytest.raises(QmpError, match=f"^Parameter '{name}' expects"):
+            p.apply({name: bad})
+    p.apply({"vcpu-dirty-limit": 200, "x-vcpu-dirty-limit-period": 1})
+    assert (p.vcpu_dirty_limit, p.x_vcpu_dirty_limit_period) == (200, 1)
+
+
+def test_dirty_limit_trigger_sets_the_quota_once_per_value() -> None:
+    """The auto-converge trigger: the second high period sets vcpu-dirty-limit; a further firing
+    with the same quota changes nothing; a changed parameter is applied at the next firing."""
+    dl = DirtyLimitConverge()
+    dl.start(0.0, 0)
+    high = 1000  # pages dirtied per period, against 1 byte sent: always high
+    assert dl.on_sync(1.0, high, 1, 50, 7) is None  # first high period
+    assert dl.on_sync(2.0, high, 2, 50, 7) == 7
+    assert dl.on_sync(3.0, high, 3, 50, 7) is None
+    assert dl.on_sync(4.0, high, 4, 50, 7) is None  # fired again, same quota: nothing to do
+    assert dl.on_sync(5.0, high, 5, 50, 9) is None
+    assert dl.on_sync(6.0, high, 6, 50, 9) == 9
+    assert dl.history == [7, 9]
+    low = DirtyLimitConverge()
+    low.start(0.0, 0)
+    for t in range(1, 10):  # dirty below the threshold: never fires
+        assert low.on_sync(float(t), 1, t * 10 * PAGE_SIZE, 50, 1) is None
+
+
+mbs = st.integers(0, 100_000)
+
+
+@given(st.integers(0, 10**9), st.integers(1, 100_000), mbs, st.integers(0, 10**7))
+def test_limiter_adjustment_properties(throttle: int, quota: int, current: int, ring_full: int) -> None:
+    """QEMU's dirtylimit adjustment: within the tolerance nothing changes; above the quota the
+    sleep never shrinks, below it never grows (but for the cap); never negative, never above
+    99 ring-full times; a vCPU that dirtied nothing (outside the tolerance) sleeps 0."""
+    throttle = min(throttle, ring_full * THROTTLE_PCT_MAX)
+    new = adjust_throttle_us(throttle, quota, current, ring_full)
+    if abs(current - quota) <= tolerance_mb_s(quota):
+        assert new == throttle
+        return
+    assert 0 <= new <= ring_full * THROTTLE_PCT_MAX
+    if current == 0:
+        assert new == 0
+    elif current > quota:
+        assert new >= throttle
+    else:
+        assert new <= throttle
+
+
+def test_limiter_adjustment_examples() -> None:
+    # 130 MB/s against a quota of 1: relative error 99 % -> the linear step, pct 99: +99 ring-full
+    # times, which is also the cap.
+    assert adjust_throttle_us(0, 1, 130, 1000) == 99_000
+    # 150 against 100: error 33 % -> the fixed step, a tenth of the ring-full time.
+    assert adjust_throttle_us(5000, 100, 150, 1000) == 5100
+    assert adjust_throttle_us(5000, 150, 100, 1000) == 4900
+    assert adjust_throttle_us(5000, 100, 120, 1000) == 5000  # within 25 MB/s: done
+    # The dead band: QEMU's 25 MB/s for large quotas, a quarter of small ones (at least 1 MB/s),
+    # so the default quota of 1 MB/s does slow a vCPU writing 9 MB/s.
+    assert [tolerance_mb_s(q) for q in (1, 8, 40, 100, 1000)] == [1, 2, 10, 25, 25]
+    assert adjust_throttle_us(0, 1, 9, 1000) == 1000 * 88 // 12
+    assert adjust_throttle_us(0, 1, 2, 1000) == 0
+
+
+@pytest.mark.parametrize(("text", "ring"), [("kvm", 0), ("kvm,dirty-ring-size=4096", 4096),
+                                            ("accel=kvm,dirty-ring-size=1024", 1024)])
+def test_accel_option(text: str, ring: int) -> None:
+    assert parse_accel(text) == ring
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("tcg", "accelerator 'tcg' is not supported"),
+    ("kvm,dirty-ring=4096", "property 'dirty-ring' is not supported"),
+    ("kvm,dirty-ring-size=1000", "dirty-ring-size must be a power of two"),
+    ("kvm,dirty-ring-size=lots", "dirty-ring-size 'lots' is not a number"),
+])
+def test_accel_option_refused_by_name(text: str, error: str) -> None:
+    with pytest.raises(VmferryError, match=error):
+        parse_accel(text)

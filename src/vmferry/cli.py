@@ -36,6 +36,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--kernel", help="path of a multiboot v1 ELF image")
     p.add_argument("--append", default="", help="guest command line")
     p.add_argument("-M", "--machine", default=None, help="machine type (default: the newest)")
+    p.add_argument("--accel", default="kvm", metavar="kvm[,dirty-ring-size=N]",
+                   help="QEMU's -accel: kvm only; dirty-ring-size=N (a power of two, 1024 up to what KVM "
+                        "offers) tracks dirty pages with KVM's per-vCPU dirty ring instead of slot "
+                        "bitmaps, which dirty-limit and calc-dirty-rate's dirty-ring mode need")
     p.add_argument(
         "--serial", default="stdio", help="COM1 backend: stdio, file:PATH, unix:PATH, null (default stdio)"
     )

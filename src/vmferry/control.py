@@ -16,8 +16,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from vmferry.errors import MigrationError, QmpError, TransportError
+from vmferry.errors import MigrationError, QmpError, TransportError, VmferryError
 from vmferry.guests.verify import verify_dirty
+from vmferry.machine.dirty_limit import DirtyLimiter
 from vmferry.machine.machine import Machine
 from vmferry.migration.block import select_copied
 from vmferry.migration.destination import IncomingMigration
@@ -67,7 +68,7 @@ class VmControl:
         self._device_saver = device_saver
         self._device_loader = device_loader
         self.migration_parameters = MigrationParameters()
-        self.migration_capabilities = MigrationCapabilities()
+        self.migration_capabilities = MigrationCapabilities(dirty_ring=machine.dirty_ring is not None)
         self.objects = ObjectRegistry()
         self.emit: EmitEvent = lambda name, data=None: None
         self.quit_requested = threading.Event()
@@ -79,7 +80,7 @@ class VmControl:
         self._state: MigrationState | None = None
         self.listen_address = ""
         self._lock = threading.Lock()
-        self.dirty_rate = DirtyRateMeter(machine.ram_blocks)
+        self.dirty_rate = DirtyRateMeter(machine.ram_blocks, machine.dirty_ring)
 
     # --- events ---
 
@@ -217,9 +218,12 @@ class VmControl:
                 self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace,
                 copy_drives=copy_drives,
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
+                dirty_limit=self.migration_capabilities.enabled("dirty-limit"),
                 multifd=multifd,
                 postcopy=self.migration_capabilities.enabled("postcopy-ram"),
                 reconnect=_reconnector(uri, tls),
+                xbzrle_cache=(self.migration_parameters.xbzrle_cache_size
+                              if self.migration_capabilities.enabled("xbzrle") else None),
             )
             self.incoming = None
             self.outgoing.start()
@@ -350,6 +354,13 @@ class VmControl:
         if mig is None or self._state is None:
             return {}
         out = mig.stats.query(self._state.status)
+        limiter = self.machine.dirty_limiter
+        if (self.outgoing is not None and self.outgoing.dirty_limit is not None and limiter is not None
+                and limiter.in_service):
+            # QEMU 8.1: while dirty-limit throttles, µs slept per ring-full exit (the largest
+            # among the vCPUs) and the ring's fill time at the vCPUs' average dirty rate.
+            out["dirty-limit-throttle-time-per-round"] = limiter.throttle_time_per_round()
+            out["dirty-limit-ring-full-time"] = limiter.ring_full_time()
         if self.outgoing is not None and self.outgoing.drives.copied:
             out["disk"] = self.outgoing.drives.progress()
         elif self.incoming is not None and self.incoming.drives.total:
@@ -367,6 +378,46 @@ class VmControl:
             if self._state.status in (S.SETUP,) and self.listen_address:
                 out["socket-address"] = [_socket_address(self.listen_address)]
         return out
+
+    # --- dirty page rate limit (QEMU's set/cancel/query-vcpu-dirty-limit) ---
+
+    def _dirty_limiter(self, what: str) -> DirtyLimiter | None:
+        limiter = self.machine.dirty_limiter
+        if limiter is None and what == "set":
+            raise QmpError("dirty page limit feature requires KVM with accelerator property "
+                           "'dirty-ring-size' set'")
+        return limiter
+
+    def _dirty_limit_migration_running(self) -> bool:
+        return (self._migration_running() and self.outgoing is not None
+                and self.outgoing.dirty_limit is not None)
+
+    def set_vcpu_dirty_limit(self, cpu_index: int | None, dirty_rate: int) -> None:
+        limiter = self._dirty_limiter("set")
+        assert limiter is not None
+        try:
+            limiter.check_index(cpu_index)
+        except VmferryError as e:
+            raise QmpError(str(e)) from None
+        if self._dirty_limit_migration_running():
+            raise QmpError("can't set dirty page limit while migration is running")
+        limiter.set(cpu_index, dirty_rate)
+
+    def cancel_vcpu_dirty_limit(self, cpu_index: int | None) -> None:
+        limiter = self._dirty_limiter("cancel")
+        if limiter is None:
+            return  # QEMU: nothing to cancel without the dirty ring, and no error
+        try:
+            limiter.check_index(cpu_index)
+        except VmferryError as e:
+            raise QmpError(str(e)) from None
+        if limiter.in_service and self._dirty_limit_migration_running():
+            raise QmpError("can't cancel dirty page limit while migration is running")
+        limiter.cancel(cpu_index)
+
+    def query_vcpu_dirty_limit(self) -> list[dict[str, int]]:
+        limiter = self.machine.dirty_limiter
+        return [] if limiter is None else limiter.query()
 
     def verify_dirty_guest(self) -> dict:
         """x-verify-dirty-guest: the host-side verifier over this machine's RAM, on a paused

@@ -40,6 +40,7 @@ from vmferry.monitor.metrics import MetricsServer
 from vmferry.monitor.metrics import render as render_metrics
 from vmferry.monitor.objects import create_object, parse_object_option
 from vmferry.monitor.server import QmpServer
+from vmferry.options import parse_accel
 
 log = logging.getLogger("vmferry.vmm")
 # How often the main thread wakes while waiting, so Ctrl-C is seen promptly.
@@ -95,11 +96,13 @@ class Vmm:
         objects: list[tuple[str, object]] | None = None,
         drives: Sequence[DriveSpec] = (),
         metrics: str | None = None,
+        dirty_ring_size: int = 0,
     ) -> None:
         self.servers: list[QmpServer] = []
         self.metrics: MetricsServer | None = None
         self.machine = Machine(machine_type, memory=memory, smp=smp, serial=serial, on_event=self._on_event,
-                               drives=open_drives(drives, lock=incoming is None))
+                               drives=open_drives(drives, lock=incoming is None),
+                               dirty_ring_size=dirty_ring_size)
         self.control = VmControl(self.machine, _device_state, _device_state,
                                  incoming=incoming is not None, autostart=not paused)
         self.control.emit = self._emit
@@ -178,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
     if args.incoming == "defer" and not args.qmp:
         raise VmferryError("--incoming defer needs --qmp to receive 'migrate-incoming'")
     drives = parse_drives(args.drive)
+    dirty_ring_size = parse_accel(args.accel)
     if args.guest:
         kernel: Path | None = guest_image(args.guest)
     elif args.kernel:
@@ -209,6 +213,7 @@ def main(args: argparse.Namespace) -> int:
             objects=objects,
             drives=drives,
             metrics=args.metrics,
+            dirty_ring_size=dirty_ring_size,
         )
         status = vmm.run()
     except KeyboardInterrupt:

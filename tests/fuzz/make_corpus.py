@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import fuzz_vmstate  # noqa: E402
 
+from vmferry.migration.xbzrle import encode_page  # noqa: E402
 from vmferry.stream import (  # noqa: E402
     Command,
     CommandCode,
@@ -35,6 +36,8 @@ from vmferry.stream import (  # noqa: E402
     RamZero,
     SectionPhase,
 )
+from vmferry.stream.format import checksum  # noqa: E402
+from vmferry.stream.records import DELTA_ENTRY, RamDelta  # noqa: E402
 from vmferry.stream.sections import encode_section  # noqa: E402
 from vmferry.stream.testing import RAMSAVE, SERIAL, SERIAL_VALUE, encode_all, sample_stream  # noqa: E402
 from vmferry.vmstate.state import Section  # noqa: E402
@@ -62,11 +65,28 @@ def small_stream() -> bytes:
     ], page_size=SMALL_PAGE)
 
 
+def delta_stream() -> bytes:
+    """A RAM_DELTA record (XBZRLE) of two 512-byte pages, each with two changed runs."""
+    old = bytes(range(256)) * 2
+    new = old[:10] + b"delta!" + old[16:500] + b"stamp" + old[505:]
+    enc = encode_page(old, new, SMALL_PAGE)
+    assert enc
+    entries = np.zeros(2, dtype=DELTA_ENTRY)
+    entries["page"], entries["base"], entries["length"], entries["check"] = [1, 6], 1, len(enc), checksum(new)
+    return encode_all([
+        RamBlocks((RamBlockInfo(1, "pc.ram", 0, 8 * SMALL_PAGE),)),
+        PassStart(1),
+        RamDelta(1, entries, enc * 2),
+        EndOfStream(),
+    ], page_size=SMALL_PAGE)
+
+
 def stream_seeds() -> list[bytes]:
     small, sample = small_stream(), sample_stream()
     # Byte 0: how it is fed (1 repair, 2 get_buffer, 4 place); byte 1: chunk size (0: whole).
     return [b"\x00\x00" + small, b"\x01\x00" + small, b"\x03\x07" + small, b"\x05\x40" + small,
-            b"\x07\x01" + small[:400], b"\x00\x00" + sample, b"\x06\xff" + sample]
+            b"\x07\x01" + small[:400], b"\x00\x00" + sample, b"\x06\xff" + sample,
+            b"\x01\x00" + delta_stream()]
 
 
 def _default_payload(cls: type, version: int) -> bytes:

@@ -63,7 +63,9 @@ class Cap(IntEnum):
     EXCEPTION_PAYLOAD = 164
     IMMEDIATE_EXIT = 136
     MANUAL_DIRTY_LOG_PROTECT2 = 168
+    DIRTY_LOG_RING = 192
     XSAVE2 = 208
+    DIRTY_LOG_RING_ACQ_REL = 223
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ GET_PIT2 = _t("KVM_GET_PIT2", _ior(0x9F, s.KvmPitState2), Cap.PIT_STATE2)
 SET_PIT2 = _t("KVM_SET_PIT2", _iow(0xA0, s.KvmPitState2), Cap.PIT_STATE2)
 ENABLE_CAP = _t("KVM_ENABLE_CAP", _iow(0xA3, s.KvmEnableCap))
 CLEAR_DIRTY_LOG = _t("KVM_CLEAR_DIRTY_LOG", _iowr(0xC0, s.KvmClearDirtyLog), Cap.MANUAL_DIRTY_LOG_PROTECT2)
+RESET_DIRTY_RINGS = _t("KVM_RESET_DIRTY_RINGS", _io(0xC7), Cap.DIRTY_LOG_RING)
 
 # vcpu fd
 RUN = _t("KVM_RUN", _io(0x80))
@@ -138,6 +141,13 @@ SET_XCRS = _t("KVM_SET_XCRS", _iow(0xA7, s.KvmXcrs), Cap.XCRS)
 DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 DIRTY_LOG_INITIALLY_SET = 1 << 1
 
+# The dirty ring (KVM_CAP_DIRTY_LOG_RING): each vCPU's ring of struct kvm_dirty_gfn is mmap'ed
+# from the vCPU fd at this page offset (x86); an entry's flags go DIRTY (set by KVM) -> RESET
+# (set by the VMM once harvested) -> 0 (KVM_RESET_DIRTY_RINGS recycled it).
+DIRTY_LOG_PAGE_OFFSET = 64
+DIRTY_GFN_F_DIRTY = 1 << 0
+DIRTY_GFN_F_RESET = 1 << 1
+
 # kvm_userspace_memory_region.flags
 MEM_LOG_DIRTY_PAGES = 1 << 0
 MEM_READONLY = 1 << 1
@@ -160,6 +170,7 @@ class Exit(IntEnum):
     NMI = 16
     INTERNAL_ERROR = 17
     SYSTEM_EVENT = 24
+    DIRTY_RING_FULL = 31
 
 
 EXIT_IO_IN, EXIT_IO_OUT = 0, 1

@@ -37,6 +37,11 @@ class KvmDirtyLog(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class KvmDirtyGfn(ctypes.Structure):
+    # One dirty-ring entry: slot = (address space << 16) | slot id; offset = page in the slot.
+    _fields_ = [("flags", u32), ("slot", u32), ("offset", u64)]
+
+
 class KvmClearDirtyLog(ctypes.Structure):
     _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
 

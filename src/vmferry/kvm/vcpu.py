@@ -32,6 +32,16 @@ class Vcpu(KvmFd):
         # ctypes view into this mapping, valid as long as self._map is open.
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = s.KvmRun.from_buffer(self._map)
+        # With the VM's dirty ring on: this vCPU's ring, mmap'ed once (map_dirty_ring).
+        self.dirty_ring: mmap.mmap | None = None
+
+    def map_dirty_ring(self, entries: int) -> mmap.mmap:
+        """Map this vCPU's dirty ring (`entries` struct kvm_dirty_gfn) shared with KVM."""
+        if self.dirty_ring is None:
+            self.dirty_ring = mmap.mmap(self.fd, entries * ctypes.sizeof(s.KvmDirtyGfn), mmap.MAP_SHARED,
+                                        mmap.PROT_READ | mmap.PROT_WRITE,
+                                        offset=nr.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        return self.dirty_ring
 
     # --- running ---
 
@@ -149,6 +159,10 @@ class Vcpu(KvmFd):
         self.ioctl(nr.SET_CPUID2, cpuid)
 
     def close(self) -> None:
+        ring = getattr(self, "dirty_ring", None)
+        if ring is not None:
+            ring.close()  # fails (BufferError) while a numpy view is alive: the owner drops it first
+            self.dirty_ring = None
         if getattr(self, "_map", None) is not None:
             del self.run_struct
             self._map.close()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # Intel VMX needs three pages for the real-mode TSS and one for the identity map below 4 GiB,
 # out of the guest's way: QEMU's addresses, just under the BIOS area.
 TSS_ADDR = 0xFFFBD000
+DIRTY_GFN_SIZE = ctypes.sizeof(s.KvmDirtyGfn)
 IDENTITY_MAP_ADDR = 0xFFFBC000
 
 
@@ -32,6 +33,7 @@ class Vm(KvmFd):
         super().__init__(fd)
         self.kvm = kvm
         self.manual_dirty_protect = False
+        self.dirty_ring_entries = 0  # per vCPU; 0 = the ring is off (slot bitmaps are used)
 
     def check_extension(self, cap: nr.Cap | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (some answers, e.g. XSAVE2's size, are per VM)."""
@@ -54,6 +56,29 @@ class Vm(KvmFd):
             )
             self.manual_dirty_protect = True
         return self.manual_dirty_protect
+
+    def dirty_ring_cap(self) -> tuple[nr.Cap, int] | None:
+        """The dirty-ring capability this KVM offers and its largest ring in entries, or None.
+        KVM_CAP_DIRTY_LOG_RING first (x86's), else the _ACQ_REL variant (QEMU's order)."""
+        for cap in (nr.Cap.DIRTY_LOG_RING, nr.Cap.DIRTY_LOG_RING_ACQ_REL):
+            max_bytes = self.check_extension(cap)
+            if max_bytes > 0:
+                return cap, max_bytes // DIRTY_GFN_SIZE
+        return None
+
+    def enable_dirty_ring(self, entries: int) -> None:
+        """Turn on KVM's dirty ring with `entries` entries per vCPU (a power of two within the
+        capability's bounds: the caller checks). Must precede every vCPU; with it on
+        KVM_GET_DIRTY_LOG fails (ENXIO) and dirty pages come through the vCPUs' rings."""
+        found = self.dirty_ring_cap()
+        assert found is not None, "the caller checks dirty_ring_cap() first"
+        self.enable_cap(found[0], entries * DIRTY_GFN_SIZE)
+        self.dirty_ring_entries = entries
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: recycle every entry marked harvested (RESET) in any vCPU's
+        ring, write-protecting its page again. Returns how many entries KVM reset."""
+        return self.ioctl(nr.RESET_DIRTY_RINGS)
 
     def set_tss_addr(self, gpa: int = TSS_ADDR) -> None:
         # The address is passed by value; through fd.ioctl it is a full 64-bit register.

@@ -49,6 +49,8 @@ def handle_exit(machine: Machine, vcpu: Vcpu) -> None:
                 mmio.data[i] = value[i]
     elif reason == Exit.INTR:
         pass
+    elif reason == Exit.DIRTY_RING_FULL:
+        machine.dirty_ring_full(vcpu)  # the runner then sleeps a dirty limit's share, if any
     elif reason == Exit.HLT:
         machine.guest_halted(vcpu.id)
     elif reason == Exit.SHUTDOWN:

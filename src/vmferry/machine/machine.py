@@ -13,6 +13,11 @@ returns, nothing changes device state until resume(), so the device phase of a m
 captures a still machine. resume() un-quiesces the devices, then lets the vCPUs run. A drive
 whose migrated state carried requests in flight holds them until that first resume/start.
 
+Dirty tracking: KVM's slot bitmaps (manual protect) by default; with `dirty_ring_size` (QEMU's
+`-accel kvm,dirty-ring-size=N`) KVM's per-vCPU dirty ring instead (`dirty_ring`, the RAM blocks'
+guest-write producer; machine/dirty_ring.py), which also gives each vCPU a dirty rate and makes
+the dirty limiter possible (`dirty_limiter`; machine/dirty_limit.py).
+
 `on_event(name, data)` is called on state changes: "STOP", "RESUME", "SHUTDOWN" (data has the
 exit status), from whichever thread caused them; the monitor turns them into QMP events.
 """
@@ -36,6 +41,8 @@ from vmferry.kvm.system import Kvm
 from vmferry.kvm.vcpu import Vcpu
 from vmferry.machine import multiboot
 from vmferry.machine.bus import Bus
+from vmferry.machine.dirty_limit import DirtyLimiter
+from vmferry.machine.dirty_ring import DirtyRing, check_ring_size
 from vmferry.machine.exits import handle_exit
 from vmferry.machine.machine_type import MachineType, get_machine_type
 from vmferry.machine.ramblock import RamBlock
@@ -70,12 +77,15 @@ class Machine:
         kvm: Kvm | None = None,
         on_event: EventCallback | None = None,
         drives: Sequence[tuple[str, BlockBackend]] = (),
+        dirty_ring_size: int = 0,
     ) -> None:
         """`drives`: (id, opened backend) pairs; the machine owns the backends from here on and
-        closes them in close() (also when construction fails)."""
+        closes them in close() (also when construction fails). `dirty_ring_size`: entries of
+        KVM's per-vCPU dirty ring (QEMU's `-accel kvm,dirty-ring-size=N`); 0 = slot bitmaps."""
         self.block_devices: list[VirtioBlk] = []
+        self.dirty_ring: DirtyRing | None = None
         try:
-            self._build(machine_type, memory, smp, serial, kvm, on_event, drives)
+            self._build(machine_type, memory, smp, serial, kvm, on_event, drives, dirty_ring_size)
         except BaseException:
             for dev in self.block_devices:
                 dev.close()
@@ -85,7 +95,7 @@ class Machine:
 
     def _build(self, machine_type: MachineType | str | None, memory: int, smp: int,
                serial: str | Chardev, kvm: Kvm | None, on_event: EventCallback | None,
-               drives: Sequence[tuple[str, BlockBackend]]) -> None:
+               drives: Sequence[tuple[str, BlockBackend]], dirty_ring_size: int) -> None:
         install_kick_handler()
         self.machine_type = machine_type if isinstance(machine_type, MachineType) else get_machine_type(
             machine_type
@@ -104,8 +114,20 @@ class Machine:
         self.kvm = kvm or Kvm()
         self.msr_indices = self.kvm.get_msr_index_list()
         self.vm = self.kvm.create_vm()
-        # Manual protect must be on before any slot logs dirty pages.
-        self.vm.enable_manual_dirty_protect()
+        if dirty_ring_size:
+            # The ring must be on before any vCPU exists. Not with manual protect: its
+            # INITIALLY_SET makes KVM skip write-protecting a slot when logging starts, and only
+            # CLEAR_DIRTY_LOG (bitmap mode) would protect the pages later.
+            found = self.vm.dirty_ring_cap()
+            if found is None:
+                raise VmferryError(f"dirty-ring-size={dirty_ring_size}: this KVM has no dirty ring "
+                                   "(KVM_CAP_DIRTY_LOG_RING)")
+            check_ring_size(dirty_ring_size, found[1])
+            self.vm.enable_dirty_ring(dirty_ring_size)
+            self.dirty_ring = DirtyRing(self.vm, dirty_ring_size)
+        else:
+            # Manual protect must be on before any slot logs dirty pages.
+            self.vm.enable_manual_dirty_protect()
         # With exception payloads on, KVM_GET/SET_VCPU_EVENTS keep a pending exception apart from
         # an injected one, so a vCPU paused with an exception pending restores exactly (QEMU
         # turns it on for the same reason).
@@ -125,7 +147,8 @@ class Machine:
         self.ram_blocks: list[RamBlock] = []
         self.system_ram: list[tuple[int, int]] = []
         for slot, region in enumerate(self.machine_type.ram_layout(memory)):
-            self.ram_blocks.append(RamBlock(region.name, region.gpa, region.nbytes, self.vm, slot))
+            self.ram_blocks.append(RamBlock(region.name, region.gpa, region.nbytes, self.vm, slot,
+                                            self.dirty_ring))
             if region.system_ram:
                 self.system_ram.append((region.gpa, region.nbytes))
 
@@ -135,6 +158,8 @@ class Machine:
             vcpu = self.vm.create_vcpu(i)
             vcpu.set_cpuid2(_with_apic_id(cpuid, i))
             self.vcpus.append(vcpu)
+            if self.dirty_ring is not None:
+                self.dirty_ring.add_vcpu(vcpu)
 
         self._add_drives(drives)
 
@@ -151,6 +176,9 @@ class Machine:
         self.exit_status: ExitStatus | None = None
         self._closed = False
         self.cpu_throttle_percentage = 0  # every vCPU's, set by set_cpu_throttle (auto-converge)
+        # Per vCPU: µs slept after each dirty-ring-full exit, set by the dirty limiter.
+        self._dirty_limit_us = [0] * smp
+        self.dirty_limiter = DirtyLimiter(self) if self.dirty_ring is not None else None
 
     def set_isa_irq(self, irq: int, level: int) -> None:
         """Drive ISA IRQ line `irq` (what a device's interrupt output is wired to)."""
@@ -225,6 +253,21 @@ class Machine:
         for r in runners:
             r.set_throttle(percentage)
 
+    def set_dirty_limit_sleep(self, vcpu_id: int, us: int) -> None:
+        """vCPU `vcpu_id` sleeps `us` µs after each dirty-ring-full exit (the dirty limiter's
+        knob; machine/dirty_limit.py). vCPU threads started later get it too."""
+        with self._lock:
+            self._dirty_limit_us[vcpu_id] = us
+            runner = self._runners[vcpu_id] if self._runners else None
+        if runner is not None:
+            runner.set_dirty_limit_sleep(us)
+
+    def _apply_vcpu_limits(self, r: VcpuRunner) -> None:
+        if self.cpu_throttle_percentage:
+            r.set_throttle(self.cpu_throttle_percentage)
+        if self._dirty_limit_us[r.vcpu.id]:
+            r.set_dirty_limit_sleep(self._dirty_limit_us[r.vcpu.id])
+
     @property
     def finished(self) -> bool:
         return self._done.is_set()
@@ -242,8 +285,7 @@ class Machine:
                     self._running = True
                     for r in self._runners:
                         r.start()
-                        if self.cpu_throttle_percentage:
-                            r.set_throttle(self.cpu_throttle_percentage)
+                        self._apply_vcpu_limits(r)
                     started = True
             if not started:
                 self.resume()
@@ -261,8 +303,7 @@ class Machine:
             for r in self._runners:
                 r.request_pause()  # parked from their first instruction on
                 r.start()
-                if self.cpu_throttle_percentage:
-                    r.set_throttle(self.cpu_throttle_percentage)
+                self._apply_vcpu_limits(r)
 
     def pause(self) -> None:
         """Stop every vCPU, then quiesce the devices that own threads; returns when each vCPU is
@@ -364,6 +405,13 @@ class Machine:
     def _handle_exit(self, vcpu: Vcpu) -> None:
         handle_exit(self, vcpu)
 
+    def dirty_ring_full(self, vcpu: Vcpu) -> None:
+        """KVM_EXIT_DIRTY_RING_FULL on `vcpu` (its thread): harvest its ring so it can run on."""
+        if self.dirty_ring is None:
+            self.fail(f"KVM_EXIT_DIRTY_RING_FULL on vCPU {vcpu.id} without a dirty ring")
+            return
+        self.dirty_ring.ring_full(vcpu.id)
+
     def _emit(self, name: str, data: dict) -> None:
         if self.on_event is not None:
             try:
@@ -375,6 +423,8 @@ class Machine:
         """Stop (if still running) and release every resource: threads, fds, RAM."""
         if self._closed:
             return
+        if self.dirty_limiter is not None:
+            self.dirty_limiter.close()
         self.shutdown()
         self._closed = True
         for dev in self.devices.values():
@@ -385,6 +435,8 @@ class Machine:
         # Before the RAM goes: a drive's I/O thread writes into it.
         for dev in self.block_devices:
             dev.close()
+        if self.dirty_ring is not None:
+            self.dirty_ring.close()  # its views of the rings go before the vCPUs unmap them
         for v in self.vcpus:
             v.close()
         for b in self.ram_blocks:

@@ -2,8 +2,9 @@
 dirty log (a `DirtyLog` of 4 KiB pages).
 
 The dirty log has two producers: KVM's dirty log for the slot (guest writes; a harvester polled
-at each sync) and every write the VMM itself makes to the block — `write()` notes the pages it
-wrote, and a writer that goes through `view()` (a device doing DMA from its own thread) calls
+at each sync: the slot's dirty bitmap, or with the VM's dirty ring on, the vCPUs' rings,
+machine/dirty_ring.py) and every write the VMM itself makes to the block — `write()` notes the
+pages it wrote, and a writer that goes through `view()` (a device doing DMA from its own thread) calls
 `note_written(gpa, nbytes)` right after writing. A block without a VM (no KVM slot) has the VMM
 producer only. Consumers (migration) each keep their own bitmap, filled at `sync_dirty()`.
 
@@ -28,6 +29,7 @@ from vmferry.errors import VmferryError
 from vmferry.kvm import ioctls as nr
 from vmferry.kvm.vm import Vm
 from vmferry.machine.dirty_log import DirtyLog
+from vmferry.machine.dirty_ring import DirtyRing
 
 PAGE_SIZE = 4096
 # Python 3.11's mmap module lacks the constant; 0x4000 is its value on Linux (all arches).
@@ -50,7 +52,8 @@ class RamBlock:
 
     page_size = PAGE_SIZE
 
-    def __init__(self, name: str, gpa: int, nbytes: int, vm: Vm | None = None, slot: int = -1) -> None:
+    def __init__(self, name: str, gpa: int, nbytes: int, vm: Vm | None = None, slot: int = -1,
+                 ring: DirtyRing | None = None) -> None:
         if nbytes <= 0 or nbytes % PAGE_SIZE or gpa % PAGE_SIZE:
             raise VmferryError(f"RAM block {name}: size and address must be positive multiples of 4 KiB")
         self.name = name
@@ -71,8 +74,9 @@ class RamBlock:
         self._flags = 0
         self._lock = threading.RLock()  # the slot's registration (re-entered by release_dirty_consumer)
         self.dirty = DirtyLog(self.npages, f"RAM block {name}")
+        self.ring: DirtyRing | None = None
         if vm is not None:
-            self.attach(vm, slot)
+            self.attach(vm, slot, ring)
 
     @property
     def hva(self) -> int:
@@ -83,11 +87,16 @@ class RamBlock:
 
     # --- mapping into the guest ---
 
-    def attach(self, vm: Vm, slot: int) -> None:
-        """Register the block as KVM memory slot `slot` of `vm`."""
-        self.vm, self.slot = vm, slot
+    def attach(self, vm: Vm, slot: int, ring: DirtyRing | None = None) -> None:
+        """Register the block as KVM memory slot `slot` of `vm`. With the VM's dirty ring on,
+        guest writes come from the vCPUs' rings (`ring`), else from the slot's dirty bitmap."""
+        self.vm, self.slot, self.ring = vm, slot, ring
         self._register(0)
-        self.dirty.add_harvester("kvm", self._harvest_kvm_log)
+        if ring is not None:
+            ring.add_slot(slot, self.npages)
+            self.dirty.add_harvester("kvm", self._harvest_kvm_ring)
+        else:
+            self.dirty.add_harvester("kvm", self._harvest_kvm_log)
 
     def _register(self, flags: int) -> None:
         assert self.vm is not None, "RAM block not attached to a VM"
@@ -233,9 +242,17 @@ class RamBlock:
         if vm.manual_dirty_protect and out.any():
             vm.clear_dirty_log(self.slot, 0, self.npages, out)
 
+    def _harvest_kvm_ring(self, out: np.ndarray) -> None:
+        """The ring producer: what the vCPUs' dirty rings logged for this slot -> out (the
+        rings are reaped and reset first; machine/dirty_ring.py)."""
+        if self.ring is not None and self._flags & nr.MEM_LOG_DIRTY_PAGES:
+            self.ring.take_slot(self.slot, out)
+
     def close(self) -> None:
         """Remove the slot from the VM and unmap the RAM."""
         self.dirty.remove_harvester("kvm")
+        if self.ring is not None:
+            self.ring.remove_slot(self.slot)
         if self.vm is not None and self.vm.fd >= 0:
             self.vm.set_user_memory_region(self.slot, self.gpa, 0, self.host_addr, 0)
         self.vm = None

@@ -16,6 +16,11 @@ then sleeps p/(100-p) of that, so it sleeps p % of the wall time. A timer thread
 kicks it once per period (timeslice + sleep); the vCPU thread, out of KVM_RUN, sleeps its share
 on its condition variable, so a pause or stop cuts the sleep short. The runner accounts what it
 slept (`throttle_slept_ns`, `throttle_sleeps`).
+
+Dirty limit (QEMU's dirtylimit; machine/dirty_limit.py sets `dirty_limit_us`): with KVM's dirty
+ring on, a vCPU whose ring fills exits with KVM_EXIT_DIRTY_RING_FULL; after its ring is harvested
+(machine.py) it sleeps `dirty_limit_us` before re-entering. Only a vCPU that writes fills its
+ring, so only writers sleep. A pause or stop cuts the sleep short (`dirty_limit_slept_ns`).
 """
 
 from __future__ import annotations
@@ -92,6 +97,10 @@ class VcpuRunner:
         self._throttle_owed_ns = 0
         self._throttle_timer: threading.Thread | None = None
         self._throttle_stop = threading.Event()
+        # Dirty limit: microseconds to sleep after each dirty-ring-full exit (0 = none).
+        self.dirty_limit_us = 0
+        self.dirty_limit_slept_ns = 0
+        self.dirty_limit_sleeps = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -128,6 +137,9 @@ class VcpuRunner:
                 self._handle_exit(self.vcpu)
                 reason = self.vcpu.run_struct.exit_reason
                 self._pending_completion = reason in (nr.Exit.IO, nr.Exit.MMIO)
+                if reason == nr.Exit.DIRTY_RING_FULL and self.dirty_limit_us:
+                    with self._cond:
+                        self._sleep_dirty_limited()
         except Exception as e:  # a bug or a KVM error must stop the machine, never hang it
             crash = f"vCPU {self.vcpu.id}: {e}"
         finally:
@@ -155,6 +167,26 @@ class VcpuRunner:
             self._cond.wait(left / 1e9)
         self.throttle_last_end_ns = time.monotonic_ns()
         self.throttle_slept_ns += self.throttle_last_end_ns - t0
+
+    def _sleep_dirty_limited(self) -> None:
+        """Sleep dirty_limit_us under _cond; a pause, a stop or the limit going to 0 ends it."""
+        self.dirty_limit_sleeps += 1
+        t0 = time.monotonic_ns()
+        deadline = t0 + self.dirty_limit_us * 1000
+        while not (self._pause or self._stop) and self.dirty_limit_us:
+            left = deadline - time.monotonic_ns()
+            if left <= 0:
+                break
+            self._cond.wait(left / 1e9)
+        self.dirty_limit_slept_ns += time.monotonic_ns() - t0
+
+    def set_dirty_limit_sleep(self, us: int) -> None:
+        """Sleep `us` microseconds after each dirty-ring-full exit from now on (0 = never); a
+        change to 0 ends a sleep under way."""
+        with self._cond:
+            self.dirty_limit_us = max(0, int(us))
+            if not self.dirty_limit_us:
+                self._cond.notify_all()
 
     # --- throttling, from any thread ---
 

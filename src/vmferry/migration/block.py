@@ -14,13 +14,17 @@ Source (`DriveSaver`):
                device notes each completed write, 4 KiB units); every allocated unit is marked
                to send, and each hole goes out at once as a BLOCK_ZERO run, so the
                destination's image gets the same holes
-    iterate    runs of marked units, up to 1 MiB each, read through the backend: BLOCK_DATA,
-               or BLOCK_ZERO for 4 KiB units that read as zeros (the destination punches them)
-    sync       fold the drives' dirty logs in
-    complete   (vCPUs paused, drives quiesced) the rest; then every drive, copied or shared, is
-               flushed and its image lock given up (`VirtioBlk.release_image`): the destination
-               may take it. A failed migration takes it back when the source resumes.
+    iterate    (before RAM's in each pass: `bulk_first`) runs of marked units, up to 1 MiB
+               each, read through the backend: BLOCK_DATA, or BLOCK_ZERO for 4 KiB units that
+               read as zeros (the destination punches them)
+    sync       fold the drives' dirty logs in; start an fdatasync of every writable image on a
+               thread (the pre-flush), so the one in the pause has only the last writes to write
+    complete   (vCPUs paused, drives quiesced) the rest; then, once a pre-flush under way has
+               ended, every drive, copied or shared, is flushed and its image lock given up
+               (`VirtioBlk.release_image`): the destination may take it. A failed migration
+               takes it back when the source resumes.
     pending    marked units x 4 KiB: the session's one expected downtime covers RAM and disks
+    units      (units sent, units marked): with RAM's pages, what the switchover rule weighs
 
 Destination (`DriveLoader`): BLOCK_DEVICES is checked before any byte is written — each drive
 exists here (by id) and has exactly the source's size, and a copied one is writable — and the
@@ -77,6 +81,7 @@ class _Copied:
     nbytes: int  # whole sectors: what the stream can carry
     nunits: int
     sent_bytes: int = 0  # of BLOCK_DATA payload
+    sent_units: int = 0  # 4 KiB units sent (data or zero)
     # Units taken from the dirty log (DirtyLog.take, atomic against any sync) and not yet sent;
     # only the migration thread touches it.
     todo: np.ndarray | None = None
@@ -84,6 +89,7 @@ class _Copied:
 
 class DriveSaver(Saver):
     name = "drives"
+    bulk_first = True  # a disk is rewritten far more slowly than RAM for its size
 
     def __init__(self, drives: Sequence[VirtioBlk], copy: Sequence[str] = ()) -> None:
         self.drives = list(drives)
@@ -94,6 +100,10 @@ class DriveSaver(Saver):
         ]
         self.transferred = 0  # stream bytes of BLOCK_* records
         self._tracking = False
+        self._scratch = bytearray(RUN_UNITS * DIRTY_UNIT)
+        # fdatasync of every image at each sync, in the background, so the one at switchover
+        # (in the pause) finds only what the guest wrote since the last sync.
+        self._preflush = _Flusher()
 
     # --- progress (query-migrate's disk section) ---
 
@@ -143,6 +153,9 @@ class DriveSaver(Saver):
     def sync(self) -> None:
         for c in self.copied:
             c.dev.dirty.sync()
+        for d in self.drives:
+            if not d.backend.readonly:
+                self._preflush.mark(d.backend)
 
     def pending(self) -> int:
         if not self._tracking:
@@ -162,15 +175,21 @@ class DriveSaver(Saver):
             sent += self._send(out, c, budget_bytes - sent)
         return sent
 
+    def units(self) -> tuple[int, int]:
+        return sum(c.sent_units for c in self.copied), self.pending() // DIRTY_UNIT
+
     def complete(self, out: SaverOutput) -> None:
-        self.sync()
+        for c in self.copied:
+            c.dev.dirty.sync()
         for c in self.copied:
             while self._send(out, c, 1 << 62):
                 pass
+        self._preflush.stop()  # a background flush under way ends; release_image flushes the rest
         for d in self.drives:
             d.release_image()
 
     def cleanup(self) -> None:
+        self._preflush.stop()
         if not self._tracking:
             return
         for c in self.copied:
@@ -193,27 +212,32 @@ class DriveSaver(Saver):
         units = bitmap_to_units(c.todo, c.nunits)
         if len(units) == 0:
             return 0
+        c.todo[:] = 0  # all taken; what the budget leaves unsent is marked again below
         sent = 0
         starts = np.flatnonzero(np.diff(units) != 1) + 1
+        done = 0
         for run in np.split(units, starts):
             for i in range(0, len(run), RUN_UNITS):
                 part = run[i : i + RUN_UNITS]
-                first, count = int(part[0]), len(part)
-                clear = np.zeros(c.nunits, dtype=bool)
-                clear[first : first + count] = True
-                c.todo &= ~units_to_bitmap(clear)
-                sent += self._send_run(out, c, first, count)
-                if sent >= budget or out.cancelled():
+                sent += self._send_run(out, c, int(part[0]), len(part))
+                done += len(part)
+                if (sent >= budget or out.cancelled()) and done < len(units):
+                    rest = np.zeros(c.nunits, dtype=bool)
+                    rest[units[done:]] = True
+                    c.todo |= units_to_bitmap(rest)
                     return sent
         return sent
 
     def _send_run(self, out: SaverOutput, c: _Copied, first: int, count: int) -> int:
         offset = first * DIRTY_UNIT
         nbytes = min(count * DIRTY_UNIT, c.nbytes - offset)
-        buf = bytearray(count * DIRTY_UNIT)
-        view = memoryview(buf)
+        # One scratch buffer, reused: send() has handed the bytes to the channel when it returns
+        # (as RAM's scratch), and a fresh 1 MiB buffer per run costs its page faults each time.
+        view = memoryview(self._scratch)[: count * DIRTY_UNIT]
         c.dev.backend.read_into(offset, view[:nbytes])
-        nonzero = np.frombuffer(buf, dtype=np.uint64).reshape(count, DIRTY_UNIT // 8).any(axis=1)
+        if nbytes < len(view):
+            view[nbytes:] = bytes(len(view) - nbytes)
+        nonzero = np.frombuffer(view, dtype=np.uint64).reshape(count, DIRTY_UNIT // 8).any(axis=1)
         enc = out.encoder
         recs = []
         # Alternating runs of data units and zero units, each one record.
@@ -229,6 +253,7 @@ class DriveSaver(Saver):
                 recs.append(enc.encode(BlockZero(c.disk_id, sector, sectors)))
         n = out.send(recs)
         self.transferred += n
+        c.sent_units += count
         return n
 
 

@@ -32,6 +32,9 @@ class PassReport:
     dirty_pages_after: int  # dirty pages found by the sync that ended this pass
     dirty_rate_pps: float  # pages/s dirtied while this pass ran
     expected_downtime_ms: float
+    # bytes/s of state dirtied while this pass ran, over every saver (RAM pages and disk blocks):
+    # what the convergence verdict weighs against the bandwidth
+    dirty_rate_bps: float = 0.0
 
     def as_qmp(self) -> dict[str, float | int]:
         return {

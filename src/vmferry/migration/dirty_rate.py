@@ -11,7 +11,12 @@ QEMU 7.2's command and reply (names, fields, checks and messages), two of its mo
   copied at the start and compared at the end; the changed fraction times the populated size,
   over the time, is the rate. It needs no dirty log, and misses rewrites with the same bytes.
 
-`dirty-ring` is refused: vmferry uses KVM's dirty bitmap, not the ring.
+* `dirty-ring`: only on a VM with KVM's dirty ring (`--accel kvm,dirty-ring-size=N`; refused by
+  QEMU's message otherwise): each vCPU's pages from its ring over the window
+  (machine/dirty_ring.py: the distinct pages of each harvest, summed), so the reply adds
+  `vcpu-dirty-rate`: `[{"id": i, "dirty-rate": MB/s}]`, and `dirty-rate` is their sum, as in
+  QEMU. A page written again after its entry was harvested counts again (KVM logs it again), so
+  this rate can exceed dirty-bitmap's count of distinct pages for the same guest.
 
 In `dirty-bitmap` mode the window is sampled up to CURVE_SAMPLES times (a sync and a count of the
 distinct pages so far: `x-dirty-curve`, [ms, bytes] pairs), and the saturating curve of a random
@@ -36,6 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vmferry.errors import QmpError
+from vmferry.machine.dirty_ring import DirtyRing
 from vmferry.machine.ramblock import PAGE_SIZE, RamBlock
 from vmferry.migration.forecast import fit_dirty_curve
 
@@ -57,8 +63,9 @@ CURVE_SPACING_S = 0.5
 class DirtyRateMeter:
     """One measurement at a time, on a thread of its own; the monitor only starts and queries."""
 
-    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+    def __init__(self, blocks: Sequence[RamBlock], ring: DirtyRing | None = None) -> None:
         self.blocks = list(blocks)
+        self.ring = ring
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,7 +84,7 @@ class DirtyRateMeter:
                 raise QmpError("sample-pages is used only in page-sampling mode")
             if sample_pages is not None and not MIN_SAMPLE_PAGES <= sample_pages <= MAX_SAMPLE_PAGES:
                 raise QmpError(f"sample-pages is out of range[{MIN_SAMPLE_PAGES}, {MAX_SAMPLE_PAGES}].")
-            if mode == "dirty-ring":
+            if mode == "dirty-ring" and self.ring is None:
                 raise QmpError("mode dirty-ring is not enabled, use other method instead.")
             if any(b.vm is None for b in self.blocks):
                 raise QmpError("the dirty rate cannot be measured: guest RAM is not mapped into a VM")
@@ -109,6 +116,12 @@ class DirtyRateMeter:
                 rate, working_set = fit_dirty_curve(curve, max(populated, dirty_bytes))
                 result |= {"dirty-rate": round(rate / MiB), "x-working-set": round(working_set),
                            "x-dirty-curve": [[round(t * 1000, 3), int(d)] for t, d in curve]}
+            elif mode == "dirty-ring":
+                per_vcpu, elapsed = self._ring(calc_time)
+                dirty_bytes = sum(per_vcpu)
+                rate = dirty_bytes / elapsed
+                vcpus = [{"id": i, "dirty-rate": round(b / MiB / elapsed)} for i, b in enumerate(per_vcpu)]
+                result |= {"dirty-rate": sum(v["dirty-rate"] for v in vcpus), "vcpu-dirty-rate": vcpus}
             else:
                 dirty_bytes, elapsed = self._sampling(calc_time, sample_pages)
                 rate = dirty_bytes / elapsed
@@ -140,6 +153,20 @@ class DirtyRateMeter:
             return curve
         finally:
             self.release_bitmap()
+
+    def _ring(self, calc_time: int) -> tuple[list[int], float]:
+        """Bytes each vCPU's ring delivered over the window, and the window's length."""
+        assert self.ring is not None
+        self.begin_bitmap()  # the consumer keeps the slots logging, so the rings fill
+        try:
+            before = self.ring.snapshot()
+            t0 = time.monotonic()
+            self._stop.wait(calc_time)
+            after = self.ring.snapshot()
+            elapsed = time.monotonic() - t0
+        finally:
+            self.release_bitmap()
+        return [(a.pages - b.pages) * PAGE_SIZE for a, b in zip(after, before, strict=True)], elapsed
 
     # The dirty-bitmap window in three steps, so a test can pause the guest around it.
 

@@ -40,6 +40,7 @@ from vmferry.stream.compression import Codec, Compressor
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.format import checksum
+from vmferry.stream.payloads import delta_table_size
 from vmferry.stream.records import (
     Buffer,
     Command,
@@ -48,6 +49,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlocks,
     RamCompressed,
+    RamDelta,
     RamPageList,
     RamPages,
     RamZero,
@@ -73,11 +75,16 @@ class PageChunk:
     pages: np.ndarray  # ascending page indexes (uint32)
     data: np.ndarray  # (len(pages), PAGE_SIZE // 8) uint64: the pages' contents, copied
     is_zero: np.ndarray  # bool per page
+    # XBZRLE: the pages as one RAM_DELTA record instead (data and is_zero then empty); it must go
+    # on the channel that carried the pages' bases (docs/migration.md, "XBZRLE")
+    delta: RamDelta | None = None
 
     @property
     def raw_bytes(self) -> int:
-        """What the chunk weighs against a step's budget: its non-zero pages, plus a record's
-        worth so that a chunk of zero pages counts too."""
+        """What the chunk weighs against a step's budget: its non-zero pages (a delta: its
+        payload), plus a record's worth so that a chunk of zero pages counts too."""
+        if self.delta is not None:
+            return delta_table_size(len(self.delta.entries)) + memoryview(self.delta.data).nbytes + 64
         return int(np.count_nonzero(~self.is_zero)) * PAGE_SIZE + 64
 
 
@@ -111,6 +118,8 @@ class DataChannelEncoder:
                                  f"{self.channel_id}")
             self._generation = chunk.generation
             bufs.append(enc.encode(PassStart(chunk.generation)))
+        if chunk.delta is not None:
+            return bufs + enc.encode_buffers(chunk.delta)
         raw = memoryview(chunk.data).cast("B")
         bid, pages, is_zero = chunk.block_id, chunk.pages, chunk.is_zero
         breaks = (np.diff(pages.astype(np.int64)) != 1) | (is_zero[1:] != is_zero[:-1])
@@ -146,6 +155,7 @@ class GenerationalPages:
 
     def apply_pages(self, block_id: int, pages: np.ndarray, data: Buffer, generation: int) -> None: ...
     def apply_zero(self, block_id: int, first: int, count: int, generation: int) -> None: ...
+    def apply_delta(self, rec: RamDelta, generation: int) -> None: ...
     def check_layout(self, table: RamBlocks) -> None: ...
 
 
@@ -259,6 +269,9 @@ class DataChannelReceiver:
                 self.page_bytes += count * PAGE_SIZE
             case RamZero(block_id, first_page, count):
                 loader.apply_zero(block_id, first_page, count, self.generation)
+            case RamDelta(_, entries, data):
+                loader.apply_delta(rec, self.generation)
+                self.page_bytes += delta_table_size(len(entries)) + len(data)
             case RamBlocks():
                 loader.check_layout(rec)
             case EndOfStream():
@@ -360,19 +373,27 @@ class MultifdSender:
             new, self._lost_new = self._lost_new, []
         return [(i, why, self._handed[i]) for i, why in new]
 
-    def submit(self, chunk: PageChunk) -> int:
+    def submit(self, chunk: PageChunk, channel: int | None = None) -> tuple[int, int | None]:
+        """Queue a chunk on the least busy live channel, or on `channel` (XBZRLE deltas follow
+        their bases). -> (its weight in bytes, the channel it went on); (0, None) when `channel`
+        is lost: its pages were handed to it before, so they are sent again anyway."""
         n = chunk.raw_bytes
         while True:
             self._check()
-            live = [k for k in range(len(self._queues)) if self.alive[k]]
-            i = min(live, key=lambda k: self._queues[k].qsize())
+            if channel is not None:
+                if not self.alive[channel]:
+                    return 0, None
+                i = channel
+            else:
+                live = [k for k in range(len(self._queues)) if self.alive[k]]
+                i = min(live, key=lambda k: self._queues[k].qsize())
             try:
                 self._queues[i].put(chunk, timeout=0.05)
             except queue.Full:
                 continue
             self._handed[i][chunk.block_id][chunk.pages] = True
             self._submitted[i] += n
-            return n
+            return n, i
 
     def drain(self) -> None:
         """Wait until every live channel has sent all it was given (or was lost meanwhile)."""

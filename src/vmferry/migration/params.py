@@ -7,15 +7,16 @@ Two plain objects shared by the monitor (which writes them from `migrate-set-par
   `-` -> `_`). `apply(changes)` validates *every* change first and then assigns them all under a
   lock, so a reader never sees half of a `migrate-set-parameters`. Reading one attribute is atomic
   under the GIL; read several that must agree through `snapshot()`.
-* `MigrationCapabilities` - the 7.2 capability list, off by default but `return-path`; `set()`
-  validates the whole list (unknown names, unsupported ones, incompatible combinations) before
-  changing anything.
+* `MigrationCapabilities` - the 7.2 capability list plus 8.1's `dirty-limit`, off by default but
+  `return-path`; `set()` validates the whole list (unknown names, unsupported ones, incompatible
+  combinations) before changing anything.
 
 The specs table (`PARAMETER_SPECS`) is the single source for QAPI types, ranges and docs: the
 monitor builds its argument schema and `docs/qmp.md` from it.
 
-Say yes only to what works: every name keeps QEMU 7.2's spelling, type and default (clients probe
-them with `query-migrate-parameters` / `query-migrate-capabilities`), but only the names in
+Say yes only to what works: every name keeps QEMU 7.2's spelling, type and default (8.1's for
+dirty-limit's; clients probe them with `query-migrate-parameters` /
+`query-migrate-capabilities`), but only the names in
 `EFFECTIVE_PARAMETERS` / `EFFECTIVE_CAPABILITIES` may be changed — each says what reads it. Any
 other name is refused ("Parameter 'multifd-channels' is not supported by vmferry yet") unless the
 value asked for is the one it already has: setting a parameter to its default, or a capability to
@@ -117,6 +118,11 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               "a value between 0 and 9"),
     ParamSpec("multifd-zstd-level", "uint8", "zstd level of multifd compression", 0, 20,
               "a value between 0 and 20"),
+    ParamSpec("vcpu-dirty-limit", "uint64", "dirty-limit's quota: each vCPU's dirty rate, MB/s, once "
+              "throttling starts (QEMU 8.1)", 1, UINT64_MAX, "an integer of at least 1 (MB/s)"),
+    ParamSpec("x-vcpu-dirty-limit-period", "uint64", "dirty-limit's period, ms: how often each vCPU's "
+              "dirty rate is measured and its throttle adjusted (QEMU 8.1)", 1, 1000,
+              "a value between 1 and 1000"),
     ParamSpec("x-trace-file", "str", "vmferry: write the next migration's JSON-lines trace "
               "(docs/trace.md) to this path on this side's host; \"\" means no trace",
               expects="a path in an existing directory"),
@@ -153,6 +159,8 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
     "multifd-zlib-level": "the zlib level of multifd-compression zlib (read when `migrate` starts)",
     "multifd-zstd-level": "the zstd level of multifd-compression zstd (read when `migrate` starts; "
                           "auto uses it too)",
+    "xbzrle-cache-size": "the size of the source's XBZRLE page cache while capability xbzrle is on "
+                         "(read when `migrate` starts)",
     "tls-authz": "an `authz-simple` object: the destination accepts only the client certificate "
                  "with its distinguished name; ignored while tls-creds is empty, as in QEMU",
     "x-postcopy-after-ms": "the source, after each precopy pass from the second on, when capability "
@@ -181,6 +189,12 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
     "cpu-throttle-tailslow": "auto-converge: add only what brings the dirty rate down to the threshold, "
                              "when that is less than the increment",
     "max-cpu-throttle": "auto-converge: the throttle never goes above it",
+    # dirty-limit (machine/dirty_limit.py), read by the migration when the trigger fires and at
+    # every period of the limiter.
+    "vcpu-dirty-limit": "dirty-limit: the quota set on every vCPU when the auto-converge trigger fires "
+                        "(a changed value is applied the next time it fires)",
+    "x-vcpu-dirty-limit-period": "dirty-limit: the limiter's measuring and adjusting period while a "
+                                 "migration with dirty-limit runs (1000 ms otherwise, as in QEMU)",
 }
 
 
@@ -222,6 +236,8 @@ class MigrationParameters:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    vcpu_dirty_limit: int = 1
+    x_vcpu_dirty_limit_period: int = 1000
     x_trace_file: str = ""
     x_heartbeat_ms: int = 1000
     x_block_drives: str = ""
@@ -312,12 +328,13 @@ def _check_one(spec: ParamSpec, value: object) -> object:
     return value
 
 
-# The 7.2 list, in QEMU's order (query-migrate-capabilities answers in this order).
+# The 7.2 list, in QEMU's order (query-migrate-capabilities answers in this order), and 8.1's
+# dirty-limit (the one later capability vmferry has).
 CAPABILITIES: tuple[str, ...] = (
     "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
     "x-colo", "release-ram", "block", "return-path", "pause-before-switchover", "multifd",
     "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
-    "background-snapshot", "zero-copy-send", "postcopy-preempt",
+    "background-snapshot", "zero-copy-send", "postcopy-preempt", "dirty-limit",
 )
 
 CAPABILITY_DOCS: dict[str, str] = {
@@ -343,6 +360,8 @@ CAPABILITY_DOCS: dict[str, str] = {
     "background-snapshot": "snapshot RAM with write-protection while the VM runs",
     "zero-copy-send": "send multifd pages without copying them (MSG_ZEROCOPY)",
     "postcopy-preempt": "a separate channel for urgent postcopy page requests",
+    "dirty-limit": "throttle only the vCPUs that dirty memory, each to vcpu-dirty-limit (QEMU 8.1; needs "
+                   "--accel kvm,dirty-ring-size=N)",
 }
 
 
@@ -353,6 +372,11 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
                      "migration/throttle.py): a throttled vCPU sleeps that percentage of the time in "
                      "10 ms timeslices; query-migrate reports cpu-throttle-percentage while it is on; "
                      "the throttle ends with the migration (completed, failed or cancelled)",
+    "xbzrle": "from the first pass on the source caches what it sends (xbzrle-cache-size); a cached page "
+              "sent again goes as a RAM_DELTA record, QEMU's XOR run-length encoding against the cached "
+              "copy, when that is at most a quarter page (else whole); with multifd too (QEMU refuses "
+              "that pair), each delta on the channel its base went on; query-migrate reports "
+              "xbzrle-cache",
     "multifd": "RAM pages travel on multifd-channels data connections beside the main stream (tcp: and "
                "unix: only; `migrate` refuses other URIs by name); the destination follows the "
                "source's CONFIG whether or not it set the capability",
@@ -366,6 +390,12 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
                    "acknowledges, so a failure there resumes the source instead of losing the guest. "
                    "One-way channels (file:, exec:, an fd: pipe or file) carry no return path: "
                    "there the source completes once END is written",
+    "dirty-limit": "when auto-converge's trigger fires (two periods dirtying more than "
+                   "throttle-trigger-threshold % of what was sent), every vCPU gets vcpu-dirty-limit "
+                   "as its quota (machine/dirty_limit.py): a vCPU sleeps after each time its dirty ring "
+                   "fills, so only writers slow down; query-migrate reports "
+                   "dirty-limit-throttle-time-per-round and dirty-limit-ring-full-time; the limits are "
+                   "lifted when the migration ends. Needs the VM's dirty ring; excludes auto-converge",
 }
 
 # vmferry's defaults where they differ from QEMU's all-off.
@@ -378,9 +408,11 @@ def capability_unsupported(name: str) -> str:
 
 class MigrationCapabilities:
     """On/off switches under QMP's names; all off by default as in QEMU, except `return-path`
-    (CAPABILITY_DEFAULTS). Only EFFECTIVE_CAPABILITIES may be turned on."""
+    (CAPABILITY_DEFAULTS). Only EFFECTIVE_CAPABILITIES may be turned on. `dirty_ring`: whether
+    the VM runs with KVM's dirty ring (dirty-limit needs it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dirty_ring: bool = False) -> None:
+        self.dirty_ring = dirty_ring
         self._lock = threading.Lock()
         self._state: dict[str, bool] = {name: CAPABILITY_DEFAULTS.get(name, False) for name in CAPABILITIES}
 
@@ -403,7 +435,7 @@ class MigrationCapabilities:
                     raise QmpError(f"Invalid parameter type for 'capabilities[{i}].state', expected: boolean")
                 _check_supported(name, state)
                 candidate[name] = state
-            _check_caps(candidate)
+            _check_caps(candidate, self.dirty_ring)
             self._state = candidate
 
     def query(self) -> list[dict[str, object]]:
@@ -426,14 +458,24 @@ def _check_supported(name: str, state: bool) -> None:
         raise QmpError(capability_unsupported(name))
 
 
-def _check_caps(caps: Mapping[str, bool]) -> None:
+def _check_caps(caps: Mapping[str, bool], dirty_ring: bool = False) -> None:
     """QEMU's migrate_caps_check, for the combinations that matter to us (messages are QEMU's)."""
+    if caps["dirty-limit"]:
+        if caps["auto-converge"]:
+            raise QmpError("dirty-limit conflicts with auto-converge either of then available currently")
+        if not dirty_ring:
+            raise QmpError("dirty-limit requires KVM with accelerator property 'dirty-ring-size' set")
     if caps["postcopy-ram"] and caps["compress"]:
         raise QmpError("Postcopy is not currently compatible with compression")
     if caps["postcopy-ram"] and caps["x-ignore-shared"]:
         raise QmpError("Postcopy is not compatible with ignore-shared")
     if caps["postcopy-ram"] and caps["multifd"]:
         raise QmpError("Postcopy is not yet compatible with multifd")
+    if caps["postcopy-ram"] and caps["xbzrle"]:
+        # Not QEMU's rule (QEMU sends deltas until the switch): vmferry's postcopy destination
+        # places whole pages only, so the two are refused together rather than half-honoured.
+        raise QmpError("Capability 'xbzrle' cannot be used with 'postcopy-ram' in vmferry: "
+                       "postcopy places whole pages only")
     if caps["postcopy-preempt"] and not caps["postcopy-ram"]:
         raise QmpError("Postcopy preempt requires postcopy-ram")
     if caps["zero-copy-send"] and (not caps["multifd"] or caps["compress"]):

@@ -39,12 +39,14 @@ from vmferry.migration.pages import (
     zero_pages,
 )
 from vmferry.migration.saver import Buffer, Handler, Loader, Saver, SaverOutput, Send
+from vmferry.migration.xbzrle import XbzrleSource, apply_deltas
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import (
     Command,
     CommandCode,
     RamBlockInfo,
     RamBlocks,
+    RamDelta,
     RamPageList,
     RamPages,
     RamZero,
@@ -122,6 +124,10 @@ class RamSaver(Saver):
         # chunk tagged with the claim generation it was read at.
         self.multifd: MultifdSender | None = None
         self.generation = 0
+        # XBZRLE (capability xbzrle): pages sent before go as deltas against the cached copy.
+        self.xbzrle: XbzrleSource | None = None
+        # The migration's bandwidth, bytes/s (the session's), for weighing XBZRLE's CPU time.
+        self.bandwidth: Callable[[], float] | None = None
 
     def setup(self, out: SaverOutput | None = None) -> None:
         """Start dirty logging and mark what must be sent first: every page ever populated.
@@ -166,8 +172,18 @@ class RamSaver(Saver):
         return queued + sum(count_dirty(b.dirty_bitmap(CONSUMER)) for b in self.blocks)
 
     def pending(self) -> int:
+        """Bytes to send: with XBZRLE a dirty page weighs what pages cost on the wire last pass
+        (deltas are small), the unit the bandwidth is measured in."""
         queued = self.multifd.queued_bytes() if self.multifd is not None else 0
-        return self.remaining() * PAGE_SIZE + queued
+        if self.xbzrle is None:
+            return self.remaining() * PAGE_SIZE + queued
+        # A page weighs what it costs on the wire, or what the time the saver spends on it would
+        # carry at the bandwidth, whichever is more: the expected downtime then holds the
+        # encoding of the pages left, not just their few bytes.
+        per_page = self.xbzrle.bytes_per_page
+        bandwidth = self.bandwidth() if self.bandwidth is not None else 0.0
+        per_page = max(per_page, self.xbzrle.secs_per_page * bandwidth)
+        return int(self.remaining() * per_page) + queued
 
     def sent_elsewhere(self) -> int:
         """multifd: page bytes sent, uncompressed — the unit of the destination's PROGRESS for
@@ -214,6 +230,8 @@ class RamSaver(Saver):
             for bid, mask in handed.items():
                 if mask.any():
                     self.blocks[bid - 1].mark_dirty(CONSUMER, mask)
+                    if self.xbzrle is not None:
+                        self.xbzrle.forget(bid - 1, mask)
             log.warning("multifd channel %d lost (%s): its pages go again on the others", channel, why)
             out.send([out.encoder.encode(Command(CommandCode.CHANNEL_LOST, index=channel,
                                                  data=why.encode()[:1024]))])
@@ -239,6 +257,8 @@ class RamSaver(Saver):
         a sync by another consumer's thread (calc-dirty-rate) cannot lose a bit in between. Each
         claim is a new generation: a page is queued at most once per generation."""
         self.generation += 1
+        if self.xbzrle is not None:
+            self.xbzrle.new_generation()
         for i, b in enumerate(self.blocks):
             taken = b.take_dirty(CONSUMER)
             if taken is None:
@@ -273,15 +293,25 @@ class RamSaver(Saver):
                 at = self._queue_pos[i]
                 chunk = indexes[at : at + CHUNK_PAGES]
                 self._queue_pos[i] = at + chunk.size
+                t0 = time.perf_counter()
                 if self.multifd is not None:
                     c.bytes += self._to_channels(bid, guest_pages, chunk, c)
+                    if self.xbzrle is not None:
+                        self.xbzrle.timed(chunk.size, time.perf_counter() - t0)
                     continue
                 held = self._hold(guest_pages, chunk, stable)
                 is_zero = zero_pages(held)
+                bufs: list[bytes | memoryview] = []
+                if self.xbzrle is not None:
+                    n = chunk.size
+                    chunk, held, is_zero = self._deltas(i, chunk, held, is_zero, bufs, c)
+                    if not chunk.size:
+                        c.bytes += send(bufs)
+                        self.xbzrle.timed(n, time.perf_counter() - t0)
+                        continue
                 held_bytes = memoryview(held).cast("B")
                 # Scattered non-zero pages go as one RAM_PAGE_LIST; runs of them as RAM_PAGES.
                 as_list = _scattered(chunk, is_zero)
-                bufs: list[bytes | memoryview] = []
                 if as_list:
                     c.pages += self._page_list(bid, chunk, is_zero, held, bufs)
                 for pos, first, count, zero in segments(chunk, is_zero):
@@ -293,6 +323,8 @@ class RamSaver(Saver):
                         bufs.extend(self.encoder.encode_ram_pages(bid, first, data))
                         c.pages += count
                 c.bytes += send(bufs)
+                if self.xbzrle is not None:
+                    self.xbzrle.timed(chunk.size, time.perf_counter() - t0)
                 del bufs, held_bytes, held
             del guest_pages
             if budget is not None and c.bytes >= budget:
@@ -302,9 +334,34 @@ class RamSaver(Saver):
         self.counters.bytes += c.bytes
         return c
 
+    def _deltas(self, i: int, chunk: np.ndarray, held: np.ndarray, is_zero: np.ndarray,
+                bufs: list[bytes | memoryview], c: PassCounters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """XBZRLE on the main stream: the chunk's cached pages as one RAM_DELTA record (into
+        `bufs`), the cache updated from `held` (the copy that is sent; guest memory only while
+        paused). -> the chunk's pages still to send the usual way (zero pages and whole ones)."""
+        assert self.xbzrle is not None
+        u8 = held.view(np.uint8).reshape(-1, PAGE_SIZE)
+        plan = self.xbzrle.plan(i, chunk, u8, is_zero)
+        rows = [plan.whole]
+        for (_, drows, entries), data in zip(plan.deltas, plan.delta_data, strict=True):
+            bufs.extend(self.encoder.encode_buffers(RamDelta(i + 1, entries, data)))
+            c.pages += drows.size
+            rows.append(drows)
+        sent = np.sort(np.concatenate(rows))
+        if sent.size == chunk.size:  # every page sent (no zero or unchanged one): no gather
+            self.xbzrle.sent(i, chunk, u8, self.generation, 0)
+        else:
+            self.xbzrle.sent(i, chunk[sent], u8[sent], self.generation, 0)
+        keep = is_zero.copy()
+        keep[plan.whole] = True
+        if keep.all():
+            return chunk, held, is_zero
+        return chunk[keep], held[keep], is_zero[keep]
+
     def _to_channels(self, bid: int, guest_pages: np.ndarray, chunk: np.ndarray, c: PassCounters) -> int:
         """multifd: copy the chunk's pages (the sender threads compress and send the copy, never
-        guest memory) and hand it to the least busy data channel."""
+        guest memory) and hand it to the least busy data channel. XBZRLE: cached pages go as
+        RAM_DELTA records, each on the channel its pages' bases went on."""
         first = int(chunk[0])
         if int(chunk[-1]) - first == chunk.size - 1:
             data = guest_pages[first : first + chunk.size].copy()
@@ -313,9 +370,34 @@ class RamSaver(Saver):
         is_zero = zero_pages(data)
         nzero = int(np.count_nonzero(is_zero))
         c.zero_pages += nzero
-        c.pages += chunk.size - nzero
         assert self.multifd is not None
-        return self.multifd.submit(PageChunk(bid, self.generation, chunk.astype(np.uint32), data, is_zero))
+        pages = chunk.astype(np.uint32)
+        if self.xbzrle is None:
+            c.pages += chunk.size - nzero
+            return self.multifd.submit(PageChunk(bid, self.generation, pages, data, is_zero))[0]
+        x = self.xbzrle
+        u8 = data.view(np.uint8).reshape(-1, PAGE_SIZE)
+        plan = x.plan(bid - 1, chunk, u8, is_zero)
+        weight = 0
+        for (channel, drows, entries), ddata in zip(plan.deltas, plan.delta_data, strict=True):
+            rec = RamDelta(bid, entries, ddata)
+            none = np.zeros(0, dtype=bool)
+            n, went = self.multifd.submit(PageChunk(bid, self.generation, pages[drows], data[:0], none, rec),
+                                          channel=channel)
+            if went is not None:  # else its channel is lost, and the pages go again anyway
+                x.sent(bid - 1, chunk[drows], u8[drows], self.generation, went)
+                c.pages += drows.size
+            weight += n
+        keep = is_zero.copy()
+        keep[plan.whole] = True
+        if keep.any():
+            whole = PageChunk(bid, self.generation, pages[keep], data[keep], is_zero[keep])
+            n, went = self.multifd.submit(whole)
+            assert went is not None
+            x.sent(bid - 1, chunk[plan.whole], u8[plan.whole], self.generation, went)
+            c.pages += plan.whole.size
+            weight += n
+        return weight
 
     def _hold(self, guest_pages: np.ndarray, chunk: np.ndarray, stable: bool) -> np.ndarray:
         """The chunk's pages, in chunk order, as a (pages, 512) u64 array. A run of consecutive
@@ -389,6 +471,7 @@ class RamLoader(Loader):
             RamPages: self._on_pages,
             RamPageList: lambda rec: self.store_list(rec.block_id, rec),
             RamZero: lambda rec: self.zero(rec.block_id, rec.first_page, rec.page_count),
+            RamDelta: self.store_delta,
             CommandCode.POPULATED_HINT: lambda cmd: self.prefault(cmd.block_id, cmd.data),
         }
 
@@ -449,6 +532,44 @@ class RamLoader(Loader):
                 gens[take] = generation
                 self._received[block_id][take] = True
             self.pages += len(pages)
+
+    def apply_delta(self, rec: RamDelta, generation: int) -> None:
+        """multifd: a RAM_DELTA read at `generation`. A page held at that generation or newer
+        skips it (a newer copy won); any other must be held at exactly the delta's base
+        generation, which travelled before it on the same channel (the source sends a page's
+        delta on the channel its base went on), so anything else is refused."""
+        block_id = rec.block_id
+        view, gens = self._views.get(block_id), self._generations.get(block_id)
+        if view is None or gens is None:
+            raise MigrationError(f"RAM_DELTA for unknown RAM block id {block_id}")
+        pages = rec.entries["page"]
+        dest = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        with self._lock:
+            held = gens[pages]
+            fresh = held < generation
+            wrong = fresh & (held != rec.entries["base"])
+            if wrong.any():
+                k = int(np.flatnonzero(wrong)[0])
+                raise MigrationError(
+                    f"RAM_DELTA for page {int(pages[k])} of RAM block '{self._by_id[block_id].name}' is "
+                    f"against generation {int(rec.entries['base'][k])}, but this destination holds "
+                    f"generation {int(held[k])} of it")
+            rows = np.flatnonzero(fresh)
+            apply_deltas(dest, rec.entries, rec.offsets(), bytes(rec.data), rows)
+            gens[pages[rows]] = generation
+            self._received[block_id][pages[rows]] = True
+            self.pages += len(pages)
+
+    def store_delta(self, rec: RamDelta) -> None:
+        """A RAM_DELTA on the main stream: in order, so each page holds its base; applied and
+        checked page by page (migration/xbzrle.py)."""
+        view = self._views.get(rec.block_id)
+        if view is None:
+            raise MigrationError(f"RAM_DELTA for unknown RAM block id {rec.block_id}")
+        dest = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        apply_deltas(dest, rec.entries, rec.offsets(), bytes(rec.data))
+        self._received[rec.block_id][rec.entries["page"]] = True
+        self.pages += len(rec.entries)
 
     def apply_zero(self, block_id: int, first: int, count: int, generation: int) -> None:
         """multifd: a zero run read at `generation`, applied like `apply_pages`."""

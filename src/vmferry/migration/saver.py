@@ -53,6 +53,9 @@ class Saver(ABC):
     """One kind of state on the source. See the module docstring for the call order."""
 
     name: str
+    # Sent before the others in each pass: state the guest rewrites slowly for its size (a disk),
+    # so the faster-dirtied state (RAM) goes last and less of it is dirtied again within the pass.
+    bulk_first: bool = False
 
     @abstractmethod
     def setup(self, out: SaverOutput) -> None: ...
@@ -85,6 +88,12 @@ class Saver(ABC):
         """(pages sent with contents, zero pages sent, pages waiting) for query-migrate's page
         counters; state that is not made of pages has none."""
         return 0, 0, 0
+
+    def units(self) -> tuple[int, int]:
+        """(4 KiB units sent so far, units waiting): what the switchover rule weighs, a RAM page
+        and a disk block alike (convergence.switch_now). Pages by default."""
+        sent, zero, waiting = self.page_counts()
+        return sent + zero, waiting
 
 
 Handler = Callable[[Any], None]

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 from vmferry import __version__
 from vmferry.errors import MigrationError, TransportError, VmferryError
+from vmferry.machine.dirty_limit import DEFAULT_PERIOD_MS as DIRTY_LIMIT_PERIOD_MS
 from vmferry.machine.machine import Machine
 from vmferry.migration.block import DriveSaver
 from vmferry.migration.convergence import PassReport
@@ -65,8 +66,9 @@ from vmferry.migration.return_path import ReturnPathReader
 from vmferry.migration.source_session import SourceSession
 from vmferry.migration.state import MigrationState, MigrationStatus
 from vmferry.migration.stats import MigrationStats
-from vmferry.migration.throttle import AutoConverge, ThrottleParams
+from vmferry.migration.throttle import AutoConverge, DirtyLimitConverge, ThrottleParams
 from vmferry.migration.trace import NULL_TRACE, NullTrace
+from vmferry.migration.xbzrle import XbzrleSource
 from vmferry.stream.compression import Compressor
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode
@@ -79,6 +81,8 @@ S = MigrationStatus
 # How long a failed send waits for the destination's reason on the return path.
 RETURN_PATH_LAST_WORD_S = 2.0
 ACK_TIMEOUT_S = 30.0
+# How long `migrate` with resume waits for the paused migration's thread to finish closing.
+RESUME_WAIT_S = 5.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
 DRAIN_S = 0.25
@@ -112,12 +116,21 @@ class OutgoingMigration:
         trace: NullTrace = NULL_TRACE,
         copy_drives: Sequence[str] = (),
         auto_converge: bool = False,
+        dirty_limit: bool = False,
         multifd: MultifdSetup | None = None,
         postcopy: bool = False,
         reconnect: Callable[[], Channel] | None = None,
+        xbzrle_cache: int | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
-        the others are shared."""
+        the others are shared. `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off).
+        `auto_converge` / `dirty_limit`: the capabilities (at most one; dirty_limit needs the
+        machine's dirty ring)."""
+        if dirty_limit and machine.dirty_limiter is None:
+            raise MigrationError("dirty-limit requires KVM with accelerator property 'dirty-ring-size' set")
+        if dirty_limit and auto_converge:
+            raise MigrationError("dirty-limit conflicts with auto-converge "
+                                 "either of then available currently")
         self.machine = machine
         self.multifd = multifd
         self.data_channels: list[Channel] = []
@@ -133,6 +146,8 @@ class OutgoingMigration:
         self.trace = trace
         self.encoder = StreamEncoder(machine_type=machine.machine_type.name)
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
+        if xbzrle_cache is not None:
+            self.ram.xbzrle = XbzrleSource(xbzrle_cache, PAGE_SIZE, [b.npages for b in machine.ram_blocks])
         self.drives = DriveSaver(machine.block_devices, copy_drives)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
@@ -155,6 +170,8 @@ class OutgoingMigration:
         self._beat_at = 0.0  # when the stream last carried anything
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self.auto_converge = AutoConverge() if auto_converge else None
+        self.dirty_limit = DirtyLimitConverge() if dirty_limit else None
+        self.dirty_limit_pass: int | None = None  # the pass after whose sync the limit was first set
         self.stats.total_bytes = sum(b.nbytes for b in machine.ram_blocks)
 
     # --- control, from the monitor thread ---
@@ -174,6 +191,10 @@ class OutgoingMigration:
     def resume(self, channel: Future[Channel]) -> None:
         """`migrate` with resume: a paused postcopy goes on over a new connection (the monitor
         thread; the work is on a new migration thread)."""
+        if self.state.status == S.POSTCOPY_PAUSED and self._thread.is_alive():
+            # The state says paused before the failed thread has closed its channel and joined
+            # its return-path reader (up to a second): a resume right away waits for that.
+            self._thread.join(RESUME_WAIT_S)
         if self.state.status != S.POSTCOPY_PAUSED or self._thread.is_alive():
             raise MigrationError("Cannot resume if there is no paused migration")
         self._channel_future = channel
@@ -227,6 +248,15 @@ class OutgoingMigration:
             self.stats.multifd_bytes = self.sender.sent_bytes()
         self.stats.transferred = self._main_sent + self.stats.multifd_bytes
         return self._limit(n)
+
+    def _bandwidth_cap(self) -> float:
+        """max-bandwidth (wire bytes/s) in the session's units (main stream bytes plus page bytes
+        before compression): scaled by what the wire carried per unit so far."""
+        cap = self.params.max_bandwidth
+        if not cap:
+            return 0.0
+        wire, units = self.stats.transferred, self._sent_all()
+        return cap * units / wire if wire > 0 and units > 0 else float(cap)
 
     def _sent_all(self) -> int:
         """What PROGRESS reports are compared with: main stream bytes plus the data channels'
@@ -362,13 +392,17 @@ class OutgoingMigration:
             "return-path": self.channel.has_return_path,
         }
         migration_id = uuid.uuid4().hex
+        if self.ram.xbzrle is not None:
+            config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:
             config.update({"multifd-channels": self.multifd.channels, "migration-id": migration_id,
                            "multifd-compression": self.multifd.compression})
         # The destination's PROGRESS counts the bytes it applied over all channels (main and data).
         self.session = SourceSession([self.ram, self.drives, DeviceSaver(self.devices)], self.encoder, config,
                                      lambda: self.params.downtime_limit,
-                                     end_to_end=self.return_path is not None)
+                                     end_to_end=self.return_path is not None,
+                                     bandwidth_cap=self._bandwidth_cap)
+        self.ram.bandwidth = self.session.bandwidth  # XBZRLE weighs its CPU time in bytes
         self.session.setup(self, time.monotonic())
         if self.postcopy_enabled:
             if self.return_path is None:
@@ -386,6 +420,8 @@ class OutgoingMigration:
         self.stats.dirty_sync_count = 1  # the setup's bitmap counts as the first sync, as in QEMU
         if self.auto_converge is not None:
             self.auto_converge.start(time.monotonic(), self.stats.transferred)
+        if self.dirty_limit is not None:
+            self.dirty_limit.start(time.monotonic(), self.stats.transferred)
         self.stats.setup_end_ns = time.monotonic_ns()
         self.trace.event("setup", pages_to_send=self.stats.remaining_pages,
                          unpopulated_pages=self.stats.unpopulated)
@@ -440,6 +476,9 @@ class OutgoingMigration:
                     self.stats.transferred = self._main_sent + self.stats.multifd_bytes
                     self.stats.multifd_lost = [f"channel {i}: {why}" for i, why in self.sender.lost]
             report = step.report
+            if report is not None and self.ram.xbzrle is not None:
+                self.ram.xbzrle.counters.end_period()
+            self._xbzrle_stats()
             if report is not None:
                 with self.stats.lock:
                     self.stats.dirty_sync_count += 1
@@ -447,9 +486,11 @@ class OutgoingMigration:
                     self.stats.remaining_pages = report.dirty_pages_after
                     self.stats.bandwidth_bps = session.bandwidth()
                     self.stats.dirty_rate_pps = report.dirty_rate_pps
+                    self.stats.dirty_rate_bps = report.dirty_rate_bps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
                 self._throttle_after_sync(report.dirty_pages_after)
+                self._dirty_limit_after_sync(report)
                 self._maybe_auto_postcopy(report)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
@@ -462,6 +503,12 @@ class OutgoingMigration:
                     raise MigrationError("the destination gave up")
                 if session.confirm_switchover():
                     return
+
+    def _xbzrle_stats(self) -> None:
+        if self.ram.xbzrle is not None:
+            snapshot = self.ram.xbzrle.counters.as_qmp()
+            with self.stats.lock:
+                self.stats.xbzrle = snapshot
 
     def _trace_pass(self, report: PassReport, sync_ms: float) -> None:
         remaining = report.dirty_pages_after * PAGE_SIZE
@@ -488,12 +535,34 @@ class OutgoingMigration:
             self.machine.set_cpu_throttle(new)
             self.stats.cpu_throttle_percentage = new
 
+    def _dirty_limit_after_sync(self, report: PassReport) -> None:
+        """dirty-limit's evaluation after a sync: the same trigger; when it fires, every vCPU
+        gets vcpu-dirty-limit as its quota (machine/dirty_limit.py measures and throttles)."""
+        limiter = self.machine.dirty_limiter
+        if self.dirty_limit is None or limiter is None:
+            return
+        p = self.params.snapshot()
+        quota = self.dirty_limit.on_sync(time.monotonic(), report.dirty_pages_after, self.stats.transferred,
+                                         p.throttle_trigger_threshold, p.vcpu_dirty_limit)
+        if quota is None:
+            return
+        if self.dirty_limit_pass is None:
+            self.dirty_limit_pass = report.number
+        log.info("dirty-limit: every vCPU limited to %d MB/s after pass %d", quota, report.number)
+        limiter.period_ms = lambda: self.params.x_vcpu_dirty_limit_period
+        limiter.set(None, quota)
+
     def _unthrottle(self) -> None:
         """The throttle ends with the migration, whatever its end: the source runs at full speed.
         Called before the final state is set, and again (a no-op by then) in _run's finally."""
         if self.auto_converge is not None and self.machine.cpu_throttle_percentage:
             self.machine.set_cpu_throttle(0)
         self.stats.cpu_throttle_percentage = 0
+        limiter = self.machine.dirty_limiter
+        if self.dirty_limit is not None and limiter is not None:
+            # As QEMU: the migration lifts every vCPU's limit, however it was set.
+            limiter.cancel(None)
+            limiter.period_ms = lambda: DIRTY_LIMIT_PERIOD_MS
 
     def _drain(self) -> None:
         """Wait (at most DRAIN_S) until the destination has applied everything sent, so the
@@ -538,6 +607,9 @@ class OutgoingMigration:
         t_end = time.monotonic()
         phases["end"] = round((t_end - t) * 1000, 3)
         sent, zero, _ = session.pages()
+        if self.ram.xbzrle is not None:
+            self.ram.xbzrle.counters.end_period()  # the stopped part is a period of its own
+        self._xbzrle_stats()
         with self.stats.lock:
             self.stats.dirty_sync_count += 1
             self.stats.normal, self.stats.duplicate = sent, zero

@@ -28,6 +28,8 @@ from vmferry.migration.saver import Saver, SaverOutput
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Config, EndOfStream, PassStart
 
+UNIT_BYTES = 4096  # a unit of Saver.units(): a RAM page, a disk block
+
 # Bytes each step sends before handing control back to the driver (cancel checks, progress).
 STEP_BUDGET = 8 << 20
 # What the downtime costs beyond the bytes themselves: pausing the vCPUs, saving device state,
@@ -47,13 +49,20 @@ class Step:
 class SourceSession:
     def __init__(self, savers: Sequence[Saver], encoder: StreamEncoder, config: Mapping[str, Any],
                  downtime_limit_ms: Callable[[], int], *, end_to_end: bool = False,
-                 step_budget: int = STEP_BUDGET) -> None:
+                 step_budget: int = STEP_BUDGET,
+                 bandwidth_cap: Callable[[], float] = lambda: 0.0) -> None:
         """`end_to_end`: the destination reports progress (a return path), so bandwidth and
-        backlog come from `progress`; else from what the channel accepted."""
+        backlog come from `progress`; else from what the channel accepted. `bandwidth_cap`:
+        max-bandwidth in the units `sent_total` counts (0: none)."""
         self.savers = list(savers)
+        # Within a pass, state the guest rewrites slowly for its size goes first (Saver.bulk_first:
+        # a disk), so that what the long first pass sends early is less likely to be dirtied again
+        # before the pass ends; setup and complete keep the list's order.
+        self._iterate_order = sorted(range(len(self.savers)), key=lambda i: not self.savers[i].bulk_first)
         self.encoder = encoder
         self.config = dict(config)
         self.downtime_limit_ms = downtime_limit_ms
+        self.bandwidth_cap = bandwidth_cap
         self.end_to_end = end_to_end
         self.step_budget = step_budget
         self.sent = 0  # stream bytes the channel accepted
@@ -67,6 +76,7 @@ class SourceSession:
         self._pass_t0 = 0.0
         self._pass_sent0 = 0
         self._pass_pages0 = (0, 0)
+        self._pass_units0 = 0
         self._send_bytes = 0  # over all passes, for the channel-side bandwidth
         self._send_secs = 0.0
         self._last_sync = 0.0
@@ -96,14 +106,26 @@ class SourceSession:
         return max(0, self.sent_total() - self.e2e.applied)
 
     def bandwidth(self) -> float:
-        """End to end where the destination reports it, else what the channel accepted."""
+        """End to end where the destination reports it, else what the channel accepted; never
+        above max-bandwidth. The cap matters: the end-to-end rate leaves out the destination's
+        idle time, and under a cap the limiter's waits are idle time, so the measured rate is
+        the burst's, not the cap's (several channels burst a chunk each, then wait)."""
         rate = self.e2e.rate() if self.end_to_end else 0.0
-        if rate > 0:
-            return rate
-        return self._send_bytes / self._send_secs if self._send_secs > 0 else 0.0
+        if rate <= 0:
+            rate = self._send_bytes / self._send_secs if self._send_secs > 0 else 0.0
+        cap = self.bandwidth_cap()
+        return min(rate, cap) if cap > 0 and rate > 0 else rate
 
     def expected_downtime(self) -> float:
         return expected_downtime_ms(self.pending() + self.backlog(), self.bandwidth(), FIXED_MS)
+
+    def units(self) -> tuple[int, int]:
+        """(4 KiB units sent, units waiting) over the savers: RAM pages and disk blocks."""
+        sent = waiting = 0
+        for s in self.savers:
+            a, b = s.units()
+            sent, waiting = sent + a, waiting + b
+        return sent, waiting
 
     def pages(self) -> tuple[int, int, int]:
         """(pages sent with contents, zero pages sent, pages waiting) over the savers."""
@@ -141,10 +163,12 @@ class SourceSession:
             self._pass_t0 = now
             self._pass_sent0 = self.sent_total()
             self._pass_pages0 = self.pages()[:2]
+            self._pass_units0 = self.units()[0]
             o.send([self.encoder.encode(PassStart(self._pass))])
             step.pass_started = self._pass
         budget = self.step_budget
-        for i, s in enumerate(self.savers):
+        for i in self._iterate_order:
+            s = self.savers[i]
             if i in self._drained or budget <= 0:
                 continue
             sent = s.iterate(o, budget)
@@ -167,15 +191,20 @@ class SourceSession:
         self._send_secs += secs
         sent, zero, waiting = self.pages()
         pages, zero_pages = sent - self._pass_pages0[0], zero - self._pass_pages0[1]
-        dirty_rate = waiting / max(now - self._last_sync, 1e-6)
+        units_sent, units_waiting = self.units()
+        elapsed = max(now - self._last_sync, 1e-6)
+        dirty_rate = waiting / elapsed
         self._last_sync = now
         exp = self.expected_downtime()
         self.expected_ms = exp
         report = PassReport(self._pass, pages, zero_pages, nbytes, secs,
-                            nbytes / secs if secs > 0 else 0.0, waiting, dirty_rate, exp)
+                            nbytes / secs if secs > 0 else 0.0, waiting, dirty_rate, exp,
+                            units_waiting * UNIT_BYTES / elapsed)
         self.passes.append(report)
         limit = self.downtime_limit_ms()
-        switch = switch_now(exp, limit, pages + zero_pages, waiting, self._extra)
+        # RAM pages and disk blocks alike: a pass pays when it leaves less than half of what it
+        # sent, whichever state the guest dirties.
+        switch = switch_now(exp, limit, units_sent - self._pass_units0, units_waiting, self._extra)
         if exp <= limit:
             self._extra += 1
         return report, switch

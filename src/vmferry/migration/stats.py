@@ -19,6 +19,8 @@ Definitions (QEMU's, where QEMU has the field):
 - postcopy-blocktime / postcopy-vcpu-blocktime (destination, with capability postcopy-blocktime):
   ms all vCPUs were blocked on missing pages at once, and ms per vCPU; x-postcopy: vmferry's
   fault figures (migration/postcopy.py, docs/migration.md).
+- xbzrle-cache (source, capability xbzrle): QEMU's cache-size, bytes, pages, cache-miss,
+  cache-miss-rate, encoding-rate, overflow (migration/xbzrle.py, XbzrleCounters).
 """
 
 from __future__ import annotations
@@ -57,10 +59,12 @@ class MigrationStats:
     multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
+    dirty_rate_bps: float = 0.0  # every saver's state (RAM and copied disks), for `convergence`
     expected_downtime_ms: float | None = None
     expected_at_switchover_ms: float | None = None  # what the source expected when it paused
     error: str | None = None
     cpu_throttle_percentage: int = 0  # auto-converge's, 0 = off
+    xbzrle: dict[str, object] | None = None  # query-migrate's xbzrle-cache, while capability xbzrle is on
     passes: list[PassReport] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -119,13 +123,15 @@ class MigrationStats:
             out.update(self.postcopy)
             if self.auto_postcopy:
                 out["x-postcopy-auto"] = self.auto_postcopy
+            if self.xbzrle is not None:
+                out["xbzrle-cache"] = dict(self.xbzrle)
             if self.multifd_lost:
                 out["multifd-lost-channels"] = list(self.multifd_lost)
             if self.error:
                 out["error-desc"] = self.error
             if self.passes:
                 out["passes"] = [p.as_qmp() for p in self.passes]
-                dirty_bps = self.dirty_rate_pps * PAGE_SIZE
+                dirty_bps = self.dirty_rate_bps
                 out["convergence"] = {
                     "dirty-rate-bytes-per-second": round(dirty_bps),
                     "bandwidth-bytes-per-second": round(self.bandwidth_bps),

@@ -1,4 +1,5 @@
-"""auto-converge: when to slow the guest's vCPUs, and by how much. Pure logic, QEMU's rule.
+"""auto-converge and dirty-limit: when to slow the guest's vCPUs, and by how much. Pure logic,
+QEMU's rule.
 
 QEMU 7.2 (migration/ram.c, migration_trigger_throttle / mig_throttle_guest_down), restated:
 
@@ -16,6 +17,10 @@ QEMU 7.2 (migration/ram.c, migration_trigger_throttle / mig_throttle_guest_down)
 
 The parameters are read at each evaluation, so migrate-set-parameters during a migration takes
 effect at the next one, as in QEMU. What a percentage does to a vCPU is machine/vcpu_runner.py's.
+
+dirty-limit (QEMU 8.1) uses the same trigger; when it fires, instead of a percentage for every
+vCPU it sets `vcpu-dirty-limit` as every vCPU's dirty-rate quota, and the dirty limiter
+(machine/dirty_limit.py) then slows only the vCPUs whose dirty rate exceeds it.
 """
 
 from __future__ import annotations
@@ -55,13 +60,11 @@ def next_percentage(current: int, dirty_bytes: int, threshold_bytes: int, p: Thr
     return max(THROTTLE_MIN, min(THROTTLE_MAX, new))
 
 
-class AutoConverge:
-    """The trigger's state between syncs. Feed every sync to `on_sync`; it returns the new
-    throttle percentage when it changes, else None."""
+class ThrottleTrigger:
+    """QEMU's migration_trigger_throttle: the period bookkeeping and the high-period count.
+    `on_sync` answers (fired, dirty bytes, threshold bytes) of the period it closed."""
 
     def __init__(self) -> None:
-        self.percentage = 0
-        self.history: list[int] = []  # every percentage set, in order
         self.high_count = 0
         self.evaluations = 0
         self._period_start: float | None = None
@@ -74,28 +77,67 @@ class AutoConverge:
         self._transferred0 = transferred
         self._dirty_pages = 0
 
-    def on_sync(self, now: float, dirty_pages: int, transferred: int, p: ThrottleParams) -> int | None:
-        """A sync found `dirty_pages` pages dirtied since the previous sync; `transferred` is
-        every byte the migration has sent so far (a running total)."""
+    def on_sync(self, now: float, dirty_pages: int, transferred: int,
+                threshold_pct: int) -> tuple[bool, int, int]:
         if self._period_start is None:
             self.start(now, transferred)
         assert self._period_start is not None
         self._dirty_pages += dirty_pages
         if now - self._period_start < PERIOD_S:
-            return None
+            return False, 0, 0
         dirty = self._dirty_pages * PAGE_SIZE
-        threshold = (transferred - self._transferred0) * p.throttle_trigger_threshold // 100
+        threshold = (transferred - self._transferred0) * threshold_pct // 100
         self.start(now, transferred)
         self.evaluations += 1
         if dirty <= threshold:
-            return None
+            return False, dirty, threshold
         self.high_count += 1
         if self.high_count < 2:
-            return None
+            return False, dirty, threshold
         self.high_count = 0
+        return True, dirty, threshold
+
+
+class AutoConverge(ThrottleTrigger):
+    """The trigger's state between syncs. Feed every sync to `on_sync`; it returns the new
+    throttle percentage when it changes, else None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.percentage = 0
+        self.history: list[int] = []  # every percentage set, in order
+
+    def on_sync(self, now: float, dirty_pages: int, transferred: int,  # type: ignore[override]
+                p: ThrottleParams) -> int | None:
+        """A sync found `dirty_pages` pages dirtied since the previous sync; `transferred` is
+        every byte the migration has sent so far (a running total)."""
+        fired, dirty, threshold = ThrottleTrigger.on_sync(self, now, dirty_pages, transferred,
+                                                          p.throttle_trigger_threshold)
+        if not fired:
+            return None
         new = next_percentage(self.percentage, dirty, threshold, p)
         if new == self.percentage:
             return None
         self.percentage = new
         self.history.append(new)
         return new
+
+
+class DirtyLimitConverge(ThrottleTrigger):
+    """dirty-limit's use of the same trigger (QEMU 8.1's migration_dirty_limit_guest): when it
+    fires, every vCPU gets `vcpu-dirty-limit` as its quota — unless the limit is in service with
+    that quota already. `on_sync` returns the quota to set, else None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quota = 0  # MB/s set on every vCPU; 0 = not set yet
+        self.history: list[int] = []  # every quota set, in order
+
+    def on_sync(self, now: float, dirty_pages: int, transferred: int,  # type: ignore[override]
+                threshold_pct: int, vcpu_dirty_limit: int = 1) -> int | None:
+        fired, _, _ = ThrottleTrigger.on_sync(self, now, dirty_pages, transferred, threshold_pct)
+        if not fired or vcpu_dirty_limit == self.quota:
+            return None
+        self.quota = vcpu_dirty_limit
+        self.history.append(vcpu_dirty_limit)
+        return vcpu_dirty_limit

@@ -361,7 +361,9 @@ def _migrate_cancel(d: CommandDispatcher, args: dict, session: Session) -> objec
          returns='`{"status": MigrationStatus, "setup-time", "total-time", "downtime" | '
                  '"expected-downtime" (ms), "ram": {total, transferred, remaining, duplicate, normal, '
                  'normal-bytes, dirty-sync-count, dirty-pages-rate, mbps, pages-per-second, page-size, '
-                 'precopy-bytes, downtime-bytes, postcopy-bytes, ...}}`',
+                 'precopy-bytes, downtime-bytes, postcopy-bytes, ...}, "cpu-throttle-percentage" '
+                 '(while auto-converge throttles), "dirty-limit-throttle-time-per-round" and '
+                 '"dirty-limit-ring-full-time" (µs, while dirty-limit limits the vCPUs)}`',
          example=({}, {"status": "completed", "setup-time": 1, "downtime": 4, "total-time": 11,
                        "ram": {"total": 84746240, "transferred": 1144598, "remaining": 0,
                                "mbps": 1172.9, "dirty-sync-count": 2, "page-size": 4096}}))
@@ -414,7 +416,7 @@ _CAP_STATUS = Struct("MigrationCapabilityStatus",
          args=(Arg("capabilities", ListOf(_CAP_STATUS), doc="`[{\"capability\": NAME, \"state\": bool}]`"),),
          errors=("GenericError: " + _MIGRATION_ACTIVE,
                  "GenericError: Parameter 'capabilities[0].capability' does not accept value 'x'",
-                 "GenericError: Capability 'xbzrle' is not supported by vmferry yet (any capability "
+                 "GenericError: Capability 'postcopy-ram' is not supported by vmferry yet (any capability "
                  "not marked effective, turned on)",
                  "GenericError: Capability 'return-path' cannot be turned off in vmferry: the "
                  "destination confirms the switchover on it"),
@@ -527,12 +529,14 @@ _DIRTY_RATE_MODE = Enum("DirtyRateMeasureMode", ("page-sampling", "dirty-ring", 
 @command("calc-dirty-rate", "Start measuring how fast the guest dirties memory, for `calc-time` seconds; "
          "read the result with query-dirty-rate. `dirty-bitmap` counts the distinct pages written, from "
          "the dirty log, through a consumer of its own (a running migration is not disturbed); "
-         "`page-sampling` compares `sample-pages` random pages per GiB.",
+         "`page-sampling` compares `sample-pages` random pages per GiB; `dirty-ring` (only with "
+         "`--accel kvm,dirty-ring-size=N`) counts each vCPU's pages from its dirty ring and answers "
+         "per vCPU too.",
          args=(Arg("calc-time", INT, doc="seconds to measure, 1 to 60"),
                Arg("sample-pages", INT, optional=True, doc="pages sampled per GiB, 128 to 4096 "
                    "(page-sampling only; default 512)"),
                Arg("mode", _DIRTY_RATE_MODE, optional=True, doc="page-sampling (default), dirty-bitmap; "
-                   "dirty-ring is refused (vmferry uses KVM's dirty bitmap)")),
+                   "dirty-ring on a VM with the dirty ring, refused otherwise")),
          errors=("GenericError: the dirty rate is already being measured.",
                  "GenericError: calc-time is out of range[1, 60].",
                  "GenericError: sample-pages is out of range[128, 4096].",
@@ -547,13 +551,15 @@ def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obje
 
 @command("query-dirty-rate", "The result of the last calc-dirty-rate. `dirty-rate` (MiB/s, QEMU's "
          "\"MB/s\") is there once `status` is `measured`; `-1` if the measurement failed (then "
-         "`x-error` says why). vmferry adds `x-dirty-bytes` (distinct bytes found dirty), `x-elapsed-ms` "
-         "(the window as measured) and `x-dirty-rate-bytes` (the rate in bytes/s). In dirty-bitmap mode "
-         "the window is sampled 8 times (`x-dirty-curve`: [ms, bytes] pairs) and `dirty-rate` is the write "
-         "rate r of the curve D(t) = W (1 - exp(-r t / W)) fitted through them, `x-working-set` its W "
-         "(docs/migration.md, \"Seeing a migration\").",
+         "`x-error` says why). Mode dirty-ring adds `vcpu-dirty-rate`, each vCPU's rate (QEMU's "
+         "field), and `dirty-rate` is their sum. vmferry adds `x-dirty-bytes` (distinct bytes found "
+         "dirty), `x-elapsed-ms` (the window as measured) and `x-dirty-rate-bytes` (the rate in "
+         "bytes/s). In dirty-bitmap mode the window is sampled 8 times (`x-dirty-curve`: [ms, bytes] "
+         "pairs) and `dirty-rate` is the write rate r of the curve D(t) = W (1 - exp(-r t / W)) fitted "
+         "through them, `x-working-set` its W (docs/migration.md, \"Seeing a migration\").",
          returns='`{"status": "unstarted"|"measuring"|"measured", "dirty-rate": int, "start-time": int, '
-                 '"calc-time": int, "sample-pages": int, "mode": DirtyRateMeasureMode, ...}`',
+                 '"calc-time": int, "sample-pages": int, "mode": DirtyRateMeasureMode, '
+                 '"vcpu-dirty-rate": [{"id": int, "dirty-rate": int}] (dirty-ring), ...}`',
          example=({}, {"status": "measured", "dirty-rate": 8, "start-time": 1700000000, "calc-time": 1,
                        "sample-pages": 0, "mode": "dirty-bitmap", "x-working-set": 134217728,
                        "x-dirty-curve": [[125.2, 1048576], [250.1, 2097152], [375.3, 3145728],
@@ -562,6 +568,51 @@ def _calc_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> obje
                        "x-dirty-rate-bytes": 8388608, "x-dirty-bytes": 8388608, "x-elapsed-ms": 1000.4}))
 def _query_dirty_rate(d: CommandDispatcher, args: dict, session: Session) -> object:
     return _optional(d.backend, "query_dirty_rate", "query-dirty-rate is not supported here")()
+
+
+# --- dirty page rate limit -------------------------------------------------------------------
+
+_NO_RING = ("dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'")
+
+
+@command("set-vcpu-dirty-limit", "Limit one vCPU's dirty page rate (all vCPUs without `cpu-index`) to "
+         "`dirty-rate` MB/s (QEMU's dirtylimit; machine/dirty_limit.py): once per second each vCPU's "
+         "rate is measured from its dirty ring and a vCPU above its quota (by more than a quarter of "
+         "it, at most 25 MB/s) sleeps longer after each time its ring fills. A vCPU that does not "
+         "write is never slowed. Keeps the RAM's dirty log on while any limit is set. 0 cancels. "
+         "Needs `--accel kvm,dirty-ring-size=N`.",
+         args=(Arg("cpu-index", INT, optional=True, doc="the vCPU; all when absent"),
+               Arg("dirty-rate", SIZE, doc="the quota, MB/s")),
+         errors=("GenericError: " + _NO_RING,
+                 "GenericError: incorrect cpu index specified",
+                 "GenericError: can't set dirty page limit while migration is running (with dirty-limit)"),
+         example=({"cpu-index": 0, "dirty-rate": 200}, {}))
+def _set_vcpu_dirty_limit(d: CommandDispatcher, args: dict, session: Session) -> object:
+    rate = args["dirty-rate"]
+    if rate < 0:
+        raise QmpError("Parameter 'dirty-rate' expects uint64")
+    _optional(d.backend, "set_vcpu_dirty_limit", _NO_RING)(args.get("cpu-index"), rate)
+    return {}
+
+
+@command("cancel-vcpu-dirty-limit", "Lift one vCPU's dirty page rate limit (all without `cpu-index`). "
+         "Without a dirty ring there is nothing to cancel and it succeeds, as in QEMU.",
+         args=(Arg("cpu-index", INT, optional=True, doc="the vCPU; all when absent"),),
+         errors=("GenericError: incorrect cpu index specified",
+                 "GenericError: can't cancel dirty page limit while migration is running (with dirty-limit)"),
+         example=({"cpu-index": 0}, {}))
+def _cancel_vcpu_dirty_limit(d: CommandDispatcher, args: dict, session: Session) -> object:
+    _optional(d.backend, "cancel_vcpu_dirty_limit", _NO_RING)(args.get("cpu-index"))
+    return {}
+
+
+@command("query-vcpu-dirty-limit", "The limited vCPUs: quota and the last period's dirty rate, MB/s; "
+         "`[]` when none is limited.",
+         returns='`[{"cpu-index": int, "limit-rate": int, "current-rate": int}]`',
+         example=({}, [{"cpu-index": 0, "limit-rate": 200, "current-rate": 184}]))
+def _query_vcpu_dirty_limit(d: CommandDispatcher, args: dict, session: Session) -> object:
+    fn = getattr(d.backend, "query_vcpu_dirty_limit", None)
+    return [] if fn is None else fn()
 
 
 @command("x-migrate-forecast",

@@ -194,7 +194,7 @@ def _capabilities() -> list[str]:
              "Set with `migrate-set-capabilities`, read with `query-migrate-capabilities`: QEMU 7.2's "
              "list, in its order. All are off by default as in QEMU, except `return-path`. Only the "
              "capabilities marked **effective** may be turned on; turning any other on is refused "
-             "(`Capability 'xbzrle' is not supported by vmferry yet`), turning it off is accepted.", "",
+             "(`Capability 'postcopy-ram' is not supported by vmferry yet`), turning it off is accepted.", "",
              "| capability | default | meaning | in vmferry |", "|---|---|---|---|"]
     for c in CAPABILITIES:
         effect = EFFECTIVE_CAPABILITIES.get(c)

@@ -17,6 +17,7 @@ from vmferry.stream.compression import Codec, decompress
 from vmferry.stream.format import checksum
 from vmferry.stream.records import (
     ADVISORY_COMMANDS,
+    DELTA_ENTRY,
     DISK_SHARED,
     BlockData,
     BlockDevices,
@@ -33,6 +34,7 @@ from vmferry.stream.records import (
     RamBlockInfo,
     RamBlocks,
     RamCompressed,
+    RamDelta,
     RamPageList,
     RamPages,
     RamZero,
@@ -50,6 +52,9 @@ _END = struct.Struct("<QQ")
 # RAM_COMPRESSED: u8 codec, u8 layout (0 run, 1 list), u16 0, u32 raw length, u64 xxh3 of the raw bytes
 COMPRESSED_HEAD = struct.Struct("<BBHIQ")
 LAYOUT_RUN, LAYOUT_LIST = 0, 1
+# RAM_DELTA: u8 encoding (1 xbzrle), u8 0, u16 0, u32 0; then count DELTA_ENTRY, then the encodings
+DELTA_HEAD = struct.Struct("<BBHI")
+DELTA_XBZRLE = 1
 T = RecordType
 _LE_U32 = np.dtype("<u4")
 
@@ -96,6 +101,8 @@ def encode_payload(rec: Record, page_size: int) -> tuple[Frame, list[Buffer]]:
         return page_list_payload(rec.block_id, rec.pages, rec.data, page_size)
     if isinstance(rec, RamCompressed):
         return compressed_payload(rec, page_size)
+    if isinstance(rec, RamDelta):
+        return delta_payload(rec)
     frame, payload = _encode_one(rec, page_size)
     return frame, [payload]
 
@@ -125,6 +132,26 @@ def compressed_payload(rec: RamCompressed, page_size: int) -> tuple[Frame, list[
     head = COMPRESSED_HEAD.pack(rec.codec, LAYOUT_LIST, 0, raw_length, rec.raw_check)
     return (Frame(T.RAM_COMPRESSED, rec.block_id, rec.page_count, 0),
             [head + page_list_index_bytes(rec.pages), rec.wire])
+
+
+def delta_payload(rec: RamDelta) -> tuple[Frame, list[Buffer]]:
+    """RAM_DELTA: [head + entries, the encodings (`rec.data`, not copied)]."""
+    entries = np.asarray(rec.entries)
+    if entries.dtype != DELTA_ENTRY or entries.ndim != 1 or not entries.size:
+        raise ValueError("RAM_DELTA needs a non-empty 1-d DELTA_ENTRY array")
+    pages = entries["page"]
+    if not np.all(pages[1:] > pages[:-1]):
+        raise ValueError("RAM_DELTA page indexes must be strictly increasing")
+    lengths = entries["length"]
+    if int(lengths.min()) < 2 or int(lengths.sum(dtype=np.int64)) != memoryview(rec.data).nbytes:
+        raise ValueError("RAM_DELTA encodings must be at least 2 bytes each and fill `data` exactly")
+    head = DELTA_HEAD.pack(rec.encoding, 0, 0, 0) + entries.tobytes()
+    return Frame(T.RAM_DELTA, rec.block_id, entries.size, 0), [head, rec.data]
+
+
+def delta_table_size(count: int) -> int:
+    """RAM_DELTA's head and entries: what its payload holds before the encodings."""
+    return DELTA_HEAD.size + count * DELTA_ENTRY.itemsize
 
 
 def _encode_one(rec: Record, page_size: int) -> tuple[Frame, Buffer]:
@@ -177,6 +204,8 @@ def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
         return _parse_page_list(section, count, payload)
     if rtype == T.RAM_COMPRESSED:
         return _parse_compressed(frame, payload, page_size)
+    if rtype == T.RAM_DELTA:
+        return _parse_delta(frame, payload, page_size)
     if T.SECTION_FULL <= rtype <= T.SECTION_END:
         return DeviceSection(section, SectionPhase(rtype), bytes(payload))
     if rtype == T.BLOCK_DATA:
@@ -270,6 +299,34 @@ def _parse_compressed(frame: Frame, payload: Buffer, page_size: int) -> RamCompr
         raise StreamError(f"RAM_COMPRESSED pages do not match their checksum after "
                           f"{Codec(codec).name.lower()} decompression")
     return RamCompressed(section, index, count, codec, raw_check, raw, pages, view[pos:])
+
+
+def _parse_delta(frame: Frame, payload: Buffer, page_size: int) -> RamDelta:
+    """Head and entry checks (rules.py checked the length against the count and checks the
+    indexes against the block); the encodings themselves are checked as they are applied."""
+    _, section, count, _ = frame
+    view = memoryview(payload)
+    encoding, zero1, zero2, zero3 = DELTA_HEAD.unpack_from(view)
+    if encoding != DELTA_XBZRLE:
+        raise StreamError(f"RAM_DELTA has unknown encoding {encoding}")
+    if zero1 or zero2 or zero3:
+        raise StreamError("RAM_DELTA reserved field is not 0")
+    table = delta_table_size(count)
+    entries = np.frombuffer(view[DELTA_HEAD.size:table], dtype=DELTA_ENTRY).copy()
+    pages = entries["page"]
+    if count > 1 and not np.all(pages[1:] > pages[:-1]):
+        i = int(np.flatnonzero(pages[1:] <= pages[:-1])[0])
+        raise StreamError(f"RAM_DELTA page indexes are not strictly increasing: entry {i + 1} is "
+                          f"page {pages[i + 1]} after page {pages[i]}")
+    if entries["zero"].any():
+        raise StreamError("RAM_DELTA entry reserved field is not 0")
+    lengths = entries["length"]
+    if int(lengths.min()) < 2 or int(lengths.max()) > page_size:
+        raise StreamError(f"RAM_DELTA encoding length outside 2..{page_size} bytes")
+    if int(lengths.sum(dtype=np.int64)) != view.nbytes - table:
+        raise StreamError(f"RAM_DELTA encodings add up to {int(lengths.sum(dtype=np.int64))} bytes, "
+                          f"but {view.nbytes - table} follow the entries")
+    return RamDelta(section, entries, view[table:], encoding)
 
 
 def _parse_command(frame: Frame, payload: bytes) -> Command:

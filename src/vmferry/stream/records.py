@@ -31,7 +31,7 @@ class RecordType(IntEnum):
     RAM_PAGES = 32
     RAM_ZERO = 33
     RAM_COMPRESSED = 34
-    RAM_DELTA = 35  # reserved in 1.0
+    RAM_DELTA = 35  # defined from vmferry 0.2 on (XBZRLE)
     RAM_PAGE_LIST = 36
     BLOCK_DATA = 48
     BLOCK_ZERO = 49
@@ -42,7 +42,7 @@ class RecordType(IntEnum):
 
 
 # Defined so later minors can use them; a 1.0 reader refuses them by name.
-RESERVED_TYPES = frozenset({RecordType.RAM_DELTA, RecordType.BLOCK_COMPRESSED})
+RESERVED_TYPES = frozenset({RecordType.BLOCK_COMPRESSED})
 
 
 class SectionPhase(IntEnum):
@@ -237,6 +237,43 @@ class RamCompressed:
     __hash__ = None  # type: ignore[assignment]
 
 
+# RAM_DELTA's per-page entry: page index, base generation, encoding length, reserved 0, xxh3-64
+# of the page once the delta is applied (docs/stream-format.md).
+DELTA_ENTRY = np.dtype([("page", "<u4"), ("base", "<u4"), ("length", "<u4"), ("zero", "<u4"),
+                        ("check", "<u8")])
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RamDelta:
+    """Pages of one RAM block as deltas against the copies sent before (XBZRLE). `entries`: a
+    DELTA_ENTRY array, pages strictly increasing; `data`: the encodings back to back, entry i's at
+    `offsets()[i]`. Decoded records hold a private copy of the entries and a view of the input
+    for `data` (valid as long as RamPages.data would be). Applying needs the destination's pages:
+    migration/xbzrle.py."""
+
+    block_id: int
+    entries: np.ndarray
+    data: Buffer
+    encoding: int = 1
+
+    @property
+    def pages(self) -> np.ndarray:
+        return self.entries["page"]
+
+    def offsets(self) -> np.ndarray:
+        """Where each page's encoding starts in `data`, plus the end."""
+        lengths = self.entries["length"].astype(np.int64)
+        return np.concatenate(([0], np.cumsum(lengths)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RamDelta):
+            return NotImplemented
+        return (self.block_id == other.block_id and self.encoding == other.encoding
+                and np.array_equal(self.entries, other.entries) and bytes(self.data) == bytes(other.data))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True)
 class RamZero:
     block_id: int
@@ -292,7 +329,7 @@ class Skipped:
 
 
 Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamPageList
-          | RamCompressed | RamZero
+          | RamCompressed | RamDelta | RamZero
           | BlockData | BlockZero | Command | PassStart | EndOfStream | Skipped)
 
 
@@ -300,6 +337,7 @@ _TYPE_OF: dict[type, RecordType] = {
     Config: RecordType.CONFIG, Description: RecordType.DESCRIPTION, RamBlocks: RecordType.RAM_BLOCKS,
     BlockDevices: RecordType.BLOCK_DEVICES, RamPages: RecordType.RAM_PAGES,
     RamPageList: RecordType.RAM_PAGE_LIST, RamCompressed: RecordType.RAM_COMPRESSED,
+    RamDelta: RecordType.RAM_DELTA,
     RamZero: RecordType.RAM_ZERO, BlockData: RecordType.BLOCK_DATA,
     BlockZero: RecordType.BLOCK_ZERO, Command: RecordType.COMMAND, PassStart: RecordType.PASS,
     EndOfStream: RecordType.END,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vmferry.errors import StreamError
 from vmferry.stream.format import FLAG_SKIPPABLE, KNOWN_FLAGS
-from vmferry.stream.payloads import page_list_index_size
+from vmferry.stream.payloads import delta_table_size, page_list_index_size
 from vmferry.stream.records import (
     RESERVED_TYPES,
     BlockDevices,
@@ -21,6 +21,7 @@ from vmferry.stream.records import (
     RamBlockInfo,
     RamBlocks,
     RamCompressed,
+    RamDelta,
     RamPageList,
     Record,
     RecordType,
@@ -34,8 +35,9 @@ _RUN_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.BLOCK_DATA, T.BLOCK_ZERO)
 # Which generic header fields each type uses (s = section, c = count, i = index); the rest must be 0.
 _USES = {T.CONFIG: "", T.DESCRIPTION: "", T.RAM_BLOCKS: "", T.BLOCK_DEVICES: "", T.END: "",
          T.PASS: "i", T.COMMAND: "sci", **dict.fromkeys(_SECTION_TYPES, "s"),
-         **dict.fromkeys(_RUN_TYPES, "sci"), T.RAM_PAGE_LIST: "sc", T.RAM_COMPRESSED: "sci"}
-_RAM_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.RAM_PAGE_LIST, T.RAM_COMPRESSED)
+         **dict.fromkeys(_RUN_TYPES, "sci"), T.RAM_PAGE_LIST: "sc", T.RAM_COMPRESSED: "sci",
+         T.RAM_DELTA: "sc"}
+_RAM_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.RAM_PAGE_LIST, T.RAM_COMPRESSED, T.RAM_DELTA)
 COMPRESSED_HEAD_SIZE = 16
 END_PAYLOAD = 16
 # Plain dicts on the per-record path: an IntEnum lookup costs more than the rest of a header check.
@@ -45,7 +47,7 @@ _USES_C = {int(t) for t, u in _USES.items() if "c" in u}
 _USES_I = {int(t) for t, u in _USES.items() if "i" in u}
 
 
-_TYPE = {RamPageList: T.RAM_PAGE_LIST, RamCompressed: T.RAM_COMPRESSED}
+_TYPE = {RamPageList: T.RAM_PAGE_LIST, RamCompressed: T.RAM_COMPRESSED, RamDelta: T.RAM_DELTA}
 
 
 def type_name(rtype: int) -> str:
@@ -99,6 +101,8 @@ class StreamRules:
                 self._check_length(name, length, count * self.page_size)
         elif rtype == T.RAM_PAGE_LIST:
             self._check_page_list_header(name, section, length, count)
+        elif rtype == T.RAM_DELTA:
+            self._check_delta_header(name, section, length, count)
         elif rtype == T.RAM_COMPRESSED:
             # A run (index = first page) must lie inside the block; a list (index 0) is checked
             # like RAM_PAGE_LIST's in `apply`. The payload's head says which.
@@ -147,6 +151,20 @@ class StreamRules:
             raise StreamError(f"{name} of {count} pages, more than RAM block '{block.name}' has ({npages})")
         self._check_length(name, length, page_list_index_size(count) + count * self.page_size)
 
+    def _check_delta_header(self, name: str, section: int, length: int, count: int) -> None:
+        """A listed block, 1..pages of it, and room for the head, the entries and at least the
+        shortest encoding (2 bytes) of each page, at most a page each."""
+        block = self.ram.get(section)
+        if block is None:
+            raise StreamError(f"{name} for unknown RAM block id {section} (not listed before)")
+        npages = block.size // self.page_size
+        if not 1 <= count <= npages:
+            raise StreamError(f"{name} of {count} pages: RAM block '{block.name}' has {npages}")
+        table = delta_table_size(count)
+        if not table + 2 * count <= length <= table + count * self.page_size:
+            raise StreamError(f"{name} payload length {length}, outside {table + 2 * count}.."
+                              f"{table + count * self.page_size} for {count} pages")
+
     def _check_section(self, rtype: int, section: int) -> None:
         if section not in self.sections:
             raise StreamError(f"unknown section id {section} (not in any DESCRIPTION)")
@@ -175,7 +193,8 @@ class StreamRules:
 
     def apply(self, rec: Record) -> None:
         match rec:
-            case RamPageList(block_id, pages) | RamCompressed(block_id, pages=pages) if pages is not None:
+            case RamPageList(block_id, pages) | RamCompressed(block_id, pages=pages) | RamDelta(
+                    block_id, pages=pages) if pages is not None:
                 # The payload layout (increasing, zero padding) was checked by the parser; whether
                 # the indexes lie inside the block is an order rule: it needs the declared block.
                 block = self.ram[block_id]

@@ -1,9 +1,10 @@
 """What a stream holds, gathered record by record: the model behind `vmferry analyze`.
 
 Pure bookkeeping over decoded records (no I/O), so it works on a stream of any size: page data is
-counted, never kept. Definitions: "pages sent" = pages carried in RAM_PAGES and RAM_PAGE_LIST
-records; "zero pages" = pages covered by RAM_ZERO runs; "bytes" = bytes on the wire for that
-block's records (headers, payloads including a page list's index area, and trailers); "passes" =
+counted, never kept. Definitions: "pages sent" = pages carried in RAM_PAGES, RAM_PAGE_LIST,
+RAM_COMPRESSED and RAM_DELTA records (a delta counts as its page); "zero pages" = pages covered by
+RAM_ZERO runs; "bytes" = bytes on the wire for that block's records (headers, payloads including
+a page list's index area, and trailers); "passes" =
 the passes (PASS markers; pass 0 = before the first marker) in which the block appeared.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 from vmferry.errors import StreamError
 from vmferry.stream.compression import Codec
 from vmferry.stream.format import RECORD_HEADER_SIZE, TRAILER_SIZE
-from vmferry.stream.payloads import COMPRESSED_HEAD, page_list_index_size
+from vmferry.stream.payloads import COMPRESSED_HEAD, delta_table_size, page_list_index_size
 from vmferry.stream.records import (
     BlockData,
     BlockDevices,
@@ -30,6 +31,7 @@ from vmferry.stream.records import (
     PassStart,
     RamBlocks,
     RamCompressed,
+    RamDelta,
     RamPageList,
     RamPages,
     RamZero,
@@ -112,6 +114,10 @@ class StreamSummary:
                 index_area = 0 if pages is None else page_list_index_size(count)
                 self._run(self.ram[block_id], f"RAM_COMPRESSED {Codec(codec).name.lower()}", count, 0,
                           COMPRESSED_HEAD.size + index_area + len(wire), current)
+            case RamDelta(block_id, entries, data):
+                n = len(entries)
+                self._run(self.ram[block_id], "RAM_DELTA xbzrle", n, 0, delta_table_size(n) + len(data),
+                          current)
             case RamZero(block_id, _, count):
                 self._run(self.ram[block_id], "RAM_ZERO", 0, count, 0, current)
             case BlockData(disk_id, _, count, data):
