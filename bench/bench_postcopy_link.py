@@ -178,7 +178,7 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
         src.connect()
         filled = src.wait_serial(r"dirty: filled \d+ pages", timeout=300)
         src.wait_serial(r"verify ok gen=\d+", timeout=args.verify + 120, after=filled.end())
-        dst = Vm(side, tmp, "dst", MEMORY, append, incoming="defer", prefix=NETNS_EXEC)
+        dst = Vm(side, tmp, "dst", MEMORY, append, incoming="defer", netns=NETNS)
         started.append(dst)
         dst.connect()
         postcopy = [{"capability": "postcopy-ram", "state": True}]

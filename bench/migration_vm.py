@@ -56,8 +56,9 @@ class Vm:
     """One VM process (QEMU or vmferry) with a QMP socket and its COM1 output in a file."""
 
     def __init__(self, side: str, tmp: Path, name: str, memory: str, append: str,
-                 incoming: str | None = None, prefix: tuple[str, ...] = ()) -> None:
-        """`prefix`: run the process under it, e.g. `ip netns exec NS` (a network namespace)."""
+                 incoming: str | None = None, netns: str | None = None) -> None:
+        """`netns`: run the process in that network namespace (`ip netns exec`, which execs: the
+        process id is the VM's own)."""
         self.side = side
         self.name = f"{side}-{name}"
         self.qmp_path = tmp / f"{self.name}.qmp"
@@ -66,7 +67,10 @@ class Vm:
         self.progress: list[tuple[float, int, int | None]] = []  # (time seen, MiB written, stall us)
         self._seen = 0
         if side.startswith("qemu"):
+            # debug-threads: the vCPU threads are named ("CPU 0/KVM"), so a benchmark can tell
+            # the guest's CPU time from the migration's.
             cmd = ["qemu-system-x86_64", "-accel", side.removeprefix("qemu-"), "-nodefaults",
+                   "-name", f"{name},debug-threads=on",
                    "-display", "none", "-m", memory, "-kernel", str(image_path("dirty")),
                    "-append", append, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
                    "-serial", f"file:{self.serial_path}",
@@ -77,7 +81,9 @@ class Vm:
             cmd = [sys.executable, "-m", "vmferry", "run", "-m", memory,
                    "--qmp", f"unix:{self.qmp_path}", "--serial", f"file:{self.serial_path}"]
             cmd += ["--incoming", incoming] if incoming else ["--guest", "dirty", "--append", append]
-        self.cmd_line = cmd = [*prefix, *cmd]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        self.cmd_line = cmd
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.qmp: QEMUMonitorProtocol | None = None
         self.proc = spawn(cmd, self._log)

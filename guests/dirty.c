@@ -6,9 +6,10 @@
  *
  * fill= says what a page holds besides its stamp: the stamp in every u64 (`stamp`), text that
  * changes with every write (`text`: what compression is for), or text written once and then only
- * the two stamp words rewritten (`sparse`: 16 bytes per write, what XBZRLE is for). The text is
- * a hash of (page, generation, word) picking one of 32 word tokens (vmferry.guests.verify
- * restates it).
+ * the two stamp words rewritten (`sparse`: 16 bytes per write, what XBZRLE is for), or
+ * incompressible words that change with every write (`random`: what compression cannot help).
+ * The text is a hash of (page, generation, word) picking one of 32 word tokens; `random` is that
+ * hash itself (vmferry.guests.verify restates both).
  */
 #include "common/rt.h"
 #include "dirty_layout.h"
@@ -29,7 +30,8 @@ static const char *const known[] = {
 /* Text pages: u64 j (1..510) of page i at generation g is the token hash(i, g', j) % 32, g' = g
  * for fill=text and 0 for fill=sparse; a token is a vocabulary word cut to 7 letters and padded
  * with spaces to 8 bytes. Each page is fresh text (no corpus repeats across pages): it compresses
- * like a text of 32 words, not like one page copied many times. */
+ * like a text of 32 words, not like one page copied many times. fill=random: u64 j is the hash
+ * itself (g' = g), which neither lz4, zlib nor zstd can shrink. */
 #define TOKENS 32
 static const char *const vocab[TOKENS] = {
     "the", "migration", "of", "a", "guest", "page", "is", "sent", "and", "memory", "to", "dirty",
@@ -96,11 +98,11 @@ static inline u64 page_word(u64 page, u32 g, u64 j)
 {
     if (fill == FILL_STAMP || j == 0 || j == PAGE_U64S - 1)
         return ((u64)g << 32) | page;
-    u64 x = ((page << 32) | (fill == FILL_TEXT ? g : 0)) * 0x9E3779B97F4A7C15ull + j * 0xD1B54A32D192ED03ull;
+    u64 x = ((page << 32) | (fill == FILL_SPARSE ? 0 : g)) * 0x9E3779B97F4A7C15ull + j * 0xD1B54A32D192ED03ull;
     x ^= x >> 29;
     x *= 0xBF58476D1CE4E5B9ull;
     x ^= x >> 32;
-    return tokens[x % TOKENS];
+    return fill == FILL_RANDOM ? x : tokens[x % TOKENS];
 }
 
 /*
@@ -123,7 +125,7 @@ static void write_page(u64 page)
         volatile u64 *w = (volatile u64 *)dst;
         w[0] = value;
         /* sparse: the text once, at the page's first write; then only the stamps. */
-        if (fill == FILL_TEXT || table[page] == 0)
+        if (fill != FILL_SPARSE || table[page] == 0)
             for (u64 j = 1; j < PAGE_U64S - 1; j++)
                 w[j] = page_word(page, gen, j);
         w[PAGE_U64S - 1] = value;
@@ -221,7 +223,7 @@ void guest_main(void)
     param_str("check", check_s, sizeof(check_s));
     param_str("fill", fill_s, sizeof(fill_s));
     fill = str_eq(fill_s, "stamp") ? FILL_STAMP : str_eq(fill_s, "text") ? FILL_TEXT
-         : str_eq(fill_s, "sparse") ? FILL_SPARSE : -1;
+         : str_eq(fill_s, "sparse") ? FILL_SPARSE : str_eq(fill_s, "random") ? FILL_RANDOM : -1;
 
     int pattern = 0;
     if (str_eq(pattern_s, "uniform"))
@@ -231,7 +233,7 @@ void guest_main(void)
     check_full = str_eq(check_s, "full");
     if (!pattern || (!check_full && !str_eq(check_s, "ends")) || hot < 1 || hot > 100 ||
         hotw > 100 || rate > 1000000 || fill < 0 || compute > 1) {
-        rt_printf("dirty: bad parameter: pattern=uniform|hot, check=full|ends, fill=stamp|text|sparse, "
+        rt_printf("dirty: bad parameter: pattern=uniform|hot, check=full|ends, fill=stamp|text|sparse|random, "
                   "compute=0|1, hot=1..100, hotw=0..100\n");
         rt_exit(EXIT_BAD_PARAM);
     }

@@ -24,7 +24,7 @@
 
 enum dirty_pattern { PATTERN_UNIFORM = 1, PATTERN_HOT = 2 };
 /* What a page holds besides the stamps in its first and last u64 (dirty.c says how). */
-enum dirty_fill { FILL_STAMP = 0, FILL_TEXT = 1, FILL_SPARSE = 2 };
+enum dirty_fill { FILL_STAMP = 0, FILL_TEXT = 1, FILL_SPARSE = 2, FILL_RANDOM = 3 };
 
 struct dirty_header {
     u64 magic;          /* 0x00 DIRTY_MAGIC, written last when the header is set up */

@@ -5,11 +5,16 @@ the next time, and a test must not fail for the machine being busy."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
+
+from vmproc import VmProcess
 
 settings.register_profile("vmferry", deadline=None)
 settings.load_profile("vmferry")
@@ -41,3 +46,17 @@ def _fail_without_kvm() -> None:
 @pytest.fixture
 def _fail_without_qemu() -> None:
     pytest.fail("VMFERRY_REQUIRE_KVM=1 (CI) but qemu-system-x86_64 is not installed")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[VmProcess]]:
+    """VM processes a test starts (append each): all stopped at the end, whatever happened —
+    continued first, since a SIGSTOPped process cannot handle SIGTERM."""
+    started: list[VmProcess] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.send_signal(signal.SIGCONT)
+            p.close()

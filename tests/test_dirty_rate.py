@@ -5,7 +5,6 @@ loaded host slows it), and harmless to a running migration."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +63,6 @@ def test_dirty_bitmap_counts_exactly_the_pages_the_guest_wrote(tmp_path: Path) -
     assert written <= pages <= written + table_pages + 1 + 32, (written, pages)
     assert np.isin(counted, other).all(), "the migration's consumer lost pages the meter saw"
     assert elapsed > 0
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _measured(vm: VmProcess, timeout: float = 120) -> dict:

@@ -11,7 +11,6 @@ guest recorded against what the log caught, or counters that are zero for one vC
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -89,14 +88,6 @@ def test_dirty_ring_size_is_checked_by_name() -> None:
     for bad in (1000, 512, 1 << 30):
         with pytest.raises(VmferryError, match=f"dirty-ring-size={bad}"):
             Machine(memory=16 * MiB, dirty_ring_size=bad)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 @pytest.mark.parametrize("machine_type", sorted(MACHINE_TYPES))

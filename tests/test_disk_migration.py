@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ GUEST = "dws=8 drate=4 verify=1"
 QDEV = "/machine/virtio-mmio@feb00000"
 _PATH = (str(REPO / "src"), os.environ.get("PYTHONPATH"))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in _PATH if p)}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            p.close()
 
 
 def _image(tmp: Path, name: str, size: int = DISK) -> Path:

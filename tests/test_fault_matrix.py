@@ -43,16 +43,6 @@ DETECTED_WITHIN_S = 15.0
 BEYOND_LIMIT_S = 5.0
 
 
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        with contextlib.suppress(ProcessLookupError):
-            p.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        p.close()
-
-
 def _source(tmp: Path, procs: list[VmProcess], *params: tuple[str, int]) -> VmProcess:
     src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
     procs.append(src)

@@ -11,12 +11,11 @@ waits until the part under test has carried bytes before it acts."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,16 +28,6 @@ MEM = "64M"
 SLOW = 1 << 20  # max-bandwidth: the migration is still mid-pass for many seconds
 DETECTED_WITHIN_S = 15.0  # heartbeats notice in ~3 s; generous so load cannot fail it
 DISK = 64 << 20
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        with contextlib.suppress(ProcessLookupError):
-            p.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        p.close()
 
 
 class Kind:

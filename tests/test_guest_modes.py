@@ -17,6 +17,7 @@ from polling import wait_for
 from test_guests import run_qemu
 from test_migration import _listen_uri
 from vmferry.guests.verify import (
+    FILL_RANDOM,
     FILL_SPARSE,
     FILL_STAMP,
     FILL_TEXT,
@@ -45,7 +46,12 @@ def test_text_pages_are_text_that_compresses_like_text() -> None:
     assert len(zlib.compress(pages.tobytes(), 1)) > 64 * one * 0.6
 
 
-@pytest.mark.parametrize("fill", [FILL_STAMP, FILL_TEXT, FILL_SPARSE])
+def test_random_pages_do_not_compress() -> None:
+    pages = expected_pages(FILL_RANDOM, np.arange(64), np.arange(1, 65)).tobytes()
+    assert len(zlib.compress(pages, 9)) > len(pages) * 0.99
+
+
+@pytest.mark.parametrize("fill", [FILL_STAMP, FILL_TEXT, FILL_SPARSE, FILL_RANDOM])
 def test_expected_pages_have_their_stamps(fill: int) -> None:
     pages = np.array([0, 5, 2047, 9000])
     gens = np.array([1, 7, 2**32 - 1, 3])
@@ -54,7 +60,7 @@ def test_expected_pages_have_their_stamps(fill: int) -> None:
     assert (out[:, 0] == stamps).all() and (out[:, PAGE_U64S - 1] == stamps).all()
     if fill == FILL_SPARSE:  # the body depends on the page only
         assert (expected_pages(fill, pages, gens + 1)[:, 1:-1] == out[:, 1:-1]).all()
-    if fill == FILL_TEXT:  # and changes with every write
+    if fill in (FILL_TEXT, FILL_RANDOM):  # and changes with every write
         assert (expected_pages(fill, pages, gens + 1)[:, 1:-1] != out[:, 1:-1]).any(axis=1).all()
 
 
@@ -71,7 +77,7 @@ def _boot(m: Machine, append: str) -> DirtyHeader:
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("name,fill", [("text", FILL_TEXT), ("sparse", FILL_SPARSE)])
+@pytest.mark.parametrize("name,fill", [("text", FILL_TEXT), ("sparse", FILL_SPARSE), ("random", FILL_RANDOM)])
 def test_fill_mode_verifies_in_the_guest_and_on_the_host(tmp_path: Path, name: str, fill: int) -> None:
     serial = tmp_path / "serial"
     with Machine(memory=64 * MiB, serial=f"file:{serial}") as m:
@@ -85,7 +91,10 @@ def test_fill_mode_verifies_in_the_guest_and_on_the_host(tmp_path: Path, name: s
     assert f"fill={name}" in serial.read_text().splitlines()[0]
     assert verify_dirty([(0, ram)]).ok
     ws = ram[h.ws_gpa : h.ws_gpa + h.npages * PAGE]
-    assert len(zlib.compress(bytes(ws), 1)) < len(ws) / 2.5  # compressible
+    if fill == FILL_RANDOM:
+        assert len(zlib.compress(bytes(ws), 1)) > len(ws) * 0.99  # incompressible
+    else:
+        assert len(zlib.compress(bytes(ws), 1)) < len(ws) / 2.5  # compressible
     # A corrupted text word (not a stamp) in any page is caught.
     at = h.ws_gpa + 3 * PAGE + 100 * 8
     ram[at] ^= 0x20
@@ -119,7 +128,7 @@ def _text_ram(fill: int) -> tuple[bytearray, list[int]]:
     return ram, gens
 
 
-@pytest.mark.parametrize("fill", [FILL_TEXT, FILL_SPARSE])
+@pytest.mark.parametrize("fill", [FILL_TEXT, FILL_SPARSE, FILL_RANDOM])
 def test_synthetic_fill_pages_verify_and_a_stale_page_fails(fill: int) -> None:
     from test_guests_verify import WS_GPA
 
@@ -132,7 +141,7 @@ def test_synthetic_fill_pages_verify_and_a_stale_page_fails(fill: int) -> None:
     assert not bad.ok and bad.first_bad_page == 9, bad
 
 
-@pytest.mark.parametrize("fill", [FILL_TEXT, FILL_SPARSE])
+@pytest.mark.parametrize("fill", [FILL_TEXT, FILL_SPARSE, FILL_RANDOM])
 def test_synthetic_inflight_page_of_old_and_new_words_passes(fill: int) -> None:
     from test_guests_verify import WS_GPA, set_header
 

@@ -199,7 +199,7 @@ def test_zero_table_entry_below_filled_fails():
         ({"magic": b"VMFDIRTX"}, "no dirty guest header"),
         ({"version": 3}, "header layout version 3, this verifier reads (1, 2)"),
         ({"fill": 1}, "fill=1 in a version 1 header"),
-        ({"version": 2, "fill": 3}, "fill=3 in a version 2 header"),
+        ({"version": 2, "fill": 4}, "fill=4 in a version 2 header"),
         ({"entry_size": 8}, "garbled header"),
         ({"npages": 0}, "garbled header"),
         ({"filled": NPAGES + 1}, "garbled header"),

@@ -5,7 +5,6 @@ limits a type states, and the one stream feature a type gates (DEVICE_PROPERTIES
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,14 +83,6 @@ def test_a_subsection_may_not_be_newer_than_its_section() -> None:
 
 
 # --- real processes ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _snapshot(tmp_path: Path, procs: list[VmProcess], machine: str) -> Path:

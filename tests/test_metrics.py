@@ -9,7 +9,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,14 +72,6 @@ def test_render_is_valid_for_every_status() -> None:
         assert samples[("vmferry_vm_state", f'{{state="{status}"}}')] == 1
         assert ("vmferry_migration_expected_downtime_seconds", "") not in samples  # -1: unbounded
         assert samples[("vmferry_migration_transferred_bytes_total", "")] == 5
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _metrics_url(vm: VmProcess) -> str:

@@ -11,7 +11,6 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ pytestmark = [pytest.mark.kvm]
 
 MEM = "256M"
 DIRTY = "ws=32 rate=20 verify=1 check=full"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _source(tmp: Path, procs: list[VmProcess], append: str = DIRTY) -> VmProcess:

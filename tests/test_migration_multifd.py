@@ -12,7 +12,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ pytestmark = [pytest.mark.kvm]
 
 MEM = "256M"
 DIRTY = "ws=32 rate=20 verify=1 check=full"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _source(tmp: Path, procs: list[VmProcess], channels: int, compression: str = "none",
@@ -226,3 +217,97 @@ def test_heartbeats_keep_a_slow_multifd_migration_alive(tmp_path: Path, procs: l
     dinfo = dst.wait_migration(timeout=120)
     assert dinfo["status"] == "completed", dinfo
     _assert_verified(dst)
+
+
+class _StallingProxy(_CuttingProxy):
+    """A TCP relay that passes everything through but the first data connection's source to
+    destination direction: `stop` forwards `stall_after` bytes of it, then stops reading it (the
+    source's send queue fills and stays full); `hold` forwards all of it but the newest
+    `stall_after` bytes, which it holds back for good (the source sees every byte leave, the
+    destination never gets that channel's last records and END)."""
+
+    def __init__(self, target: tuple[str, int], stall_after: int, mode: str) -> None:
+        self.mode = mode
+        self.closed = threading.Event()
+        super().__init__(target, stall_after)
+
+    def _pipe(self, a: socket.socket, b: socket.socket, limit: int | None) -> None:
+        if limit is None:
+            super()._pipe(a, b, None)
+            return
+        seen = 0
+        held = b""
+        with contextlib.suppress(OSError):
+            while data := a.recv(1 << 16):
+                seen += len(data)
+                if self.mode == "hold":
+                    held += data
+                    if len(held) > limit:
+                        b.sendall(held[:-limit])
+                        held = held[-limit:]
+                        self.cut.set()
+                    continue
+                b.sendall(data)
+                if seen > limit:
+                    self.cut.set()
+                    self.closed.wait()
+                    return
+
+    def close(self) -> None:
+        self.closed.set()
+        super().close()
+
+
+def _stalled_migration(tmp: Path, procs: list[VmProcess], mode: str, dirty: str = DIRTY,
+                       stall_after: int = 2 << 20) -> tuple[VmProcess, VmProcess, dict]:
+    """As _cut_migration, through a _StallingProxy, with heartbeats on (every second: the
+    default, said on both sides) ."""
+    src = _source(tmp, procs, 2, dirty=dirty)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20, "x-heartbeat-ms": 1000})
+    dst = _dest(tmp, procs, "tcp:127.0.0.1:0")
+    dst.cmd("migrate-set-parameters", **{"x-heartbeat-ms": 1000})
+    host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
+    proxy = _StallingProxy((host, int(port)), stall_after, mode)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+        deadline = time.monotonic() + 120
+        while not proxy.cut.wait(0.1):
+            assert time.monotonic() < deadline, "the relay never stalled the data channel"
+            assert src.cmd("query-migrate")["status"] in ("setup", "active"), src.cmd("query-migrate")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+        info = src.wait_migration(timeout=180)
+    finally:
+        proxy.close()
+    return src, dst, info
+
+
+def test_a_stalled_data_channel_is_lost_and_re_sent(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """The relay stops reading one data channel mid-precopy: with heartbeats on, the source sees
+    its send queue stand still for their limit, gives the channel up and re-sends its pages on
+    the other; the guest verifies on the destination (not a wait for DATA_ACCEPT_S)."""
+    src, dst, info = _stalled_migration(tmp_path, procs, "stop")
+    assert info["status"] == "completed", info
+    assert len(info["multifd-lost-channels"]) == 1, info
+    assert info["multifd-lost-channels"][0].startswith("channel 0: stalled: "), info
+    dinfo = dst.wait_migration(timeout=60)
+    assert dinfo["status"] == "completed", dinfo
+    _assert_verified(dst)
+
+
+def test_a_data_channel_whose_end_never_arrives_fails_by_name(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """The relay holds back the last bytes of one data channel: the source saw them leave, so
+    only the destination, waiting for that channel's END after the main stream's, can tell; with
+    heartbeats on it names the stall (not "did not end" after DATA_ACCEPT_S); the guest never
+    starts there. The source had sent its END, so it stays paused until `cont` (source.py), and
+    then runs on."""
+    src, dst, info = _stalled_migration(tmp_path, procs, "hold", dirty="ws=32 rate=0 verify=1 check=full",
+                                        stall_after=64 << 10)
+    assert info["status"] == "failed", info
+    dinfo = dst.wait_migration(timeout=60)
+    assert dinfo["status"] == "failed", dinfo
+    assert "multifd: data channel 0 stalled: nothing arrived" in dinfo["error-desc"], (info, dinfo)
+    assert "multifd: data channel 0 stalled: nothing arrived" in info["error-desc"], (info, dinfo)
+    assert dst.status() == "inmigrate"
+    assert src.status() == "paused"
+    src.cmd("cont")
+    _assert_source_survives(src)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ pytestmark = [pytest.mark.kvm]
 
 MEM = "256M"
 DIRTY = "ws=32 rate=16 verify=1 check=full fill=sparse"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _listen_uri(dst: VmProcess) -> str:

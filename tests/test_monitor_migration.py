@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ pytestmark = [pytest.mark.kvm]
 MEM = "256M"
 DIRTY = "ws=32 rate=20 verify=1 check=full"
 EVENTS_ON = [{"capability": "events", "state": True}]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _source(tmp: Path, procs: list[VmProcess]) -> VmProcess:

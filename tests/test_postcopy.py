@@ -12,16 +12,15 @@ plus the host-side verifier (`x-verify-dirty-guest`).
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from polling import wait_for
 from test_fault_matrix import _ip, netns  # noqa: F401 - the fixture is used by name
+from vmferry.migration.trace import read_trace
 from vmproc import QmpReplyError, VmProcess
 
 pytestmark = [pytest.mark.kvm]
@@ -33,16 +32,6 @@ TRICKLE = 256 << 10  # max-postcopy-bandwidth while waiting for a fault to be re
 NEVER_CONVERGES_MS = 1  # downtime-limit
 # Heartbeats notice a silent peer in 3 intervals (3 s); bounded generously against load.
 DETECTED_WITHIN_S = 20.0
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        with contextlib.suppress(ProcessLookupError):
-            p.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        p.close()
 
 
 def _caps(vm: VmProcess, *names: str) -> None:
@@ -101,6 +90,7 @@ def _verified(dst: VmProcess) -> None:
 
 def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst, uri = _pair(tmp_path, procs)
+    dst.cmd("migrate-set-parameters", **{"x-trace-file": str(tmp_path / "dst.jsonl")})
     _switch_with_a_request(src, dst, uri)
     info = dst.wait_migration(timeout=120)
     assert info["status"] == "completed", info
@@ -120,6 +110,10 @@ def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, pr
     assert isinstance(info["postcopy-blocktime"], int)
     assert len(info["postcopy-vcpu-blocktime"]) == 1
     assert "Traceback" not in src.log()
+    # The destination's trace has every fault's latency, and the report draws them.
+    (pc,) = read_trace(tmp_path / "dst.jsonl").of("postcopy")
+    assert len(pc["fault-latencies-us"]) == x["fault-latency"]["faults"]
+    assert pc["fault-latency"] == x["fault-latency"] and pc["requests"] == info["ram"]["postcopy-requests"]
 
 
 def test_postcopy_started_before_the_first_pass_does_anything(tmp_path: Path, procs: list[VmProcess]) -> None:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,14 +57,6 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Unpacked]:
     """Every committed release, unpacked once per session."""
     into = tmp_path_factory.mktemp("releases")
     return {r.version: unpack(r, into) for r in RELEASES}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 class Ends:

@@ -38,9 +38,9 @@ def test_png_report_is_a_valid_image_of_the_promised_size(tmp_path: Path) -> Non
     d = write_sample(tmp_path / "a.destination.jsonl", side="destination")
     out = write_report([a, b, d], tmp_path / "r.png")
     data = out.read_bytes()
-    assert png_size(data) == (1200, 1600)
+    assert png_size(data) == (1200, 2000)
     pixels = mpimg.imread(io.BytesIO(data), format="png")  # decodes every row
-    assert pixels.shape[:2] == (1600, 1200)
+    assert pixels.shape[:2] == (2000, 1200)
     assert pixels.std() > 0  # something was drawn
 
 
@@ -51,7 +51,7 @@ def test_html_report_embeds_one_png_per_panel(tmp_path: Path) -> None:
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     img = r'<img alt="(\w+)" width="1200" height="400" src="data:image/png;base64,([^"]+)">'
     images = re.findall(img, text)
-    assert [name for name, _ in images] == ["remaining", "rates", "downtime", "applied"]
+    assert [name for name, _ in images] == ["remaining", "rates", "downtime", "applied", "faults"]
     for _, b64 in images:
         assert png_size(base64.b64decode(b64)) == (1200, 400)
     assert "<td>a.jsonl</td>" in text and "<td>completed</td>" in text
@@ -81,3 +81,24 @@ def test_cli_reports_errors_in_one_line_without_a_traceback(tmp_path: Path) -> N
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "r.png")
+
+
+def test_postcopy_fault_latencies_are_drawn_in_log2_buckets(tmp_path: Path) -> None:
+    from vmferry.migration.trace import TraceWriter, read_trace
+    from vmferry.report import _fault_latency, _pyplot
+
+    path = tmp_path / "d.jsonl"
+    w = TraceWriter(path, "destination", ram_bytes=64 << 20)
+    lat = [0.5, 3.0, 3.5, 900.0, 1500.0, 70_000.0]  # buckets 1 us, 2 us (x2), 512 us, 1 ms, 64 ms
+    w.event("postcopy", requests=6, pages_placed=100, blocktime_ms=2.0,
+            fault_latency={"faults": len(lat)}, fault_latencies_us=lat)
+    w.close("completed")
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    try:
+        _fault_latency(ax, [read_trace(path)])
+        heights = [p.get_height() for p in ax.patches]
+    finally:
+        plt.close(fig)
+    assert sum(heights) == len(lat)
+    assert heights[0] == 1 and heights[1] == 2 and heights[9] == 1 and heights[10] == 1 and heights[16] == 1

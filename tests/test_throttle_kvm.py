@@ -156,14 +156,6 @@ def test_cancel_removes_the_throttle_and_the_source_runs_on(destination: VmProce
 QMP_PARAMS = {**PARAMS, "max-cpu-throttle": 60}
 
 
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
-
-
 def _throttled_over_qmp(tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, VmProcess]:
     src = VmProcess(tmp, "src", "-m", "128M", "--guest", "dirty", "--append", "ws=48 rate=100000 verify=1")
     procs.append(src)

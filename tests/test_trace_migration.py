@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ pytestmark = [pytest.mark.kvm]
 
 MEM = "256M"
 DIRTY = "ws=32 rate=20 verify=1"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _env() -> dict[str, str]:

@@ -2,10 +2,11 @@
 
 Panels (docs/trace.md, "Reports"): remaining bytes over time; dirty rate against bandwidth per
 pass; where the pause went (downtime phases); and, given destination traces, what the
-destination had applied over time. Several traces overlay, labelled by file name.
+destination had applied over time and, for postcopy, its fault latencies as a log2 histogram.
+Several traces overlay, labelled by file name.
 
 matplotlib draws with its Agg backend (no display needed). Sizes are fixed so a reader knows
-what it gets: the PNG is one 1200 x 1600 pixel figure; the HTML embeds one 1200 x 400 PNG per
+what it gets: the PNG is one 1200 x 2000 pixel figure; the HTML embeds one 1200 x 400 PNG per
 panel, base64, in a single self-contained file.
 """
 
@@ -25,7 +26,7 @@ from vmferry.migration.trace import Trace, read_trace
 DPI = 100
 WIDTH_IN = 12.0
 PANEL_HEIGHT_IN = 4.0
-PANELS = 4
+PANELS = 5
 MiB = float(1 << 20)
 
 
@@ -96,12 +97,38 @@ def _applied(ax: Any, traces: Sequence[Trace]) -> None:
     ax.set_ylabel("MiB")
 
 
+def _fault_latency(ax: Any, traces: Sequence[Trace]) -> None:
+    """Postcopy: how long each fault waited for its page, in log2 buckets of microseconds (the
+    buckets of query-migrate's x-postcopy histogram), one line of bars per trace."""
+    import numpy as np
+
+    width = 0.8 / max(1, len(traces))
+    for i, tr in enumerate(traces):
+        lat = [x for e in tr.of("postcopy") for x in e["fault-latencies-us"]]
+        if not lat:
+            continue
+        buckets = np.bincount(np.clip(np.floor(np.log2(np.maximum(lat, 1.0))).astype(int), 0, 23),
+                              minlength=24)
+        last = int(np.flatnonzero(buckets).max()) + 1
+        ax.bar(np.arange(last) + i * width, buckets[:last], width=width, align="edge",
+               label=f"{tr.label} ({len(lat)} faults)")
+        ax.set_xticks(np.arange(last) + 0.4, [_us(1 << k) for k in range(last)], fontsize="small")
+    ax.set_title("postcopy fault latency (fault read -> page placed)")
+    ax.set_xlabel("latency at least (log2 buckets)")
+    ax.set_ylabel("faults")
+
+
+def _us(us: int) -> str:
+    return f"{us} us" if us < 1000 else f"{us / 1000:g} ms"
+
+
 Panel = Callable[[Any, Sequence[Trace]], None]
 _PANELS: tuple[tuple[str, Panel, str], ...] = (
     ("remaining", _remaining, "source"),
     ("rates", _rates, "source"),
     ("downtime", _downtime, "source"),
     ("applied", _applied, "destination"),
+    ("faults", _fault_latency, "destination"),
 )
 
 

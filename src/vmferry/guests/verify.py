@@ -12,14 +12,14 @@ The guest keeps, in its own RAM (guests/dirty_layout.h is the other half of this
                  0x48 u64 writes           page writes since boot
                  0x50 u64 verify_passes    0x58 u64 verify_fails (the guest's own checks)
                  0x60 u32 rate_mib_s  0x64 u16 pattern (1 uniform, 2 hot)
-                 0x66 u16 fill (version 2; 0 stamp, 1 text, 2 sparse)     0x68 u32 hot_percent
+                 0x66 u16 fill (version 2; 0 stamp, 1 text, 2 sparse, 3 random)     0x68 u32 hot_percent
                  0x6c u32 hot_writes  0x70 u64 seed
                  0x78 u64 table_sum        sum of all table entries mod 2**64
     table_gpa    npages x u32: the generation last written to page i (0 = never)
     ws_gpa       npages x 4 KiB: u64s 0 and 511 of page i are its stamp (table[i] << 32) | i;
                  with fill=stamp (version 1) every u64 is; with text/sparse u64s 1..510 are word
-                 tokens picked by a hash of (i, table[i] for text or 0 for sparse, u64 index):
-                 `expected_pages`
+                 tokens picked by a hash of (i, table[i] for text or 0 for sparse, u64 index),
+                 with random the hash of (i, table[i], u64 index) itself: `expected_pages`
 
 A rewrite of page p goes: inflight = p; stamp the page (rep stosq); table_sum += new - old;
 table[p] = new; generation = new; writes += 1; inflight = none. So a guest paused at any
@@ -48,8 +48,8 @@ except ImportError:  # Python 3.11: anything with the buffer protocol (bytes, mm
 HEADER_GPA = 0x9000
 MAGIC = b"VMFDIRTY"
 LAYOUT_VERSIONS = (1, 2)  # 2 adds `fill`; a guest with fill=stamp says 1
-FILL_STAMP, FILL_TEXT, FILL_SPARSE = 0, 1, 2
-FILL_NAMES = {FILL_STAMP: "stamp", FILL_TEXT: "text", FILL_SPARSE: "sparse"}
+FILL_STAMP, FILL_TEXT, FILL_SPARSE, FILL_RANDOM = 0, 1, 2, 3
+FILL_NAMES = {FILL_STAMP: "stamp", FILL_TEXT: "text", FILL_SPARSE: "sparse", FILL_RANDOM: "random"}
 NO_PAGE = 0xFFFF_FFFF_FFFF_FFFF
 PAGE_SIZE = 4096
 PAGE_U64S = PAGE_SIZE // 8
@@ -115,8 +115,8 @@ _VOCAB = ("the", "migration", "of", "a", "guest", "page", "is", "sent", "and", "
 TOKENS = np.frombuffer(b"".join(w[:7].ljust(8).encode() for w in _VOCAB), dtype="<u8")
 
 
-def _token_index(pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
-    """dirty.c page_word's hash for u64s 1..510 of each page: shape (n, 510)."""
+def _word_hash(pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
+    """dirty.c page_word's hash for u64s 1..510 of each page: shape (n, 510), uint64."""
     with np.errstate(over="ignore"):
         key = (pages.astype(np.uint64) << np.uint64(32)) | gens.astype(np.uint64)
         j = np.arange(1, PAGE_U64S - 1, dtype=np.uint64)
@@ -124,7 +124,7 @@ def _token_index(pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
         x ^= x >> np.uint64(29)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(32)
-    return (x % np.uint64(len(TOKENS))).astype(np.intp)
+    return x
 
 
 def expected_pages(fill: int, pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
@@ -133,8 +133,12 @@ def expected_pages(fill: int, pages: np.ndarray, gens: np.ndarray) -> np.ndarray
     if fill == FILL_STAMP:
         return np.repeat(stamps[:, None], PAGE_U64S, axis=1)
     out = np.empty((len(pages), PAGE_U64S), dtype="<u8")
-    body_gens = gens if fill == FILL_TEXT else np.zeros_like(gens)  # sparse: the page's text never changes
-    out[:, 1 : PAGE_U64S - 1] = TOKENS[_token_index(pages, body_gens)]
+    body_gens = np.zeros_like(gens) if fill == FILL_SPARSE else gens  # sparse: the text never changes
+    x = _word_hash(pages, body_gens)
+    if fill == FILL_RANDOM:
+        out[:, 1 : PAGE_U64S - 1] = x
+    else:
+        out[:, 1 : PAGE_U64S - 1] = TOKENS[(x % np.uint64(len(TOKENS))).astype(np.intp)]
     out[:, 0] = stamps
     out[:, PAGE_U64S - 1] = stamps
     return out

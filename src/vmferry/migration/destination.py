@@ -277,6 +277,13 @@ class IncomingMigration:
         if not dest.all_placed():
             raise MigrationError(f"the stream ended with {dest.missing()} postcopy pages not sent")
         self.stats.postcopy = dest.report()
+        latencies = dest.fault_latencies_us()
+        # One event for the whole postcopy, written after the last fault: a line per fault from
+        # the resolver thread would cost time on the path it measures (docs/trace.md).
+        self.trace.event("postcopy", requests=dest.requests, pages_placed=dest.pages_placed,
+                         blocktime_ms=self.stats.postcopy.get("postcopy-blocktime", 0),
+                         fault_latency=self.stats.postcopy["x-postcopy"]["fault-latency"],
+                         fault_latencies_us=latencies)
         dest.close()
         restore_switch_interval()
         self._count()
@@ -583,9 +590,14 @@ class IncomingMigration:
         """After the main stream's END: every data channel must have ended (its END verified)
         and its pages applied before the guest may start."""
         deadline = time.monotonic() + DATA_ACCEPT_S
+        # With heartbeats on, a channel whose END is due and that brings nothing for their limit
+        # is stalled (the source sent every END before the main stream's): fail naming it.
+        heard = [(rx.bytes_received, time.monotonic()) for rx in self._receivers]
         while True:
             if self._data_error is not None:
                 raise MigrationError(self._data_error)
+            wd = self.watchdog
+            stall_s = wd.limit_s if wd is not None and wd.enabled and wd.armed else None
             waiting = []
             for i, rx in enumerate(self._receivers):
                 cid = i if rx.channel_id is None else rx.channel_id
@@ -596,6 +608,13 @@ class IncomingMigration:
                     continue
                 if rx.lost is not None:  # gone, but the source ended without re-sending its pages
                     raise MigrationError(f"multifd: data channel {cid} was lost before its END: {rx.lost}")
+                now = time.monotonic()
+                if rx.bytes_received != heard[i][0]:
+                    heard[i] = (rx.bytes_received, now)
+                elif stall_s is not None and now - heard[i][1] > stall_s:
+                    raise MigrationError(f"multifd: data channel {cid} stalled: nothing arrived for "
+                                         f"{now - heard[i][1]:.1f} s after the main stream's END "
+                                         f"(limit {stall_s:.1f} s, x-heartbeat-ms)")
                 waiting.append(cid)
             if not waiting:
                 return

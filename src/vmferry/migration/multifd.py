@@ -24,8 +24,10 @@ which owns one thread and one compressor per channel, so no lock or thread seria
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import queue
+import termios
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -303,12 +305,18 @@ class MultifdSender:
     and `take_lost` hands the migration thread every page ever given to that channel (a mask per
     RAM block), which the RAM saver marks dirty again so the next generation re-sends them on the
     other channels. Only losing every channel, or one while the channels are writing END, fails
-    the migration."""
+    the migration.
+
+    A *stalled* channel is lost too: with heartbeats on (`stall_limit_s` returns their limit, 3
+    intervals), a channel whose socket has had the same non-zero number of unsent bytes for that
+    long — the peer or something between stopped reading it — is shut down and re-sent. A slow
+    link is not stalled: its send queue shrinks as the peer acknowledges."""
 
     def __init__(self, channels: Sequence[object], encoders: Sequence[DataChannelEncoder],
                  send: Callable[[int, Sequence[Buffer]], int], cancelled: Callable[[], bool],
                  block_pages: dict[int, int], shutdown: Callable[[int], None] = lambda i: None,
-                 on_wait: Callable[[], None] = lambda: None) -> None:
+                 on_wait: Callable[[], None] = lambda: None,
+                 stall_limit_s: Callable[[], float | None] = lambda: None) -> None:
         """`send(channel index, buffers) -> bytes accepted` writes on channel i; `block_pages`:
         RAM block id -> its page count; `shutdown(i)` cuts channel i's connection; `on_wait`
         runs on the migration thread while it waits for the channels (the source beats there,
@@ -337,6 +345,8 @@ class MultifdSender:
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd-send-{i}", daemon=True)
                          for i in range(n)]
         self._finishing = False
+        self._stall_limit_s = stall_limit_s
+        self._unsent: list[tuple[int, float]] = [(0, time.monotonic())] * n  # (unsent bytes, since)
 
     def start(self) -> None:
         for i, enc in enumerate(self.encoders):
@@ -359,6 +369,7 @@ class MultifdSender:
     def _check(self) -> None:
         """Called on the migration thread only, at every wait."""
         self._on_wait()
+        self._check_stalls()
         if self.error is not None:
             raise MigrationError(self.error)
         if self._cancelled():
@@ -366,6 +377,39 @@ class MultifdSender:
         if not any(self.alive):
             why = "; ".join(f"channel {i}: {r}" for i, r in self.lost)
             raise MigrationError(f"every multifd data channel was lost ({why})")
+
+    def _check_stalls(self) -> None:
+        limit = self._stall_limit_s()
+        if limit is None:
+            return
+        now = time.monotonic()
+        for i, ch in enumerate(self.channels):
+            if not self.alive[i]:
+                continue
+            unsent = _unsent_bytes(ch)
+            last, since = self._unsent[i]
+            if unsent == 0 or unsent != last:
+                self._unsent[i] = (unsent, now)
+            elif now - since > limit:
+                self._lose(i, f"stalled: {unsent} bytes unsent for {now - since:.1f} s (limit {limit:.1f} s, "
+                              "x-heartbeat-ms)")
+
+    def _lose(self, i: int, why: str) -> None:
+        """Channel i is gone (its sender failed, or it stalled): a loss, or while the channels
+        write END, the migration's failure. Its connection is shut down, which also ends a send
+        blocked on it. Once per channel."""
+        with self._lock:
+            if not self.alive[i]:
+                return
+            self.alive[i] = False
+            if self._finishing or self._cancelled():
+                if self.error is None:
+                    self.error = f"multifd channel {i} failed: {why}"
+            else:
+                self.lost.append((i, why))
+                self._lost_new.append((i, why))
+        with contextlib.suppress(VmferryError, OSError):
+            self._shutdown(i)
 
     def take_lost(self) -> list[tuple[int, str, dict[int, np.ndarray]]]:
         """Channels lost since the last call: (channel, why, pages handed to it per block)."""
@@ -470,19 +514,18 @@ class MultifdSender:
                 self._sent[i] += n
                 self._pages_sent[i] += chunk.raw_bytes - 64
                 self._done[i] += chunk.raw_bytes
-                if dt > 0 and n >= 64 << 10:  # the wire rate `auto` weighs compression against
-                    rate = n / dt
-                    c = enc.compressor
-                    c.wire_bytes_per_s = rate if not c.wire_bytes_per_s else (
-                        0.8 * c.wire_bytes_per_s + 0.2 * rate)
+                enc.compressor.sent(dt)  # the wire's cost, which `auto` weighs compression against
         except (VmferryError, OSError, ValueError) as e:
-            if self._finishing or self._cancelled():
-                if self.error is None:
-                    self.error = f"multifd channel {i} failed: {e}"
-                return
-            with self._lock:
-                self.alive[i] = False
-                self.lost.append((i, str(e)))
-                self._lost_new.append((i, str(e)))
-            with contextlib.suppress(VmferryError, OSError):
-                self._shutdown(i)
+            self._lose(i, str(e))
+
+
+def _unsent_bytes(channel: object) -> int:
+    """Bytes in a socket's send queue not yet acknowledged by the peer (SIOCOUTQ); 0 when it
+    cannot be told."""
+    try:
+        fd = channel.fileno()  # type: ignore[attr-defined]
+        buf = bytearray(4)
+        fcntl.ioctl(fd, termios.TIOCOUTQ, buf)
+    except (AttributeError, NotImplementedError, OSError, ValueError, VmferryError):
+        return 0
+    return int.from_bytes(buf, "little", signed=True)

@@ -182,6 +182,10 @@ class FaultLatency:
         s = sorted(self._samples)
         return s[min(len(s) - 1, max(0, int(np.ceil(p / 100 * len(s))) - 1))]
 
+    def samples_us(self) -> list[float]:
+        """Every fault's latency so far, us, in the order the faults were resolved."""
+        return [round(x, 1) for x in self._samples]
+
     def report(self) -> dict:
         """query-migrate's `x-postcopy-fault-latency` (docs/migration.md): ms, and the histogram
         as {"<2^k us": count} for its non-empty buckets."""
@@ -413,6 +417,11 @@ class PostcopyDestination:
             if self._thread is not None and self._thread is not threading.current_thread():
                 self._thread.join(5)
             uffd.release()
+
+    def fault_latencies_us(self) -> list[float]:
+        """Every fault's latency (read -> placed) so far, us."""
+        with self._lock:
+            return self.latency.samples_us()
 
     def report(self) -> dict:
         """query-migrate's postcopy numbers on the destination (docs/migration.md)."""

@@ -305,6 +305,16 @@ class OutgoingMigration:
         if self.session is not None:
             self.session.sent += n
 
+    def _stall_limit_s(self) -> float | None:
+        """How long a data channel may sit with unsent bytes before it is lost: the heartbeat
+        limit, once the destination beats (None: heartbeats off or not spoken). None too while
+        the destination itself has been quiet for 2 intervals: a destination that stopped
+        altogether is the watchdog's to report, by its own name, not each channel's."""
+        wd = self.watchdog
+        if wd is None or not wd.enabled or not wd.armed:
+            return None
+        return None if self._destination_quiet_for() > 2 * wd.interval_s else wd.limit_s
+
     def _destination_quiet_for(self) -> float:
         rp = self.return_path
         return 0.0 if rp is None else time.monotonic() - rp.heard_at
@@ -447,7 +457,8 @@ class OutgoingMigration:
                                                self.machine.machine_type.name))
         self.sender = MultifdSender(self.data_channels, encoders, self._send_data, self._stopped,
                                     {i + 1: b.npages for i, b in enumerate(self.machine.ram_blocks)},
-                                    lambda i: self.data_channels[i].shutdown(), on_wait=self._maybe_beat)
+                                    lambda i: self.data_channels[i].shutdown(), on_wait=self._maybe_beat,
+                                    stall_limit_s=self._stall_limit_s)
         self.sender.start()
         self.ram.multifd = self.sender
 

@@ -33,6 +33,7 @@ NUM = (int, float)
 INT = (int,)
 STR = (str,)
 DICT = (dict,)
+LIST = (list,)
 
 # kind -> {field: accepted python types}. Required fields only; other fields are allowed (a
 # reader of version 1 ignores what it does not know). Every event also has `event` and `t`.
@@ -47,9 +48,11 @@ EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
              "throttle-percent": NUM},
     "downtime": {"downtime-ms": NUM, "phases": DICT, "bytes": INT},
     "applied": {"what": STR, "pass": INT, "bytes": INT, "pages": INT, "zero-pages": INT},
+    "postcopy": {"requests": INT, "pages-placed": INT, "blocktime-ms": NUM, "fault-latency": DICT,
+                 "fault-latencies-us": LIST},
     "end": {"status": STR},
 }
-_TYPE_WORDS = {NUM: "a number", INT: "an integer", STR: "a string", DICT: "an object"}
+_TYPE_WORDS = {NUM: "a number", INT: "an integer", STR: "a string", DICT: "an object", LIST: "an array"}
 
 
 class TraceError(VmferryError):

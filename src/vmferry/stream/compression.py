@@ -4,10 +4,18 @@ Codecs are numbered on the wire (docs/stream-format.md, RAM_COMPRESSED): 1 zstd,
 (block format; the raw length is in the record, so no frame is needed). Compressor objects are
 not thread-safe: each sending thread owns a `Compressor`.
 
-`auto` (vmferry's own setting) compresses only where it shortens the migration: for each chunk it
-picks raw, lz4 or zstd by the time the chunk would take on this channel — compressing it (measured
-seconds per raw byte) plus sending what comes out (measured wire rate) — and re-measures the
-options it did not pick every AUTO_PROBE_EVERY chunks, so a change in the data or the link is seen.
+`auto` (vmferry's own setting) compresses only where it shortens the migration. The decision is
+`AutoPolicy` (pure: measurements in, choice out; `Compressor` does the timing): the expected
+seconds per raw byte of each option — raw: the wire's cost per byte, measured from this channel's
+own sends of raw records (the time it was blocked sending them); lz4 or zstd: its measured
+compression cost per byte plus its measured ratio times the wire's cost — and the option in use
+goes to a compressor only when it is expected to be clearly faster (hysteresis), and back to raw
+when raw is expected to be faster at all, so measurement noise on a loaded machine cannot make it
+flip and incompressible pages go raw. While sending raw, the compressors are probed on a small
+sample of a chunk, rarely (the interval doubles each time a probe changes nothing, up to 512
+chunks for pages that do not shrink, 8 for pages that do): on random pages that costs next to
+nothing and the choice stays raw. While compressing, one chunk goes raw
+now and then, so a link that got faster is seen.
 """
 
 from __future__ import annotations
@@ -34,8 +42,7 @@ class Codec(IntEnum):
 
 CODEC_BY_SETTING = {"zstd": Codec.ZSTD, "zlib": Codec.ZLIB, "lz4": Codec.LZ4}
 SETTINGS = ("none", "zlib", "zstd", "lz4", "auto")
-AUTO_PROBE_EVERY = 32  # chunks between re-measuring the options `auto` did not pick
-_AUTO_CODECS = (Codec.RAW, Codec.LZ4, Codec.ZSTD)
+_AUTO_CODECS = (Codec.LZ4, Codec.ZSTD)
 
 
 def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
@@ -61,39 +68,174 @@ def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
     return out
 
 
+# `auto`'s tuning. Each number trades how fast a change is seen against what measuring costs.
+# Compressing only for an option expected to take at most (1 - this) of the current one's time;
+# back to raw as soon as raw is expected to be faster at all (compression costs CPU the guest and
+# the destination could use: raw is the safe side).
+HYSTERESIS = 0.1
+SAMPLE_BYTES = 64 << 10  # compressors are probed on this much of a chunk while the channel sends raw
+PROBE_FIRST = 4  # chunks between probes of the compressors, at first and after the choice changed
+PROBE_MAX = 512  # ... doubling each time a probe changes nothing, up to this for pages that do not
+PROBE_MAX_COMPRESSIBLE = 8  # shrink, up to this for pages that do (the wire's estimate grows as the
+# socket buffers fill, and a busy moment's measurement must not hold a channel raw for long)
+INCOMPRESSIBLE = 0.9  # no compressor's ratio below this: compressing can gain 10 % at most
+RAW_PROBE_FIRST = 16  # while compressing: chunks between sending one chunk raw (to measure the wire)
+RAW_PROBE_MAX = 256
+WIRE_WINDOW = 8 << 20  # the wire's estimate weighs about the last this many bytes sent
+CODEC_WEIGHT = 0.3  # a compressor's estimate: each measurement (sample or chunk) weighs this much
+MIN_SEND_BYTES = 64 << 10  # a smaller send says too little about the wire to count
+
+
 @dataclass
-class _Measure:
-    """Running estimates for one option: seconds per raw byte spent compressing, output/input."""
+class Estimate:
+    """A decaying sum of (seconds, input bytes, output bytes): cost = seconds per input byte,
+    ratio = output / input. With a `window`, over about the last `window` bytes of input: sums,
+    not averages of per-sample rates, so one sample that was fast by chance (a send that fit in
+    the socket buffer) weighs by its bytes. Without one (None), every measurement weighs
+    CODEC_WEIGHT whatever its size: a compressor's whole chunk, timed while the machine was busy
+    for a moment, must not outweigh the samples around it."""
 
-    cost: float = 0.0
-    ratio: float = 1.0
-    samples: int = 0
+    window: int | None
+    seconds: float = 0.0
+    inp: float = 0.0
+    out: float = 0.0
 
-    def add(self, secs: float, raw: int, out: int) -> None:
-        w = 0.3 if self.samples else 1.0
-        self.cost += w * (secs / raw - self.cost)
-        self.ratio += w * (out / raw - self.ratio)
-        self.samples += 1
+    def add(self, seconds: float, inp: int, out: int) -> None:
+        if inp <= 0:
+            return
+        seconds = max(seconds, 0.0)
+        if self.window is None:  # each measurement as one unit of input
+            keep = 1.0 - CODEC_WEIGHT if self.inp else 0.0
+            seconds, out, inp = seconds / inp, out / inp, 1
+        else:
+            keep = max(0.0, 1.0 - inp / self.window)
+        self.seconds = self.seconds * keep + seconds
+        self.inp = self.inp * keep + inp
+        self.out = self.out * keep + out
+
+    @property
+    def known(self) -> bool:
+        return self.inp > 0
+
+    @property
+    def cost(self) -> float:
+        return self.seconds / self.inp
+
+    @property
+    def ratio(self) -> float:
+        return self.out / self.inp
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with the next chunk: compress it with `codec` (RAW: send it as it is), and
+    first time `probe`'s compressors on a sample of it."""
+
+    codec: Codec
+    probe: tuple[Codec, ...] = ()
+
+
+@dataclass
+class AutoPolicy:
+    """`auto`'s choice, without clocks: `plan` before each chunk, then `compressed` and `sent`
+    report what it cost. The expected seconds per raw byte: raw = wire cost per byte; a codec =
+    its cost per byte + its ratio * wire cost per byte. Starts raw; moves only on a clear gain."""
+
+    current: Codec = Codec.RAW
+    wire: Estimate = field(default_factory=lambda: Estimate(WIRE_WINDOW))  # blocked s / raw byte sent
+    codecs: dict[Codec, Estimate] = field(
+        default_factory=lambda: {c: Estimate(None) for c in _AUTO_CODECS})
+    probe_every: int = PROBE_FIRST
+    raw_probe_every: int = RAW_PROBE_FIRST
+    _since_probe: int = 0
+    _since_raw_probe: int = 0
+
+    def plan(self) -> Plan:
+        if self.current == Codec.RAW:
+            self._since_probe += 1
+            unmeasured = any(not e.known for e in self.codecs.values())
+            if unmeasured or self._since_probe >= self.probe_every:
+                self._since_probe = 0
+                return Plan(Codec.RAW, _AUTO_CODECS)
+            return Plan(Codec.RAW)
+        self._since_raw_probe += 1
+        if self._since_raw_probe >= self.raw_probe_every:
+            self._since_raw_probe = 0
+            return Plan(Codec.RAW)
+        self._since_probe += 1
+        others = tuple(c for c in _AUTO_CODECS if c != self.current)
+        if self._since_probe >= self.probe_every:
+            self._since_probe = 0
+            return Plan(self.current, others)
+        return Plan(self.current)
+
+    def compressed(self, codec: Codec, seconds: float, raw: int, out: int) -> None:
+        """A compressor ran (a probe or for real): `raw` bytes in, `out` out, in `seconds`."""
+        self.codecs[codec].add(seconds, raw, out)
+
+    def sent(self, seconds: float, nbytes: int) -> None:
+        """The channel sent `nbytes` of raw records, blocked `seconds` in doing so."""
+        if nbytes >= MIN_SEND_BYTES:
+            self.wire.add(seconds, nbytes, nbytes)
+
+    def expected(self, codec: Codec) -> float | None:
+        """Expected seconds per raw byte with `codec`, or None while something is unmeasured."""
+        if not self.wire.known:
+            return None
+        w = self.wire.cost
+        if codec == Codec.RAW:
+            return w
+        e = self.codecs[codec]
+        return e.cost + e.ratio * w if e.known else None
+
+    def decide(self, probed: bool) -> Codec:
+        """After a chunk's measurements: keep the current option unless raw is expected to be
+        faster, or a compressor to take at most (1 - HYSTERESIS) of its time. `probed`: this
+        chunk probed an option not in use (a probe that changes nothing doubles the interval
+        to the next one)."""
+        now = self.expected(self.current)
+        best, best_t = self.current, now
+        if now is not None:
+            for c in (Codec.RAW, *_AUTO_CODECS):
+                t = self.expected(c)
+                need = 1.0 if c == Codec.RAW else 1 - HYSTERESIS
+                if c != self.current and t is not None and t < now * need and (
+                        best_t is None or t < best_t):
+                    best, best_t = c, t
+        if best != self.current:
+            self.current = best
+            self.probe_every, self.raw_probe_every = PROBE_FIRST, RAW_PROBE_FIRST
+            self._since_probe = self._since_raw_probe = 0
+        elif probed:
+            if best == Codec.RAW:
+                ratios = [e.ratio for e in self.codecs.values() if e.known]
+                shrinks = bool(ratios) and min(ratios) < INCOMPRESSIBLE
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX)
+            else:
+                self.raw_probe_every = min(2 * self.raw_probe_every, RAW_PROBE_MAX)
+        return self.current
 
 
 @dataclass
 class Compressor:
-    """One sending thread's compression: `setting` is multifd-compression's value."""
+    """One sending thread's compression: `setting` is multifd-compression's value. The sender
+    reports each send with `sent`, which `auto` reads as the wire's cost."""
 
     setting: str = "none"
     zlib_level: int = 1
     zstd_level: int = 1
-    wire_bytes_per_s: float = 0.0  # the channel's measured rate; `auto` reads it
     chosen: dict[str, int] = field(default_factory=dict)  # how often each codec was used
+    policy: AutoPolicy = field(default_factory=AutoPolicy)
     _zstd: zstandard.ZstdCompressor | None = None
-    _measures: dict[Codec, _Measure] = field(default_factory=dict)
-    _chunks: int = 0
+    _unsent_raw: int = 0  # bytes of raw records since the last `sent`
+    _unsent_compressed: bool = False  # ... and whether compressed ones were among them
+    _plan: Plan | None = None
+    _probe_at: int = 0
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown compression {self.setting!r} (one of {', '.join(SETTINGS)})")
         self._zstd = zstandard.ZstdCompressor(level=self.zstd_level)
-        self._measures = {c: _Measure() for c in _AUTO_CODECS}
 
     def compress(self, raw: memoryview) -> tuple[Codec, bytes | memoryview]:
         """-> (codec, bytes to send). RAW returns `raw` itself. `raw` must be the sender's own
@@ -107,6 +249,17 @@ class Compressor:
             return codec, out
         return self._auto(raw)
 
+    def sent(self, seconds: float) -> None:
+        """The sender wrote everything `compress` returned since the last call, blocked
+        `seconds`: for `auto`, a measure of the wire if it was raw records only."""
+        if self.setting == "auto":
+            if not self._unsent_compressed:
+                self.policy.sent(seconds, self._unsent_raw)
+            if self._plan is not None:
+                self.policy.decide(probed=bool(self._plan.probe) or self._plan.codec != self.policy.current)
+                self._plan = None
+        self._unsent_raw, self._unsent_compressed = 0, False
+
     def _run(self, codec: Codec, raw: memoryview) -> bytes:
         if codec == Codec.ZSTD:
             return self._zstd.compress(raw)  # type: ignore[union-attr]
@@ -114,42 +267,29 @@ class Compressor:
             return zlib.compress(raw, self.zlib_level)
         return lz4.block.compress(raw, store_size=False)
 
+    def _timed(self, codec: Codec, raw: memoryview) -> bytes:
+        t = time.perf_counter()
+        out = self._run(codec, raw)
+        self.policy.compressed(codec, time.perf_counter() - t, raw.nbytes, len(out))
+        return out
+
     def _auto(self, raw: memoryview) -> tuple[Codec, bytes | memoryview]:
-        n = raw.nbytes
-        self._chunks += 1
-        unmeasured = [c for c in _AUTO_CODECS[1:] if not self._measures[c].samples]
-        probe = unmeasured or (self._chunks % AUTO_PROBE_EVERY == 0)
-        if probe:  # measure every compressing option on this chunk, then pick among them
-            outs: dict[Codec, bytes | memoryview] = {Codec.RAW: raw}
-            for c in _AUTO_CODECS[1:]:
-                t = time.perf_counter()
-                outs[c] = self._run(c, raw)
-                self._measures[c].add(time.perf_counter() - t, n, len(outs[c]))
-            codec = self.pick()
-            out = outs[codec]
+        # One plan per chunk: a chunk may make several records (runs split by zero pages).
+        if self._plan is None:
+            self._plan = self.policy.plan()
+            n = raw.nbytes
+            if self._plan.probe:
+                size = min(SAMPLE_BYTES, n)
+                at = self._probe_at % max(n - size + 1, 1)
+                self._probe_at += size + 4096 * 7  # a different part of the next chunk sampled
+                for c in self._plan.probe:
+                    self._timed(c, raw[at:at + size])
+        codec = self._plan.codec
+        if codec == Codec.RAW:
+            out: bytes | memoryview = raw
+            self._unsent_raw += raw.nbytes
         else:
-            codec = self.pick()
-            if codec == Codec.RAW:
-                out = raw
-            else:
-                t = time.perf_counter()
-                out = self._run(codec, raw)
-                self._measures[codec].add(time.perf_counter() - t, n, len(out))
+            out = self._timed(codec, raw)
+            self._unsent_compressed = True
         self.chosen[codec.name] = self.chosen.get(codec.name, 0) + 1
         return codec, out
-
-    def pick(self) -> Codec:
-        """The option with the least expected seconds per raw byte on this channel: compressing
-        plus sending the result. Without a wire rate yet, raw (nothing measured to gain)."""
-        wire = self.wire_bytes_per_s
-        if wire <= 0:
-            return Codec.RAW
-        best, best_cost = Codec.RAW, 1.0 / wire
-        for c in _AUTO_CODECS[1:]:
-            m = self._measures[c]
-            if not m.samples:
-                continue
-            cost = m.cost + m.ratio / wire
-            if cost < best_cost * 0.95:  # a clear gain only: compression costs CPU the guest could use
-                best, best_cost = c, cost
-        return best
