@@ -22,7 +22,6 @@ from test_postcopy import (  # noqa: F401
     _status,
     _switch_with_a_request,
     _verified,
-    procs,
 )
 from vmproc import QmpReplyError, VmProcess
 
@@ -32,7 +31,7 @@ PREEMPT = ("postcopy-ram", "postcopy-blocktime", "postcopy-preempt")
 
 
 def test_postcopy_with_preempt_completes_and_requested_pages_come_on_the_preempt_channel(
-        tmp_path: Path, procs: list[VmProcess]) -> None:  # noqa: F811
+        tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst, uri = _pair(tmp_path, procs, dst_caps=PREEMPT, src_caps=("postcopy-preempt",))
     _switch_with_a_request(src, dst, uri)
     info = dst.wait_migration(timeout=120)
@@ -72,7 +71,7 @@ def test_preempt_on_one_side_only_is_refused_by_name_and_the_source_keeps_runnin
 
 
 def test_preempt_needs_postcopy_ram_and_a_connection_oriented_uri(
-        tmp_path: Path, procs: list[VmProcess]) -> None:  # noqa: F811
+        tmp_path: Path, procs: list[VmProcess]) -> None:
     src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
     procs.append(src)
     with pytest.raises(QmpReplyError, match="Postcopy preempt requires postcopy-ram"):
@@ -83,7 +82,7 @@ def test_preempt_needs_postcopy_ram_and_a_connection_oriented_uri(
 
 
 def test_recovery_with_preempt_goes_on_without_it_and_completes(
-        tmp_path: Path, procs: list[VmProcess]) -> None:  # noqa: F811
+        tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst, uri = _pair(tmp_path, procs, dst_caps=PREEMPT, src_caps=("postcopy-preempt",))
     _switch_with_a_request(src, dst, uri, release=False)
     src.cmd("migrate-pause")
@@ -102,7 +101,7 @@ def test_recovery_with_preempt_goes_on_without_it_and_completes(
     assert "Traceback" not in src.log()
 
 
-def test_postcopy_with_preempt_under_tls_psk_completes(tmp_path: Path, procs: list[VmProcess]) -> None:  # noqa: F811
+def test_postcopy_with_preempt_under_tls_psk_completes(tmp_path: Path, procs: list[VmProcess]) -> None:
     """tls-creds set: the preempt channel is opened and accepted under TLS as the main one."""
     src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
     procs.append(src)
