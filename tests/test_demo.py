@@ -13,6 +13,7 @@ import pytest
 
 from test_report import png_size
 from vmferry.migration.trace import read_trace
+from vmferry.report import PANELS
 from vmproc import REPO
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -29,7 +30,7 @@ def test_demo_writes_a_report_and_prints_its_path(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == str(out)
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', out.read_text())
-    assert len(pngs) == 4
+    assert len(pngs) == PANELS  # one per panel of the report
     assert all(png_size(base64.b64decode(p)) == (1200, 400) for p in pngs)
     assert read_trace(tmp_path / "source.jsonl").of("pass")
     assert read_trace(tmp_path / "destination.jsonl").of("applied")
