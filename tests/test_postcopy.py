@@ -113,8 +113,10 @@ def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, pr
     assert "Traceback" not in src.log()
     # The destination's trace has every fault's latency, and the report draws them.
     (pc,) = read_trace(tmp_path / "dst.jsonl").of("postcopy")
-    assert len(pc["fault-latencies-us"]) == x["fault-latency"]["faults"]
-    assert pc["fault-latency"] == x["fault-latency"] and pc["requests"] == info["ram"]["postcopy-requests"]
+    # (The guest may still fault on pages never populated, resolved here with zero pages: the
+    # trace, written a moment after query-migrate's figures froze, may count a few more.)
+    assert len(pc["fault-latencies-us"]) == pc["fault-latency"]["faults"] >= x["fault-latency"]["faults"]
+    assert pc["requests"] == info["ram"]["postcopy-requests"]
 
 
 def test_postcopy_started_before_the_first_pass_does_anything(tmp_path: Path, procs: list[VmProcess]) -> None:

@@ -288,13 +288,12 @@ class IncomingMigration:
         if not dest.all_placed():
             raise MigrationError(f"the stream ended with {dest.missing()} postcopy pages not sent")
         self.stats.postcopy = self._with_preempt(dest.report())
-        latencies = dest.fault_latencies_us()
-        # One event for the whole postcopy, written after the last fault: a line per fault from
-        # the resolver thread would cost time on the path it measures (docs/trace.md).
+        latency, latencies = dest.fault_latency_snapshot()
+        # One event for the whole postcopy, written after the last page arrived: a line per fault
+        # from the resolver thread would cost time on the path it measures (docs/trace.md).
         self.trace.event("postcopy", requests=dest.requests, pages_placed=dest.pages_placed,
                          blocktime_ms=self.stats.postcopy.get("postcopy-blocktime", 0),
-                         fault_latency=self.stats.postcopy["x-postcopy"]["fault-latency"],
-                         fault_latencies_us=latencies)
+                         fault_latency=latency, fault_latencies_us=latencies)
         dest.close()
         restore_switch_interval()
         self._count()

@@ -422,10 +422,11 @@ class PostcopyDestination:
                 self._thread.join(5)
             uffd.release()
 
-    def fault_latencies_us(self) -> list[float]:
-        """Every fault's latency (read -> placed) so far, us."""
+    def fault_latency_snapshot(self) -> tuple[dict, list[float]]:
+        """The fault-latency figures and every fault's latency (read -> placed, us), taken
+        together: the guest may still fault (pages never populated get zero pages here)."""
         with self._lock:
-            return self.latency.samples_us()
+            return self.latency.report(), self.latency.samples_us()
 
     def report(self) -> dict:
         """query-migrate's postcopy numbers on the destination (docs/migration.md)."""
