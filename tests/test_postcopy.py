@@ -100,9 +100,11 @@ def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, pr
     assert src.status() == "postmigrate"  # QEMU: the source ends paused
     assert dst.status() == "running"
     _verified(dst)
-    # The numbers: requests both sides agree on; every page to come was placed; blocktime in ms,
+    # The numbers: requests seen on both sides; every page to come was placed; blocktime in ms,
     # one entry per vCPU; every requested fault has a latency.
-    assert s["ram"]["postcopy-requests"] == info["ram"]["postcopy-requests"] > 0
+    # The destination counts requests it sent, the source those it read: one sent while the
+    # push delivered its last pages may never be read by the source (the page came anyway).
+    assert 0 < s["ram"]["postcopy-requests"] <= info["ram"]["postcopy-requests"]
     assert s["ram"]["postcopy-bytes"] > 0
     x = info["x-postcopy"]
     assert x["pages-placed"] == x["pages-to-come"] > 0
