@@ -40,7 +40,8 @@ def test_postcopy_with_preempt_completes_and_requested_pages_come_on_the_preempt
     assert s["status"] == "completed", s
     assert dst.status() == "running"
     _verified(dst)
-    assert s["ram"]["postcopy-requests"] == info["ram"]["postcopy-requests"] > 0
+    # A request sent as the last pages arrive may never be read by the source.
+    assert 0 < s["ram"]["postcopy-requests"] <= info["ram"]["postcopy-requests"]
     x = info["x-postcopy"]
     assert x["pages-placed"] == x["pages-to-come"] > 0
     assert x["preempt-page-bytes"] > 0  # requested pages went on the preempt channel
