@@ -18,6 +18,7 @@ from polling import wait_for
 from vmferry.block.options import DriveSpec
 from vmferry.block.raw import RawImage
 from vmferry.guests.verify_disk import verify_disk_image
+from vmferry.migration.trace import read_trace
 from vmproc import REPO, QmpReplyError, VmProcess
 
 pytestmark = pytest.mark.kvm
@@ -146,9 +147,17 @@ def test_non_shared_storage_copies_the_disk_in_the_stream(tmp_path: Path, procs:
         f.write(b"\xff" * (1 << 20))
     src = _source(tmp_path, procs, src_img)
     dst = _dest(tmp_path, procs, dst_img, "-S")  # stays paused: the images can be compared
+    trace = tmp_path / "src.trace"
+    src.cmd("migrate-set-parameters", **{"x-trace-file": str(trace)})
     src.cmd("migrate", uri=_listen_uri(dst), blk=True)
     info = src.wait_migration()
     assert info["status"] == "completed", info
+    # The disk went first: the first pass held RAM back (its bulk copy alone), a later one sent
+    # RAM, and no held pass ended in the switchover.
+    passes = read_trace(trace).of("pass")
+    assert passes[0]["held"] == ["ram", "devices"] and passes[0]["pages"] == 0, passes[0]
+    assert any(not p["held"] and p["pages"] > 0 for p in passes[1:]), passes
+    assert not passes[-1]["held"], passes
     assert info["disk"]["total"] == DISK and info["disk"]["remaining"] == 0, info["disk"]
     assert info["disk"]["transferred"] > 0
     assert dst.wait_migration()["status"] == "completed"

@@ -518,9 +518,12 @@ class OutgoingMigration:
                     self.stats.dirty_rate_bps = report.dirty_rate_bps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
-                self._throttle_after_sync(report.dirty_pages_after)
-                self._dirty_limit_after_sync(report)
-                self._maybe_auto_postcopy(report)
+                if not report.held:
+                    # A pass that held RAM back (the copied drives go first) says nothing about
+                    # whether RAM converges: RAM's backlog is all still there by design.
+                    self._throttle_after_sync(report.dirty_pages_after)
+                    self._dirty_limit_after_sync(report)
+                    self._maybe_auto_postcopy(report)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if step.switchover:
@@ -550,7 +553,7 @@ class OutgoingMigration:
             transferred_bytes=self.stats.transferred, remaining_bytes=remaining,
             bandwidth_bps=report.bandwidth_bps, dirty_rate_bps=report.dirty_rate_pps * PAGE_SIZE,
             expected_downtime_ms=report.expected_downtime_ms,
-            throttle_percent=self.stats.cpu_throttle_percentage)
+            throttle_percent=self.stats.cpu_throttle_percentage, held=list(report.held))
     def _throttle_after_sync(self, dirty_pages: int) -> None:
         """auto-converge's evaluation after a sync (migration/throttle.py)."""
         if self.auto_converge is None:
