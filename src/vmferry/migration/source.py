@@ -116,6 +116,7 @@ class OutgoingMigration:
         on_pass: Callable[[int], None] | None = None,
         trace: NullTrace = NULL_TRACE,
         copy_drives: Sequence[str] = (),
+        block_compressor: Compressor | None = None,
         auto_converge: bool = False,
         dirty_limit: bool = False,
         multifd: MultifdSetup | None = None,
@@ -125,7 +126,8 @@ class OutgoingMigration:
         xbzrle_cache: int | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
-        the others are shared. `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off).
+        the others are shared; `block_compressor`: x-block-compression's, for their blocks.
+        `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off).
         `auto_converge` / `dirty_limit`: the capabilities (at most one; dirty_limit needs the
         machine's dirty ring)."""
         if dirty_limit and machine.dirty_limiter is None:
@@ -150,7 +152,7 @@ class OutgoingMigration:
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
         if xbzrle_cache is not None:
             self.ram.xbzrle = XbzrleSource(xbzrle_cache, PAGE_SIZE, [b.npages for b in machine.ram_blocks])
-        self.drives = DriveSaver(machine.block_devices, copy_drives)
+        self.drives = DriveSaver(machine.block_devices, copy_drives, block_compressor)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
         self.return_path: ReturnPathReader | None = None
@@ -412,6 +414,8 @@ class OutgoingMigration:
         migration_id = uuid.uuid4().hex
         if self._preempt_connect is not None:
             config.update({"postcopy-preempt": True, "migration-id": migration_id})
+        if self.drives.compressor is not None:
+            config["block-compression"] = self.drives.compressor.setting
         if self.ram.xbzrle is not None:
             config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:

@@ -1,4 +1,5 @@
-"""Page compression for RAM_COMPRESSED records: the codecs, and `auto`'s choice per chunk.
+"""Compression for RAM_COMPRESSED and BLOCK_COMPRESSED records: the codecs, and `auto`'s choice
+per chunk (multifd's pages, a copied drive's runs).
 
 Codecs are numbered on the wire (docs/stream-format.md, RAM_COMPRESSED): 1 zstd, 2 zlib, 3 lz4
 (block format; the raw length is in the record, so no frame is needed). Compressor objects are
@@ -45,9 +46,9 @@ SETTINGS = ("none", "zlib", "zstd", "lz4", "auto")
 _AUTO_CODECS = (Codec.LZ4, Codec.ZSTD)
 
 
-def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
-    """The raw bytes of a RAM_COMPRESSED payload; StreamError naming the codec if they cannot be
-    had or are not exactly `raw_length` bytes."""
+def decompress(codec: int, data: memoryview | bytes, raw_length: int, what: str = "RAM_COMPRESSED") -> bytes:
+    """The raw bytes of a RAM_COMPRESSED (or `what`: BLOCK_COMPRESSED) payload; StreamError naming
+    the record type and codec if they cannot be had or are not exactly `raw_length` bytes."""
     try:
         if codec == Codec.ZSTD:
             out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=raw_length)
@@ -55,15 +56,15 @@ def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
             d = zlib.decompressobj()
             out = d.decompress(bytes(data), raw_length)
             if d.unconsumed_tail or not d.eof:
-                raise StreamError(f"RAM_COMPRESSED zlib data does not end after {raw_length} bytes")
+                raise StreamError(f"{what} zlib data does not end after {raw_length} bytes")
         elif codec == Codec.LZ4:
             out = lz4.block.decompress(bytes(data), uncompressed_size=raw_length)
         else:
-            raise StreamError(f"RAM_COMPRESSED has unknown codec {codec}")
+            raise StreamError(f"{what} has unknown codec {codec}")
     except (zstandard.ZstdError, zlib.error, lz4.block.LZ4BlockError) as e:
-        raise StreamError(f"RAM_COMPRESSED {Codec(codec).name.lower()} data is corrupt: {e}") from None
+        raise StreamError(f"{what} {Codec(codec).name.lower()} data is corrupt: {e}") from None
     if len(out) != raw_length:
-        raise StreamError(f"RAM_COMPRESSED {Codec(codec).name.lower()} data decompresses to {len(out)} "
+        raise StreamError(f"{what} {Codec(codec).name.lower()} data decompresses to {len(out)} "
                           f"bytes, expected {raw_length}")
     return out
 
