@@ -35,7 +35,7 @@ class RecordType(IntEnum):
     RAM_PAGE_LIST = 36
     BLOCK_DATA = 48
     BLOCK_ZERO = 49
-    BLOCK_COMPRESSED = 50  # defined from vmferry 0.3 on (x-block-compression)
+    BLOCK_COMPRESSED = 50  # defined from vmferry 0.2 on (x-block-compression)
     COMMAND = 64
     PASS = 80
     END = 255
