@@ -24,6 +24,9 @@ Sides:
   vmferry-shared  (not by default) vmferry with the image shared: the pause of shared storage
   vmferry-compress  (not by default) vmferry as `vmferry`, with `x-block-compression` set to
                --block-compression (default auto): data runs of the disk as BLOCK_COMPRESSED
+  vmferry-before  (not by default, needs --before-src) `vmferry`, but its processes run the
+               vmferry source tree at --before-src (another build's src/): an A/B of two builds
+               interleaved under the same load
 
 Disk data (--disk-data): `stamped` (the default) is the guest's own: it fills the 512 MiB itself
 (`dfill=512`) with generation-stamped, checksummed sectors, which compress very well (most
@@ -107,7 +110,8 @@ RANDOM_SEED = 10
 BLOCK_COMPRESSION = "auto"  # --block-compression: vmferry-compress's x-block-compression
 UNCAPPED = 100 * GiB
 POLL_S = 0.01
-SIDES = ("vmferry", "qemu-blk", "qemu-mirror", "vmferry-shared", "vmferry-compress")
+SIDES = ("vmferry", "qemu-blk", "qemu-mirror", "vmferry-shared", "vmferry-compress", "vmferry-before")
+BEFORE_SRC: Path | None = None  # --before-src: vmferry-before's PYTHONPATH
 DEFAULT_SIDES = SIDES[:3]
 LINKS = ("loopback", "1g")
 PROGRESS_RX = re.compile(r"disk: t=(\d+) gen=\d+ written=(\d+) KiB ram=(\d+) MiB stall=(\d+) us\n")
@@ -230,6 +234,9 @@ class DiskVm:
                                                               f"{GUEST} verify={VERIFY_S}"]
             if paused:
                 cmd.append("-S")
+            if side == "vmferry-before":
+                assert BEFORE_SRC is not None
+                cmd = ["env", f"PYTHONPATH={BEFORE_SRC}", *cmd]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.qmp: QEMUMonitorProtocol | None = None
         self.proc = spawn([*(prefix or []), *cmd], self._log)
@@ -470,7 +477,7 @@ def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]
         else:
             if side == "vmferry-compress":
                 src.cmd("migrate-set-parameters", **{"x-block-compression": BLOCK_COMPRESSION})
-            src.cmd("migrate", uri=uri, blk=side in ("vmferry", "vmferry-compress"))
+            src.cmd("migrate", uri=uri, blk=side in ("vmferry", "vmferry-compress", "vmferry-before"))
         info = poll_migration(src, timeout, res, wire, mirror=side == "qemu-mirror")
         t_done = time.monotonic()
         res["status"] = info["status"]
@@ -667,12 +674,15 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep each run's files in this (existing) directory")
     ap.add_argument("--disk-data", choices=("stamped", "random"), default="stamped",
                     help="the 512 MiB on the disk: the guest's stamped fill, or random from the host")
+    ap.add_argument("--before-src", type=Path, help="vmferry-before's vmferry source tree (a src/ dir)")
     ap.add_argument("--block-compression", default="auto", choices=("zstd", "zlib", "lz4", "auto"),
                     help="vmferry-compress's x-block-compression")
     args = ap.parse_args()
     VERIFY_S = args.verify
-    global GUEST, DISK_DATA, BLOCK_COMPRESSION
-    DISK_DATA, BLOCK_COMPRESSION = args.disk_data, args.block_compression
+    global GUEST, DISK_DATA, BLOCK_COMPRESSION, BEFORE_SRC
+    DISK_DATA, BLOCK_COMPRESSION, BEFORE_SRC = args.disk_data, args.block_compression, args.before_src
+    if "vmferry-before" in args.sides and (BEFORE_SRC is None or not (BEFORE_SRC / "vmferry").is_dir()):
+        ap.error("vmferry-before needs --before-src pointing at a src/ directory holding vmferry/")
     if DISK_DATA == "random":
         GUEST = GUEST.replace(f"dfill={FILL_MIB}", "dfill=0")
     links = [x.strip() for x in args.links.split(",") if x.strip()]
