@@ -639,3 +639,19 @@ def test_bandwidth_never_exceeds_max_bandwidth() -> None:
         assert p.session.bandwidth() == burst
     finally:
         p.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.integers(0, 1 << 40), ratio=st.floats(0.01, 1.2), cost=st.floats(0, 1e-6),
+       bw=st.just(0.0) | st.floats(1.0, 1e10))
+def test_a_compressing_drive_weighs_its_compression_time_in_the_expected_downtime(
+        raw: int, ratio: float, cost: float, bw: float) -> None:
+    """What a compressing drive has left, divided by the bandwidth, is never less than the time
+    its compressed bytes take on the wire plus the time compressing them (both in turn)."""
+    from vmferry.migration.block import compressed_pending
+
+    pending = compressed_pending(raw, ratio, cost, bw)
+    if bw > 0:
+        assert pending / bw >= (raw * ratio / bw + raw * cost) * (1 - 1e-9) - 1 / bw
+    assert compressed_pending(raw, ratio, 0.0, bw) == int(raw * ratio)
+    assert compressed_pending(raw, ratio, cost, 0.0) == int(raw * ratio)

@@ -27,9 +27,9 @@ Source (`DriveSaver`):
                ended, every drive, copied or shared, is flushed and its image lock given up
                (`VirtioBlk.release_image`): the destination may take it. A failed migration
                takes it back when the source resumes.
-    pending    marked units x 4 KiB (compressing: times the wire/raw ratio of what was sent
-               lately, the unit the bandwidth is measured in): the session's one expected
-               downtime covers RAM and disks
+    pending    marked units x 4 KiB (compressing: what they shrink to plus the compression
+               time in bytes the link carries meanwhile, from what was sent lately:
+               `compressed_pending`): the session's one expected downtime covers RAM and disks
     units      (units sent, units marked): with RAM's pages, what the switchover rule weighs
 
 Destination (`DriveLoader`): BLOCK_DEVICES is checked before any byte is written — each drive
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +109,8 @@ class DriveSaver(Saver):
         self.drives = list(drives)
         self.compressor = compressor if compressor is not None and compressor.setting != "none" else None
         self._ratio = Estimate(RATIO_WINDOW)  # stream bytes per raw byte sent, lately
+        self._cost = Estimate(RATIO_WINDOW)  # compressing: seconds per raw byte compressed, lately
+        self.bandwidth: Callable[[], float] = lambda: 0.0  # the session's (bytes/s), set by the driver
         # Disk ids 1..n in drive order; the copied ones carry their contents.
         self.copied = [
             _Copied(i, d, _sectors_bytes(d), -(-_sectors_bytes(d) // DIRTY_UNIT))
@@ -178,12 +180,14 @@ class DriveSaver(Saver):
                 self._preflush.mark(d.backend)
 
     def pending(self) -> int:
-        """What the marked units will cost in the stream: raw, or (compressing) at the ratio
-        the last RATIO_WINDOW raw bytes went out at."""
+        """What the marked units will cost, in stream bytes: raw, or (compressing) what
+        `compressed_pending` makes of the last RATIO_WINDOW raw bytes' ratio and compression
+        time."""
         raw = self.remaining()
         if self.compressor is None or not self._ratio.known:
             return raw
-        return int(raw * min(1.0, self._ratio.ratio))
+        cost = self._cost.cost if self._cost.known else 0.0
+        return compressed_pending(raw, self._ratio.ratio, cost, self.bandwidth())
 
     def remaining(self) -> int:
         """Bytes of marked units (taken from the logs or not) still to send."""
@@ -295,10 +299,21 @@ class DriveSaver(Saver):
         saver's own scratch copy (zlib reads its input twice: it must not change meanwhile)."""
         if self.compressor is None:
             return BlockData(disk_id, sector, sectors, raw)
+        t = time.perf_counter()
         codec, wire = self.compressor.compress(raw)
+        self._cost.add(time.perf_counter() - t, raw.nbytes, len(wire))
         if codec == Codec.RAW:
             return BlockData(disk_id, sector, sectors, raw)
         return BlockCompressed(disk_id, sector, sectors, codec, checksum(raw), raw, wire)
+
+
+def compressed_pending(raw: int, ratio: float, secs_per_byte: float, bandwidth_bps: float) -> int:
+    """`raw` bytes of a drive still to send, as stream bytes the expected downtime can divide by
+    the bandwidth: what they shrink to (`ratio`, stream bytes per raw byte) plus the time
+    compressing them takes (`secs_per_byte`: the migration thread compresses, then sends, in
+    turn) counted in the bytes the link would carry meanwhile — so a codec slower than the link
+    weighs more than raw, never less (as XBZRLE's pages do in ram.py)."""
+    return int(raw * (ratio + secs_per_byte * max(bandwidth_bps, 0.0)))
 
 
 def _sectors_bytes(dev: VirtioBlk) -> int:

@@ -427,6 +427,7 @@ class OutgoingMigration:
                                      end_to_end=self.return_path is not None,
                                      bandwidth_cap=self._bandwidth_cap)
         self.ram.bandwidth = self.session.bandwidth  # XBZRLE weighs its CPU time in bytes
+        self.drives.bandwidth = self.session.bandwidth  # so does a compressing drive
         self.session.setup(self, time.monotonic())
         if self.postcopy_enabled:
             if self.return_path is None:
