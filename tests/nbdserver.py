@@ -40,7 +40,7 @@ def create_qcow2(path: Path, size: int) -> Path:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +58,7 @@ class StorageDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         for _ in range(20):  # a TCP port taken between our probe and its bind: another port
             if tcp:
-                port = _free_port()
+                port = free_port()
                 addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
                 self.address = NbdAddress(export, host="127.0.0.1", port=port)
                 self.uri = f"nbd://127.0.0.1:{port}/{export}"
