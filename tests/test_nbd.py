@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdserver import StorageDaemon, free_port, create_qcow2, require_tools, to_raw
+from nbdserver import StorageDaemon, create_qcow2, free_port, require_tools, to_raw
 from vmferry.block.backend import BlockError
 from vmferry.block.nbd import NbdAddress, NbdClient, NbdError, is_nbd_uri, parse_nbd_uri
 from vmferry.block.opener import open_drive

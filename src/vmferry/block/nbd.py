@@ -19,6 +19,7 @@ stays broken: every later request fails at once with the first cause; there is n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -193,7 +194,7 @@ class NbdClient:
         except NbdConnectError:
             self._sock.close()
             raise
-        except socket.timeout:
+        except TimeoutError:
             self._sock.close()
             raise NbdConnectError(f"NBD server '{address.server}' did not finish the handshake "
                                   f"within {connect_timeout:.0f} s") from None
@@ -379,15 +380,11 @@ class NbdClient:
         got = self._lock.acquire(timeout=1.0)
         try:
             if got and self._broken is None:
-                try:
+                with contextlib.suppress(OSError):
                     self._sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, self._next_cookie(), 0, 0))
-                except OSError:
-                    pass
             self._broken = self._broken or "the drive was closed"
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._sock.close()
         finally:
             if got:
@@ -414,7 +411,7 @@ class NbdClient:
                 return self._reply(cmd, cookie, offset, length, read_into)
             except NbdError:
                 raise
-            except socket.timeout:
+            except TimeoutError:
                 raise self._break(f"no reply to a {CMD_NAMES.get(cmd, cmd)} within "
                                   f"{self._sock.gettimeout():.0f} s") from None
             except OSError as e:
@@ -423,10 +420,8 @@ class NbdClient:
     def _break(self, why: str) -> NbdError:
         """The connection is unusable from now on (module doc)."""
         self._broken = self._broken or why
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         return NbdError(errno.EIO, f"NBD connection to '{self.address.server}' broke: {why}")
 
     def _reply(self, cmd: int, cookie: int, offset: int, length: int,
@@ -548,7 +543,7 @@ def _connect(address: NbdAddress, timeout: float) -> socket.socket:
         return sock
     except socket.gaierror as e:
         raise NbdConnectError(f"Failed to connect to '{address.server}': {e.strerror}") from None
-    except socket.timeout:
+    except TimeoutError:
         raise NbdConnectError(f"Failed to connect to '{address.server}': no answer within "
                               f"{timeout:.0f} s") from None
     except OSError as e:
