@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,28 @@ def test_server_dying_gives_the_guest_io_errors(qsd: StorageDaemon, tmp_path: Pa
     vm.cmd("stop")  # the device quiesces: nothing waits on the dead server
     assert vm.status() == "paused"
     assert "drive disk0" in vm.log() and "broke" in vm.log(), vm.log()[-2000:]
+
+
+def test_stalled_server_does_not_block_the_monitor(qsd: StorageDaemon, tmp_path: Path,
+                                                   procs: list[VmProcess]) -> None:
+    """The NBD round trip is the drive's I/O thread's: with the server stopped (SIGSTOP) and a
+    request waiting on it, the VM stays running and the monitor answers, query-block included
+    (it asks the server nothing); once the server goes on, so does the guest."""
+    vm = VmProcess(tmp_path, "vm", "-m", MEM, "--guest", "disk", "--append", GUEST,
+                   "--drive", f"file={qsd.uri},format=raw,id=disk0")
+    procs.append(vm)
+    vm.wait_serial(r"disk verify ok gen=\d+", timeout=60)
+    assert qsd.proc is not None
+    qsd.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: vm.cmd("x-query-virtio-queue-status", path=QDEV, queue=0)["inuse"] >= 1,
+                 "a request waiting on the stopped server")
+        assert vm.status() == "running"
+        assert vm.cmd("query-block")[0]["inserted"]["file"] == qsd.uri
+        vm.cmd("query-blockstats")
+    finally:
+        qsd.proc.send_signal(signal.SIGCONT)
+    _verifies_after(vm)
 
 
 def _refused(p: subprocess.CompletedProcess[str], *fragments: str) -> None:
