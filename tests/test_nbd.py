@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
+import struct
 import threading
 from pathlib import Path
 from urllib.parse import quote
@@ -248,8 +250,6 @@ def test_read_only_export_with_a_writable_drive_is_refused(tmp_path: Path) -> No
 
 
 def test_a_server_that_is_not_nbd_is_named(tmp_path: Path) -> None:
-    import socket
-
     path = tmp_path / "not-nbd.sock"
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
@@ -268,3 +268,138 @@ def test_a_server_that_is_not_nbd_is_named(tmp_path: Path) -> None:
     finally:
         t.join(timeout=30)
         srv.close()
+
+
+# --- replies qemu-storage-daemon rarely sends, from a scripted server on a real socket ---
+
+class _ScriptedServer:
+    """A server that does the handshake by the book and answers each request with what
+    `answer(cmd, cookie, offset, length, payload)` returns (raw reply bytes)."""
+
+    def __init__(self, tmp_path: Path, answer, *, flags: int = 0x0D) -> None:  # noqa: ANN001
+        self.path = tmp_path / "scripted.sock"
+        self._srv = socket.socket(socket.AF_UNIX)
+        self._srv.bind(str(self.path))
+        self._srv.listen(1)
+        self.requests: list[tuple[int, int, int]] = []
+
+        def recv(conn: socket.socket, n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                got = conn.recv(n - len(out))
+                if not got:
+                    raise ConnectionError
+                out += got
+            return out
+
+        def reply(conn: socket.socket, opt: int, kind: int, data: bytes = b"") -> None:
+            conn.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, kind, len(data)) + data)
+
+        def serve() -> None:
+            conn, _ = self._srv.accept()
+            with conn:
+                conn.sendall(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 1))
+                recv(conn, 4)
+                try:
+                    while True:
+                        _, opt, n = struct.unpack(">QII", recv(conn, 16))
+                        recv(conn, n)
+                        if opt == 8:
+                            reply(conn, opt, 1)
+                        elif opt == 10:
+                            reply(conn, opt, 4, struct.pack(">I", 7) + b"base:allocation")
+                            reply(conn, opt, 1)
+                        elif opt == 7:
+                            reply(conn, opt, 3, struct.pack(">HQH", 0, 1 << 20, flags))
+                            reply(conn, opt, 1)
+                            break
+                    while True:
+                        _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", recv(conn, 28))
+                        if cmd == 2:
+                            return
+                        payload = recv(conn, length) if cmd == 1 else b""
+                        self.requests.append((cmd, offset, length))
+                        conn.sendall(answer(cmd, cookie, offset, length, payload))
+                except ConnectionError:
+                    return
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+
+    def client(self) -> NbdClient:
+        return NbdClient(NbdAddress("x", socket=str(self.path)), io_timeout=30)
+
+    def close(self) -> None:
+        self._thread.join(timeout=30)
+        self._srv.close()
+
+
+def _chunk(cookie: int, kind: int, body: bytes, done: bool) -> bytes:
+    return struct.pack(">IHHQI", 0x668E33EF, int(done), kind, cookie, len(body)) + body
+
+
+def test_read_chunks_out_of_order_are_reassembled(tmp_path: Path) -> None:
+    def answer(cmd: int, cookie: int, offset: int, length: int, payload: bytes) -> bytes:
+        half = length // 2
+        return (_chunk(cookie, 1, struct.pack(">Q", offset + half) + b"B" * (length - half), False)
+                + _chunk(cookie, 2, struct.pack(">QI", offset, half), False)
+                + _chunk(cookie, 0, b"", True))
+
+    srv = _ScriptedServer(tmp_path, answer)
+    c = srv.client()
+    try:
+        buf = bytearray(b"\xff" * 8192)
+        c.read_into(4096, memoryview(buf))
+        assert buf == bytes(4096) + b"B" * 4096
+    finally:
+        c.close()
+        srv.close()
+
+
+def test_error_chunk_is_named_with_its_offset_and_message(tmp_path: Path) -> None:
+    def answer(cmd: int, cookie: int, offset: int, length: int, payload: bytes) -> bytes:
+        msg = b"bad sector"
+        return _chunk(cookie, 0x8002, struct.pack(">IH", 5, len(msg)) + msg + struct.pack(">Q", offset + 512),
+                      True)
+
+    srv = _ScriptedServer(tmp_path, answer)
+    c = srv.client()
+    try:
+        with pytest.raises(NbdError, match=r"read at offset 0 \(4096 bytes\) failed: NBD_EIO "
+                                           r"\(Input/output error\): bad sector \(at offset 512\)") as e:
+            c.read_into(0, memoryview(bytearray(4096)))
+        assert e.value.errno == errno.EIO
+    finally:
+        c.close()
+        srv.close()
+
+
+def test_a_reply_to_another_request_breaks_the_connection(tmp_path: Path) -> None:
+    def answer(cmd: int, cookie: int, offset: int, length: int, payload: bytes) -> bytes:
+        return struct.pack(">IIQ", 0x67446698, 0, cookie + 1)
+
+    srv = _ScriptedServer(tmp_path, answer)
+    c = srv.client()
+    try:
+        with pytest.raises(NbdError, match="broke: a reply for request 2 while waiting for 1"):
+            c.flush()
+        with pytest.raises(NbdError, match="is broken"):
+            c.flush()
+    finally:
+        c.close()
+        srv.close()
+
+
+def test_without_write_zeroes_the_zeros_are_written(tmp_path: Path) -> None:
+    def answer(cmd: int, cookie: int, offset: int, length: int, payload: bytes) -> bytes:
+        assert cmd == 1 and payload == bytes(length)
+        return struct.pack(">IIQ", 0x67446698, 0, cookie)
+
+    srv = _ScriptedServer(tmp_path, answer, flags=0x05)  # HAS_FLAGS | SEND_FLUSH only
+    c = srv.client()
+    try:
+        c.write_zeroes(0, 3 << 20)
+    finally:
+        c.close()
+        srv.close()
+    assert srv.requests == [(1, 0, 1 << 20), (1, 1 << 20, 1 << 20), (1, 2 << 20, 1 << 20)]
