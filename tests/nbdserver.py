@@ -109,6 +109,30 @@ class StorageDaemon:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
 
+    def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread of the daemon has stopped: from now on no
+        request is answered (a stalled server)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        task = Path(f"/proc/{self.proc.pid}/task")
+
+        def stopped() -> bool:
+            states = []
+            for t in task.iterdir():
+                with contextlib.suppress(OSError):
+                    states.append((t / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            return bool(states) and all(st in "Tt" for st in states)
+
+        deadline = time.monotonic() + 60
+        while not stopped():
+            if time.monotonic() > deadline:
+                pytest.fail("qemu-storage-daemon did not stop on SIGSTOP")
+            time.sleep(0.02)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """A clean exit (SIGTERM: the daemon flushes and closes the image)."""
         if self.proc is None:
