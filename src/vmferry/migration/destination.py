@@ -116,6 +116,7 @@ class IncomingMigration:
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes (all channels) last reported in PROGRESS
         self._progress_lock = threading.Lock()
+        self._holding_progress = False  # between RUN read and the guest started (_postcopy_run)
         self._main_watch = _ChannelWatch()
         self._decoder: StreamDecoder | None = None
         self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
@@ -262,19 +263,32 @@ class IncomingMigration:
 
     def _postcopy_run(self) -> None:
         """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
-        start the guest while the rest of RAM arrives."""
+        start the guest while the rest of RAM arrives. The PROGRESS that first covers RUN goes
+        out once the guest runs: the source ends postcopy's downtime when it arrives."""
         t0 = time.monotonic()
-        _postcopy_latency_settings(self.channel)
-        self.bytes_at_run = self.stats.transferred
-        self.drives.complete()
-        self.device_loader.complete()
-        self._applied("devices", self.session.passes)
-        # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
-        # RUN tells the source the guest never started here, and the source resumes it).
-        self.postcopy.started()
-        self.on_loaded()
-        self._applied("started", self.session.passes)
-        self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        with self._progress_lock:  # RUN is consumed already: no other thread may report it yet
+            self._holding_progress = True
+        try:
+            _postcopy_latency_settings(self.channel)
+            self.bytes_at_run = self.stats.transferred
+            self.drives.complete()
+            self.device_loader.complete()
+            self._applied("devices", self.session.passes)
+            # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
+            # RUN tells the source the guest never started here, and the source resumes it).
+            self.postcopy.started()
+            self.on_loaded()
+            self._applied("started", self.session.passes)
+            self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        finally:
+            with self._progress_lock:
+                self._holding_progress = False
+        if self._rp is not None:  # the guest runs: tell the source now (it ends the downtime)
+            with self._progress_lock:
+                self._reported = max(self._reported, self._applied_total())
+                # A link that fails here is found by the incoming thread's next read.
+                with contextlib.suppress(TransportError, OSError, ValueError):
+                    self._rp.progress(self._reported)
         self.state.set(S.POSTCOPY_ACTIVE)
         log.info("postcopy: the guest runs here; %d pages still to come",
                  self.postcopy.dest.pages_to_come if self.postcopy.dest else 0)
@@ -533,7 +547,7 @@ class IncomingMigration:
         watch.reported_at = time.monotonic()
         with self._progress_lock:  # one total at a time, so the reports only grow
             total = self._applied_total()
-            if total > self._reported:
+            if total > self._reported and not self._holding_progress:
                 self._reported = total
                 self._rp.progress(total)  # type: ignore[union-attr]
 

@@ -7,7 +7,8 @@ other page the destination either received in precopy or was never populated on 
 (zero), so the destination knows exactly which pages it still waits for: the discard set.
 
 Destination (`PostcopyDestination`): at POSTCOPY_LISTEN it drops its copies of the pages to come
-(MADV_DONTNEED: missing again), registers every RAM block with userfaultfd in missing mode and
+(MADV_DONTNEED: missing again; only those populated here, many runs per system call:
+RamBlock.discard_mask), registers every RAM block with userfaultfd in missing mode and
 starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST on the return
 path (once per page); a fault on any other missing page (never populated on the source: zero) is
 resolved on the spot with a zero page. The incoming thread places arriving pages with
@@ -229,6 +230,7 @@ class PostcopyDestination:
         self.requests = 0  # PAGE_REQUESTs sent
         self.local_zero = 0  # faults resolved here with a zero page
         self.pages_to_come = 0
+        self.pages_discarded = 0  # stale copies dropped at LISTEN
         self.pages_placed = 0
         self.blocktime = Blocktime(1)
         self.latency = FaultLatency()
@@ -252,8 +254,7 @@ class PostcopyDestination:
         with userfaultfd, start the resolver. Nothing may write guest RAM meanwhile (the caller
         stopped its prefault threads)."""
         for bid, b in self.blocks.items():
-            for first, count in runs(np.flatnonzero(self.to_come[bid]), 1 << 18):
-                b.discard(first, count)
+            self.pages_discarded += b.discard_mask(self.to_come[bid])
             self.pages_to_come += int(np.count_nonzero(self.to_come[bid]))
         tids = list(self._vcpu_thread_ids())
         self._vcpu_of = {tid: i for i, tid in enumerate(tids)}
@@ -436,7 +437,8 @@ class PostcopyDestination:
             latency = self.latency.report()
         return {"postcopy-blocktime": total, "postcopy-vcpu-blocktime": blocked,
                 "x-postcopy": {"requests": self.requests, "request-bytes": self.requests * PAGE_SIZE,
-                               "pages-to-come": self.pages_to_come, "pages-placed": self.pages_placed,
+                               "pages-to-come": self.pages_to_come,
+                               "pages-discarded": self.pages_discarded, "pages-placed": self.pages_placed,
                                "local-zero-pages": self.local_zero, "kvm-async-faults": self.async_faults,
                                "fault-latency": latency}}
 
