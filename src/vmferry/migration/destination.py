@@ -38,7 +38,6 @@ from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.postcopy import (
-    POSTCOPY_RCVBUF,
     PostcopyLoader,
     restore_switch_interval,
     short_switch_interval,
@@ -750,12 +749,13 @@ class IncomingMigration:
 
 
 def _postcopy_latency_settings(channel: Channel | None) -> None:
-    """Postcopy: a small receive buffer (a requested page waits behind little of the background
-    push) and a short GIL switch interval (postcopy.SWITCH_INTERVAL_S)."""
-    sock = getattr(channel, "socket", None)
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+    """Postcopy: a short GIL switch interval (postcopy.SWITCH_INTERVAL_S). The receive buffer is
+    left as the kernel tuned it: shrunk at RUN (64 KiB, then 256 KiB were tried) the kernel
+    pruned the receive queue against the window it had already advertised and dropped a segment
+    in most S5 runs on the 1 Gbit/s link (nstat TcpExtRcvPruned, TCPRcvQDrop), and the
+    retransmission held a fault for 0.2-1 s (bench/RESULTS.md). What queues there is bounded by
+    the source's small send buffer only while this side keeps up with the link."""
+    del channel
     short_switch_interval()
 
 

@@ -92,9 +92,6 @@ def restore_switch_interval() -> None:
         _saved_switch_interval = None
 
 
-# The destination's receive buffer in postcopy: a requested page queues behind at most this much
-# of the background push (the kernel doubles it).
-POSTCOPY_RCVBUF = 64 << 10
 HISTOGRAM_BUCKETS = 24  # log2 buckets of fault latency in us: [1, 2) ... [2^23, inf)
 
 
@@ -238,6 +235,7 @@ class PostcopyDestination:
         self.local_zero = 0  # faults resolved here with a zero page
         self.pages_to_come = 0
         self.pages_discarded = 0  # stale copies dropped at LISTEN
+        self.discard_ms = 0.0  # what dropping them took (inside the switch's pause)
         self.pages_placed = 0
         self.blocktime = Blocktime(1)
         self.latency = FaultLatency()
@@ -260,9 +258,11 @@ class PostcopyDestination:
         """POSTCOPY_LISTEN: drop the stale copies of the pages to come, register every block
         with userfaultfd, start the resolver. Nothing may write guest RAM meanwhile (the caller
         stopped its prefault threads)."""
+        t0 = time.monotonic()
         for bid, b in self.blocks.items():
             self.pages_discarded += b.discard_mask(self.to_come[bid])
             self.pages_to_come += int(np.count_nonzero(self.to_come[bid]))
+        self.discard_ms = round((time.monotonic() - t0) * 1000, 3)
         tids = list(self._vcpu_thread_ids())
         self._vcpu_of = {tid: i for i, tid in enumerate(tids)}
         self.blocktime = Blocktime(max(1, len(tids)))
@@ -445,7 +445,8 @@ class PostcopyDestination:
         return {"postcopy-blocktime": total, "postcopy-vcpu-blocktime": blocked,
                 "x-postcopy": {"requests": self.requests, "request-bytes": self.requests * PAGE_SIZE,
                                "pages-to-come": self.pages_to_come,
-                               "pages-discarded": self.pages_discarded, "pages-placed": self.pages_placed,
+                               "pages-discarded": self.pages_discarded, "discard-ms": self.discard_ms,
+                               "pages-placed": self.pages_placed,
                                "local-zero-pages": self.local_zero, "kvm-async-faults": self.async_faults,
                                "fault-latency": latency}}
 
