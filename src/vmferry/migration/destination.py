@@ -750,9 +750,9 @@ class IncomingMigration:
 
 def _postcopy_latency_settings(channel: Channel | None) -> None:
     """Postcopy: a short GIL switch interval (postcopy.SWITCH_INTERVAL_S). The receive buffer is
-    left as the kernel tuned it: shrunk at RUN (64 KiB, then 256 KiB were tried) the kernel
+    left as the kernel tuned it: shrunk at RUN (to 64 KiB; 256 KiB did it too) the kernel
     pruned the receive queue against the window it had already advertised and dropped a segment
-    in most S5 runs on the 1 Gbit/s link (nstat TcpExtRcvPruned, TCPRcvQDrop), and the
+    once per S5 run on the 1 Gbit/s link (nstat TcpExtRcvPruned, TCPRcvQDrop), and the
     retransmission held a fault for 0.2-1 s (bench/RESULTS.md). What queues there is bounded by
     the source's small send buffer only while this side keeps up with the link."""
     del channel

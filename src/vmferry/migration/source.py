@@ -28,6 +28,8 @@ drains). The watchdog fails the migration when the destination has been silent f
 
 Downtime (query-migrate "downtime") = from the vCPUs pausing here to the destination's ACK
 arriving (the guest runs on the destination by then); without a return path, to END written.
+In postcopy, to the PROGRESS that covers POSTCOPY_RUN (the destination sends it once its guest
+runs), or to RUN written if none comes.
 """
 
 from __future__ import annotations
