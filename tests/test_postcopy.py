@@ -108,6 +108,10 @@ def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, pr
     assert s["ram"]["postcopy-bytes"] > 0
     x = info["x-postcopy"]
     assert x["pages-placed"] == x["pages-to-come"] > 0
+    assert 0 <= x["pages-discarded"] <= x["pages-to-come"] and x["discard-ms"] >= 0
+    # The downtime runs to the destination's word that its guest runs, past RUN written.
+    phases = s["downtime-phases"]
+    assert "postcopy-guest-runs" in phases and s["downtime"] >= phases["postcopy-run"], s
     assert x["fault-latency"]["faults"] >= 1
     assert sum(x["fault-latency"]["histogram-us"].values()) == x["fault-latency"]["faults"]
     assert isinstance(info["postcopy-blocktime"], int)

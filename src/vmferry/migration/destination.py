@@ -38,7 +38,6 @@ from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.postcopy import (
-    POSTCOPY_RCVBUF,
     PostcopyLoader,
     restore_switch_interval,
     short_switch_interval,
@@ -116,6 +115,7 @@ class IncomingMigration:
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes (all channels) last reported in PROGRESS
         self._progress_lock = threading.Lock()
+        self._holding_progress = False  # between RUN read and the guest started (_postcopy_run)
         self._main_watch = _ChannelWatch()
         self._decoder: StreamDecoder | None = None
         self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
@@ -262,19 +262,32 @@ class IncomingMigration:
 
     def _postcopy_run(self) -> None:
         """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
-        start the guest while the rest of RAM arrives."""
+        start the guest while the rest of RAM arrives. The PROGRESS that first covers RUN goes
+        out once the guest runs: the source ends postcopy's downtime when it arrives."""
         t0 = time.monotonic()
-        _postcopy_latency_settings(self.channel)
-        self.bytes_at_run = self.stats.transferred
-        self.drives.complete()
-        self.device_loader.complete()
-        self._applied("devices", self.session.passes)
-        # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
-        # RUN tells the source the guest never started here, and the source resumes it).
-        self.postcopy.started()
-        self.on_loaded()
-        self._applied("started", self.session.passes)
-        self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        with self._progress_lock:  # RUN is consumed already: no other thread may report it yet
+            self._holding_progress = True
+        try:
+            _postcopy_latency_settings(self.channel)
+            self.bytes_at_run = self.stats.transferred
+            self.drives.complete()
+            self.device_loader.complete()
+            self._applied("devices", self.session.passes)
+            # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
+            # RUN tells the source the guest never started here, and the source resumes it).
+            self.postcopy.started()
+            self.on_loaded()
+            self._applied("started", self.session.passes)
+            self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        finally:
+            with self._progress_lock:
+                self._holding_progress = False
+        if self._rp is not None:  # the guest runs: tell the source now (it ends the downtime)
+            with self._progress_lock:
+                self._reported = max(self._reported, self._applied_total())
+                # A link that fails here is found by the incoming thread's next read.
+                with contextlib.suppress(TransportError, OSError, ValueError):
+                    self._rp.progress(self._reported)
         self.state.set(S.POSTCOPY_ACTIVE)
         log.info("postcopy: the guest runs here; %d pages still to come",
                  self.postcopy.dest.pages_to_come if self.postcopy.dest else 0)
@@ -533,7 +546,7 @@ class IncomingMigration:
         watch.reported_at = time.monotonic()
         with self._progress_lock:  # one total at a time, so the reports only grow
             total = self._applied_total()
-            if total > self._reported:
+            if total > self._reported and not self._holding_progress:
                 self._reported = total
                 self._rp.progress(total)  # type: ignore[union-attr]
 
@@ -736,12 +749,13 @@ class IncomingMigration:
 
 
 def _postcopy_latency_settings(channel: Channel | None) -> None:
-    """Postcopy: a small receive buffer (a requested page waits behind little of the background
-    push) and a short GIL switch interval (postcopy.SWITCH_INTERVAL_S)."""
-    sock = getattr(channel, "socket", None)
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+    """Postcopy: a short GIL switch interval (postcopy.SWITCH_INTERVAL_S). The receive buffer is
+    left as the kernel tuned it: shrunk at RUN (to 64 KiB; 256 KiB did it too) the kernel
+    pruned the receive queue against the window it had already advertised and dropped a segment
+    once per S5 run on the 1 Gbit/s link (nstat TcpExtRcvPruned, TCPRcvQDrop), and the
+    retransmission held a fault for 0.2-1 s (bench/RESULTS.md). What queues there is bounded by
+    the source's small send buffer only while this side keeps up with the link."""
+    del channel
     short_switch_interval()
 
 

@@ -28,6 +28,8 @@ drains). The watchdog fails the migration when the destination has been silent f
 
 Downtime (query-migrate "downtime") = from the vCPUs pausing here to the destination's ACK
 arriving (the guest runs on the destination by then); without a return path, to END written.
+In postcopy, to the PROGRESS that covers POSTCOPY_RUN (the destination sends it once its guest
+runs), or to RUN written if none comes.
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ class OutgoingMigration:
         self._postcopy_requested = threading.Event()
         self.postcopy: PostcopySource | None = None
         self._run_sent = False
+        # Stream bytes up to and including POSTCOPY_RUN: a PROGRESS that covers them says the
+        # guest runs on the destination, which ends postcopy's downtime (None: not waiting).
+        self._run_offset: int | None = None
         self.postcopy_pause_reason: str | None = None
         self._pause_requested: str | None = None
         # x-postcopy-reconnect: opens a new connection to `migrate`'s address (same TLS)
@@ -346,6 +351,9 @@ class OutgoingMigration:
             if not self._postcopy_requested.is_set():
                 self._iterate()
             if self._postcopy_requested.is_set():
+                self._drain()  # the guest still runs here: what is in flight stays out of the pause
+                if self._cancel.is_set():
+                    raise MigrationError("migration cancelled")
                 self._postcopy()
             else:
                 self._switch_over()
@@ -489,6 +497,8 @@ class OutgoingMigration:
         if self.return_path is not None and self.session is not None:
             for applied, sent_then, at in self.return_path.take_progress():
                 self.session.progress(applied, sent_then, at)
+                if self._run_offset is not None and applied >= self._run_offset:
+                    self._guest_runs_there(at)
 
     def _iterate(self) -> None:
         session = self.session
@@ -743,17 +753,30 @@ class OutgoingMigration:
         t_devices = time.monotonic()
         session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_RUN))])
         self._run_sent = True  # from here the destination may run the guest
+        self._run_offset = session.sent_total()
         t_run = time.monotonic()
         with self.stats.lock:
+            # Until the destination says the guest runs there (_guest_runs_there): RUN written.
             self.stats.downtime_ms = (time.monotonic_ns() - self.stats.stop_ns) / 1e6
             self.stats.downtime_phases = {"pause": round((t_paused - t0) * 1000, 3),
                                           "postcopy-discard": round((t_discard - t_paused) * 1000, 3),
                                           **phases, "postcopy-run": round((t_run - t_devices) * 1000, 3)}
             self.stats.remaining_pages = pc.left
         self._unthrottle()
+        self._postcopy_push()
+
+    def _guest_runs_there(self, at: float) -> None:
+        """A PROGRESS covering POSTCOPY_RUN arrived at `at` (the destination sends one as soon as
+        its guest runs, migration/destination.py): postcopy's downtime ends there, not when RUN
+        was written, so it holds the destination's discard, device load and start too."""
+        run_written_ms = self.stats.downtime_ms
+        self._run_offset = None
+        with self.stats.lock:
+            self.stats.downtime_ms = max(run_written_ms, at * 1000 - self.stats.stop_ns / 1e6)
+            waited = self.stats.downtime_ms - run_written_ms
+            self.stats.downtime_phases["postcopy-guest-runs"] = round(waited, 3)
         self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=0,
                          phases=self.stats.downtime_phases)
-        self._postcopy_push()
 
     def _postcopy_push(self) -> None:
         """After RUN: the rest of RAM, requested pages first, then END and the ACK."""
@@ -803,6 +826,11 @@ class OutgoingMigration:
         self._end_sent = True
         session.end(self)
         self._wait_for_ack()
+        self._take_progress()
+        if self._run_offset is not None:  # a destination that never said when its guest ran
+            self._run_offset = None
+            self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=0,
+                             phases=self.stats.downtime_phases)
         self.stats.remaining_pages = 0
         self.state.set(S.COMPLETED)
         log.info("postcopy completed: %d pages after the switch, %d requested", pc.total, pc.requests)
