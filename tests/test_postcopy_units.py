@@ -15,10 +15,12 @@ from polling import wait_for
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.pages import PAGE_SIZE
 from vmferry.migration.postcopy import (
+    DISCARD_EARLY,
     Blocktime,
     FaultLatency,
     PostcopyDestination,
     PostcopySource,
+    SwitchDiscards,
     bitmap_to_mask,
     mask_to_bitmap,
 )
@@ -81,9 +83,13 @@ def test_source_push_and_destination_faults_place_every_page_right() -> None:
         pending = np.arange(64, 200)
         received[1][:64] = True
         enc = StreamEncoder()
-        source = PostcopySource([src], enc, [pending])
-        for cmd in source.discard_commands():
-            dest.discard(cmd.block_id, cmd.data)
+        switch = SwitchDiscards([src])
+        early_cmds = switch.early([pending[:50]])  # the rest turned up at the stopped sync
+        late_cmds, to_come = switch.final([pending[40:]])
+        source = PostcopySource([src], enc, to_come)
+        assert (to_come[0] == pending).all()
+        for cmd in early_cmds + late_cmds:
+            dest.discard(cmd.block_id, cmd.data, early=cmd.index == DISCARD_EARLY)
         dest.listen()
         reads: dict[int, bytes] = {}
 

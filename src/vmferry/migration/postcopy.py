@@ -74,6 +74,10 @@ REQUEST_AHEAD_PAGES = 3
 # is busy: Python's default switch interval (5 ms) per hop would dominate the fault latency.
 SWITCH_INTERVAL_S = 0.0001  # measured: 0.5 ms gave p99 ~11 ms with preempt, 0.1 ms ~4 ms
 _saved_switch_interval: float | None = None
+# POSTCOPY_DISCARD's index: 1 = the early discard, sent while the source's guest still runs;
+# 0 = at the switch, the vCPUs stopped. The destination applies both at once; the index only
+# says which of its figures (outside or inside the pause) the time goes to.
+DISCARD_EARLY = 1
 
 
 def short_switch_interval() -> None:
@@ -234,8 +238,10 @@ class PostcopyDestination:
         self.requests = 0  # PAGE_REQUESTs sent
         self.local_zero = 0  # faults resolved here with a zero page
         self.pages_to_come = 0
-        self.pages_discarded = 0  # stale copies dropped at LISTEN
+        self.pages_discarded = 0  # stale copies dropped by the discards at the switch (pause)
         self.discard_ms = 0.0  # what dropping them took (inside the switch's pause)
+        self.early_pages_discarded = 0  # dropped by the early discard (the source's guest ran)
+        self.early_discard_ms = 0.0
         self.pages_placed = 0
         self.blocktime = Blocktime(1)
         self.latency = FaultLatency()
@@ -245,24 +251,36 @@ class PostcopyDestination:
 
     # --- before LISTEN ---
 
-    def discard(self, block_id: int, bitmap: bytes) -> None:
-        """POSTCOPY_DISCARD: these pages will come again; the copies here are stale."""
+    def discard(self, block_id: int, bitmap: bytes, early: bool = False) -> None:
+        """POSTCOPY_DISCARD: these pages will come again; the copies here are stale and are
+        dropped now (only those populated here). `early`: the source's guest still runs (the
+        early discard), so this is outside the pause. Nothing may write guest RAM from the first
+        discard on (the caller stopped its prefault threads, and the stream carries no precopy
+        page after a discard)."""
         b = self.blocks.get(block_id)
         if b is None:
             raise MigrationError(f"postcopy discard for unknown RAM block id {block_id}")
+        if self.uffd is not None:
+            raise MigrationError("POSTCOPY_DISCARD after POSTCOPY_LISTEN")
         mask = bitmap_to_mask(bitmap, b.npages)
+        t0 = time.monotonic()
+        # A page an earlier discard dropped is missing already: not looked at again.
+        dropped = b.discard_mask(mask & ~self.to_come[block_id])
+        ms = (time.monotonic() - t0) * 1000
         self.to_come[block_id] |= mask
         self.received[block_id][mask] = False
+        if early:
+            self.early_pages_discarded += dropped
+            self.early_discard_ms = round(self.early_discard_ms + ms, 3)
+        else:
+            self.pages_discarded += dropped
+            self.discard_ms = round(self.discard_ms + ms, 3)
 
     def listen(self) -> None:
-        """POSTCOPY_LISTEN: drop the stale copies of the pages to come, register every block
-        with userfaultfd, start the resolver. Nothing may write guest RAM meanwhile (the caller
-        stopped its prefault threads)."""
-        t0 = time.monotonic()
-        for bid, b in self.blocks.items():
-            self.pages_discarded += b.discard_mask(self.to_come[bid])
+        """POSTCOPY_LISTEN: every stale copy was dropped by its POSTCOPY_DISCARD; register every
+        block with userfaultfd, start the resolver."""
+        for bid in self.blocks:
             self.pages_to_come += int(np.count_nonzero(self.to_come[bid]))
-        self.discard_ms = round((time.monotonic() - t0) * 1000, 3)
         tids = list(self._vcpu_thread_ids())
         self._vcpu_of = {tid: i for i, tid in enumerate(tids)}
         self.blocktime = Blocktime(max(1, len(tids)))
@@ -446,6 +464,8 @@ class PostcopyDestination:
                 "x-postcopy": {"requests": self.requests, "request-bytes": self.requests * PAGE_SIZE,
                                "pages-to-come": self.pages_to_come,
                                "pages-discarded": self.pages_discarded, "discard-ms": self.discard_ms,
+                               "early-pages-discarded": self.early_pages_discarded,
+                               "early-discard-ms": self.early_discard_ms,
                                "pages-placed": self.pages_placed,
                                "local-zero-pages": self.local_zero, "kvm-async-faults": self.async_faults,
                                "fault-latency": latency}}
@@ -508,7 +528,12 @@ class PostcopyLoader(Loader):
         return self.dest
 
     def _discard(self, cmd: Command) -> None:
-        self._ready("POSTCOPY_DISCARD").discard(cmd.block_id, cmd.data)
+        dest = self._ready("POSTCOPY_DISCARD")
+        # From the first discard on nothing may populate guest RAM here: a page prefaulted
+        # after its copy was dropped would read as zero instead of faulting once registered.
+        self.ram.stop_prefaulting()
+        self.ram.discarding = True
+        dest.discard(cmd.block_id, cmd.data, early=cmd.index == DISCARD_EARLY)
 
     def _listen(self, cmd: Command) -> None:
         dest = self._ready("POSTCOPY_LISTEN")
@@ -552,6 +577,53 @@ class PostcopyLoader(Loader):
 # --- the source ---
 
 
+class SwitchDiscards:
+    """The source's two discards at the switch to postcopy.
+
+    D1, the early discard: the source syncs the dirty log while its guest still runs, stops
+    sending precopy pages, and sends every page still to send (queued or dirty) as
+    POSTCOPY_DISCARD; the destination drops those copies while the guest runs here (the drain
+    before the pause waits for it). D2, at the switch: the vCPUs stopped, a second sync finds
+    only the pages written since D1; those not in D1 are discarded too. The pages to come are
+    D1 ∪ D2.
+
+    Why nothing stale is left on the destination: a copy it holds was read here at some time t
+    after the sync that last cleared the page's dirty bit; a write after t is in the dirty log
+    from t on, so it is in the first sync after it — D1 if it came before the D1 sync, D2 if it
+    came between the two syncs (the log tracks across both), none after the vCPUs stopped. A
+    page in flight at D1 travels before the discard on the one stream (multifd, whose channels
+    would not, is refused with postcopy) and is dropped by it. Nothing is sent between the two
+    syncs, so no copy on the destination is newer than D1's view. And nothing clean is dropped:
+    a page is in D1 ∪ D2 only if it was dirtied after its last claim or never sent."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = list(blocks)
+        self.early_masks: list[np.ndarray] | None = None
+
+    def early(self, pending: Sequence[np.ndarray]) -> list[Command]:
+        """D1 from the saver's pages still to send (per block, indexes): the early discard."""
+        self.early_masks = [np.zeros(b.npages, dtype=bool) for b in self.blocks]
+        for mask, idx in zip(self.early_masks, pending, strict=True):
+            mask[idx] = True
+        return _discard_commands(self.early_masks, DISCARD_EARLY)
+
+    def final(self, pending: Sequence[np.ndarray]) -> tuple[list[Command], list[np.ndarray]]:
+        """D2 from the stopped sync's pages: the discard of what D1 did not hold, and per block
+        the pages to come (D1 ∪ D2, ascending indexes)."""
+        late = [np.zeros(b.npages, dtype=bool) for b in self.blocks]
+        for mask, idx in zip(late, pending, strict=True):
+            mask[idx] = True
+        early = self.early_masks or [np.zeros(b.npages, dtype=bool) for b in self.blocks]
+        cmds = _discard_commands([m & ~e for m, e in zip(late, early, strict=True)], 0)
+        return cmds, [np.flatnonzero(m | e) for m, e in zip(late, early, strict=True)]
+
+
+def _discard_commands(masks: Sequence[np.ndarray], index: int) -> list[Command]:
+    return [Command(CommandCode.POSTCOPY_DISCARD, block_id=i + 1, index=index,
+                    count=int(np.count_nonzero(m)), data=mask_to_bitmap(m))
+            for i, m in enumerate(masks) if m.any()]
+
+
 class PostcopySource:
     """The source's postcopy RAM push: pages to send (per block), requests first."""
 
@@ -577,12 +649,6 @@ class PostcopySource:
         self.bytes = 0  # stream bytes of pages sent in postcopy (QEMU's postcopy-bytes)
         self.pages = 0
         self.zero_pages = 0
-
-    def discard_commands(self) -> list[Command]:
-        """POSTCOPY_DISCARD per block with pages to send: the destination drops its copies."""
-        return [Command(CommandCode.POSTCOPY_DISCARD, block_id=i + 1, count=int(np.count_nonzero(m)),
-                        data=mask_to_bitmap(m))
-                for i, m in enumerate(self.unsent) if m.any()]
 
     def received_bitmap(self, block_id: int, bitmap: bytes) -> None:
         """RECEIVED_BITMAP after a recovery: pages the destination has are not sent again; pages

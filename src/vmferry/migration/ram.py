@@ -464,6 +464,9 @@ class RamLoader(Loader):
         # into guest RAM; from POSTCOPY_LISTEN on, pages go through `placer` (UFFDIO_COPY).
         self.no_placing = False
         self.placer: PostcopyDestination | None = None
+        # From the first POSTCOPY_DISCARD to LISTEN no page may arrive: the discard dropped the
+        # stale copies, and a precopy page written now would sit unregistered as current.
+        self.discarding = False
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
         return {
@@ -610,6 +613,7 @@ class RamLoader(Loader):
         if self.placer is not None:
             self.pages += self.placer.place_pages(block_id, first_page, data)
             return
+        self._not_discarding()
         target = self._where(block_id, first_page, len(data) // PAGE_SIZE)
         if target is None:
             raise MigrationError(f"pages for unknown RAM block id {block_id}")
@@ -623,6 +627,7 @@ class RamLoader(Loader):
         if self.placer is not None:
             self.pages += self.placer.place_list(block_id, rec.pages, rec.data)
             return
+        self._not_discarding()
         rec.scatter_into(self._views[block_id], PAGE_SIZE)
         self._received[block_id][rec.pages] = True
         self.pages += len(rec.pages)
@@ -635,10 +640,16 @@ class RamLoader(Loader):
             self.placer.place_zero(block_id, first_page, page_count)
             self.zero_pages += page_count
             return
+        self._not_discarding()
         got = self._received[block_id][first_page : first_page + page_count]
         for off in np.flatnonzero(got).tolist():
             ctypes.memset(b.host_addr + (first_page + off) * PAGE_SIZE, 0, PAGE_SIZE)
         self.zero_pages += page_count
+
+    def _not_discarding(self) -> None:
+        if self.discarding:
+            raise MigrationError("RAM pages between POSTCOPY_DISCARD and POSTCOPY_LISTEN: the stream "
+                                 "sends no precopy page once the switch to postcopy began")
 
     def prefault(self, block_id: int, bitmap: bytes) -> None:
         """A POPULATED_HINT: allocate those pages on a thread of their own, in the order pass 1

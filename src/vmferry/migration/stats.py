@@ -55,6 +55,7 @@ class MigrationStats:
     postcopy_requests: int = 0  # PAGE_REQUESTs received (source) or sent (destination)
     postcopy: dict = field(default_factory=dict)  # destination: blocktime and fault figures
     auto_postcopy: str | None = None  # source: why it switched to postcopy by itself
+    postcopy_early_discard: dict | None = None  # source: the early discard's pages and time
     multifd_bytes: int = 0  # of `transferred`, what the multifd data channels carried
     multifd_lost: list[str] = field(default_factory=list)  # data channels lost, and why
     bandwidth_bps: float = 0.0
@@ -123,6 +124,8 @@ class MigrationStats:
             out.update(self.postcopy)
             if self.auto_postcopy:
                 out["x-postcopy-auto"] = self.auto_postcopy
+            if self.postcopy_early_discard is not None:
+                out["x-postcopy-early-discard"] = dict(self.postcopy_early_discard)
             if self.xbzrle is not None:
                 out["xbzrle-cache"] = dict(self.xbzrle)
             if self.multifd_lost:
