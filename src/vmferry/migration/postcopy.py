@@ -1,15 +1,17 @@
 """Postcopy RAM: the destination runs the guest while the rest of its RAM arrives.
 
-At the switch the source stops its vCPUs and works out, per RAM block, which pages it still has
-to send: the pages queued and not sent plus those the last sync found re-dirtied. That set goes
-to the destination as POSTCOPY_DISCARD bitmaps ("drop your copy, a fresh one is coming"). Every
-other page the destination either received in precopy or was never populated on the source
-(zero), so the destination knows exactly which pages it still waits for: the discard set.
+At the switch the source works out, per RAM block, which pages it still has to send: the pages
+queued and not sent plus those a sync found re-dirtied. That set goes to the destination as
+POSTCOPY_DISCARD bitmaps ("drop your copy, a fresh one is coming") in two steps
+(`SwitchDiscards`): most of it while the source's guest still runs (the early discard), the
+rest, what the stopped sync adds, at the switch. Every other page the destination either
+received in precopy or was never populated on the source (zero), so the destination knows
+exactly which pages it still waits for: the union of the discards.
 
-Destination (`PostcopyDestination`): at POSTCOPY_LISTEN it drops its copies of the pages to come
+Destination (`PostcopyDestination`): at each POSTCOPY_DISCARD it drops its copies of those pages
 (MADV_DONTNEED: missing again; only those populated here, many runs per system call:
-RamBlock.discard_mask), registers every RAM block with userfaultfd in missing mode and
-starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST on the return
+RamBlock.discard_mask); at POSTCOPY_LISTEN it registers every RAM block with userfaultfd in
+missing mode and starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST on the return
 path (once per page); a fault on any other missing page (never populated on the source: zero) is
 resolved on the spot with a zero page. The incoming thread places arriving pages with
 UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes every thread blocked on them. Blocked vCPUs are timed

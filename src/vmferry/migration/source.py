@@ -16,6 +16,9 @@ States (QMP's): setup -> active -> device -> completed, or failed / cancelling -
 - device: vCPUs paused; each saver's complete (RAM: the final sync and the rest straight from
   guest memory; device state); END closes the stream. With a return path the source waits for
   the destination's ACK, sent once the destination has verified everything and started the guest.
+- postcopy-active (migration/postcopy.py): before the vCPUs stop, the early discard and a wait
+  (at most POSTCOPY_DRAIN_S) for the destination to apply it; then the pause, the second
+  discard, LISTEN, device state, RUN, and the push of the rest of RAM.
 - "Nothing lost": until END is sent the destination cannot start the guest, so any failure or a
   cancel resumes the source. After END, without the ACK, the source stays paused (the destination
   may be running): `failed` says so, and `cont` resumes the source if the destination is not.
