@@ -109,6 +109,12 @@ def test_postcopy_completes_and_the_guest_verifies_its_memory(tmp_path: Path, pr
     x = info["x-postcopy"]
     assert x["pages-placed"] == x["pages-to-come"] > 0
     assert 0 <= x["pages-discarded"] <= x["pages-to-come"] and x["discard-ms"] >= 0
+    # Two discards: the early one (the source's guest still running) and the one at the switch;
+    # together no more than the pages to come, and the source's count of each agrees.
+    early = s["x-postcopy-early-discard"]
+    assert early["pages"] + early["late-pages"] == x["pages-to-come"], (early, x)
+    assert x["early-pages-discarded"] + x["pages-discarded"] <= x["pages-to-come"]
+    assert x["early-discard-ms"] >= 0 and early["ms"] >= 0
     # The downtime runs to the destination's word that its guest runs, past RUN written.
     phases = s["downtime-phases"]
     assert "postcopy-guest-runs" in phases and s["downtime"] >= phases["postcopy-run"], s
