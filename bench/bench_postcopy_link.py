@@ -247,7 +247,8 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
                                         / res["postcopy_wall_s"], 1),
             "blocktime_ms": d.get("postcopy-blocktime"),
             "vcpu_blocktime_ms": d.get("postcopy-vcpu-blocktime"),
-            "downtime_phases": s.get("downtime-phases"), "x_postcopy": d.get("x-postcopy")})
+            "downtime_phases": s.get("downtime-phases"), "x_postcopy": d.get("x-postcopy"),
+            "early_discard": s.get("x-postcopy-early-discard")})
         ok = dst.wait_serial(r"verify ok gen=\d+", timeout=args.verify + 120, after=serial_at)
         if "FAIL" in dst.serial()[serial_at:]:
             raise BenchError(f"{side}: the destination's guest found bad pages: {dst.serial()[-1500:]}")

@@ -208,15 +208,32 @@ class RamBlock:
             raise OSError(ctypes.get_errno(), f"madvise(DONTNEED) on RAM block {self.name}")
 
     def discard_mask(self, mask: np.ndarray) -> int:
-        """Drop every page set in `mask` (bool per page) that is populated here: the runs of
+        """Drop every page set in `mask` (bool per page) that is populated here (discard_pages).
+        Returns the pages dropped."""
+        return self.discard_pages(np.flatnonzero(mask))
+
+    def discard_pages(self, pages: np.ndarray) -> int:
+        """Drop every page of `pages` (ascending indexes) that is populated here: the runs of
         such pages, up to IOV_MAX of them per system call (_BatchedMadvise). Pages never
-        touched are already missing and cost nothing. Returns the pages dropped."""
-        drop = mask & self.populated_pages()
-        edges = np.diff(drop.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-        starts = np.flatnonzero(edges == 1)
-        if not starts.size:
+        touched are already missing and cost nothing. Returns the pages dropped.
+
+        mincore(2) is asked only over the pages' span and nothing is done per page of the
+        block: the cost follows the pages (postcopy's discard at the switch is a few thousand
+        pages of a 4 GiB block, inside the pause; measured at load ~11, 2 575 pages: 8 ms with
+        whole-block masks)."""
+        if not pages.size:
             return 0
-        lengths = np.flatnonzero(edges == -1) - starts
+        first = int(pages[0])
+        span = int(pages[-1]) - first + 1
+        vec = np.zeros(span, dtype=np.uint8)
+        if _libc.mincore(self.host_addr + first * PAGE_SIZE, span * PAGE_SIZE, vec.ctypes.data) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore on RAM block {self.name}")
+        drop = pages[(vec[pages - first] & 1).astype(bool)]
+        if not drop.size:
+            return 0
+        heads = np.concatenate(([0], np.flatnonzero(np.diff(drop) != 1) + 1))
+        starts = drop[heads]
+        lengths = np.diff(np.append(heads, drop.size))
         iov = np.empty((starts.size, 2), dtype=np.uint64)
         iov[:, 0] = self.host_addr + starts.astype(np.uint64) * PAGE_SIZE
         iov[:, 1] = lengths.astype(np.uint64) * PAGE_SIZE
