@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmferry.errors import MigrationError
-from vmferry.kvm.userfaultfd import Userfaultfd
+from vmferry.kvm.userfaultfd import Fault, Userfaultfd
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.forecast import ForecastInput, simulate
 from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, runs, segments, zero_pages
@@ -52,6 +52,7 @@ from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode, RamZero
 
 if TYPE_CHECKING:
+    from vmferry.migration.preempt import PreemptLink
     from vmferry.migration.ram import RamLoader
 
 log = logging.getLogger("vmferry.migration")
@@ -235,6 +236,10 @@ class PostcopyDestination:
         self.error: str | None = None  # the resolver's failure, if it failed
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # postcopy-preempt: the channel the resolver requests on and reads pages from (None: the
+        # return path, and pages only on the main stream)
+        self._link: PreemptLink | None = None
+        self._link_lost: Callable[[BaseException], None] = lambda e: None
 
     # --- before LISTEN ---
 
@@ -359,43 +364,95 @@ class PostcopyDestination:
 
     # --- the resolver thread ---
 
+    def attach_preempt(self, link: PreemptLink, lost: Callable[[BaseException], None]) -> None:
+        """postcopy-preempt: from LISTEN on the resolver requests pages on `link` and places what
+        it brings (migration/preempt.py); `lost(error)` is told if the channel fails, and the
+        requests go on the return path from then on. Before listen()."""
+        self._link, self._link_lost = link, lost
+
     def _resolve(self) -> None:
         uffd = self.uffd
         assert uffd is not None
+        link = self._link
+        if link is not None:
+            link.attached.set()
         try:
             while not self._stop.is_set() and not uffd.closed:
-                faults = uffd.wait(0.5)
-                now = time.monotonic()
-                requests: list[tuple[int, int]] = []
-                zero: list[int] = []
-                with self._lock:
-                    for f in faults:
-                        bid, page = self._locate(f.address)
-                        if bid == 0:
-                            continue
-                        if self.to_come[bid][page] and not self.placed[bid][page]:
-                            self._waiting.setdefault((bid, page), []).append((f.thread_id, now))
-                            vcpu = self._vcpu_for(f.thread_id)
-                            if vcpu is not None:
-                                self.blocktime.blocked(vcpu, now)
-                            if (bid, page) not in self._requested:
-                                self._requested.add((bid, page))
-                                requests.append((bid, page))
-                        else:
-                            zero.append(f.address & ~(PAGE_SIZE - 1))
-                for addr in zero:
-                    # Never populated on the source (zero there), or placed since the fault was
-                    # read: a zero page, or (EEXIST) just a wake-up.
-                    if not uffd.zeropage(addr, PAGE_SIZE):
-                        uffd.wake(addr, PAGE_SIZE)
-                    self.local_zero += 1
-                for bid, page in requests:
-                    self.requests += 1
-                    self._request(bid, page, 1)
+                if link is None:
+                    faults, readable = uffd.wait(0.5), False
+                else:
+                    faults, readable = uffd.wait_with(link.fileno(), 0.5)
+                if faults:
+                    self._faults(uffd, faults, link)
+                    if link is not None and link.released.is_set():
+                        link = None  # lost while requesting: the return path asks again
+                if link is not None and readable:
+                    try:
+                        going_on = link.pump()
+                    except Exception as e:  # noqa: BLE001 - the channel's failure, not ours
+                        self._drop_link(link, e)
+                        link = None
+                        continue
+                    if not going_on:  # its END is in: the migration is ending
+                        self._release(link)
+                        link = None
         except Exception as e:  # noqa: BLE001 - reported through the migration's state
             if not self._stop.is_set():
                 self.error = f"postcopy fault resolver: {e}"
                 log.warning("%s", self.error)
+        finally:
+            if link is not None:
+                self._release(link)
+
+    def _faults(self, uffd: Userfaultfd, faults: list[Fault], link: PreemptLink | None) -> None:
+        """Fault events: each page to come is requested once (on the preempt channel when there
+        is one) and its waiters noted; any other missing page gets a zero page here."""
+        now = time.monotonic()
+        requests: list[tuple[int, int]] = []
+        zero: list[int] = []
+        with self._lock:
+            for f in faults:
+                bid, page = self._locate(f.address)
+                if bid == 0:
+                    continue
+                if self.to_come[bid][page] and not self.placed[bid][page]:
+                    self._waiting.setdefault((bid, page), []).append((f.thread_id, now))
+                    vcpu = self._vcpu_for(f.thread_id)
+                    if vcpu is not None:
+                        self.blocktime.blocked(vcpu, now)
+                    if (bid, page) not in self._requested:
+                        self._requested.add((bid, page))
+                        requests.append((bid, page))
+                else:
+                    zero.append(f.address & ~(PAGE_SIZE - 1))
+        for bid, page in requests:
+            self.requests += 1
+            if link is not None and not link.released.is_set():
+                try:
+                    link.request(bid, page, 1)
+                    continue
+                except Exception as e:  # noqa: BLE001 - the channel's failure: the return path asks
+                    self._drop_link(link, e)
+            self._request(bid, page, 1)
+        for addr in zero:
+            # Never populated on the source (zero there), or placed since the fault was read: a
+            # zero page, or (EEXIST) just a wake-up.
+            if not uffd.zeropage(addr, PAGE_SIZE):
+                uffd.wake(addr, PAGE_SIZE)
+            self.local_zero += 1
+
+    def _release(self, link: PreemptLink) -> None:
+        """The resolver no longer uses the preempt channel (it may be closed now)."""
+        if self._link is link:
+            self._link = None
+        link.released.set()
+
+    def _drop_link(self, link: PreemptLink, e: BaseException) -> None:
+        """The preempt channel failed: tell the driver, and ask again on the return path for
+        every page still waited on (the requests that went on the channel may be lost)."""
+        self._release(link)
+        self._link_lost(e)
+        self.rerequest()
 
     def _locate(self, addr: int) -> tuple[int, int]:
         for bid, b in self.blocks.items():
@@ -462,13 +519,16 @@ class PostcopyLoader(Loader):
 
     def __init__(self, ram: RamLoader, enabled: Callable[[], bool], request: Callable[[int, int, int], None],
                  vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None],
-                 on_resumed: Callable[[], None] = lambda: None) -> None:
+                 on_resumed: Callable[[], None] = lambda: None,
+                 preempt_link: Callable[[], tuple[PreemptLink, Callable[[BaseException], None]] | None]
+                 = lambda: None) -> None:
         self.ram = ram
         self._enabled = enabled
         self._request = request
         self._vcpu_thread_ids = vcpu_thread_ids
         self._on_run = on_run
         self._on_resumed = on_resumed
+        self._preempt_link = preempt_link
         self.advised = False
         self.dest: PostcopyDestination | None = None
         self.running = False  # RUN applied: the guest runs here
@@ -502,6 +562,9 @@ class PostcopyLoader(Loader):
         if dest.uffd is not None:
             raise MigrationError("POSTCOPY_LISTEN twice")
         self.ram.stop_prefaulting()
+        link = self._preempt_link()
+        if link is not None:
+            dest.attach_preempt(*link)
         dest.listen()
         self.ram.placer = dest
 

@@ -411,7 +411,8 @@ class OutgoingMigration:
         }
         migration_id = uuid.uuid4().hex
         if self._preempt_connect is not None:
-            config.update({"postcopy-preempt": True, "migration-id": migration_id})
+            # preempt-requests: the destination's PAGE_REQUESTs come on the preempt channel too
+            config.update({"postcopy-preempt": True, "preempt-requests": True, "migration-id": migration_id})
         if self.ram.xbzrle is not None:
             config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:
@@ -752,11 +753,11 @@ class OutgoingMigration:
         session, pc, rp = self.session, self.postcopy, self.return_path
         assert session is not None and pc is not None and rp is not None
         preempt = self.preempt
-        if preempt is not None:  # requested pages go on the preempt channel, from its own thread
-            rp.on_page_request = preempt.request
+        if preempt is not None:  # requests come and pages go on the preempt channel, its own thread
             preempt.start(pc)
-        else:
-            rp.on_page_request = pc.request
+        # Requests on the return path (no preempt channel, or the destination lost it): the push
+        # sends them first on the main stream.
+        rp.on_page_request = pc.request
         _small_send_buffer(self.channel)
         send = lambda bufs: session.send(_Unlimited(self), bufs)  # noqa: E731 - the push's output
         # max-postcopy-bandwidth paces the background push only: a requested page never waits.
