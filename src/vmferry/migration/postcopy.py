@@ -8,9 +8,11 @@ other page the destination either received in precopy or was never populated on 
 
 Destination (`PostcopyDestination`): at POSTCOPY_LISTEN it drops its copies of the pages to come
 (MADV_DONTNEED: missing again), registers every RAM block with userfaultfd in missing mode and
-starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST on the return
-path (once per page); a fault on any other missing page (never populated on the source: zero) is
-resolved on the spot with a zero page. The incoming thread places arriving pages with
+starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST (once per page)
+on the return path, or with postcopy-preempt on the preempt channel, which the resolver also
+reads and places from (one thread on the request's way here, migration/preempt.py); a fault on
+any other missing page (never populated on the source: zero) is resolved on the spot with a
+zero page. The incoming thread places arriving pages with
 UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes every thread blocked on them. Blocked vCPUs are timed
 for QEMU's `postcopy-blocktime` (all vCPUs blocked at once) and `postcopy-vcpu-blocktime` (each
 vCPU); every fault's latency (read by the resolver -> placed) feeds vmferry's latency figures.
@@ -21,8 +23,9 @@ chunks that start small after a request and double while no request comes (up to
 request never waits behind more than one chunk of this thread's own output. Without
 postcopy-preempt all on the one stream (priority framing: one writer decides the order): the
 socket's send buffer is kept small in postcopy so that little is queued below us. With it,
-requested pages go on the preempt channel from a thread of its own (`take_request`,
-migration/preempt.py); `_send` hands each page to exactly one of the two threads.
+requests come and requested pages go on the preempt channel, served by a thread of its own
+(`take_request`, migration/preempt.py); `_send` / `_send_few` hand each page to exactly one of
+the two threads.
 
 Nothing here reads guest RAM through Python indexing on the destination: placing goes from the
 stream's buffers through ioctls that release the GIL (kvm/userfaultfd.py).
@@ -64,9 +67,10 @@ MAX_CHUNK_PAGES = 64
 REQUEST_AHEAD_PAGES = 3
 # A request this small (with the pages ahead) is sent by a path of its own (PostcopySource._send_few).
 SMALL_REQUEST_PAGES = 16
-# A requested page crosses four threads (resolver, the source's return-path reader, its push,
-# the destination's incoming thread), each of which may wait for the GIL while another thread
-# is busy: Python's default switch interval (5 ms) per hop would dominate the fault latency.
+# A requested page crosses several threads (on the one stream four: resolver, the source's
+# return-path reader, its push, the destination's incoming thread; with postcopy-preempt two),
+# each of which may wait for the GIL while another thread is busy: Python's default switch
+# interval (5 ms) per hop would dominate the fault latency.
 SWITCH_INTERVAL_S = 0.0001  # measured: 0.5 ms gave p99 ~11 ms with preempt, 0.1 ms ~4 ms
 _saved_switch_interval: float | None = None
 
