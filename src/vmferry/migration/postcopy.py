@@ -33,6 +33,7 @@ stream's buffers through ioctls that release the GIL (kvm/userfaultfd.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -73,6 +74,9 @@ SMALL_REQUEST_PAGES = 16
 # interval (5 ms) per hop would dominate the fault latency.
 SWITCH_INTERVAL_S = 0.0001  # measured: 0.5 ms gave p99 ~11 ms with preempt, 0.1 ms ~4 ms
 _saved_switch_interval: float | None = None
+# The nice value of the threads on a fault's way (fault_path_priority); measured on this 2-core
+# host at load 8-11 with postcopy-preempt: average 0.9-1.5 ms at -10 against 1.4-4.1 ms at 0.
+FAULT_PATH_NICE = -10
 
 
 def short_switch_interval() -> None:
@@ -81,6 +85,16 @@ def short_switch_interval() -> None:
     if _saved_switch_interval is None:
         _saved_switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def fault_path_priority() -> None:
+    """The calling thread is on a fault's way (the destination's resolver, the source's preempt
+    thread): ask for a higher scheduling priority (FAULT_PATH_NICE), where allowed. These threads
+    sleep until a fault or a request comes and then run briefly; on a host whose cores are busy
+    (the push's threads, the guest's vCPUs, other work) each wake-up otherwise waits for a core.
+    Best effort: without the privilege (CAP_SYS_NICE) the thread keeps its priority."""
+    with contextlib.suppress(OSError):  # Linux: PRIO_PROCESS with a thread id is that thread only
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FAULT_PATH_NICE)
 
 
 def restore_switch_interval() -> None:
@@ -382,6 +396,7 @@ class PostcopyDestination:
         link = self._link
         if link is not None:
             link.attached.set()
+        fault_path_priority()
         try:
             while not self._stop.is_set() and not uffd.closed:
                 if link is None:

@@ -100,6 +100,8 @@ class PreemptSender:
             self._thread.start()
 
     def _run(self, pc: PostcopySource) -> None:
+        from vmferry.migration.postcopy import fault_path_priority
+        fault_path_priority()
         dec = StreamDecoder()
         chunk = memoryview(bytearray(REQUEST_CHUNK_BYTES))
         try:
@@ -140,10 +142,9 @@ class PreemptSender:
 
     def close(self) -> None:
         """Failure or the end of the migration: cut the connection, stop the thread. Idempotent."""
-        with self._send_lock:
-            self._finished = True
+        self._finished = True  # before the shutdown: the thread's failure that follows is no error
         with contextlib.suppress(VmferryError, OSError):
-            self.channel.shutdown()
+            self.channel.shutdown()  # first: a send blocked on a peer that stopped reading fails
         if self._thread is not None:
             self._thread.join(10.0)
             self._thread = None
@@ -173,7 +174,8 @@ class PreemptPages:
         self.pages += self._placer().place_list(block_id, pages, data)
 
     def apply_zero(self, block_id: int, first: int, count: int, generation: int) -> None:
-        self.zero_pages += self._placer().place_zero(block_id, first, count)
+        self._placer().place_zero(block_id, first, count)
+        self.zero_pages += count  # as RamLoader counts the main stream's zero runs
 
     def check_layout(self, table: RamBlocks) -> None:
         self._ram.check_layout(table)

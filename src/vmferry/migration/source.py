@@ -789,9 +789,11 @@ class OutgoingMigration:
         pc.step(send)  # requests that came in meanwhile are for pages sent already: dropped
         if preempt is not None:
             preempt.finish()  # its END before the main stream's: the destination waits for both
-            with self.stats.lock:
-                self.stats.postcopy_requests = pc.requests
-                self.stats.postcopy_bytes = pc.bytes
+        with self.stats.lock:  # the preempt thread may have sent the last pages
+            self.stats.postcopy_requests = pc.requests
+            self.stats.postcopy_bytes = pc.bytes
+            self.stats.normal = self.ram.counters.pages + pc.pages
+            self.stats.duplicate = self.ram.counters.zero_pages + pc.zero_pages
         restore_switch_interval()
         self._end_sent = True
         session.end(self)
