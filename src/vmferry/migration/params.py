@@ -385,7 +385,9 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
                     "not with multifd (migration/postcopy.py, docs/migration.md)",
     "postcopy-preempt": "both sides (each refuses a stream where only one side has it; needs "
                         "postcopy-ram and a tcp: or unix: URI): the source opens a second connection "
-                        "for requested postcopy pages, sent and placed on threads of their own, so they "
+                        "for postcopy page requests and the requested pages: the destination's fault "
+                        "resolver writes each request on it and places the pages that come back, a "
+                        "thread of the source's answers each request from guest RAM at once, so they "
                         "never queue behind the background push (migration/preempt.py). Not reopened "
                         "after a postcopy recovery",
     "postcopy-blocktime": "destination: query-migrate reports postcopy-blocktime and "
