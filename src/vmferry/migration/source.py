@@ -48,6 +48,7 @@ from vmferry import __version__
 from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.dirty_limit import DEFAULT_PERIOD_MS as DIRTY_LIMIT_PERIOD_MS
 from vmferry.machine.machine import Machine
+from vmferry.migration import testpoint
 from vmferry.migration.block import DriveSaver
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
@@ -429,6 +430,7 @@ class OutgoingMigration:
                 raise MigrationError("postcopy-ram needs a return path (tcp:, unix: or a socket fd:): "
                                      "the destination requests pages on it")
             self.session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_ADVISE))])
+            testpoint.reached("postcopy-advise")
         self._maybe_beat(now=True)  # tells the destination that this source beats
         if self.multifd is not None:
             self._open_data_channels(migration_id)
@@ -729,6 +731,7 @@ class OutgoingMigration:
         cmds = [*pc.discard_commands(), Command(CommandCode.POSTCOPY_LISTEN)]
         session.send(self, [self.encoder.encode(c) for c in cmds])
         t_discard = time.monotonic()
+        testpoint.reached("postcopy-discard")
         phases = session.complete(self, time.monotonic, skip=(self.ram,))
         if self._cancel.is_set():
             raise MigrationError("migration cancelled")
@@ -736,6 +739,7 @@ class OutgoingMigration:
         session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_RUN))])
         self._run_sent = True  # from here the destination may run the guest
         t_run = time.monotonic()
+        testpoint.reached("postcopy-run")
         with self.stats.lock:
             self.stats.downtime_ms = (time.monotonic_ns() - self.stats.stop_ns) / 1e6
             self.stats.downtime_phases = {"pause": round((t_paused - t0) * 1000, 3),
@@ -820,6 +824,7 @@ class OutgoingMigration:
             self.watchdog.start()
             session.send(self, [self.encoder.header(), self.encoder.encode(block_table(self.ram.blocks)),
                                 self.encoder.encode(Command(CommandCode.POSTCOPY_RESUMED))])
+            testpoint.reached("postcopy-resumed")
             self._maybe_beat(now=True)
             deadline = time.monotonic() + ACK_TIMEOUT_S
             while not rp.resumed.wait(0.05):
@@ -908,7 +913,9 @@ class OutgoingMigration:
             self._postcopy_paused(e)
             return
         # A SHUT after RUN: the destination refused before it started the guest (it never SHUTs
-        # once the guest may run there): the source is still the only owner, and resumes.
+        # once the guest may run there), at RUN or, its link having broken between LISTEN and
+        # RUN, when a recovery reached it: the source is still the only owner, and resumes.
+        restore_switch_interval()
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self._silence is not None:
