@@ -888,9 +888,9 @@ class OutgoingMigration:
         first connection up resumes as `migrate` with resume would, and any that comes up later
         is closed. Stops when something else moved the migration on (a manual resume).
 
-        Overlapping, because while the link is down a connect's SYN is lost and the kernel sends
-        the next one only after its initial RTO (1 s): one attempt at a time would leave the
-        link back up for up to a second before anything crossed it (measured 0.7-1.2 s)."""
+        Overlapping, because on a dead link a connect's SYN is lost and the kernel sends the
+        next one only after its initial RTO (1 s): one attempt at a time can leave the link back
+        up for up to a second before anything crosses it (bench/RESULTS.md)."""
         paused_by.join()
         assert self._reconnect is not None
         connect = self._reconnect
