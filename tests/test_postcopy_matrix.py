@@ -252,7 +252,10 @@ def test_at_run(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, s
     src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-run")
     _migrate(src, netns)
     _wait_stopped(src, "postcopy-run")
-    _status(dst, "postcopy-active", PAUSED_WITHIN_S)
+    # RUN arrived: the destination runs the guest (and, the source being silent, may already
+    # have paused: its heartbeat limit can pass before a loaded machine runs this poll).
+    wait_for(lambda: dst.cmd("query-migrate")["status"] in ("postcopy-active", "postcopy-paused"),
+             "the destination to run the guest", PAUSED_WITHIN_S)
     if fault == "kill-source":
         _kill(src)
         _paused(dst)
