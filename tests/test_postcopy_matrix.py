@@ -34,14 +34,20 @@ PORT = 4444
 FAULTS = ["kill-source", "kill-destination", "link-down"]
 # Generous against load: a heartbeat limit (3 s) plus a busy machine.
 PAUSED_WITHIN_S = 60
+# A source stopped before RUN must write RUN once continued: its own watchdog, which has seen
+# nothing from the destination while it was stopped, must not give up first (it would shut the
+# channel and the source, RUN not written, would resume by itself: another cell). 3 s beats give
+# it a 9 s limit, beyond the stop on a loaded machine.
+SLOW_SOURCE_BEATS_MS = 3000
 
 
 def _pair(tmp: Path, procs: list[VmProcess], netns: tuple[str, str, str], *,  # noqa: F811
           src_at: str = "", dst_at: str = "", dst_fail: str = "",
-          reconnect: bool = False) -> tuple[VmProcess, VmProcess]:
+          reconnect: bool = False, src_heartbeat_ms: int = 0) -> tuple[VmProcess, VmProcess]:
     """Source on the host, destination in the namespace (tcp over the veth), postcopy-ram on
     both; `src_at` / `dst_at`: the step at which that process stops itself; `dst_fail`: what
-    fails on the destination (migration/testpoint.py)."""
+    fails on the destination (migration/testpoint.py); `src_heartbeat_ms`: the source's
+    x-heartbeat-ms (0: the default)."""
     ns, _, address = netns
     src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY,
                     env={"VMFERRY_TEST_PAUSE_AT": src_at})
@@ -54,6 +60,8 @@ def _pair(tmp: Path, procs: list[VmProcess], netns: tuple[str, str, str], *,  # 
         _caps(vm, "postcopy-ram")
         if reconnect:
             vm.cmd("migrate-set-parameters", **{"x-postcopy-reconnect": True})
+    if src_heartbeat_ms:
+        src.cmd("migrate-set-parameters", **{"x-heartbeat-ms": src_heartbeat_ms})
     # Precopy never converges (downtime-limit 1 ms): only the switch ends these migrations.
     src.cmd("migrate-set-parameters", **{"downtime-limit": NEVER_CONVERGES_MS, "max-bandwidth": SLOW,
                                          "max-postcopy-bandwidth": TRICKLE})
@@ -176,7 +184,7 @@ def test_at_discard(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, st
     a recovery reaches the destination, which says the guest never ran there: the source resumes
     it, whole, and both say `failed`. (kill -9 of the destination here is not a cell: whether the
     source's RUN write still succeeds races the dying peer's reset; either outcome is the table's.)"""
-    src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-discard")
+    src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-discard", src_heartbeat_ms=SLOW_SOURCE_BEATS_MS)
     _migrate(src, netns)
     _wait_stopped(src, "postcopy-discard")
     _wait_listening(dst)
@@ -206,7 +214,8 @@ def test_run_never_received_with_reconnect_the_source_takes_the_guest_back_by_it
         tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str]) -> None:  # noqa: F811
     """As the link-down cell at discard, with x-postcopy-reconnect on both sides: no command is
     needed; once the link is back the source resumes its guest."""
-    src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-discard", reconnect=True)
+    src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-discard", reconnect=True,
+                     src_heartbeat_ms=SLOW_SOURCE_BEATS_MS)
     _migrate(src, netns)
     _wait_stopped(src, "postcopy-discard")
     _wait_listening(dst)
