@@ -333,8 +333,14 @@ def netns() -> Iterator[tuple[str, str, str]]:
         _ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", peer_if)
         _ip("-n", ns, "link", "set", peer_if, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
+        # While the veth is down its route is gone, and the host's default route would take
+        # packets for the namespace elsewhere (where a sandbox's proxy may even accept them):
+        # a blackhole route behind the veth's keeps them on a dead link, as a real one is.
+        _ip("route", "add", "blackhole", f"{net}.0/24", "metric", "1000")
         yield ns, host_if, f"{net}.2"
     finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            _ip("route", "del", "blackhole", f"{net}.0/24", "metric", "1000")
         with contextlib.suppress(subprocess.SubprocessError):
             _ip("link", "del", host_if)  # removes its peer too
         with contextlib.suppress(subprocess.SubprocessError):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from vmferry.errors import MigrationError, StreamError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration import testpoint
 from vmferry.migration.block import DriveLoader
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
@@ -39,6 +40,7 @@ from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.postcopy import (
     PostcopyLoader,
+    PostcopyNeverRan,
     restore_switch_interval,
     short_switch_interval,
 )
@@ -63,6 +65,10 @@ CAUGHT_UP_S = 0.001
 # After refusing a stream: how long to read what the source still sends before closing.
 DRAIN_BEFORE_CLOSE_S = 1.0
 DATA_ACCEPT_S = 60.0  # how long the destination waits for a data channel (multifd)
+# The postcopy step each command completes here (migration/testpoint.py's names).
+_POSTCOPY_STEP = {CommandCode.POSTCOPY_ADVISE: "postcopy-advise",
+                  CommandCode.POSTCOPY_LISTEN: "postcopy-listen",
+                  CommandCode.POSTCOPY_RESUMED: "postcopy-resumed"}
 
 
 @dataclass
@@ -103,7 +109,10 @@ class IncomingMigration:
         self.losses = ChannelLosses()
         self.device_loader = DeviceLoader(devices)
         self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
-                                       machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed)
+                                       machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed,
+                                       self._resolver_died)
+        self._resolver_error: str | None = None  # the fault resolver died: why
+        self._eof = False  # the source's stream ended (closed or reset) before END
         self._pause_requested: str | None = None
         # x-postcopy-reconnect: a new listener on the address this side migrated on (None: off)
         self._relisten = relisten
@@ -220,6 +229,12 @@ class IncomingMigration:
             if self.postcopy.running:
                 self._postcopy_paused(reason)
                 return
+            if self._link_broke_before_run(e):
+                # The source may have written RUN (it sends it right after LISTEN): only this
+                # side knows the guest never ran here; keep everything and answer a recovery.
+                self._postcopy_paused(f"{reason}; after POSTCOPY_LISTEN, before POSTCOPY_RUN: the guest "
+                                      "never ran here")
+                return
             if self._rp is not None:
                 self._rp.shut(reason)
             self.stats.error = reason
@@ -249,9 +264,29 @@ class IncomingMigration:
 
     # --- postcopy (migration/postcopy.py) ---
 
+    def _link_broke_before_run(self, e: BaseException) -> bool:
+        """The connection broke (a peer gone or silent, not a refusal by either side) after
+        POSTCOPY_LISTEN and before RUN arrived: the source may be paused after writing RUN."""
+        dest = self.postcopy.dest
+        if dest is None or dest.uffd is None or self.postcopy.running:
+            return False
+        if self._cancel.is_set() or self._data_error is not None or self._resolver_error is not None:
+            return False
+        fired = self.watchdog is not None and self.watchdog.fired is not None
+        return fired or self._eof or isinstance(e, TransportError | OSError)
+
+    def _resolver_died(self, why: str) -> None:
+        """The fault resolver ended (its thread): after RUN the guest would hang on its next
+        missing page, so the migration pauses naming it, and a recovery starts the resolver
+        again; before RUN, RUN is refused (the source resumes the guest)."""
+        self._resolver_error = why
+        if self.postcopy.running and self.channel is not None:
+            self.channel.shutdown()
+
     def _page_request(self, block_id: int, first_page: int, count: int) -> None:
         """The fault resolver's PAGE_REQUEST. A dead return path loses it quietly: the migration
         pauses, and a recovery asks again for every page a thread still waits on."""
+        testpoint.fail("postcopy-resolver")  # on the resolver's thread, at its first request
         if self._rp is None:
             return
         try:
@@ -264,6 +299,8 @@ class IncomingMigration:
         """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
         start the guest while the rest of RAM arrives. The PROGRESS that first covers RUN goes
         out once the guest runs: the source ends postcopy's downtime when it arrives."""
+        if self._resolver_error is not None:
+            raise MigrationError(self._resolver_error)
         t0 = time.monotonic()
         with self._progress_lock:  # RUN is consumed already: no other thread may report it yet
             self._holding_progress = True
@@ -273,6 +310,7 @@ class IncomingMigration:
             self.drives.complete()
             self.device_loader.complete()
             self._applied("devices", self.session.passes)
+            testpoint.reached("postcopy-devices")
             # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
             # RUN tells the source the guest never started here, and the source resumes it).
             self.postcopy.started()
@@ -367,7 +405,10 @@ class IncomingMigration:
             self._paused = False
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             traceback.clear_frames(e.__traceback__)
-            self._postcopy_paused(self._reason(e))
+            if isinstance(e, PostcopyNeverRan):
+                self._never_ran(str(e))
+            else:
+                self._postcopy_paused(self._reason(e))
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -377,6 +418,20 @@ class IncomingMigration:
             if self.channel is not None:
                 self.channel.close()
 
+    def _never_ran(self, reason: str) -> None:
+        """A recovery reached this destination paused before RUN: tell the source (SHUT: it
+        resumes the guest, which it still has whole) and fail; everything here is released."""
+        if self._rp is not None:
+            with contextlib.suppress(TransportError, OSError):
+                self._rp.shut(reason)
+        self._paused = False
+        self.stats.error = reason
+        self.stats.end_ns = time.monotonic_ns()
+        self.state.set(S.FAILED)
+        log.error("incoming migration failed: %s", reason)
+        if self.channel is not None:
+            _drain_before_close(self.channel)
+
     def _postcopy_resumed(self) -> None:
         """POSTCOPY_RESUMED arrived on the recovered stream: tell the source which pages are
         here, then RESUME."""
@@ -385,6 +440,7 @@ class IncomingMigration:
             self._rp.received_bitmap(bid, bitmap)
         self._rp.resume()
         self.stats.error = None
+        self._resolver_error = None
         self.state.set(S.POSTCOPY_ACTIVE)
         log.info("postcopy recovered: %d pages still to come",
                  self.postcopy.dest.missing() if self.postcopy.dest else 0)
@@ -452,6 +508,8 @@ class IncomingMigration:
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
             return "migration cancelled on the destination"
+        if self._resolver_error is not None:
+            return self._resolver_error
         if self.watchdog is not None and self.watchdog.fired:
             return self.watchdog.fired
         if self._data_error is not None:
@@ -483,12 +541,15 @@ class IncomingMigration:
                     dec.feed(chunk[:n])
             self._waiting_since = None
             if n == 0:
+                self._eof = True
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
                 if isinstance(rec, Command) and rec.code == CommandCode.HEARTBEAT and self.watchdog:
                     self.watchdog.arm()  # advisory: the session skips it
                 ended = self.session.feed(rec)
+                if isinstance(rec, Command) and rec.code in _POSTCOPY_STEP:
+                    testpoint.reached(_POSTCOPY_STEP[rec.code])
                 if self.session.passes != self._traced_pass:  # a PASS record: trace each one
                     self._traced_pass = self.session.passes
                     self._applied("pass-start", self._traced_pass)

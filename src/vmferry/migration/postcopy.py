@@ -240,6 +240,9 @@ class PostcopyDestination:
         self.blocktime = Blocktime(1)
         self.latency = FaultLatency()
         self.error: str | None = None  # the resolver's failure, if it failed
+        # Called (from the resolver thread) when the resolver ends before close(): every later
+        # fault would go unanswered and the guest hang on its next missing page.
+        self.on_resolver_died: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -269,8 +272,34 @@ class PostcopyDestination:
         self.uffd = Userfaultfd()
         for b in self.blocks.values():
             self.uffd.register(b.host_addr, b.nbytes)
-        self._thread = threading.Thread(target=self._resolve, name="postcopy-faults", daemon=True)
+        self._thread = threading.Thread(target=self._resolver_main, name="postcopy-faults", daemon=True)
         self._thread.start()
+
+    def _resolver_main(self) -> None:
+        """The resolver thread: `_resolve` until close(). If it ends before that, the migration
+        is told (`on_resolver_died`): it pauses (after RUN) or refuses RUN (before), naming why."""
+        try:
+            self._resolve()
+        except Exception as e:  # noqa: BLE001 - reported below, through the migration's state
+            self.error = f"postcopy fault resolver: {e}"
+        if self._stop.is_set():
+            return
+        why = self.error or "postcopy fault resolver: the thread ended"
+        log.error("%s: faults are no longer answered", why)
+        if self.on_resolver_died is not None:
+            self.on_resolver_died(why)
+
+    def restart_resolver(self) -> bool:
+        """After a recovery: a resolver that died runs again on the same userfaultfd (faults
+        it read and never answered are woken when their pages arrive). True if it was dead."""
+        thread = self._thread
+        if self.uffd is None or self._stop.is_set() or (thread is not None and thread.is_alive()):
+            return False
+        self.error = None
+        self._thread = threading.Thread(target=self._resolver_main, name="postcopy-faults", daemon=True)
+        self._thread.start()
+        log.warning("postcopy: the fault resolver runs again (it had died)")
+        return True
 
     # --- placing what arrives (the incoming thread) ---
 
@@ -465,6 +494,11 @@ def _runs_at(pages: np.ndarray, positions: np.ndarray) -> list[tuple[int, int]]:
     return [(f, e - s) for f, s, e in zip(firsts, starts, ends, strict=True)]
 
 
+class PostcopyNeverRan(MigrationError):
+    """A recovery reached a destination that listened but never got POSTCOPY_RUN: it never ran
+    the guest, so the source (which still has all of it) takes it back."""
+
+
 class PostcopyLoader(Loader):
     """The destination's postcopy commands (dest_session dispatch): ADVISE, DISCARD, LISTEN, RUN.
 
@@ -475,13 +509,15 @@ class PostcopyLoader(Loader):
 
     def __init__(self, ram: RamLoader, enabled: Callable[[], bool], request: Callable[[int, int, int], None],
                  vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None],
-                 on_resumed: Callable[[], None] = lambda: None) -> None:
+                 on_resumed: Callable[[], None] = lambda: None,
+                 on_resolver_died: Callable[[str], None] = lambda why: None) -> None:
         self.ram = ram
         self._enabled = enabled
         self._request = request
         self._vcpu_thread_ids = vcpu_thread_ids
         self._on_run = on_run
         self._on_resumed = on_resumed
+        self._on_resolver_died = on_resolver_died
         self.advised = False
         self.dest: PostcopyDestination | None = None
         self.running = False  # RUN applied: the guest runs here
@@ -505,6 +541,7 @@ class PostcopyLoader(Loader):
         if self.dest is None:
             self.dest = PostcopyDestination(self.ram.blocks_by_id, self.ram.received, self._request,
                                             self._vcpu_thread_ids)
+            self.dest.on_resolver_died = self._on_resolver_died
         return self.dest
 
     def _discard(self, cmd: Command) -> None:
@@ -533,8 +570,12 @@ class PostcopyLoader(Loader):
         """POSTCOPY_RESUMED, the first command of a recovery's stream: answer with what is here
         (RECEIVED_BITMAP per block, RESUME) through the driver, and ask again for every page a
         thread still waits on."""
+        if self.dest is not None and self.dest.uffd is not None and not self.running:
+            raise PostcopyNeverRan("POSTCOPY_RUN never arrived here: the guest never ran on this "
+                                   "destination, the source keeps it")
         if not self.running or self.dest is None:
             raise MigrationError("POSTCOPY_RESUMED without a paused postcopy migration here")
+        self.dest.restart_resolver()
         self._on_resumed()
         self.dest.rerequest()
 
