@@ -29,6 +29,7 @@ import pytest
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Config, DeviceSection
+from vmferry.testing.netns import VethLink
 from vmproc import VmProcess
 
 pytestmark = [pytest.mark.kvm]
@@ -309,50 +310,17 @@ def test_a_source_that_sends_no_heartbeat_is_not_timed_out(tmp_path: Path, procs
 
 # --- the link goes down (a network namespace and a veth pair) ---
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def netns() -> Iterator[tuple[str, str, str]]:
-    """(namespace, the host's end of the veth, the destination's address), uniquely named and
-    always removed. Needs root and `ip`; on CI (VMFERRY_REQUIRE_KVM=1) their absence fails."""
-    if os.geteuid() != 0 or subprocess.run(["which", "ip"], capture_output=True).returncode:
-        if os.environ.get("VMFERRY_REQUIRE_KVM") == "1":
-            pytest.fail("the link-down cell needs root and iproute2")
-        pytest.skip("the link-down cell needs root and iproute2")
-    tag = secrets.token_hex(3)
-    ns, host_if, peer_if = f"vmf-{tag}", f"vf{tag}a", f"vf{tag}b"
-    net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
-    try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _ip("link", "set", peer_if, "netns", ns)
-        _ip("addr", "add", f"{net}.1/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", peer_if)
-        _ip("-n", ns, "link", "set", peer_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        yield ns, host_if, f"{net}.2"
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            _ip("link", "del", host_if)  # removes its peer too
-        with contextlib.suppress(subprocess.SubprocessError):
-            _ip("netns", "del", ns)
-
-
-def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str]) -> None:
-    ns, host_if, address = netns
+def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns_link: VethLink) -> None:
     src = _source(tmp_path, procs)
-    dst = _dest(tmp_path, procs, f"tcp:{address}:0", wrap=("ip", "netns", "exec", ns))
+    dst = _dest(tmp_path, procs, f"tcp:{netns_link.address}:0", wrap=netns_link.exec_prefix)
     _mid_pass(src, _uri(dst))
     t0 = time.monotonic()
-    _ip("link", "set", host_if, "down")
+    netns_link.down()
     try:
         src_info, src_took = _until_failed(src, t0)
         dst_info, dst_took = _until_failed(dst, t0)
     finally:
-        _ip("link", "set", host_if, "up")
+        netns_link.up()
     _report("link down, source", src_took)
     _report("link down, destination", dst_took)
     assert src_info["status"] == "failed" and "no heartbeat" in src_info["error-desc"], src_info
