@@ -60,19 +60,6 @@ def _dest(tmp: Path, procs: list[VmProcess], incoming: str = "tcp:127.0.0.1:0",
     return dst
 
 
-def _listen_address(dst: VmProcess) -> tuple[str, int]:
-    deadline = time.monotonic() + 60
-    while not (m := re.search(r"incoming migration on tcp:(\S+):(\d+)", dst.log())):
-        assert time.monotonic() < deadline, dst.log()
-        time.sleep(0.05)
-    return m.group(1), int(m.group(2))
-
-
-def _uri(dst: VmProcess) -> str:
-    host, port = _listen_address(dst)
-    return f"tcp:{host}:{port}"
-
-
 def _mid_pass(src: VmProcess, uri: str, after_bytes: int = 2 << 20) -> None:
     """Start a slow migration and return once `after_bytes` of it went out: mid-pass."""
     src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
@@ -172,7 +159,7 @@ class _Relay:
 
 def test_cancel_on_the_source(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.cmd("migrate_cancel")
     assert src.wait_migration()["status"] == "cancelled"
     _source_survives(src)
@@ -181,7 +168,7 @@ def test_cancel_on_the_source(tmp_path: Path, procs: list[VmProcess]) -> None:
 
 def test_cancel_on_the_destination(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     dst.cmd("migrate_cancel")
     info = src.wait_migration()
     assert info["status"] == "failed" and "cancelled on the destination" in info["error-desc"], info
@@ -191,7 +178,7 @@ def test_cancel_on_the_destination(tmp_path: Path, procs: list[VmProcess]) -> No
 
 def test_source_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.proc.kill()
     src.proc.wait()
     _dest_failed(dst, r"truncated|without END|connection")
@@ -199,7 +186,7 @@ def test_source_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
 
 def test_destination_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     dst.proc.kill()
     dst.proc.wait()
     assert src.wait_migration()["status"] == "failed"
@@ -210,7 +197,7 @@ def test_destination_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
 
 def test_destination_stopped_is_noticed_by_heartbeats(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     t0 = time.monotonic()
     dst.proc.send_signal(signal.SIGSTOP)
     info, took = _until_failed(src, t0)
@@ -224,7 +211,7 @@ def test_destination_stopped_is_noticed_by_heartbeats(tmp_path: Path, procs: lis
 
 def test_source_stopped_is_noticed_by_heartbeats(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     t0 = time.monotonic()
     src.proc.send_signal(signal.SIGSTOP)
     info, took = _until_failed(dst, t0)
@@ -242,7 +229,7 @@ def test_heartbeats_off_a_stopped_source_is_not_timed_out(tmp_path: Path, procs:
     """x-heartbeat-ms 0 on the source: it sends none, so the destination (whose heartbeats are
     on) never times it out — as against a peer that does not speak heartbeats at all."""
     src, dst = _source(tmp_path, procs, ("x-heartbeat-ms", 0)), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.proc.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + BEYOND_LIMIT_S
     while time.monotonic() < deadline:
@@ -293,7 +280,7 @@ def test_a_destination_that_sends_no_heartbeat_is_not_timed_out(
 def test_a_source_that_sends_no_heartbeat_is_not_timed_out(tmp_path: Path, procs: list[VmProcess]) -> None:
     dst = _dest(tmp_path, procs)
     enc = StreamEncoder(machine_type="")
-    with socket.create_connection(_listen_address(dst), timeout=30) as sock:
+    with socket.create_connection(dst.incoming_address(), timeout=30) as sock:
         sock.sendall(enc.header() + enc.encode(Config({"producer": "a peer without heartbeats"})))
         dst.wait_migration(("active",), timeout=60)
         deadline = time.monotonic() + BEYOND_LIMIT_S
@@ -313,7 +300,7 @@ def test_a_source_that_sends_no_heartbeat_is_not_timed_out(tmp_path: Path, procs
 def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns_link: VethLink) -> None:
     src = _source(tmp_path, procs)
     dst = _dest(tmp_path, procs, f"tcp:{netns_link.address}:0", wrap=netns_link.exec_prefix)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     t0 = time.monotonic()
     netns_link.down()
     try:
@@ -339,7 +326,7 @@ def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns_link: V
 def test_a_flipped_byte(tmp_path: Path, procs: list[VmProcess], where: str, offset: int,
                         pattern: str) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    relay = _Relay(_listen_address(dst), flip_at=offset)
+    relay = _Relay(dst.incoming_address(), flip_at=offset)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
@@ -354,7 +341,7 @@ def test_a_flipped_byte(tmp_path: Path, procs: list[VmProcess], where: str, offs
 @pytest.mark.parametrize(("where", "offset"), [("setup", 40), ("mid-pass", 3 << 20)])
 def test_a_truncated_stream(tmp_path: Path, procs: list[VmProcess], where: str, offset: int) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    relay = _Relay(_listen_address(dst), cut_at=offset)
+    relay = _Relay(dst.incoming_address(), cut_at=offset)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
@@ -469,7 +456,7 @@ def test_tls_source_killed(tmp_path: Path, procs: list[VmProcess], tls_dirs: dic
                            kind: str) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, kind)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.proc.kill()
     src.proc.wait()
     _dest_failed(dst, r"without TLS close_notify \(truncated\)|Connection reset")
@@ -480,7 +467,7 @@ def test_tls_destination_killed(tmp_path: Path, procs: list[VmProcess], tls_dirs
                                 kind: str) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, kind)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     dst.proc.kill()
     dst.proc.wait()
     info = src.wait_migration()
@@ -495,7 +482,7 @@ def test_tls_a_flipped_byte_is_a_record_mac_failure(tmp_path: Path, procs: list[
     (its authentication tag) before any byte of it reaches the stream decoder."""
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, kind)
-    relay = _Relay(_listen_address(dst), flip_at=3 << 20)
+    relay = _Relay(dst.incoming_address(), flip_at=3 << 20)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
@@ -513,7 +500,7 @@ def test_tls_a_flipped_byte_is_a_record_mac_failure(tmp_path: Path, procs: list[
 def test_tls_stream_cut_mid_pass(tmp_path: Path, procs: list[VmProcess], tls_dirs: dict[str, Path]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, "psk")
-    relay = _Relay(_listen_address(dst), cut_at=3 << 20)
+    relay = _Relay(dst.incoming_address(), cut_at=3 << 20)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
