@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from polling import wait_for
-from test_fault_matrix import _dest_failed, _ip, _source_survives, netns  # noqa: F401 - netns: fixture
+from test_fault_matrix import _dest_failed, _source_survives
 from test_postcopy import DIRTY, MEM, NEVER_CONVERGES_MS, SLOW, TRICKLE, _caps, _status, _verified
+from vmferry.testing.netns import VethLink
 from vmproc import VmProcess
 
 pytestmark = [pytest.mark.kvm]
@@ -41,18 +42,24 @@ PAUSED_WITHIN_S = 60
 SLOW_SOURCE_BEATS_MS = 3000
 
 
-def _pair(tmp: Path, procs: list[VmProcess], netns: tuple[str, str, str], *,  # noqa: F811
+@pytest.fixture
+def netns(netns_link: VethLink) -> VethLink:
+    """The shared namespace link (tests/conftest.py), under this file's name for it."""
+    return netns_link
+
+
+def _pair(tmp: Path, procs: list[VmProcess], netns: VethLink, *,
           src_at: str = "", dst_at: str = "", dst_fail: str = "",
           reconnect: bool = False, src_heartbeat_ms: int = 0) -> tuple[VmProcess, VmProcess]:
     """Source on the host, destination in the namespace (tcp over the veth), postcopy-ram on
     both; `src_at` / `dst_at`: the step at which that process stops itself; `dst_fail`: what
     fails on the destination (migration/testpoint.py); `src_heartbeat_ms`: the source's
     x-heartbeat-ms (0: the default)."""
-    ns, _, address = netns
+    address = netns.address
     src = VmProcess(tmp, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY,
                     env={"VMFERRY_TEST_PAUSE_AT": src_at})
     procs.append(src)
-    dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", "defer", wrap=("ip", "netns", "exec", ns),
+    dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", "defer", wrap=netns.exec_prefix,
                     env={"VMFERRY_TEST_PAUSE_AT": dst_at, "VMFERRY_TEST_FAIL_AT": dst_fail})
     procs.append(dst)
     src.wait_serial(r"verify ok")
@@ -69,10 +76,10 @@ def _pair(tmp: Path, procs: list[VmProcess], netns: tuple[str, str, str], *,  # 
     return src, dst
 
 
-def _migrate(src: VmProcess, netns: tuple[str, str, str], switch: bool = True) -> None:  # noqa: F811
+def _migrate(src: VmProcess, netns: VethLink, switch: bool = True) -> None:
     """migrate; with `switch`, migrate-start-postcopy once the first MiB went (the source
     switches at its next step, long after this reply)."""
-    src.cmd("migrate", uri=f"tcp:{netns[2]}:{PORT}")
+    src.cmd("migrate", uri=f"tcp:{netns.address}:{PORT}")
     if switch:
         wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("transferred", 0) >= 1 << 20,
                  "the first MiB of precopy")
@@ -109,12 +116,12 @@ def _cont(vm: VmProcess) -> None:
 
 
 @contextlib.contextmanager
-def _link_down(netns: tuple[str, str, str]) -> Iterator[None]:  # noqa: F811
-    _ip("link", "set", netns[1], "down")
+def _link_down(netns: VethLink) -> Iterator[None]:
+    netns.down()
     try:
         yield
     finally:
-        _ip("link", "set", netns[1], "up")
+        netns.up()
 
 
 def _paused(vm: VmProcess) -> dict:
@@ -149,7 +156,7 @@ def _recover_and_complete(src: VmProcess, dst: VmProcess, address: str, port: in
 # --- before RUN: the source is the only owner ---
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_at_advise(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str],  # noqa: F811
+def test_at_advise(tmp_path: Path, procs: list[VmProcess], netns: VethLink,
                    fault: str) -> None:
     """The destination stops right after POSTCOPY_ADVISE (precopy goes on): the source keeps
     running, intact; the destination applies nothing."""
@@ -175,7 +182,7 @@ def test_at_advise(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str
 
 
 @pytest.mark.parametrize("fault", ["kill-source", "link-down"])
-def test_at_discard(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str],  # noqa: F811
+def test_at_discard(tmp_path: Path, procs: list[VmProcess], netns: VethLink,
                     fault: str) -> None:
     """The source stops right after POSTCOPY_DISCARD and LISTEN (the destination listens for
     faults; RUN not written yet). Killed: the destination never ran the guest and pauses (only
@@ -194,7 +201,7 @@ def test_at_discard(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, st
         assert "the guest never ran here" in info["error-desc"], info
         assert dst.status() == "inmigrate"
         return
-    _, _, address = netns
+    address = netns.address
     with _link_down(netns):
         _cont(src)
         _source_paused_holding_the_guest(src)
@@ -211,7 +218,7 @@ def test_at_discard(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, st
 
 
 def test_run_never_received_with_reconnect_the_source_takes_the_guest_back_by_itself(
-        tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str]) -> None:  # noqa: F811
+        tmp_path: Path, procs: list[VmProcess], netns: VethLink) -> None:
     """As the link-down cell at discard, with x-postcopy-reconnect on both sides: no command is
     needed; once the link is back the source resumes its guest."""
     src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-discard", reconnect=True,
@@ -232,7 +239,7 @@ def test_run_never_received_with_reconnect_the_source_takes_the_guest_back_by_it
 # --- after RUN: neither side has the whole VM ---
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_at_device_load(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str],  # noqa: F811
+def test_at_device_load(tmp_path: Path, procs: list[VmProcess], netns: VethLink,
                         fault: str) -> None:
     """The destination stops after RUN's device state is applied, before the guest starts."""
     src, dst = _pair(tmp_path, procs, netns, dst_at="postcopy-devices")
@@ -251,11 +258,11 @@ def test_at_device_load(tmp_path: Path, procs: list[VmProcess], netns: tuple[str
             _cont(dst)
             _source_paused_holding_the_guest(src)
             _paused(dst)
-        _recover_and_complete(src, dst, netns[2], PORT + 1)
+        _recover_and_complete(src, dst, netns.address, PORT + 1)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_at_run(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str],  # noqa: F811
+def test_at_run(tmp_path: Path, procs: list[VmProcess], netns: VethLink,
                 fault: str) -> None:
     """The source stops right after writing POSTCOPY_RUN (the destination runs the guest)."""
     src, dst = _pair(tmp_path, procs, netns, src_at="postcopy-run")
@@ -278,11 +285,11 @@ def test_at_run(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, s
             _cont(src)
             _source_paused_holding_the_guest(src)
             _paused(dst)
-        _recover_and_complete(src, dst, netns[2], PORT + 1)
+        _recover_and_complete(src, dst, netns.address, PORT + 1)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_during_recovery(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str],  # noqa: F811
+def test_during_recovery(tmp_path: Path, procs: list[VmProcess], netns: VethLink,
                          fault: str) -> None:
     """A double failure: paused by migrate-pause, a recovery begins, and the destination stops
     right after it answered the source's POSTCOPY_RESUMED; the fault then lands both (the
@@ -293,7 +300,7 @@ def test_during_recovery(tmp_path: Path, procs: list[VmProcess], netns: tuple[st
     src.cmd("migrate-pause")
     _paused(src)
     _paused(dst)
-    address = netns[2]
+    address = netns.address
     dst.cmd("migrate-recover", uri=f"tcp:{address}:{PORT + 1}")
     src.cmd("migrate", uri=f"tcp:{address}:{PORT + 1}", resume=True)
     _wait_stopped(dst, "postcopy-resumed")
@@ -314,7 +321,7 @@ def test_during_recovery(tmp_path: Path, procs: list[VmProcess], netns: tuple[st
 
 
 def test_a_dying_fault_resolver_pauses_naming_it_and_a_recovery_completes(
-        tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str]) -> None:  # noqa: F811
+        tmp_path: Path, procs: list[VmProcess], netns: VethLink) -> None:
     """The destination's fault resolver thread raises at its first page request (after RUN):
     the guest would hang on its next missing page, so the destination pauses naming the resolver
     and breaks the connection (the source pauses too); a recovery starts the resolver again, asks
@@ -325,5 +332,5 @@ def test_a_dying_fault_resolver_pauses_naming_it_and_a_recovery_completes(
     assert "postcopy fault resolver: test hook" in info["error-desc"], info
     assert dst.status() == "running"
     _source_paused_holding_the_guest(src)
-    _recover_and_complete(src, dst, netns[2], PORT + 1)
+    _recover_and_complete(src, dst, netns.address, PORT + 1)
     assert "the fault resolver runs again" in dst.log()
