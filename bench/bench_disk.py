@@ -22,6 +22,19 @@ Sides:
                has it, crashes QEMU 7.2: the completed migration inactivates the source's images
                under the running mirror, `bdrv_co_write_req_prepare: Assertion ... failed`.)
   vmferry-shared  (not by default) vmferry with the image shared: the pause of shared storage
+  vmferry-compress  (not by default) vmferry as `vmferry`, with `x-block-compression` set to
+               --block-compression (default auto): data runs of the disk as BLOCK_COMPRESSED
+  vmferry-before  (not by default, needs --before-src) `vmferry`, but its processes run the
+               vmferry source tree at --before-src (another build's src/): an A/B of two builds
+               interleaved under the same load
+
+Disk data (--disk-data): `stamped` (the default) is the guest's own: it fills the 512 MiB itself
+(`dfill=512`) with generation-stamped, checksummed sectors, which compress very well (most
+words of a sector differ from each other in a few low bits). `random` fills those 512 MiB from
+the host before the guest starts with bytes from a seeded generator (incompressible) and the
+guest skips its fill (`dfill=0`); its paced writes while migrating are still stamped sectors.
+The destination's image is then checked block by block: each 4 KiB block either holds the
+guest's stamped sectors (the host verifier's check) or equals the random fill byte for byte.
 
 Links: `loopback` (127.0.0.1) and `1g`: the destination in a network namespace of its own,
 reached over a veth pair shaped with `tc tbf rate 1gbit` (/work/shared/BENCHMARKS.md; needs
@@ -92,9 +105,13 @@ DISK_BYTES = GiB
 MEMORY = "1G"
 FILL_MIB = 512
 GUEST = f"dws={FILL_MIB} dfill={FILL_MIB} drate=20 dreq=64 ws=256 rate=50"
+DISK_DATA = "stamped"  # --disk-data; `random`: GUEST with dfill=0 and the host's random fill
+RANDOM_SEED = 10
+BLOCK_COMPRESSION = "auto"  # --block-compression: vmferry-compress's x-block-compression
 UNCAPPED = 100 * GiB
 POLL_S = 0.01
-SIDES = ("vmferry", "qemu-blk", "qemu-mirror", "vmferry-shared")
+SIDES = ("vmferry", "qemu-blk", "qemu-mirror", "vmferry-shared", "vmferry-compress", "vmferry-before")
+BEFORE_SRC: Path | None = None  # --before-src: vmferry-before's PYTHONPATH
 DEFAULT_SIDES = SIDES[:3]
 LINKS = ("loopback", "1g")
 PROGRESS_RX = re.compile(r"disk: t=(\d+) gen=\d+ written=(\d+) KiB ram=(\d+) MiB stall=(\d+) us\n")
@@ -217,6 +234,9 @@ class DiskVm:
                                                               f"{GUEST} verify={VERIFY_S}"]
             if paused:
                 cmd.append("-S")
+            if side == "vmferry-before":
+                assert BEFORE_SRC is not None
+                cmd = ["env", f"PYTHONPATH={BEFORE_SRC}", *cmd]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.qmp: QEMUMonitorProtocol | None = None
         self.proc = spawn([*(prefix or []), *cmd], self._log)
@@ -308,10 +328,45 @@ def allocated(path: Path) -> list[tuple[int, int]]:
     return out
 
 
-def image(path: Path) -> Path:
+def image(path: Path, random_fill: bool = False) -> Path:
     with open(path, "wb") as f:
         f.truncate(DISK_BYTES)
+        if random_fill:
+            for off, chunk in random_chunks():
+                f.seek(off)
+                f.write(chunk)
     return path
+
+
+def random_chunks() -> Any:
+    """--disk-data random: the first FILL_MIB MiB, 16 MiB at a time, the same bytes every time."""
+    import numpy as np
+
+    rng = np.random.default_rng(RANDOM_SEED)
+    for off in range(0, FILL_MIB * MiB, 16 * MiB):
+        yield off, rng.bytes(16 * MiB)
+
+
+def verify_random_fill(path: Path) -> tuple[bool, str]:
+    """Each 4 KiB block of the first FILL_MIB MiB either equals the random fill or holds the
+    guest's stamped sectors (verify_disk's check, on that block alone)."""
+    import numpy as np
+
+    from vmferry.guests.verify_disk import _check_chunk
+
+    stamped = 0
+    with open(path, "rb") as f:
+        for off, want in random_chunks():
+            have = os.pread(f.fileno(), len(want), off)
+            a = np.frombuffer(have, dtype=np.uint8).reshape(-1, 4096)
+            b = np.frombuffer(want, dtype=np.uint8).reshape(-1, 4096)
+            for i in np.flatnonzero((a != b).any(axis=1)):
+                block = have[i * 4096:(i + 1) * 4096]
+                count, bad, why = _check_chunk(block, (off + int(i) * 4096) // 512)
+                if bad is not None or count != 8:
+                    return False, f"block at {off + int(i) * 4096}: neither the fill nor stamped ({why})"
+                stamped += 1
+    return True, f"random fill intact, {stamped} blocks stamped by the guest"
 
 
 # --- one run ---
@@ -359,7 +414,7 @@ def poll_migration(src: DiskVm, timeout: float, res: dict[str, Any], wire: WireC
 
 def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]:
     res: dict[str, Any] = {"side": side, "link": link.kind, "guest": f"{GUEST} verify={VERIFY_S}"}
-    src_img = image(tmp / "src.img")
+    src_img = image(tmp / "src.img", random_fill=DISK_DATA == "random")
     # vmferry-shared: both sides open the one image (shared storage); nothing of it in the stream
     dst_img = src_img if side == "vmferry-shared" else image(tmp / "dst.img")
     started: list[DiskVm] = []
@@ -420,7 +475,9 @@ def run_once(side: str, link: Link, tmp: Path, timeout: float) -> dict[str, Any]
         elif side == "qemu-blk":
             src.cmd("migrate", uri=incoming, blk=True)
         else:
-            src.cmd("migrate", uri=uri, blk=side == "vmferry")
+            if side == "vmferry-compress":
+                src.cmd("migrate-set-parameters", **{"x-block-compression": BLOCK_COMPRESSION})
+            src.cmd("migrate", uri=uri, blk=side in ("vmferry", "vmferry-compress", "vmferry-before"))
         info = poll_migration(src, timeout, res, wire, mirror=side == "qemu-mirror")
         t_done = time.monotonic()
         res["status"] = info["status"]
@@ -496,7 +553,11 @@ def check_destination(dst: DiskVm, dst_img: Path, res: dict[str, Any]) -> None:
     with contextlib.suppress(BenchError):
         dst.cmd("stop")
     dst.close()  # the image is consistent: every write completed or never started
-    v = verify_disk_image(dst_img)
+    if DISK_DATA == "random":
+        ok, what = verify_random_fill(dst_img)
+        v = type("Verdict", (), {"ok": ok, "__str__": lambda self: what})()
+    else:
+        v = verify_disk_image(dst_img)
     res["dest_image"] = str(v)
     ext = allocated(dst_img)
     res["allocated_dst_mib"] = round(sum(n for _, n in ext) / MiB, 1)
@@ -611,8 +672,19 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=30, help="the guest's verify= period, s")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="keep each run's files in this (existing) directory")
+    ap.add_argument("--disk-data", choices=("stamped", "random"), default="stamped",
+                    help="the 512 MiB on the disk: the guest's stamped fill, or random from the host")
+    ap.add_argument("--before-src", type=Path, help="vmferry-before's vmferry source tree (a src/ dir)")
+    ap.add_argument("--block-compression", default="auto", choices=("zstd", "zlib", "lz4", "auto"),
+                    help="vmferry-compress's x-block-compression")
     args = ap.parse_args()
     VERIFY_S = args.verify
+    global GUEST, DISK_DATA, BLOCK_COMPRESSION, BEFORE_SRC
+    DISK_DATA, BLOCK_COMPRESSION, BEFORE_SRC = args.disk_data, args.block_compression, args.before_src
+    if "vmferry-before" in args.sides and (BEFORE_SRC is None or not (BEFORE_SRC / "vmferry").is_dir()):
+        ap.error("vmferry-before needs --before-src pointing at a src/ directory holding vmferry/")
+    if DISK_DATA == "random":
+        GUEST = GUEST.replace(f"dfill={FILL_MIB}", "dfill=0")
     links = [x.strip() for x in args.links.split(",") if x.strip()]
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]
     for x in links:

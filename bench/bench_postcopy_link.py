@@ -23,9 +23,9 @@ are polled to `completed`. The destination's guest must then print `verify ok` (
 own check of every page; vmferry's host verifier `x-verify-dirty-guest` too).
 
 Reported from the source's final query-migrate: total-time, downtime (the pause at the switch:
-vmferry's from the vCPUs stopping to POSTCOPY_RUN written, QEMU's from its vCPUs stopping to its
-device state and RUN sent), ram.transferred (bytes sent); the guest's own `stall=` in the
-destination's first progress line after the switch (the pause as the guest saw it, plus any
+vmferry's from the vCPUs stopping to the destination's word that its guest runs, QEMU's from its
+vCPUs stopping to its device state and RUN sent), ram.transferred (bytes sent); the guest's own
+`stall=` in the destination's first progress line after the switch (the pause as the guest saw it, plus any
 fault in that second) and the worst one after the switch; postcopy-blocktime and requests from
 the destination. The target: total-time <= 1.2 x (bytes sent / link rate), with the link rate
 both nominal (--rate) and measured in the same run (one Python TCP stream through the link,
@@ -157,8 +157,8 @@ def poll_until(vm: Vm, done: tuple[str, ...], timeout: float) -> dict[str, Any]:
 
 def switch_seen(src: Vm, dst: Vm, t_switch: float, timeout: float = 60) -> dict[str, Any]:
     """When each side first reported postcopy-active after migrate-start-postcopy, polling both
-    every few ms (the destination's is when it runs the guest: an upper bound of the pause the
-    source's `downtime` does not see, which ends at RUN written into its socket)."""
+    every few ms (the destination's is when it runs the guest: vmferry's `downtime` ends when
+    the source hears of it; QEMU's ends at RUN written into its socket)."""
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     while len(seen) < 2 and time.monotonic() < deadline:

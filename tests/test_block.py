@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmferry.block.backend import BlockError
+from vmferry.block.opener import open_drive
 from vmferry.block.options import DriveSpec, parse_drive, parse_drives
-from vmferry.block.raw import open_drive
 from vmferry.block.stats import BlockStats
 from vmferry.guests.verify_disk import verify_disk_image
 

@@ -18,6 +18,7 @@ from polling import wait_for
 from vmferry.block.options import DriveSpec
 from vmferry.block.raw import RawImage
 from vmferry.guests.verify_disk import verify_disk_image
+from vmferry.migration.trace import read_trace
 from vmproc import REPO, QmpReplyError, VmProcess
 
 pytestmark = pytest.mark.kvm
@@ -56,12 +57,6 @@ def _dest(tmp: Path, procs: list[VmProcess], img: Path, *extra: str, drive_id: s
     return dst
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    m = wait_for(lambda: re.search(r"incoming migration on (\S+)", dst.log()),
-                 f"{dst.name} listening")
-    return m.group(1)
-
-
 def _verifies_after(vm: VmProcess) -> None:
     start = len(vm.serial())
     vm.wait_serial(r"disk verify ok gen=\d+", after=start, timeout=60)
@@ -92,7 +87,7 @@ def test_shared_storage_with_a_request_in_flight_at_switchover(tmp_path: Path,
     hold.touch()
     wait_for(lambda: src.cmd("x-query-virtio-queue-status", path=QDEV, queue=0)["inuse"] >= 1,
              "a request held in flight on the source")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration()
     assert info["status"] == "completed", info
     assert "disk" not in info  # shared: nothing of the disk in the stream
@@ -113,7 +108,7 @@ def test_shared_storage_guest_writing_through_switchover(tmp_path: Path, procs: 
     img = _image(tmp_path, "shared.img")
     src = _source(tmp_path, procs, img)
     dst = _dest(tmp_path, procs, img)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     assert src.wait_migration()["status"] == "completed"
     assert dst.wait_migration()["status"] == "completed"
     _verifies_after(dst)
@@ -146,9 +141,17 @@ def test_non_shared_storage_copies_the_disk_in_the_stream(tmp_path: Path, procs:
         f.write(b"\xff" * (1 << 20))
     src = _source(tmp_path, procs, src_img)
     dst = _dest(tmp_path, procs, dst_img, "-S")  # stays paused: the images can be compared
-    src.cmd("migrate", uri=_listen_uri(dst), blk=True)
+    trace = tmp_path / "src.trace"
+    src.cmd("migrate-set-parameters", **{"x-trace-file": str(trace)})
+    src.cmd("migrate", uri=dst.incoming_uri(), blk=True)
     info = src.wait_migration()
     assert info["status"] == "completed", info
+    # The disk went first: the first pass held RAM back (its bulk copy alone), a later one sent
+    # RAM, and no held pass ended in the switchover.
+    passes = read_trace(trace).of("pass")
+    assert passes[0]["held"] == ["ram", "devices"] and passes[0]["pages"] == 0, passes[0]
+    assert any(not p["held"] and p["pages"] > 0 for p in passes[1:]), passes
+    assert not passes[-1]["held"], passes
     assert info["disk"]["total"] == DISK and info["disk"]["remaining"] == 0, info["disk"]
     assert info["disk"]["transferred"] > 0
     assert dst.wait_migration()["status"] == "completed"
@@ -172,7 +175,7 @@ def _refused(src: VmProcess, dst: VmProcess, match: str, **migrate: object) -> N
     # however late it arrives on a loaded machine (a source already paused for switchover stays
     # paused once END is out: docs/migration.md, "Nothing lost").
     src.cmd("migrate-set-parameters", **{"downtime-limit": 0})
-    src.cmd("migrate", uri=_listen_uri(dst), **migrate)
+    src.cmd("migrate", uri=dst.incoming_uri(), **migrate)
     info = src.wait_migration()
     assert info["status"] == "failed", info
     assert re.search(match, info.get("error-desc", "")), info
@@ -271,8 +274,48 @@ def test_analyze_shows_block_records_per_drive_and_the_requests_in_flight(
                   r"zero (\d+), .*BLOCK_DATA", out.stdout, re.M)
     assert m and int(m.group(1)) > 0 and int(m.group(1)) + int(m.group(2)) >= 8 << 11, out.stdout
     assert re.search(r"^disk spare: 1048576 bytes \(2048 sectors\), shared", out.stdout, re.M), out.stdout
+    assert "BLOCK_COMPRESSED" not in out.stdout  # x-block-compression none (the default): all raw
     assert re.search(r"section virtio-blk \(id \d+, instance 0\)", out.stdout), out.stdout
     # The request held in flight travels as the list in disk0's section; spare has none.
     assert re.search(r'drive_id = "disk0"(.*\n)+?    pending = \[\{"queue": 0, "head": \d+\}\]\n',
                      out.stdout), out.stdout
     assert re.search(r'drive_id = "spare"(.*\n)+?    pending = \[\]\n', out.stdout), out.stdout
+
+
+def test_compressed_blocks_restore_the_guest_and_analyze_shows_them(tmp_path: Path,
+                                                                    procs: list[VmProcess]) -> None:
+    """x-block-compression zstd: the copied drive's data runs go as BLOCK_COMPRESSED (the disk
+    guest's sectors compress well); the destination decompresses, checks each run's checksum,
+    writes it into an empty image, and the guest there finds every block it wrote."""
+    img = _image(tmp_path, "disk.img")
+    src = _source(tmp_path, procs, img)
+    src.cmd("migrate-set-parameters", **{"x-block-compression": "zstd"})
+    snap = tmp_path / "snap.vmf"
+    src.cmd("migrate", uri=f"file:{snap}", blk=True)
+    info = src.wait_migration()
+    assert info["status"] == "completed", info
+    # Fewer stream bytes than the blocks it carried (8 MiB working set)
+    assert 0 < info["disk"]["transferred"] < 8 << 20, info["disk"]
+    src.close()
+    out = subprocess.run([sys.executable, "-m", "vmferry", "analyze", str(snap)], capture_output=True,
+                         text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^disk disk0: .*BLOCK_COMPRESSED zstd \d+", out.stdout, re.M), out.stdout
+    assert re.search(r"^    compressed: \d+ bytes in \d+ \(\d+\.\d%\)", out.stdout, re.M), out.stdout
+    assert '"block-compression":"zstd"' in out.stdout.replace(" ", ""), out.stdout
+    fresh = _image(tmp_path, "fresh.img")
+    dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", f"file:{snap}", "--drive", _drive(fresh))
+    procs.append(dst)
+    assert dst.wait_migration()["status"] == "completed"
+    _verifies_after(dst)
+    dst.cmd("stop")
+    _ring_settled(dst)
+    verdict = verify_disk_image(fresh)
+    assert verdict.ok and verdict.sectors > 0, verdict
+
+
+def test_x_block_compression_refuses_an_unknown_codec(tmp_path: Path, procs: list[VmProcess]) -> None:
+    src = _source(tmp_path, procs, _image(tmp_path, "src.img"))
+    with pytest.raises(QmpReplyError, match="x-block-compression"):
+        src.cmd("migrate-set-parameters", **{"x-block-compression": "brotli"})
+    _source_survives(src)

@@ -348,20 +348,107 @@ class CountingSink:
 def test_a_pass_of_disk_blocks_that_shrank_the_backlog_pays_and_bulk_state_goes_first() -> None:
     """A pass that sent 1000 blocks and left 100 halved the backlog: within the downtime limit
     but above its goal, the session makes another pass (counting pages alone, it saw 0 sent and
-    0 left and switched over). The bulk-first saver is iterated before the one listed first."""
+    0 left and switched over). The first pass holds the other saver back (the disk's backlog is
+    large and nothing is measured yet); the next one lets it go, after the bulk-first saver."""
     order: list[str] = []
     late = UnitsSaver("ram-like", False, order, 0, 0)
     disk = UnitsSaver("disk-like", True, order, 1000, 100)
     session = SourceSession([late, disk], CountingSink.encoder, {}, lambda: 300)
-    times = iter([0.0, 1.0, 1.0])  # pass start, pass end, after the sync
+    times = iter([0.0, 1.0, 1.0, 1.0, 1.5, 1.5])  # pass start, pass end, after the sync (x2)
     session.setup(CountingSink(), 0.0)
     step = session.step(CountingSink(), lambda: next(times))
-    assert order[:2] == ["disk-like", "ram-like"]
-    assert step.report is not None
+    assert step.held == ("ram-like",) and "ram-like" not in order
+    assert step.report is not None and step.report.held == ("ram-like",)
     # 100 blocks left at 1000 blocks/s: ~100 ms + the fixed part, within 300 ms, above 15 ms
     assert 15 < step.report.expected_downtime_ms <= 300
     assert not step.switchover
     assert step.report.dirty_rate_bps == 100 * PAGE / 1.0
+    # 100 blocks fit the limit at the measured bandwidth: let go, the disk still first
+    step = session.step(CountingSink(), lambda: next(times))
+    assert step.held == () and order[-2:] == ["disk-like", "ram-like"]
+
+
+class ShrinkingDisk(UnitsSaver):
+    """A bulk-first saver whose every pass leaves `keep` of what it sent waiting again (the
+    guest rewriting that share of the disk meanwhile)."""
+
+    def __init__(self, order: list[str], units: int, keep: float) -> None:
+        super().__init__("disk-like", True, order, units, 0)
+        self.keep = keep
+
+    def sync(self) -> None:
+        self.to_send = int(self.sent_now * self.keep)
+        self.sent_now = 0
+
+    sent_now = 0
+
+    def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
+        before = self.to_send
+        n = super().iterate(out, budget_bytes)
+        self.sent_now += before - self.to_send
+        return n
+
+
+def test_hold_back_rule() -> None:
+    from vmferry.migration.convergence import MAX_HELD_PASSES, hold_back
+
+    mib = 1 << 20
+    assert hold_back(512 * mib, None, 0.0, 300, 0)  # the bulk copy ahead, nothing measured
+    assert not hold_back(0, None, 0.0, 300, 0)  # no disk backlog: nothing to wait for
+    assert hold_back(86 * mib, 512 * mib, 119e6, 300, 1)  # 0.76 s of disk left, still shrinking
+    assert not hold_back(14 * mib, 86 * mib, 119e6, 300, 2)  # 0.12 s: fits the limit
+    assert not hold_back(60 * mib, 100 * mib, 119e6, 300, 1)  # no longer halved: never alone
+    assert not hold_back(86 * mib, 512 * mib, 119e6, 300, MAX_HELD_PASSES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(left=st.integers(0, 1 << 40), sent=st.none() | st.integers(0, 1 << 40),
+       bw=st.floats(0, 1e10), limit=st.integers(0, 10**6), held=st.integers(0, 20),
+       slower=st.floats(0, 1))
+def test_hold_back_properties(left: int, sent: int | None, bw: float, limit: int, held: int,
+                              slower: float) -> None:
+    from vmferry.migration.convergence import MAX_HELD_PASSES, SHRINK_RATIO, hold_back
+
+    h = hold_back(left, sent, bw, limit, held)
+    if h:
+        assert left > 0 and held < MAX_HELD_PASSES
+        assert sent is None or left < sent * SHRINK_RATIO
+        assert bw == 0 or left / bw * 1000 > limit
+        # a slower link only makes the backlog weigh more; a larger limit less
+        assert hold_back(left, sent, bw * slower, limit, held)
+    else:
+        assert not hold_back(left, sent, bw, limit + 1, held)
+
+
+@settings(max_examples=100, deadline=None)
+@given(units=st.integers(0, 5000), keep=st.floats(0.0, 1.5), ram=st.integers(0, 3000),
+       limit=st.integers(0, 2000), pass_s=st.floats(0.01, 10.0))
+def test_ram_is_held_only_while_the_disk_backlog_is_large_and_only_once(
+        units: int, keep: float, ram: int, limit: int, pass_s: float) -> None:
+    """Whatever the disk does: RAM is held in at most MAX_HELD_PASSES passes, all of them at
+    the start (once let go, never held again), never in a pass that switched over, and a held
+    pass leaves RAM's whole backlog in the expected downtime."""
+    from vmferry.migration.convergence import MAX_HELD_PASSES
+
+    order: list[str] = []
+    ram_like = UnitsSaver("ram-like", False, order, ram, 0)
+    disk = ShrinkingDisk(order, units, keep)
+    session = SourceSession([ram_like, disk], CountingSink.encoder, {}, lambda: limit,
+                            step_budget=1 << 40)
+    clock = iter(float(i) * pass_s for i in range(10_000))
+    session.setup(CountingSink(), 0.0)
+    held = []
+    for _ in range(MAX_HELD_PASSES + 3):
+        step = session.step(CountingSink(), lambda: next(clock))
+        assert step.report is not None  # the budget is unbounded: one step, one pass
+        held.append(bool(step.held))
+        if step.held:
+            assert not step.switchover
+            assert session.pending() >= ram * PAGE  # RAM's backlog stays in the one figure
+            assert ram_like.to_send == ram  # sent nothing
+    assert sum(held) <= MAX_HELD_PASSES
+    assert held == sorted(held, reverse=True)  # the held passes come first, then never again
+    assert held[0] == (units > 0)  # a first pass with a disk backlog holds RAM (nothing measured)
 
 
 # --- several channels (multifd): pages on data channels, delivered in any order -------------------
@@ -552,3 +639,19 @@ def test_bandwidth_never_exceeds_max_bandwidth() -> None:
         assert p.session.bandwidth() == burst
     finally:
         p.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.integers(0, 1 << 40), ratio=st.floats(0.01, 1.2), cost=st.floats(0, 1e-6),
+       bw=st.just(0.0) | st.floats(1.0, 1e10))
+def test_a_compressing_drive_weighs_its_compression_time_in_the_expected_downtime(
+        raw: int, ratio: float, cost: float, bw: float) -> None:
+    """What a compressing drive has left, divided by the bandwidth, is never less than the time
+    its compressed bytes take on the wire plus the time compressing them (both in turn)."""
+    from vmferry.migration.block import compressed_pending
+
+    pending = compressed_pending(raw, ratio, cost, bw)
+    if bw > 0:
+        assert pending / bw >= (raw * ratio / bw + raw * cost) * (1 - 1e-9) - 1 / bw
+    assert compressed_pending(raw, ratio, 0.0, bw) == int(raw * ratio)
+    assert compressed_pending(raw, ratio, cost, 0.0) == int(raw * ratio)

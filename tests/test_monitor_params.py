@@ -26,14 +26,15 @@ from vmferry.migration.params import (
 # test_monitor_migration.py), return-path (always on; the source waits for the destination's ACK:
 # test_migration.py's killed/refusing destination tests), x-trace-file (test_trace_migration.py),
 # x-heartbeat-ms (test_fault_matrix.py: silent peers detected; heartbeats off),
-# x-block-drives (test_disk_migration.py, test_disk.py), auto-converge and its parameters
-# (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs), multifd and
-# its parameters (test_multifd*.py), postcopy (test_postcopy*.py), xbzrle and xbzrle-cache-size
+# x-block-drives and x-block-compression (test_disk_migration.py, test_disk.py), auto-converge and
+# its parameters (test_throttle.py: each parameter as pure logic; test_throttle_kvm.py: real runs),
+# multifd and its parameters (test_multifd*.py), postcopy (test_postcopy*.py), xbzrle and xbzrle-cache-size
 # (test_migration_xbzrle.py), dirty-limit and its parameters (test_throttle.py: the trigger and the
 # limiter's arithmetic; test_dirty_ring_kvm.py: the limit set by a migration, the period and quota
 # read over QMP).
 EFFECTIVE = {"max-bandwidth", "downtime-limit", "tls-creds", "tls-hostname", "tls-authz", "x-trace-file",
-             "x-heartbeat-ms", "x-block-drives", "throttle-trigger-threshold", "cpu-throttle-initial",
+             "x-heartbeat-ms", "x-block-drives", "x-block-compression", "throttle-trigger-threshold",
+             "cpu-throttle-initial",
              "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle", "multifd-channels",
              "multifd-compression", "multifd-zlib-level", "multifd-zstd-level", "max-postcopy-bandwidth",
              "x-postcopy-after-ms", "x-postcopy-reconnect", "xbzrle-cache-size", "vcpu-dirty-limit",

@@ -23,7 +23,7 @@ from vmferry.migration.preempt import PreemptLink, PreemptPages, PreemptReceiver
 from vmferry.migration.ram import RamLoader, block_table
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
-from vmferry.stream.records import RamPages, RamZero
+from vmferry.stream.records import RamPageList, RamPages, RamZero
 from vmferry.transport.channel import SocketChannel
 
 NPAGES = 256
@@ -144,6 +144,8 @@ def _place_records(p: _Pair, sent: list[bytes]) -> None:
     while (rec := p.main.next_record()) is not None:
         if isinstance(rec, RamPages):
             p.dest.place_pages(rec.block_id, rec.first_page, memoryview(rec.data))
+        elif isinstance(rec, RamPageList):  # the push sends a chunk's scattered pages as one record
+            p.dest.place_list(rec.block_id, rec.pages, memoryview(rec.data))
         elif isinstance(rec, RamZero):
             p.dest.place_zero(rec.block_id, rec.first_page, rec.page_count)
 

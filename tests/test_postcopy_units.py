@@ -25,7 +25,7 @@ from vmferry.migration.postcopy import (
 from vmferry.migration.ram import block_table
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
-from vmferry.stream.records import Command, RamPages, RamZero
+from vmferry.stream.records import Command, RamPageList, RamPages, RamZero
 
 
 @given(st.lists(st.booleans(), min_size=1, max_size=300))
@@ -107,8 +107,12 @@ def test_source_push_and_destination_faults_place_every_page_right() -> None:
             while (rec := dec.next_record()) is not None:
                 if isinstance(rec, RamPages | RamZero):
                     first_placed.append(rec.first_page)
+                elif isinstance(rec, RamPageList):
+                    first_placed.append(int(rec.pages[0]))
                 if isinstance(rec, RamPages):
                     dest.place_pages(rec.block_id, rec.first_page, memoryview(rec.data))
+                elif isinstance(rec, RamPageList):
+                    dest.place_list(rec.block_id, rec.pages, memoryview(rec.data))
                 elif isinstance(rec, RamZero):
                     dest.place_zero(rec.block_id, rec.first_page, rec.page_count)
                 else:

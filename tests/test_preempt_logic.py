@@ -20,7 +20,7 @@ from vmferry.migration.preempt import PreemptReceiver, preempt_hello
 from vmferry.migration.ram import block_table
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
-from vmferry.stream.records import Command, CommandCode, RamPages, RamZero
+from vmferry.stream.records import Command, CommandCode, RamPageList, RamPages, RamZero
 
 NPAGES = 96
 
@@ -44,6 +44,10 @@ class _Stream:
                     for k in range(rec.page_count):
                         page = raw[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
                         self.pages.append((rec.block_id, rec.first_page + k, page))
+                elif isinstance(rec, RamPageList):  # the push's scattered pages, one record
+                    raw = bytes(rec.data)
+                    for k, p in enumerate(rec.pages.tolist()):
+                        self.pages.append((rec.block_id, p, raw[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]))
                 elif isinstance(rec, RamZero):
                     for k in range(rec.page_count):
                         self.pages.append((rec.block_id, rec.first_page + k, bytes(PAGE_SIZE)))

@@ -50,7 +50,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--drive", action="append", default=[], metavar="file=PATH,format=raw,id=ID[,readonly=on]",
-        help="a virtio-blk disk on a raw image file (repeatable; docs/disks.md)",
+        help="a virtio-blk disk on a raw image file, or on an NBD export with file=nbd://HOST[:PORT]/EXPORT "
+             "or file=nbd+unix:///EXPORT?socket=PATH (repeatable; docs/disks.md)",
     )
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument(

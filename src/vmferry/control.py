@@ -31,6 +31,7 @@ from vmferry.migration.source import MultifdSetup, OutgoingMigration
 from vmferry.migration.state import IN_PROGRESS, MigrationState, MigrationStatus
 from vmferry.migration.trace import NULL_TRACE, NullTrace, TraceWriter
 from vmferry.monitor.objects import ObjectRegistry, TlsSetup, migration_tls
+from vmferry.stream.compression import Compressor
 from vmferry.stream.format import MAGIC as STREAM_MAGIC
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import Listener, connect_outgoing, listen_incoming
@@ -218,6 +219,8 @@ class VmControl:
             self.outgoing = OutgoingMigration(
                 self.machine, saver, channel, self.migration_parameters, self._state, self._on_pass, trace,
                 copy_drives=copy_drives,
+                block_compressor=(_block_compressor(self.migration_parameters.snapshot())
+                                  if copy_drives else None),
                 auto_converge=self.migration_capabilities.enabled("auto-converge"),
                 dirty_limit=self.migration_capabilities.enabled("dirty-limit"),
                 multifd=multifd,
@@ -631,6 +634,13 @@ def _reconnector(uri: str, tls: TlsSetup | None) -> Callable[[], Channel]:
         return channel if tls is None else tls_connect(channel, tls.context, tls.hostname)
 
     return connect
+
+
+def _block_compressor(p: MigrationParameters) -> Compressor | None:
+    """x-block-compression, with multifd-compression's levels; None: blocks go raw."""
+    if p.x_block_compression == "none":
+        return None
+    return Compressor(p.x_block_compression, p.multifd_zlib_level, p.multifd_zstd_level)
 
 
 def _connect_in_background(uri: str, tls: TlsSetup | None) -> tuple[Future[Channel], Future[None]]:

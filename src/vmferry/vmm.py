@@ -28,8 +28,8 @@ from importlib import resources
 from pathlib import Path
 
 from vmferry.block.backend import BlockBackend
+from vmferry.block.opener import open_drive
 from vmferry.block.options import DriveSpec, parse_drives
-from vmferry.block.raw import open_drive
 from vmferry.control import VmControl
 from vmferry.errors import GuestError, VmferryError
 from vmferry.machine.machine import ExitStatus, Machine

@@ -1,12 +1,14 @@
 """`BlockBackend`: what a block device asks of the storage behind it.
 
 Offsets and lengths are bytes; a device works in 512-byte sectors and checks a request fits in
-`size` before calling. Calls come from the device's I/O thread, one at a time per backend, so a
-backend need not be thread-safe; `close()` comes after that thread has stopped.
+`size` before calling. Calls come from the device's I/O thread and, while a migration runs, from
+its threads too (a copied drive's reads, the pre-flush): a backend must allow calls from several
+threads (a file's pread/pwrite/fdatasync do; the NBD client takes one round trip at a time).
+`close()` comes after the I/O thread has stopped.
 
-An NBD client backend (qcow2 or remote storage served by `qemu-storage-daemon`) fits this shape:
-`read_into`/`write` become NBD_CMD_READ/WRITE, `flush` NBD_CMD_FLUSH, `allocated_extents` the
-base:allocation metadata context, and `lock` is the server's business.
+Two backends: `RawImage` (raw.py, an image file) and `NbdImage` (nbd_image.py, an NBD export:
+`read_into`/`write` are NBD_CMD_READ/WRITE, `flush` NBD_CMD_FLUSH, `allocated_extents` the
+base:allocation metadata context, and the image's lock is the server's business).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """`--drive file=PATH,format=raw,id=disk0[,readonly=on]`: QEMU's -drive syntax, the subset vmferry
-serves. A comma inside a value is written twice (`file=a,,b.img` is the file `a,b.img`), as in
-QEMU. Anything else is refused by name, never ignored."""
+serves. file= is an image file or an NBD export in QEMU's URI syntax (`nbd://HOST[:PORT]/EXPORT`,
+`nbd+unix:///EXPORT?socket=PATH`; block/nbd.py), checked here. A comma inside a value is written
+twice (`file=a,,b.img` is the file `a,b.img`), as in QEMU. Anything else is refused by name,
+never ignored."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from vmferry.block.backend import BlockError
+from vmferry.block.nbd import is_nbd_uri, parse_nbd_uri
 from vmferry.options import split_options
 
 FORMATS = ("raw",)
@@ -39,6 +42,11 @@ def parse_drive(text: str, index: int = 0) -> DriveSpec:
         opts[key] = value
     if not opts.get("file"):
         raise BlockError(f"--drive {text!r}: needs file=PATH")
+    if is_nbd_uri(opts["file"]):
+        try:
+            parse_nbd_uri(opts["file"])
+        except ValueError as e:
+            raise BlockError(f"--drive {text!r}: {e}") from None
     fmt = opts.get("format", "raw")
     if fmt not in FORMATS:
         raise BlockError(f"--drive {text!r}: format '{fmt}' is not supported "

@@ -166,10 +166,3 @@ class RawImage:
             os.close(self.fd)  # releases the OFD locks with the open file description
             self.fd = -1
 
-
-def open_drive(spec: DriveSpec, *, lock: bool = True) -> RawImage:
-    """The backend for one --drive (raw files only, today). `lock=False`: a migration
-    destination, which takes the lock later (see the module doc)."""
-    if spec.format != "raw":
-        raise BlockError(f"drive {spec.id}: format '{spec.format}' is not supported")
-    return RawImage(spec, lock=lock)

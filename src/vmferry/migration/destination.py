@@ -32,14 +32,15 @@ from dataclasses import dataclass
 
 from vmferry.errors import MigrationError, StreamError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration import testpoint
 from vmferry.migration.block import DriveLoader
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
 from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.postcopy import (
-    POSTCOPY_RCVBUF,
     PostcopyLoader,
+    PostcopyNeverRan,
     restore_switch_interval,
     short_switch_interval,
 )
@@ -64,6 +65,10 @@ CAUGHT_UP_S = 0.001
 # After refusing a stream: how long to read what the source still sends before closing.
 DRAIN_BEFORE_CLOSE_S = 1.0
 DATA_ACCEPT_S = 60.0  # how long the destination waits for a data channel (multifd)
+# The postcopy step each command completes here (migration/testpoint.py's names).
+_POSTCOPY_STEP = {CommandCode.POSTCOPY_ADVISE: "postcopy-advise",
+                  CommandCode.POSTCOPY_LISTEN: "postcopy-listen",
+                  CommandCode.POSTCOPY_RESUMED: "postcopy-resumed"}
 
 
 @dataclass
@@ -105,7 +110,9 @@ class IncomingMigration:
         self.device_loader = DeviceLoader(devices)
         self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
                                        machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed,
-                                       preempt_link=self._preempt_link)
+                                       self._resolver_died, preempt_link=self._preempt_link)
+        self._resolver_error: str | None = None  # the fault resolver died: why
+        self._eof = False  # the source's stream ended (closed or reset) before END
         self._pause_requested: str | None = None
         # x-postcopy-reconnect: a new listener on the address this side migrated on (None: off)
         self._relisten = relisten
@@ -117,6 +124,7 @@ class IncomingMigration:
         self._rp: ReturnPathWriter | None = None
         self._reported = 0  # stream bytes (all channels) last reported in PROGRESS
         self._progress_lock = threading.Lock()
+        self._holding_progress = False  # between RUN read and the guest started (_postcopy_run)
         self._main_watch = _ChannelWatch()
         self._decoder: StreamDecoder | None = None
         self.trace, self._trace_opener = NULL_TRACE, trace_opener  # opened when the source connects
@@ -222,6 +230,12 @@ class IncomingMigration:
             if self.postcopy.running:
                 self._postcopy_paused(reason)
                 return
+            if self._link_broke_before_run(e):
+                # The source may have written RUN (it sends it right after LISTEN): only this
+                # side knows the guest never ran here; keep everything and answer a recovery.
+                self._postcopy_paused(f"{reason}; after POSTCOPY_LISTEN, before POSTCOPY_RUN: the guest "
+                                      "never ran here")
+                return
             if self._rp is not None:
                 self._rp.shut(reason)
             self.stats.error = reason
@@ -251,9 +265,29 @@ class IncomingMigration:
 
     # --- postcopy (migration/postcopy.py) ---
 
+    def _link_broke_before_run(self, e: BaseException) -> bool:
+        """The connection broke (a peer gone or silent, not a refusal by either side) after
+        POSTCOPY_LISTEN and before RUN arrived: the source may be paused after writing RUN."""
+        dest = self.postcopy.dest
+        if dest is None or dest.uffd is None or self.postcopy.running:
+            return False
+        if self._cancel.is_set() or self._data_error is not None or self._resolver_error is not None:
+            return False
+        fired = self.watchdog is not None and self.watchdog.fired is not None
+        return fired or self._eof or isinstance(e, TransportError | OSError)
+
+    def _resolver_died(self, why: str) -> None:
+        """The fault resolver ended (its thread): after RUN the guest would hang on its next
+        missing page, so the migration pauses naming it, and a recovery starts the resolver
+        again; before RUN, RUN is refused (the source resumes the guest)."""
+        self._resolver_error = why
+        if self.postcopy.running and self.channel is not None:
+            self.channel.shutdown()
+
     def _page_request(self, block_id: int, first_page: int, count: int) -> None:
         """The fault resolver's PAGE_REQUEST. A dead return path loses it quietly: the migration
         pauses, and a recovery asks again for every page a thread still waits on."""
+        testpoint.fail("postcopy-resolver")  # on the resolver's thread, at its first request
         if self._rp is None:
             return
         try:
@@ -264,19 +298,35 @@ class IncomingMigration:
 
     def _postcopy_run(self) -> None:
         """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
-        start the guest while the rest of RAM arrives."""
+        start the guest while the rest of RAM arrives. The PROGRESS that first covers RUN goes
+        out once the guest runs: the source ends postcopy's downtime when it arrives."""
+        if self._resolver_error is not None:
+            raise MigrationError(self._resolver_error)
         t0 = time.monotonic()
-        _postcopy_latency_settings(self.channel)
-        self.bytes_at_run = self.stats.transferred
-        self.drives.complete()
-        self.device_loader.complete()
-        self._applied("devices", self.session.passes)
-        # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
-        # RUN tells the source the guest never started here, and the source resumes it).
-        self.postcopy.started()
-        self.on_loaded()
-        self._applied("started", self.session.passes)
-        self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        with self._progress_lock:  # RUN is consumed already: no other thread may report it yet
+            self._holding_progress = True
+        try:
+            _postcopy_latency_settings(self.channel)
+            self.bytes_at_run = self.stats.transferred
+            self.drives.complete()
+            self.device_loader.complete()
+            self._applied("devices", self.session.passes)
+            testpoint.reached("postcopy-devices")
+            # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
+            # RUN tells the source the guest never started here, and the source resumes it).
+            self.postcopy.started()
+            self.on_loaded()
+            self._applied("started", self.session.passes)
+            self.stats.downtime_phases = {"apply": round((time.monotonic() - t0) * 1000, 3)}
+        finally:
+            with self._progress_lock:
+                self._holding_progress = False
+        if self._rp is not None:  # the guest runs: tell the source now (it ends the downtime)
+            with self._progress_lock:
+                self._reported = max(self._reported, self._applied_total())
+                # A link that fails here is found by the incoming thread's next read.
+                with contextlib.suppress(TransportError, OSError, ValueError):
+                    self._rp.progress(self._reported)
         self.state.set(S.POSTCOPY_ACTIVE)
         log.info("postcopy: the guest runs here; %d pages still to come",
                  self.postcopy.dest.pages_to_come if self.postcopy.dest else 0)
@@ -356,7 +406,10 @@ class IncomingMigration:
             self._paused = False
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             traceback.clear_frames(e.__traceback__)
-            self._postcopy_paused(self._reason(e))
+            if isinstance(e, PostcopyNeverRan):
+                self._never_ran(str(e))
+            else:
+                self._postcopy_paused(self._reason(e))
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -366,6 +419,20 @@ class IncomingMigration:
             if self.channel is not None:
                 self.channel.close()
 
+    def _never_ran(self, reason: str) -> None:
+        """A recovery reached this destination paused before RUN: tell the source (SHUT: it
+        resumes the guest, which it still has whole) and fail; everything here is released."""
+        if self._rp is not None:
+            with contextlib.suppress(TransportError, OSError):
+                self._rp.shut(reason)
+        self._paused = False
+        self.stats.error = reason
+        self.stats.end_ns = time.monotonic_ns()
+        self.state.set(S.FAILED)
+        log.error("incoming migration failed: %s", reason)
+        if self.channel is not None:
+            _drain_before_close(self.channel)
+
     def _postcopy_resumed(self) -> None:
         """POSTCOPY_RESUMED arrived on the recovered stream: tell the source which pages are
         here, then RESUME."""
@@ -374,6 +441,7 @@ class IncomingMigration:
             self._rp.received_bitmap(bid, bitmap)
         self._rp.resume()
         self.stats.error = None
+        self._resolver_error = None
         self.state.set(S.POSTCOPY_ACTIVE)
         log.info("postcopy recovered: %d pages still to come",
                  self.postcopy.dest.missing() if self.postcopy.dest else 0)
@@ -441,6 +509,8 @@ class IncomingMigration:
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
             return "migration cancelled on the destination"
+        if self._resolver_error is not None:
+            return self._resolver_error
         if self.watchdog is not None and self.watchdog.fired:
             return self.watchdog.fired
         if self._data_error is not None:
@@ -472,12 +542,15 @@ class IncomingMigration:
                     dec.feed(chunk[:n])
             self._waiting_since = None
             if n == 0:
+                self._eof = True
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
                 if isinstance(rec, Command) and rec.code == CommandCode.HEARTBEAT and self.watchdog:
                     self.watchdog.arm()  # advisory: the session skips it
                 ended = self.session.feed(rec)
+                if isinstance(rec, Command) and rec.code in _POSTCOPY_STEP:
+                    testpoint.reached(_POSTCOPY_STEP[rec.code])
                 if self.session.passes != self._traced_pass:  # a PASS record: trace each one
                     self._traced_pass = self.session.passes
                     self._applied("pass-start", self._traced_pass)
@@ -535,7 +608,7 @@ class IncomingMigration:
         watch.reported_at = time.monotonic()
         with self._progress_lock:  # one total at a time, so the reports only grow
             total = self._applied_total()
-            if total > self._reported:
+            if total > self._reported and not self._holding_progress:
                 self._reported = total
                 self._rp.progress(total)  # type: ignore[union-attr]
 
@@ -771,12 +844,13 @@ class IncomingMigration:
 
 
 def _postcopy_latency_settings(channel: Channel | None) -> None:
-    """Postcopy: a small receive buffer (a requested page waits behind little of the background
-    push) and a short GIL switch interval (postcopy.SWITCH_INTERVAL_S)."""
-    sock = getattr(channel, "socket", None)
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+    """Postcopy: a short GIL switch interval (postcopy.SWITCH_INTERVAL_S). The receive buffer is
+    left as the kernel tuned it: shrunk at RUN (to 64 KiB; 256 KiB did it too) the kernel
+    pruned the receive queue against the window it had already advertised and dropped a segment
+    once per S5 run on the 1 Gbit/s link (nstat TcpExtRcvPruned, TCPRcvQDrop), and the
+    retransmission held a fault for 0.2-1 s (bench/RESULTS.md). What queues there is bounded by
+    the source's small send buffer only while this side keeps up with the link."""
+    del channel
     short_switch_interval()
 
 

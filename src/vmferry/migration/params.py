@@ -132,13 +132,17 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("x-block-drives", "str", "vmferry: comma-separated ids of the drives whose contents "
               "the next `migrate` copies in the stream (besides all writable ones with `blk: true`); "
               "the other drives are shared storage"),
+    ParamSpec("x-block-compression", "MultiFDCompression", "vmferry: compression of the copied "
+              "drives' blocks in the stream (BLOCK_COMPRESSED): the values of multifd-compression, "
+              "with its zlib and zstd levels; none (the default) sends every block raw",
+              choices=MULTIFD_COMPRESSION),
     ParamSpec("x-postcopy-after-ms", "uint32", "vmferry: with postcopy-ram, the source switches to "
               "postcopy by itself when, after a pass, precopy's forecast says it will not complete "
               "within this many ms of `migrate` (or never); 0 = only on migrate-start-postcopy",
               0, 2**32 - 1, _range(0, 2**32 - 1, "ms")),
     ParamSpec("x-postcopy-reconnect", "bool", "vmferry: after a postcopy's connection breaks, both "
               "sides reconnect by themselves (the destination listens again on its address, the "
-              "source retries the original one every 100 ms) and the migration resumes"),
+              "source starts a connect to the original one every 50 ms) and the migration resumes"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -168,8 +172,9 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                            "forecast.py's model from where the migration stands); may change during it",
     "x-postcopy-reconnect": "each side, when its postcopy pauses on a broken or silent connection (not "
                             "on migrate-pause): the destination listens again on the address it "
-                            "migrated on, the source retries `migrate`'s address every 100 ms; then "
-                            "the recovery is QEMU's (migrate-recover + resume), done by themselves",
+                            "migrated on, the source starts a connect to `migrate`'s address every "
+                            "50 ms; then the recovery is QEMU's (migrate-recover + resume), done by "
+                            "themselves",
     "max-postcopy-bandwidth": "the source's postcopy push after the switch (may change during it): "
                               "paces the background pages only; a page the destination requests "
                               "is sent at once",
@@ -180,6 +185,10 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                     "docs/trace.md",
     "x-block-drives": "`migrate`: these drives' contents go in the stream (migration/block.py); an "
                       "id that is not a drive, or a read-only drive, refuses the migration by name",
+    "x-block-compression": "`migrate`, for the drives it copies (migration/block.py): each run of "
+                           "data goes raw or as BLOCK_COMPRESSED; `auto` compresses only while the "
+                           "measured compression cost and wire rate say it finishes sooner. "
+                           "Independent of multifd-compression (RAM's, on the data channels)",
     # auto-converge (migration/throttle.py), read at each evaluation (a dirty-log sync at least
     # 1 s after the previous one), so a change during a migration counts from the next one.
     "throttle-trigger-threshold": "auto-converge: a period is 'high' when the bytes it dirtied exceed "
@@ -241,6 +250,7 @@ class MigrationParameters:
     x_trace_file: str = ""
     x_heartbeat_ms: int = 1000
     x_block_drives: str = ""
+    x_block_compression: str = "none"
     x_postcopy_after_ms: int = 0
     x_postcopy_reconnect: bool = False
     # Held while apply() assigns and while snapshot()/to_qmp() copy, so readers of several fields

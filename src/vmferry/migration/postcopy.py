@@ -7,7 +7,8 @@ other page the destination either received in precopy or was never populated on 
 (zero), so the destination knows exactly which pages it still waits for: the discard set.
 
 Destination (`PostcopyDestination`): at POSTCOPY_LISTEN it drops its copies of the pages to come
-(MADV_DONTNEED: missing again), registers every RAM block with userfaultfd in missing mode and
+(MADV_DONTNEED: missing again; only those populated here, many runs per system call:
+RamBlock.discard_mask), registers every RAM block with userfaultfd in missing mode and
 starts the fault resolver thread. A fault on a page to come sends PAGE_REQUEST (once per page)
 on the return path, or with postcopy-preempt on the preempt channel, which the resolver also
 reads and places from (one thread on the request's way here, migration/preempt.py); a fault on
@@ -19,8 +20,10 @@ vCPU); every fault's latency (read by the resolver -> placed) feeds vmferry's la
 
 Source (`PostcopySource`): the vCPUs stay stopped; requested pages go first, then the
 background push continues from just after the last requested page (the guest's locality) in
-chunks that start small after a request and double while no request comes (up to 256 KiB), so a
-request never waits behind more than one chunk of this thread's own output. Without
+chunks that a request halves (down to 64 KiB) and that double while no request comes (up to
+256 KiB), so a request never waits behind more than one chunk of this thread's own output. A
+chunk's non-zero pages go as one record (RAM_PAGE_LIST when scattered): the destination's one
+incoming thread parses a record per chunk, not one per run of pages. Without
 postcopy-preempt all on the one stream (priority framing: one writer decides the order): the
 socket's send buffer is kept small in postcopy so that little is queued below us. With it,
 requests come and requested pages go on the preempt channel, served by a thread of its own
@@ -50,7 +53,7 @@ from vmferry.errors import MigrationError
 from vmferry.kvm.userfaultfd import Fault, Userfaultfd
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.forecast import ForecastInput, simulate
-from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, runs, segments, zero_pages
+from vmferry.migration.pages import PAGE_SIZE, WORDS_PER_PAGE, runs, zero_pages
 from vmferry.migration.saver import Handler, Loader, Send
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Command, CommandCode, RamZero
@@ -61,9 +64,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vmferry.migration")
 
-# Background push chunk, in pages: starts at MIN after a request, doubles while none comes.
-MIN_CHUNK_PAGES = 4
+# Background push chunk, in pages: halved by a request on the one stream (a requested page
+# waits behind at most one chunk: 64 pages are 2.2 ms of a 1 Gbit/s link), never below MIN,
+# doubled by each chunk sent. Not before: reset to 4 pages by every request, the chunks stayed
+# small under the ~250 requests/s of S5 and the push was CPU-bound at ~50 MB/s (bench/RESULTS.md).
+MIN_CHUNK_PAGES = 16
 MAX_CHUNK_PAGES = 64
+MAX_LIST_PAGES = 1 << 16
+SCAN_WINDOW_PAGES = 8192
 # Pages sent with a requested one (the guest usually touches the next pages next).
 REQUEST_AHEAD_PAGES = 3
 # A request this small (with the pages ahead) is sent by a path of its own (PostcopySource._send_few).
@@ -105,9 +113,6 @@ def restore_switch_interval() -> None:
         _saved_switch_interval = None
 
 
-# The destination's receive buffer in postcopy: a requested page queues behind at most this much
-# of the background push (the kernel doubles it).
-POSTCOPY_RCVBUF = 64 << 10
 HISTOGRAM_BUCKETS = 24  # log2 buckets of fault latency in us: [1, 2) ... [2^23, inf)
 
 
@@ -250,10 +255,15 @@ class PostcopyDestination:
         self.requests = 0  # PAGE_REQUESTs sent
         self.local_zero = 0  # faults resolved here with a zero page
         self.pages_to_come = 0
+        self.pages_discarded = 0  # stale copies dropped at LISTEN
+        self.discard_ms = 0.0  # what dropping them took (inside the switch's pause)
         self.pages_placed = 0
         self.blocktime = Blocktime(1)
         self.latency = FaultLatency()
         self.error: str | None = None  # the resolver's failure, if it failed
+        # Called (from the resolver thread) when the resolver ends before close(): every later
+        # fault would go unanswered and the guest hang on its next missing page.
+        self.on_resolver_died: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         # postcopy-preempt: the channel the resolver requests on and reads pages from (None: the
@@ -276,18 +286,45 @@ class PostcopyDestination:
         """POSTCOPY_LISTEN: drop the stale copies of the pages to come, register every block
         with userfaultfd, start the resolver. Nothing may write guest RAM meanwhile (the caller
         stopped its prefault threads)."""
+        t0 = time.monotonic()
         for bid, b in self.blocks.items():
-            for first, count in runs(np.flatnonzero(self.to_come[bid]), 1 << 18):
-                b.discard(first, count)
+            self.pages_discarded += b.discard_mask(self.to_come[bid])
             self.pages_to_come += int(np.count_nonzero(self.to_come[bid]))
+        self.discard_ms = round((time.monotonic() - t0) * 1000, 3)
         tids = list(self._vcpu_thread_ids())
         self._vcpu_of = {tid: i for i, tid in enumerate(tids)}
         self.blocktime = Blocktime(max(1, len(tids)))
         self.uffd = Userfaultfd()
         for b in self.blocks.values():
             self.uffd.register(b.host_addr, b.nbytes)
-        self._thread = threading.Thread(target=self._resolve, name="postcopy-faults", daemon=True)
+        self._thread = threading.Thread(target=self._resolver_main, name="postcopy-faults", daemon=True)
         self._thread.start()
+
+    def _resolver_main(self) -> None:
+        """The resolver thread: `_resolve` until close(). If it ends before that, the migration
+        is told (`on_resolver_died`): it pauses (after RUN) or refuses RUN (before), naming why."""
+        try:
+            self._resolve()
+        except Exception as e:  # noqa: BLE001 - reported below, through the migration's state
+            self.error = f"postcopy fault resolver: {e}"
+        if self._stop.is_set():
+            return
+        why = self.error or "postcopy fault resolver: the thread ended"
+        log.error("%s: faults are no longer answered", why)
+        if self.on_resolver_died is not None:
+            self.on_resolver_died(why)
+
+    def restart_resolver(self) -> bool:
+        """After a recovery: a resolver that died runs again on the same userfaultfd (faults
+        it read and never answered are woken when their pages arrive). True if it was dead."""
+        thread = self._thread
+        if self.uffd is None or self._stop.is_set() or (thread is not None and thread.is_alive()):
+            return False
+        self.error = None
+        self._thread = threading.Thread(target=self._resolver_main, name="postcopy-faults", daemon=True)
+        self._thread.start()
+        log.warning("postcopy: the fault resolver runs again (it had died)")
+        return True
 
     # --- placing what arrives (the incoming thread) ---
 
@@ -296,13 +333,15 @@ class PostcopyDestination:
         woken); returns the pages placed."""
         count = len(data) // PAGE_SIZE
         src = np.frombuffer(data, dtype=np.uint8)
+        base = src.ctypes.data  # once: `.ctypes` builds an object per access
         return self._place(block_id, np.arange(first_page, first_page + count),
-                           lambda i: src.ctypes.data + i * PAGE_SIZE, src)
+                           lambda i: base + i * PAGE_SIZE, src)
 
     def place_list(self, block_id: int, pages: np.ndarray, data: memoryview | bytes | bytearray) -> int:
         src = np.frombuffer(data, dtype=np.uint8)
+        base = src.ctypes.data
         return self._place(block_id, np.asarray(pages, dtype=np.int64),
-                           lambda i: src.ctypes.data + i * PAGE_SIZE, src)
+                           lambda i: base + i * PAGE_SIZE, src)
 
     def place_zero(self, block_id: int, first_page: int, count: int) -> int:
         return self._place(block_id, np.arange(first_page, first_page + count), None, None)
@@ -319,21 +358,19 @@ class PostcopyDestination:
             raise MigrationError(f"postcopy pages beyond RAM block id {block_id}")
         want = self.to_come[block_id][pages] & ~self.placed[block_id][pages]
         positions = np.flatnonzero(want)
-        for pos, count in runs(positions, 1 << 16):
-            # Consecutive positions are consecutive pages only where the record's pages are.
-            for p0, n in _consecutive(pages, pos, count):
-                dst = b.host_addr + int(pages[p0]) * PAGE_SIZE
-                if src_addr is None:
-                    ok = uffd.zeropage(dst, n * PAGE_SIZE)
-                else:
-                    ok = uffd.copy(dst, src_addr(p0), n * PAGE_SIZE)
-                if not ok:  # some page of the run exists already: one by one
-                    for j in range(p0, p0 + n):
-                        at = b.host_addr + int(pages[j]) * PAGE_SIZE
-                        if src_addr is None:
-                            uffd.zeropage(at, PAGE_SIZE)
-                        else:
-                            uffd.copy(at, src_addr(j), PAGE_SIZE)
+        for p0, n in _runs_at(pages, positions):
+            dst = b.host_addr + int(pages[p0]) * PAGE_SIZE
+            if src_addr is None:
+                ok = uffd.zeropage(dst, n * PAGE_SIZE)
+            else:
+                ok = uffd.copy(dst, src_addr(p0), n * PAGE_SIZE)
+            if not ok:  # some page of the run exists already: one by one
+                for j in range(p0, p0 + n):
+                    at = b.host_addr + int(pages[j]) * PAGE_SIZE
+                    if src_addr is None:
+                        uffd.zeropage(at, PAGE_SIZE)
+                    else:
+                        uffd.copy(at, src_addr(j), PAGE_SIZE)
         del keep
         placed = pages[positions]
         now = time.monotonic()
@@ -514,20 +551,30 @@ class PostcopyDestination:
             latency = self.latency.report()
         return {"postcopy-blocktime": total, "postcopy-vcpu-blocktime": blocked,
                 "x-postcopy": {"requests": self.requests, "request-bytes": self.requests * PAGE_SIZE,
-                               "pages-to-come": self.pages_to_come, "pages-placed": self.pages_placed,
+                               "pages-to-come": self.pages_to_come,
+                               "pages-discarded": self.pages_discarded, "discard-ms": self.discard_ms,
+                               "pages-placed": self.pages_placed,
                                "local-zero-pages": self.local_zero, "kvm-async-faults": self.async_faults,
                                "fault-latency": latency}}
 
 
-def _consecutive(pages: np.ndarray, pos: int, count: int) -> list[tuple[int, int]]:
-    """Split positions pos..pos+count-1 of `pages` into runs of consecutive page numbers."""
-    out: list[tuple[int, int]] = []
-    start = pos
-    for j in range(pos + 1, pos + count + 1):
-        if j == pos + count or pages[j] != pages[j - 1] + 1:
-            out.append((start, j - start))
-            start = j
-    return out
+def _runs_at(pages: np.ndarray, positions: np.ndarray) -> list[tuple[int, int]]:
+    """(first position, count) of each run of `positions` (ascending indexes into `pages`) that
+    is consecutive both in the record and in page numbers: what one UFFDIO_COPY can place.
+    Vectorised: Python loops once per run, not once per page."""
+    if not positions.size:
+        return []
+    at = pages[positions]
+    cut = (np.flatnonzero((np.diff(positions) != 1) | (np.diff(at) != 1)) + 1).tolist()
+    starts = [0, *cut]
+    ends = [*cut, int(positions.size)]
+    firsts = positions[starts].tolist()
+    return [(f, e - s) for f, s, e in zip(firsts, starts, ends, strict=True)]
+
+
+class PostcopyNeverRan(MigrationError):
+    """A recovery reached a destination that listened but never got POSTCOPY_RUN: it never ran
+    the guest, so the source (which still has all of it) takes it back."""
 
 
 class PostcopyLoader(Loader):
@@ -541,6 +588,7 @@ class PostcopyLoader(Loader):
     def __init__(self, ram: RamLoader, enabled: Callable[[], bool], request: Callable[[int, int, int], None],
                  vcpu_thread_ids: Callable[[], Sequence[int]], on_run: Callable[[], None],
                  on_resumed: Callable[[], None] = lambda: None,
+                 on_resolver_died: Callable[[str], None] = lambda why: None,
                  preempt_link: Callable[[], tuple[PreemptLink, Callable[[BaseException], None]] | None]
                  = lambda: None) -> None:
         self.ram = ram
@@ -549,6 +597,7 @@ class PostcopyLoader(Loader):
         self._vcpu_thread_ids = vcpu_thread_ids
         self._on_run = on_run
         self._on_resumed = on_resumed
+        self._on_resolver_died = on_resolver_died
         self._preempt_link = preempt_link
         self.advised = False
         self.dest: PostcopyDestination | None = None
@@ -573,6 +622,7 @@ class PostcopyLoader(Loader):
         if self.dest is None:
             self.dest = PostcopyDestination(self.ram.blocks_by_id, self.ram.received, self._request,
                                             self._vcpu_thread_ids)
+            self.dest.on_resolver_died = self._on_resolver_died
         return self.dest
 
     def _discard(self, cmd: Command) -> None:
@@ -604,8 +654,12 @@ class PostcopyLoader(Loader):
         """POSTCOPY_RESUMED, the first command of a recovery's stream: answer with what is here
         (RECEIVED_BITMAP per block, RESUME) through the driver, and ask again for every page a
         thread still waits on."""
+        if self.dest is not None and self.dest.uffd is not None and not self.running:
+            raise PostcopyNeverRan("POSTCOPY_RUN never arrived here: the guest never ran on this "
+                                   "destination, the source keeps it")
         if not self.running or self.dest is None:
             raise MigrationError("POSTCOPY_RESUMED without a paused postcopy migration here")
+        self.dest.restart_resolver()
         self._on_resumed()
         self.dest.rerequest()
 
@@ -701,7 +755,6 @@ class PostcopySource:
         else:
             sent = self._send_few(send, i, first_page, end, first_page + count, encoder)
         self._cursor = (i, end)
-        self._chunk = MIN_CHUNK_PAGES
         return sent
 
     def _send_few(self, send: Send, i: int, first: int, end: int, requested_end: int,
@@ -766,7 +819,7 @@ class PostcopySource:
                 self.request_pages_sent += int(np.count_nonzero(idx < first + count))
                 self._send(send, i, idx)
             self._cursor = (i, end)
-            self._chunk = MIN_CHUNK_PAGES
+            self._chunk = max(MIN_CHUNK_PAGES, self._chunk // 2)
         if self.left and background:
             before = self.bytes
             self._background(send)
@@ -776,7 +829,10 @@ class PostcopySource:
     def _background(self, send: Send) -> None:
         i, page = self._cursor
         for _ in range(len(self.blocks) + 1):
-            found = np.flatnonzero(self.unsent[i][page:])
+            # A window first: a whole 4 GiB block's mask is 1 Mi entries to scan per chunk.
+            found = np.flatnonzero(self.unsent[i][page : page + SCAN_WINDOW_PAGES])
+            if found.size < self._chunk:
+                found = np.flatnonzero(self.unsent[i][page:])
             if found.size:
                 idx = page + found[: self._chunk]
                 self._send(send, i, idx)
@@ -801,20 +857,26 @@ class PostcopySource:
         # closing at exit.
         guest = np.frombuffer(self.blocks[i].mem, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
         bufs: list[bytes | memoryview] = []
-        pages = zero = 0
-        for first, count in runs(idx, MAX_CHUNK_PAGES):
-            held = guest[first : first + count]  # the vCPUs are stopped: stable, no copy
-            is_zero = zero_pages(held)
-            for _pos, f, n, is_z in segments(np.arange(first, first + count), is_zero):
-                if is_z:
-                    bufs.extend(encoder.encode_buffers(RamZero(i + 1, f, n)))
-                    zero += n
-                else:
-                    data = memoryview(guest[f : f + n]).cast("B")
-                    bufs.extend(encoder.encode_ram_pages(i + 1, f, data))
-                    pages += n
+        first, n = int(idx[0]), int(idx.size)
+        # The vCPUs are stopped: guest RAM is stable, a run is sent from it without a copy.
+        contiguous = int(idx[-1]) - first == n - 1
+        held = guest[first : first + n] if contiguous else guest[idx]
+        is_zero = zero_pages(held)
+        zero = int(np.count_nonzero(is_zero))
+        for f, count in runs(idx[is_zero], MAX_LIST_PAGES):
+            bufs.extend(encoder.encode_buffers(RamZero(i + 1, f, count)))
+        pages = n - zero
+        if pages:
+            # The non-zero pages in one record, however scattered (RAM_PAGE_LIST): one header,
+            # one checksum and one parse on the destination instead of one per run.
+            data, listed = (held, idx) if not zero else (held[~is_zero], idx[~is_zero])
+            if int(listed[-1]) - int(listed[0]) == pages - 1:
+                bufs.extend(encoder.encode_ram_pages(i + 1, int(listed[0]), memoryview(data).cast("B")))
+            else:
+                bufs.extend(encoder.encode_ram_page_list(i + 1, listed.astype(np.uint32),
+                                                         memoryview(data).cast("B")))
         sent = send(bufs)
-        del bufs, guest
+        del bufs, guest, held
         with self._lock:
             self.pages += pages
             self.zero_pages += zero

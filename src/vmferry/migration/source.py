@@ -28,6 +28,8 @@ drains). The watchdog fails the migration when the destination has been silent f
 
 Downtime (query-migrate "downtime") = from the vCPUs pausing here to the destination's ACK
 arriving (the guest runs on the destination by then); without a return path, to END written.
+In postcopy, to the PROGRESS that covers POSTCOPY_RUN (the destination sends it once its guest
+runs), or to RUN written if none comes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import queue
 import socket
 import threading
 import time
@@ -48,6 +51,7 @@ from vmferry import __version__
 from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.dirty_limit import DEFAULT_PERIOD_MS as DIRTY_LIMIT_PERIOD_MS
 from vmferry.machine.machine import Machine
+from vmferry.migration import testpoint
 from vmferry.migration.block import DriveSaver
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
@@ -87,8 +91,8 @@ RESUME_WAIT_S = 5.0
 # How long the source waits, before pausing, for the destination to catch up with what is in
 # flight (a few ms usually; bounded so a stalled destination cannot hold the migration).
 DRAIN_S = 0.25
-# x-postcopy-reconnect: how often the source retries the destination's address.
-RECONNECT_S = 0.1
+# x-postcopy-reconnect: how often the source starts a new attempt to connect to the destination.
+RECONNECT_S = 0.05
 # Postcopy's send buffer (the kernel doubles it): ~0.1 ms of a 1 GB/s link queued below the push.
 POSTCOPY_SNDBUF = 64 << 10
 
@@ -116,6 +120,7 @@ class OutgoingMigration:
         on_pass: Callable[[int], None] | None = None,
         trace: NullTrace = NULL_TRACE,
         copy_drives: Sequence[str] = (),
+        block_compressor: Compressor | None = None,
         auto_converge: bool = False,
         dirty_limit: bool = False,
         multifd: MultifdSetup | None = None,
@@ -125,7 +130,8 @@ class OutgoingMigration:
         xbzrle_cache: int | None = None,
     ) -> None:
         """`copy_drives`: ids of the drives whose contents go in the stream (migration/block.py);
-        the others are shared. `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off).
+        the others are shared; `block_compressor`: x-block-compression's, for their blocks.
+        `xbzrle_cache`: capability xbzrle's cache size in bytes (None: off).
         `auto_converge` / `dirty_limit`: the capabilities (at most one; dirty_limit needs the
         machine's dirty ring)."""
         if dirty_limit and machine.dirty_limiter is None:
@@ -150,7 +156,7 @@ class OutgoingMigration:
         self.ram = RamSaver(machine.ram_blocks, self.encoder)
         if xbzrle_cache is not None:
             self.ram.xbzrle = XbzrleSource(xbzrle_cache, PAGE_SIZE, [b.npages for b in machine.ram_blocks])
-        self.drives = DriveSaver(machine.block_devices, copy_drives)
+        self.drives = DriveSaver(machine.block_devices, copy_drives, block_compressor)
         self.session: SourceSession | None = None
         self.limiter = RateLimiter(params.max_bandwidth)
         self.return_path: ReturnPathReader | None = None
@@ -163,6 +169,9 @@ class OutgoingMigration:
         self._postcopy_requested = threading.Event()
         self.postcopy: PostcopySource | None = None
         self._run_sent = False
+        # Stream bytes up to and including POSTCOPY_RUN: a PROGRESS that covers them says the
+        # guest runs on the destination, which ends postcopy's downtime (None: not waiting).
+        self._run_offset: int | None = None
         self.postcopy_pause_reason: str | None = None
         self._pause_requested: str | None = None
         # x-postcopy-reconnect: opens a new connection to `migrate`'s address (same TLS)
@@ -344,6 +353,9 @@ class OutgoingMigration:
             if not self._postcopy_requested.is_set():
                 self._iterate()
             if self._postcopy_requested.is_set():
+                self._drain()  # the guest still runs here: what is in flight stays out of the pause
+                if self._cancel.is_set():
+                    raise MigrationError("migration cancelled")
                 self._postcopy()
             else:
                 self._switch_over()
@@ -413,6 +425,8 @@ class OutgoingMigration:
         if self._preempt_connect is not None:
             # preempt-requests: the destination's PAGE_REQUESTs come on the preempt channel too
             config.update({"postcopy-preempt": True, "preempt-requests": True, "migration-id": migration_id})
+        if self.drives.compressor is not None:
+            config["block-compression"] = self.drives.compressor.setting
         if self.ram.xbzrle is not None:
             config["xbzrle-cache-size"] = self.ram.xbzrle.cache.cache_bytes
         if self.multifd is not None:
@@ -424,12 +438,14 @@ class OutgoingMigration:
                                      end_to_end=self.return_path is not None,
                                      bandwidth_cap=self._bandwidth_cap)
         self.ram.bandwidth = self.session.bandwidth  # XBZRLE weighs its CPU time in bytes
+        self.drives.bandwidth = self.session.bandwidth  # so does a compressing drive
         self.session.setup(self, time.monotonic())
         if self.postcopy_enabled:
             if self.return_path is None:
                 raise MigrationError("postcopy-ram needs a return path (tcp:, unix: or a socket fd:): "
                                      "the destination requests pages on it")
             self.session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_ADVISE))])
+            testpoint.reached("postcopy-advise")
         self._maybe_beat(now=True)  # tells the destination that this source beats
         if self.multifd is not None:
             self._open_data_channels(migration_id)
@@ -485,6 +501,8 @@ class OutgoingMigration:
         if self.return_path is not None and self.session is not None:
             for applied, sent_then, at in self.return_path.take_progress():
                 self.session.progress(applied, sent_then, at)
+                if self._run_offset is not None and applied >= self._run_offset:
+                    self._guest_runs_there(at)
 
     def _iterate(self) -> None:
         session = self.session
@@ -519,9 +537,12 @@ class OutgoingMigration:
                     self.stats.dirty_rate_bps = report.dirty_rate_bps
                     self.stats.expected_downtime_ms = report.expected_downtime_ms
                 self._trace_pass(report, step.sync_ms)
-                self._throttle_after_sync(report.dirty_pages_after)
-                self._dirty_limit_after_sync(report)
-                self._maybe_auto_postcopy(report)
+                if not report.held:
+                    # A pass that held RAM back (the copied drives go first) says nothing about
+                    # whether RAM converges: RAM's backlog is all still there by design.
+                    self._throttle_after_sync(report.dirty_pages_after)
+                    self._dirty_limit_after_sync(report)
+                    self._maybe_auto_postcopy(report)
             if self._cancel.is_set():
                 raise MigrationError("migration cancelled")
             if step.switchover:
@@ -551,7 +572,7 @@ class OutgoingMigration:
             transferred_bytes=self.stats.transferred, remaining_bytes=remaining,
             bandwidth_bps=report.bandwidth_bps, dirty_rate_bps=report.dirty_rate_pps * PAGE_SIZE,
             expected_downtime_ms=report.expected_downtime_ms,
-            throttle_percent=self.stats.cpu_throttle_percentage)
+            throttle_percent=self.stats.cpu_throttle_percentage, held=list(report.held))
     def _throttle_after_sync(self, dirty_pages: int) -> None:
         """auto-converge's evaluation after a sync (migration/throttle.py)."""
         if self.auto_converge is None:
@@ -730,23 +751,38 @@ class OutgoingMigration:
         cmds = [*pc.discard_commands(), Command(CommandCode.POSTCOPY_LISTEN)]
         session.send(self, [self.encoder.encode(c) for c in cmds])
         t_discard = time.monotonic()
+        testpoint.reached("postcopy-discard")
         phases = session.complete(self, time.monotonic, skip=(self.ram,))
         if self._cancel.is_set():
             raise MigrationError("migration cancelled")
         t_devices = time.monotonic()
         session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_RUN))])
         self._run_sent = True  # from here the destination may run the guest
+        self._run_offset = session.sent_total()
         t_run = time.monotonic()
+        testpoint.reached("postcopy-run")
         with self.stats.lock:
+            # Until the destination says the guest runs there (_guest_runs_there): RUN written.
             self.stats.downtime_ms = (time.monotonic_ns() - self.stats.stop_ns) / 1e6
             self.stats.downtime_phases = {"pause": round((t_paused - t0) * 1000, 3),
                                           "postcopy-discard": round((t_discard - t_paused) * 1000, 3),
                                           **phases, "postcopy-run": round((t_run - t_devices) * 1000, 3)}
             self.stats.remaining_pages = pc.left
         self._unthrottle()
+        self._postcopy_push()
+
+    def _guest_runs_there(self, at: float) -> None:
+        """A PROGRESS covering POSTCOPY_RUN arrived at `at` (the destination sends one as soon as
+        its guest runs, migration/destination.py): postcopy's downtime ends there, not when RUN
+        was written, so it holds the destination's discard, device load and start too."""
+        run_written_ms = self.stats.downtime_ms
+        self._run_offset = None
+        with self.stats.lock:
+            self.stats.downtime_ms = max(run_written_ms, at * 1000 - self.stats.stop_ns / 1e6)
+            waited = self.stats.downtime_ms - run_written_ms
+            self.stats.downtime_phases["postcopy-guest-runs"] = round(waited, 3)
         self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=0,
                          phases=self.stats.downtime_phases)
-        self._postcopy_push()
 
     def _postcopy_push(self) -> None:
         """After RUN: the rest of RAM, requested pages first, then END and the ACK."""
@@ -798,6 +834,11 @@ class OutgoingMigration:
         self._end_sent = True
         session.end(self)
         self._wait_for_ack()
+        self._take_progress()
+        if self._run_offset is not None:  # a destination that never said when its guest ran
+            self._run_offset = None
+            self.trace.event("downtime", downtime_ms=self.stats.downtime_ms, bytes=0,
+                             phases=self.stats.downtime_phases)
         self.stats.remaining_pages = 0
         self.state.set(S.COMPLETED)
         log.info("postcopy completed: %d pages after the switch, %d requested", pc.total, pc.requests)
@@ -823,15 +864,20 @@ class OutgoingMigration:
             self.watchdog.start()
             session.send(self, [self.encoder.header(), self.encoder.encode(block_table(self.ram.blocks)),
                                 self.encoder.encode(Command(CommandCode.POSTCOPY_RESUMED))])
+            testpoint.reached("postcopy-resumed")
             self._maybe_beat(now=True)
-            deadline = time.monotonic() + ACK_TIMEOUT_S
+            # A destination answers at once (it beats on accept); one that says nothing for the
+            # heartbeat limit is not there (a link that broke again, or something else that
+            # accepted the connection): give up within that limit, so a reconnect tries again.
+            wait_s = self.watchdog.limit_s if self.watchdog.enabled else ACK_TIMEOUT_S
+            deadline = time.monotonic() + wait_s
             while not rp.resumed.wait(0.05):
                 if rp.closed.is_set() or self._silence is not None or self._pause_requested:
                     raise MigrationError(self._silence or self._pause_requested or rp.shut_reason
                                          or "the destination closed the connection before RESUME")
                 if time.monotonic() > deadline:
                     raise MigrationError("the destination did not answer the recovery within "
-                                         f"{ACK_TIMEOUT_S:.0f} s")
+                                         f"{wait_s:.1f} s")
             log.info("postcopy recovered: %d pages still to send", pc.left)
             self.state.set(S.POSTCOPY_ACTIVE)
             self._postcopy_push()
@@ -876,18 +922,47 @@ class OutgoingMigration:
                              name="postcopy-reconnect", daemon=True).start()
 
     def _reconnect_loop(self, paused_by: threading.Thread) -> None:
-        """x-postcopy-reconnect: retry `migrate`'s address every RECONNECT_S until a connection
-        is up, then resume as `migrate` with resume would. Stops when something else moved the
-        migration on (a manual resume)."""
+        """x-postcopy-reconnect: a new attempt to connect to `migrate`'s address every
+        RECONNECT_S, each on a thread of its own and left running while the next starts; the
+        first connection up resumes as `migrate` with resume would, and any that comes up later
+        is closed. Stops when something else moved the migration on (a manual resume).
+
+        Overlapping, because on a dead link a connect's SYN is lost and the kernel sends the
+        next one only after its initial RTO (1 s): one attempt at a time can leave the link back
+        up for up to a second before anything crosses it (bench/RESULTS.md)."""
         paused_by.join()
         assert self._reconnect is not None
-        while self.state.status == S.POSTCOPY_PAUSED and not self._thread.is_alive():
+        connect = self._reconnect
+        up: queue.Queue[Channel] = queue.Queue()
+        taken = threading.Event()
+        lock = threading.Lock()
+
+        def attempt() -> None:
             try:
-                channel = self._reconnect()
+                channel = connect()
             except (VmferryError, OSError) as e:
                 log.debug("postcopy reconnect: %s", e)
-                time.sleep(RECONNECT_S)
+                return
+            with lock:
+                late = taken.is_set()
+                if not late:
+                    up.put(channel)
+            if late:
+                channel.close()
+
+        while self.state.status == S.POSTCOPY_PAUSED and not self._thread.is_alive():
+            threading.Thread(target=attempt, name="postcopy-reconnect-attempt", daemon=True).start()
+            try:
+                channel = up.get(timeout=RECONNECT_S)
+            except queue.Empty:
                 continue
+            with lock:
+                taken.set()
+                extra = []
+                while not up.empty():
+                    extra.append(up.get_nowait())
+            for ch in extra:
+                ch.close()
             done: Future[Channel] = Future()
             done.set_result(channel)
             try:
@@ -896,6 +971,10 @@ class OutgoingMigration:
             except MigrationError:
                 channel.close()  # resumed meanwhile by hand
             return
+        taken.set()
+        with lock:
+            while not up.empty():
+                up.get_nowait().close()
 
     def _fail(self, e: BaseException) -> None:
         if (isinstance(e, TransportError) and self.return_path is not None
@@ -911,7 +990,9 @@ class OutgoingMigration:
             self._postcopy_paused(e)
             return
         # A SHUT after RUN: the destination refused before it started the guest (it never SHUTs
-        # once the guest may run there): the source is still the only owner, and resumes.
+        # once the guest may run there), at RUN or, its link having broken between LISTEN and
+        # RUN, when a recovery reached it: the source is still the only owner, and resumes.
+        restore_switch_interval()
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self._silence is not None:

@@ -12,8 +12,12 @@ begin and end, when to switch over. Sans-I/O: no threads, no sockets, no clock â
     session.end(out)                           # END
 
 A pass: a PASS record, then each saver's `iterate` until every saver ran out of what it had
-(it sent less than its budget), then `sync` of every saver. After the sync the session reports
-the pass (its own bytes over its own time) and decides: expected downtime = (sum of the savers'
+(it sent less than its budget), then `sync` of every saver. While the bulk-first savers (copied
+drives) still have a large, shrinking backlog, the others (RAM) are held back: they send nothing
+in that pass (convergence.hold_back), so the disk converges first and RAM is sent once, after it,
+rather than once per disk pass. Once a pass lets them go, they are never held again; a pass that
+held them never ends in a switchover. After the sync the session reports the pass (its own bytes
+over its own time) and decides: expected downtime = (sum of the savers'
 `pending` + the bytes still in flight) / bandwidth + FIXED_MS; see convergence.switch_now.
 """
 
@@ -23,7 +27,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmferry.migration.convergence import EndToEndRate, PassReport, expected_downtime_ms, switch_now
+from vmferry.migration.convergence import (
+    EndToEndRate,
+    PassReport,
+    expected_downtime_ms,
+    hold_back,
+    switch_now,
+)
 from vmferry.migration.saver import Saver, SaverOutput
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Config, EndOfStream, PassStart
@@ -42,6 +52,7 @@ FIXED_MS = 5.0
 class Step:
     pass_started: int = 0  # the pass this step opened (its PASS record went out), else 0
     report: PassReport | None = None  # the pass this step closed
+    held: tuple[str, ...] = ()  # savers held back in the pass this step opened (hold_back)
     switchover: bool = False  # the closed pass says: switch over now
     sync_ms: float = 0.0  # folding the dirty logs and deciding, when a pass closed
 
@@ -81,6 +92,14 @@ class SourceSession:
         self._send_secs = 0.0
         self._last_sync = 0.0
         self._extra = 0  # passes made after the expected downtime first fell within the limit
+        # hold_back: the savers (indexes) held in the current pass, how many passes held them,
+        # whether they were let go (for good), and the bulk-first savers' bytes per pass
+        self._held: frozenset[int] = frozenset()
+        self._held_passes = 0
+        self._released = False
+        self._bulk_sent = 0
+        self._bulk_sent_last: int | None = None
+        self._waiting0: list[tuple[int, int]] = []  # per saver at pass start: (units, pages) waiting
 
     # --- what the driver feeds in ---
 
@@ -164,25 +183,46 @@ class SourceSession:
             self._pass_sent0 = self.sent_total()
             self._pass_pages0 = self.pages()[:2]
             self._pass_units0 = self.units()[0]
+            self._held = self._hold()
+            self._bulk_sent = 0
+            self._waiting0 = [(s.units()[1], s.page_counts()[2]) for s in self.savers]
             o.send([self.encoder.encode(PassStart(self._pass))])
             step.pass_started = self._pass
+            step.held = tuple(self.savers[i].name for i in sorted(self._held))
         budget = self.step_budget
         for i in self._iterate_order:
             s = self.savers[i]
-            if i in self._drained or budget <= 0:
+            if i in self._drained or i in self._held or budget <= 0:
                 continue
             sent = s.iterate(o, budget)
+            if s.bulk_first:
+                self._bulk_sent += sent
             if sent < budget:
                 self._drained.add(i)
             budget -= sent
-        if len(self._drained) == len(self.savers):
+        if len(self._drained | self._held) == len(self.savers):
             now = clock()
             step.report, step.switchover = self._end_pass(now)
             step.sync_ms = (clock() - now) * 1000
         return step
 
+    def _hold(self) -> frozenset[int]:
+        """The savers to hold back in the pass about to start (convergence.hold_back): all that
+        are not bulk-first, while the bulk-first ones' backlog is large and shrinking."""
+        bulk = [s for s in self.savers if s.bulk_first]
+        if self._released or not bulk or len(bulk) == len(self.savers):
+            return frozenset()
+        left = sum(s.pending() for s in bulk)
+        if not hold_back(left, self._bulk_sent_last, self.bandwidth(), self.downtime_limit_ms(),
+                         self._held_passes):
+            self._released = True
+            return frozenset()
+        self._held_passes += 1
+        return frozenset(i for i, s in enumerate(self.savers) if not s.bulk_first)
+
     def _end_pass(self, now: float) -> tuple[PassReport, bool]:
         self._in_pass = False
+        self._bulk_sent_last = self._bulk_sent
         for s in self.savers:
             s.sync()
         secs = now - self._pass_t0
@@ -193,18 +233,31 @@ class SourceSession:
         pages, zero_pages = sent - self._pass_pages0[0], zero - self._pass_pages0[1]
         units_sent, units_waiting = self.units()
         elapsed = max(now - self._last_sync, 1e-6)
-        dirty_rate = waiting / elapsed
+        # Dirtied since the last sync: what a saver has waiting after its sync, having sent what
+        # it had; a held saver sent nothing, so only what its wait grew by is new.
+        dirty_units = dirty_pages = 0
+        for i, s in enumerate(self.savers):
+            u, p = s.units()[1], s.page_counts()[2]
+            if i in self._held:
+                u0, p0 = self._waiting0[i]
+                u, p = max(0, u - u0), max(0, p - p0)
+            dirty_units, dirty_pages = dirty_units + u, dirty_pages + p
         self._last_sync = now
         exp = self.expected_downtime()
         self.expected_ms = exp
+        held = tuple(self.savers[i].name for i in sorted(self._held))
         report = PassReport(self._pass, pages, zero_pages, nbytes, secs,
-                            nbytes / secs if secs > 0 else 0.0, waiting, dirty_rate, exp,
-                            units_waiting * UNIT_BYTES / elapsed)
+                            nbytes / secs if secs > 0 else 0.0, waiting, dirty_pages / elapsed, exp,
+                            dirty_units * UNIT_BYTES / elapsed, held)
         self.passes.append(report)
         limit = self.downtime_limit_ms()
         # RAM pages and disk blocks alike: a pass pays when it leaves less than half of what it
         # sent, whichever state the guest dirties.
-        switch = switch_now(exp, limit, units_sent - self._pass_units0, units_waiting, self._extra)
+        # A pass that held savers back never ends in a switchover, even when their backlog would
+        # fit the limit (a small RAM): they get a pass of their own first, so the pause carries
+        # only what they dirty again, not all they hold.
+        switch = not self._held and switch_now(exp, limit, units_sent - self._pass_units0,
+                                               units_waiting, self._extra)
         if exp <= limit:
             self._extra += 1
         return report, switch

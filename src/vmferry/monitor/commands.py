@@ -239,7 +239,9 @@ def _query_machines(d: CommandDispatcher, args: dict, session: Session) -> objec
 _NO_BLOCK = "This VMM has no block devices"
 
 
-@command("query-block", "The drives (`--drive`): one entry per virtio-blk device and its image.",
+@command("query-block", "The drives (`--drive`): one entry per virtio-blk device and its image "
+         "(for an NBD export, `file` and `filename` are its URI and `image` has no `actual-size`, "
+         "as QEMU 7.2 answers).",
          returns='`[{"device": id, "qdev", "locked", "removable", "type", "tray_open", "io-status", '
                  '"inserted": {"file", "ro", "drv", "node-name", "image": {"filename", "format", '
                  '"virtual-size", "actual-size"}, ...}}, ...]`',

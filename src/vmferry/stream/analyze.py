@@ -121,6 +121,9 @@ def render_text(s: StreamSummary) -> str:
             put(f"{title} {r.name}: base {r.base:#x}, {r.size} bytes ({r.size // r.unit} {word}); "
                 f"{word} sent {r.sent}, zero {r.zero}, {r.records} records ({types or 'none'}), "
                 f"{r.nbytes} bytes; passes {passes}")
+            if r.raw_compressed:
+                put(f"    compressed: {r.raw_compressed} bytes in {r.wire_compressed} "
+                    f"({r.wire_compressed / r.raw_compressed:.1%})")
     for p in s.passes:
         if p.number or p.pages or p.zero_pages:
             put(f"pass {p.number}: pages {p.pages}, zero pages {p.zero_pages}, {p.nbytes} bytes")

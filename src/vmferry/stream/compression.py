@@ -1,4 +1,5 @@
-"""Page compression for RAM_COMPRESSED records: the codecs, and `auto`'s choice per chunk.
+"""Compression for RAM_COMPRESSED and BLOCK_COMPRESSED records: the codecs, and `auto`'s choice
+per chunk (multifd's pages, a copied drive's runs).
 
 Codecs are numbered on the wire (docs/stream-format.md, RAM_COMPRESSED): 1 zstd, 2 zlib, 3 lz4
 (block format; the raw length is in the record, so no frame is needed). Compressor objects are
@@ -15,7 +16,8 @@ flip and incompressible pages go raw. While sending raw, the compressors are pro
 sample of a chunk, rarely (the interval doubles each time a probe changes nothing, up to 512
 chunks for pages that do not shrink, 8 for pages that do): on random pages that costs next to
 nothing and the choice stays raw. While compressing, one chunk goes raw
-now and then, so a link that got faster is seen.
+now and then (16 to 256 chunks apart, doubling while those change nothing), so a link that got
+faster is seen; the other compressor is sampled every 4 to 8 chunks.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ SETTINGS = ("none", "zlib", "zstd", "lz4", "auto")
 _AUTO_CODECS = (Codec.LZ4, Codec.ZSTD)
 
 
-def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
-    """The raw bytes of a RAM_COMPRESSED payload; StreamError naming the codec if they cannot be
-    had or are not exactly `raw_length` bytes."""
+def decompress(codec: int, data: memoryview | bytes, raw_length: int, what: str = "RAM_COMPRESSED") -> bytes:
+    """The raw bytes of a RAM_COMPRESSED (or `what`: BLOCK_COMPRESSED) payload; StreamError naming
+    the record type and codec if they cannot be had or are not exactly `raw_length` bytes."""
     try:
         if codec == Codec.ZSTD:
             out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=raw_length)
@@ -55,15 +57,15 @@ def decompress(codec: int, data: memoryview | bytes, raw_length: int) -> bytes:
             d = zlib.decompressobj()
             out = d.decompress(bytes(data), raw_length)
             if d.unconsumed_tail or not d.eof:
-                raise StreamError(f"RAM_COMPRESSED zlib data does not end after {raw_length} bytes")
+                raise StreamError(f"{what} zlib data does not end after {raw_length} bytes")
         elif codec == Codec.LZ4:
             out = lz4.block.decompress(bytes(data), uncompressed_size=raw_length)
         else:
-            raise StreamError(f"RAM_COMPRESSED has unknown codec {codec}")
+            raise StreamError(f"{what} has unknown codec {codec}")
     except (zstandard.ZstdError, zlib.error, lz4.block.LZ4BlockError) as e:
-        raise StreamError(f"RAM_COMPRESSED {Codec(codec).name.lower()} data is corrupt: {e}") from None
+        raise StreamError(f"{what} {Codec(codec).name.lower()} data is corrupt: {e}") from None
     if len(out) != raw_length:
-        raise StreamError(f"RAM_COMPRESSED {Codec(codec).name.lower()} data decompresses to {len(out)} "
+        raise StreamError(f"{what} {Codec(codec).name.lower()} data decompresses to {len(out)} "
                           f"bytes, expected {raw_length}")
     return out
 
@@ -149,8 +151,10 @@ class AutoPolicy:
     raw_probe_every: int = RAW_PROBE_FIRST
     _since_probe: int = 0
     _since_raw_probe: int = 0
+    _raw_probe: bool = False  # the last plan sends a chunk raw to measure the wire, not to stay raw
 
     def plan(self) -> Plan:
+        self._raw_probe = False
         if self.current == Codec.RAW:
             self._since_probe += 1
             unmeasured = any(not e.known for e in self.codecs.values())
@@ -161,6 +165,7 @@ class AutoPolicy:
         self._since_raw_probe += 1
         if self._since_raw_probe >= self.raw_probe_every:
             self._since_raw_probe = 0
+            self._raw_probe = True
             return Plan(Codec.RAW)
         self._since_probe += 1
         others = tuple(c for c in _AUTO_CODECS if c != self.current)
@@ -192,7 +197,8 @@ class AutoPolicy:
         """After a chunk's measurements: keep the current option unless raw is expected to be
         faster, or a compressor to take at most (1 - HYSTERESIS) of its time. `probed`: this
         chunk probed an option not in use (a probe that changes nothing doubles the interval
-        to the next one)."""
+        to the next probe of its kind: a raw chunk's to the next raw chunk, a compressor
+        sample's to the next sample — a sample says nothing of the wire)."""
         now = self.expected(self.current)
         best, best_t = self.current, now
         if now is not None:
@@ -211,8 +217,10 @@ class AutoPolicy:
                 ratios = [e.ratio for e in self.codecs.values() if e.known]
                 shrinks = bool(ratios) and min(ratios) < INCOMPRESSIBLE
                 self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE if shrinks else PROBE_MAX)
-            else:
+            elif self._raw_probe:
                 self.raw_probe_every = min(2 * self.raw_probe_every, RAW_PROBE_MAX)
+            else:  # compressing: the pages shrink
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE)
         return self.current
 
 

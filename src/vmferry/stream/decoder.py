@@ -272,7 +272,7 @@ class StreamDecoder:
         elif placed:
             rec = RamPages(frame.section, frame.index, frame.count, payload, placed=True)
         else:
-            rec = parse_payload(frame, payload, self.rules.page_size)
+            rec = parse_payload(frame, payload, self.rules.page_size, self.rules.sector_size(frame.section))
         if isinstance(rec, EndOfStream):
             if rec.record_count != self.record_index:
                 raise StreamError(f"END says {rec.record_count} records but {self.record_index} were read")

@@ -19,6 +19,7 @@ from vmferry.stream.records import (
     ADVISORY_COMMANDS,
     DELTA_ENTRY,
     DISK_SHARED,
+    BlockCompressed,
     BlockData,
     BlockDevices,
     BlockZero,
@@ -103,6 +104,8 @@ def encode_payload(rec: Record, page_size: int) -> tuple[Frame, list[Buffer]]:
         return compressed_payload(rec, page_size)
     if isinstance(rec, RamDelta):
         return delta_payload(rec)
+    if isinstance(rec, BlockCompressed):
+        return block_compressed_payload(rec)
     frame, payload = _encode_one(rec, page_size)
     return frame, [payload]
 
@@ -132,6 +135,19 @@ def compressed_payload(rec: RamCompressed, page_size: int) -> tuple[Frame, list[
     head = COMPRESSED_HEAD.pack(rec.codec, LAYOUT_LIST, 0, raw_length, rec.raw_check)
     return (Frame(T.RAM_COMPRESSED, rec.block_id, rec.page_count, 0),
             [head + page_list_index_bytes(rec.pages), rec.wire])
+
+
+def block_compressed_payload(rec: BlockCompressed) -> tuple[Frame, list[Buffer]]:
+    """BLOCK_COMPRESSED: [head, the compressed bytes (`rec.wire`)]; the head is RAM_COMPRESSED's
+    with layout 0 (a run) and raw length = the raw bytes `rec.data` (the reader checks it is
+    `count` sectors of the disk's listed sector size)."""
+    if rec.codec not in (Codec.ZSTD, Codec.ZLIB, Codec.LZ4):
+        raise ValueError(f"BLOCK_COMPRESSED needs a compressing codec, not {rec.codec}")
+    raw_length = memoryview(rec.data).nbytes
+    if not rec.sector_count or raw_length % rec.sector_count:
+        raise ValueError(f"BLOCK_COMPRESSED of {rec.sector_count} sectors has {raw_length} raw bytes")
+    head = COMPRESSED_HEAD.pack(rec.codec, LAYOUT_RUN, 0, raw_length, rec.raw_check)
+    return Frame(T.BLOCK_COMPRESSED, rec.disk_id, rec.sector_count, rec.first_sector), [head, rec.wire]
 
 
 def delta_payload(rec: RamDelta) -> tuple[Frame, list[Buffer]]:
@@ -193,8 +209,9 @@ def _pack_list(entries: list[tuple[int, str, int, int, int]]) -> bytes:
     return b"".join(out)
 
 
-def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
-    """The record for a checked frame and payload; StreamError if the payload is malformed."""
+def parse_payload(frame: Frame, payload: Buffer, page_size: int, sector_size: int = 512) -> Record:
+    """The record for a checked frame and payload; StreamError if the payload is malformed.
+    `sector_size`: the listed sector size of the disk a BLOCK_* record is about."""
     rtype, section, count, index = frame
     if rtype == T.RAM_PAGES:
         return RamPages(section, index, count, payload)
@@ -212,6 +229,8 @@ def parse_payload(frame: Frame, payload: Buffer, page_size: int) -> Record:
         return BlockData(section, index, count, payload)
     if rtype == T.BLOCK_ZERO:
         return BlockZero(section, index, count)
+    if rtype == T.BLOCK_COMPRESSED:
+        return parse_block_compressed(frame, payload, sector_size)
     if rtype == T.PASS:
         return PassStart(index)
     if rtype == T.COMMAND:
@@ -299,6 +318,29 @@ def _parse_compressed(frame: Frame, payload: Buffer, page_size: int) -> RamCompr
         raise StreamError(f"RAM_COMPRESSED pages do not match their checksum after "
                           f"{Codec(codec).name.lower()} decompression")
     return RamCompressed(section, index, count, codec, raw_check, raw, pages, view[pos:])
+
+
+def parse_block_compressed(frame: Frame, payload: Buffer, sector_size: int) -> BlockCompressed:
+    """Head checks, decompression, then the raw bytes against the record's raw checksum: a block
+    is written only as it was when the source read it."""
+    _, section, count, index = frame
+    view = memoryview(payload)
+    what = "BLOCK_COMPRESSED"
+    codec, layout, zero, raw_length, raw_check = COMPRESSED_HEAD.unpack_from(view)
+    if zero:
+        raise StreamError(f"{what} reserved field is not 0")
+    if layout != LAYOUT_RUN:
+        raise StreamError(f"{what} has layout {layout}; only 0 (a run of sectors) is defined")
+    if codec not in (Codec.ZSTD, Codec.ZLIB, Codec.LZ4):
+        raise StreamError(f"{what} has unknown codec {codec}")
+    if raw_length != count * sector_size:
+        raise StreamError(f"{what} raw length {raw_length}, expected {count} sectors of {sector_size} bytes")
+    wire = view[COMPRESSED_HEAD.size:]
+    raw = decompress(codec, wire, raw_length, what)
+    if checksum(raw) != raw_check:
+        raise StreamError(f"{what} sectors do not match their checksum after "
+                          f"{Codec(codec).name.lower()} decompression")
+    return BlockCompressed(section, index, count, codec, raw_check, raw, wire)
 
 
 def _parse_delta(frame: Frame, payload: Buffer, page_size: int) -> RamDelta:

@@ -35,14 +35,15 @@ class RecordType(IntEnum):
     RAM_PAGE_LIST = 36
     BLOCK_DATA = 48
     BLOCK_ZERO = 49
-    BLOCK_COMPRESSED = 50  # reserved in 1.0
+    BLOCK_COMPRESSED = 50  # defined from vmferry 0.2 on (x-block-compression)
     COMMAND = 64
     PASS = 80
     END = 255
 
 
-# Defined so later minors can use them; a 1.0 reader refuses them by name.
-RESERVED_TYPES = frozenset({RecordType.BLOCK_COMPRESSED})
+# Defined so later minors can use them; a 1.0 reader refuses them by name. None left: BLOCK_COMPRESSED
+# was the last (a reader from before it refuses it as "reserved in format 1.0").
+RESERVED_TYPES: frozenset[RecordType] = frozenset()
 
 
 class SectionPhase(IntEnum):
@@ -296,6 +297,31 @@ class BlockZero:
     sector_count: int
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class BlockCompressed:
+    """Compressed sectors of one disk, a run from `first_sector`, as RAM_COMPRESSED's run layout.
+    `data` is the raw sector bytes (decoded records: already decompressed and checked against
+    `raw_check`, xxh3-64 of the raw bytes); `codec` a compression.Codec; `wire` the compressed
+    bytes (decoded records: a view of the input)."""
+
+    disk_id: int
+    first_sector: int
+    sector_count: int
+    codec: int
+    raw_check: int
+    data: Buffer
+    wire: Buffer = b""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BlockCompressed):
+            return NotImplemented
+        return ((self.disk_id, self.first_sector, self.sector_count, self.codec, self.raw_check)
+                == (other.disk_id, other.first_sector, other.sector_count, other.codec, other.raw_check)
+                and bytes(self.data) == bytes(other.data))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     code: int  # a CommandCode, or an unknown advisory code (>= 0x8000)
@@ -330,7 +356,7 @@ class Skipped:
 
 Record = (Config | Description | RamBlocks | BlockDevices | DeviceSection | RamPages | RamPageList
           | RamCompressed | RamDelta | RamZero
-          | BlockData | BlockZero | Command | PassStart | EndOfStream | Skipped)
+          | BlockData | BlockZero | BlockCompressed | Command | PassStart | EndOfStream | Skipped)
 
 
 _TYPE_OF: dict[type, RecordType] = {
@@ -339,7 +365,8 @@ _TYPE_OF: dict[type, RecordType] = {
     RamPageList: RecordType.RAM_PAGE_LIST, RamCompressed: RecordType.RAM_COMPRESSED,
     RamDelta: RecordType.RAM_DELTA,
     RamZero: RecordType.RAM_ZERO, BlockData: RecordType.BLOCK_DATA,
-    BlockZero: RecordType.BLOCK_ZERO, Command: RecordType.COMMAND, PassStart: RecordType.PASS,
+    BlockZero: RecordType.BLOCK_ZERO, BlockCompressed: RecordType.BLOCK_COMPRESSED,
+    Command: RecordType.COMMAND, PassStart: RecordType.PASS,
     EndOfStream: RecordType.END,
 }
 

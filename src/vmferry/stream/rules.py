@@ -31,7 +31,8 @@ from vmferry.stream.records import (
 
 T = RecordType
 _SECTION_TYPES = (T.SECTION_FULL, T.SECTION_START, T.SECTION_PART, T.SECTION_END)
-_RUN_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.BLOCK_DATA, T.BLOCK_ZERO)
+_RUN_TYPES = (T.RAM_PAGES, T.RAM_ZERO, T.BLOCK_DATA, T.BLOCK_ZERO, T.BLOCK_COMPRESSED)
+_BLOCK_TYPES = (T.BLOCK_DATA, T.BLOCK_ZERO, T.BLOCK_COMPRESSED)
 # Which generic header fields each type uses (s = section, c = count, i = index); the rest must be 0.
 _USES = {T.CONFIG: "", T.DESCRIPTION: "", T.RAM_BLOCKS: "", T.BLOCK_DEVICES: "", T.END: "",
          T.PASS: "i", T.COMMAND: "sci", **dict.fromkeys(_SECTION_TYPES, "s"),
@@ -70,9 +71,15 @@ class StreamRules:
             return self.sections[section].name
         if rtype in _RAM_TYPES and section in self.ram:
             return self.ram[section].name
-        if rtype in (T.BLOCK_DATA, T.BLOCK_ZERO) and section in self.disks:
+        if rtype in _BLOCK_TYPES and section in self.disks:
             return self.disks[section].name
         return None
+
+    def sector_size(self, disk_id: int) -> int:
+        """The listed sector size of a disk (512 for an id that is none: no BLOCK_* record gets
+        past check_header for it)."""
+        disk = self.disks.get(disk_id)
+        return disk.sector_size if disk is not None else 512
 
     def check_header(self, rtype: int, flags: int, section: int, length: int, count: int, index: int,
                      max_payload: int) -> bool:
@@ -117,14 +124,19 @@ class StreamRules:
             unit = self.page_size
             self._check_run(name, "RAM block", "pages", self.ram.get(section), section, index, count, unit)
             self._check_length(name, length, count * unit if rtype == T.RAM_PAGES else 0)
-        elif rtype in (T.BLOCK_DATA, T.BLOCK_ZERO):
+        elif rtype in _BLOCK_TYPES:
             disk = self.disks.get(section)
             unit = disk.sector_size if disk else 0
             self._check_run(name, "disk", "sectors", disk, section, index, count, unit)
             if disk is not None and disk.shared:
                 raise StreamError(f"{name} for disk '{disk.name}', which is listed as shared "
                                   "(its contents stay in its image)")
-            self._check_length(name, length, count * unit if rtype == T.BLOCK_DATA else 0)
+            if rtype == T.BLOCK_COMPRESSED:
+                if length < COMPRESSED_HEAD_SIZE:
+                    raise StreamError(f"{name} payload length {length}, shorter than its "
+                                      f"{COMPRESSED_HEAD_SIZE}-byte head")
+            else:
+                self._check_length(name, length, count * unit if rtype == T.BLOCK_DATA else 0)
         elif rtype == T.PASS:
             self._check_length(name, length, 0)
             if index <= self.last_pass:

@@ -19,6 +19,7 @@ from vmferry.stream.compression import Codec
 from vmferry.stream.format import RECORD_HEADER_SIZE, TRAILER_SIZE
 from vmferry.stream.payloads import COMPRESSED_HEAD, delta_table_size, page_list_index_size
 from vmferry.stream.records import (
+    BlockCompressed,
     BlockData,
     BlockDevices,
     BlockZero,
@@ -62,6 +63,9 @@ class RunStats:
     # records by type name (RAM_PAGES, RAM_PAGE_LIST, ...): shows how a sender split its pages
     types: Counter[str] = field(default_factory=Counter)
     shared: bool = False  # a disk whose contents stay in its image (BLOCK_DEVICES flag)
+    # BLOCK_COMPRESSED: raw bytes it carried, and its compressed bytes (the ratio analyze shows)
+    raw_compressed: int = 0
+    wire_compressed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "base": self.base, "size": self.size, "unit": self.unit,
@@ -69,6 +73,8 @@ class RunStats:
                "record_types": dict(self.types), "bytes": self.nbytes, "passes": sorted(self.passes)}
         if self.shared:
             out["shared"] = True
+        if self.raw_compressed:
+            out["compressed"] = {"raw_bytes": self.raw_compressed, "wire_bytes": self.wire_compressed}
         return out
 
 
@@ -124,6 +130,12 @@ class StreamSummary:
                 self._run(self.disks[disk_id], "BLOCK_DATA", count, 0, len(data), current, pages=False)
             case BlockZero(disk_id, _, count):
                 self._run(self.disks[disk_id], "BLOCK_ZERO", 0, count, 0, current, pages=False)
+            case BlockCompressed(disk_id, _, count, codec, wire=wire):
+                stats = self.disks[disk_id]
+                self._run(stats, f"BLOCK_COMPRESSED {Codec(codec).name.lower()}", count, 0,
+                          COMPRESSED_HEAD.size + len(wire), current, pages=False)
+                stats.raw_compressed += count * stats.unit
+                stats.wire_compressed += len(wire)
             case DeviceSection():
                 self._device(rec, record_index)
             case PassStart(number):
