@@ -45,6 +45,7 @@ from typing import Any
 
 from vmferry.migration.forecast import ForecastInput, dirty_rate_in_first_pass, forecast, from_migration
 from vmferry.monitor.client import QmpClient
+from vmferry.testing.netns import Shaping, VethLink, veth_link
 
 # id: (memory, dirty guest's arguments, B's max-bandwidth (None: the --max-bandwidth option),
 #      B's downtime-limit ms (None: the default), whether A is capped like B)
@@ -60,33 +61,6 @@ CASES: dict[str, tuple[str, str, int | None, int | None, bool]] = {
 }
 TERMINAL = ("completed", "failed", "cancelled")
 REPO = Path(__file__).resolve().parent.parent
-
-
-NETNS = "vmferry-forecast"
-NETNS_EXEC = ("ip", "netns", "exec", NETNS)
-OUTER, INNER = "10.213.47.1", "10.213.47.2"  # a subnet no other bench here uses
-
-
-@contextlib.contextmanager
-def netns_link(rate: str) -> Iterator[None]:
-    """A veth pair into a network namespace of its own, shaped by tc tbf to `rate` both ways
-    (/work/shared/BENCHMARKS.md, "A 1 Gbit/s link on one machine"); root needed."""
-    setup = [
-        ["ip", "netns", "add", NETNS],
-        ["ip", "link", "add", "fcst0", "type", "veth", "peer", "name", "fcst1"],
-        ["ip", "link", "set", "fcst1", "netns", NETNS],
-        ["ip", "addr", "add", f"{OUTER}/24", "dev", "fcst0"], ["ip", "link", "set", "fcst0", "up"],
-        [*NETNS_EXEC, "ip", "addr", "add", f"{INNER}/24", "dev", "fcst1"],
-        [*NETNS_EXEC, "ip", "link", "set", "fcst1", "up"], [*NETNS_EXEC, "ip", "link", "set", "lo", "up"],
-        *([*ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb", "latency",
-           "50ms"] for ns, dev in (((), "fcst0"), (NETNS_EXEC, "fcst1"))),
-    ]
-    try:
-        for cmd in setup:
-            subprocess.run(cmd, check=True, capture_output=True)
-        yield
-    finally:
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # takes the veth pair with it
 
 
 class Vm:
@@ -178,9 +152,9 @@ def load() -> float:
 
 
 def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float,
-        convergence_wait_s: float, netns: bool = False, hop: bool = False) -> dict[str, Any]:
-    """One case. `netns`: the first destination runs in the namespace of `netns_link`, so A goes
-    into it and B out of it, both over the shaped veth pair. `hop`: migrate the guest once more
+        convergence_wait_s: float, link: VethLink | None = None, hop: bool = False) -> dict[str, Any]:
+    """One case. `link`: the first destination runs in its namespace, so A goes into it and B
+    out of it, both over the shaped veth pair. `hop`: migrate the guest once more
     before A (loopback, unlimited), so A's source, like B's, runs a guest that was migrated in."""
     mem, guest, b_cap, b_limit, cap_a = CASES[sid]
     cap = max_bandwidth if b_cap is None else b_cap
@@ -204,8 +178,8 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
             time.sleep(settle_s)
             src.wait_serial(r"verify ok", after=len(src.text()))
             before_a = measure_dirty_rate(src, calc_time)
-        mid = (Vm(tmp, "mid", "-m", mem, "--incoming", f"tcp:{INNER}:0", prefix=NETNS_EXEC) if netns
-               else Vm(tmp, "mid", "-m", mem, "--incoming", "tcp:127.0.0.1:0"))
+        mid = (Vm(tmp, "mid", "-m", mem, "--incoming", f"tcp:{link.address}:0", prefix=link.exec_prefix)
+               if link else Vm(tmp, "mid", "-m", mem, "--incoming", "tcp:127.0.0.1:0"))
         started.append(mid)
         src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": cap if cap_a else 0})
         a = src.migrate(mid.listen_uri())
@@ -245,7 +219,7 @@ def run(sid: str, tmp: Path, max_bandwidth: int, calc_time: int, settle_s: float
             "engine-bandwidth": round(calibration.engine_bandwidth_bps or bandwidth),
             "setup-ms": round(calibration.setup_s * 1000),
             "pass-overhead-ms": round(calibration.pass_overhead_s * 1000)})
-        dst = Vm(tmp, "dst", "-m", mem, "--incoming", f"tcp:{OUTER if netns else '127.0.0.1'}:0")
+        dst = Vm(tmp, "dst", "-m", mem, "--incoming", f"tcp:{link.host_address if link else '127.0.0.1'}:0")
         started.append(dst)
         suggestion: dict[str, Any] | None = None
         if forecast["converges"]:
@@ -380,10 +354,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ns = ap.parse_args()
     results = []
-    link = netns_link(ns.netns_rate) if ns.netns_rate else contextlib.nullcontext()
-    with link:
+    # Both ways: A goes into the namespace, B out of it.
+    shaped = veth_link(Shaping(ns.netns_rate), both_ways=True) if ns.netns_rate else contextlib.nullcontext()
+    with shaped as link:
         for sid in ns.scenarios.split(","):
-            results.append(case(sid, ns))
+            results.append(case(sid, ns, link))
     print("\n" + HEADER)
     for r in results:
         print(row(r))
@@ -391,10 +366,10 @@ def main() -> None:
         ns.json.write_text(json.dumps(results, indent=1))
 
 
-def case(sid: str, ns: argparse.Namespace) -> dict[str, Any]:
+def case(sid: str, ns: argparse.Namespace, link: VethLink | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-forecast-{sid}-") as tmp:
         r = run(sid, Path(tmp), ns.max_bandwidth, ns.calc_time, ns.settle, ns.convergence_wait,
-                netns=bool(ns.netns_rate), hop=ns.hop)
+                link=link, hop=ns.hop)
     r["scenario"] += ns.suffix
     print(row(r), flush=True)
     if r["suggestion"] is not None:

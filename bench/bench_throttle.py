@@ -42,13 +42,11 @@ import contextlib
 import os
 import platform
 import re
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +57,7 @@ from vmferry.machine.vcpu_runner import VcpuRunner
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.source import OutgoingMigration
 from vmferry.migration.state import MigrationState
+from vmferry.testing.netns import GIGABIT, veth_link
 from vmferry.transport.channel import Channel
 from vmferry.transport.connect import connect_outgoing
 from vmferry.vmm import guest_image
@@ -180,36 +179,6 @@ def main_migrate(runs: int) -> None:
 
 # --- S5: dirty-limit against auto-converge -------------------------------------------------------
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@contextlib.contextmanager
-def gigabit_link() -> Iterator[tuple[str, str]]:
-    """(namespace, destination address): a veth pair into a namespace of our own, the host's end
-    shaped to 1 Gbit/s; removed however the run ends."""
-    tag = secrets.token_hex(3)
-    ns, host_if, peer_if = f"vmfb-{tag}", f"vb{tag}a", f"vb{tag}b"
-    net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
-    try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _ip("link", "set", peer_if, "netns", ns)
-        _ip("addr", "add", f"{net}.1/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", peer_if)
-        _ip("-n", ns, "link", "set", peer_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        subprocess.run(["tc", "qdisc", "add", "dev", host_if, "root", "tbf", "rate", "1gbit",
-                        "burst", "256kb", "latency", "50ms"], check=True, capture_output=True, timeout=30)
-        yield ns, f"{net}.2"
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            _ip("link", "del", host_if)
-        with contextlib.suppress(subprocess.SubprocessError):
-            _ip("netns", "del", ns)
-
-
 @dataclass
 class S5Run:
     mode: str
@@ -247,8 +216,8 @@ def s5_once(tmp: str, mode: str, link: str, bandwidth_mib: int = 110, ws_mib: in
         before = (_loops(m) - l0) / (time.monotonic() - t0)
         params = {"downtime-limit": 300}
         if link == "1g":
-            ns, address = stack.enter_context(gigabit_link())
-            dst, uri = _destination(Path(tmp), f"{memory_gib}G", address, ("ip", "netns", "exec", ns))
+            gigabit = stack.enter_context(veth_link(GIGABIT))
+            dst, uri = _destination(Path(tmp), f"{memory_gib}G", gigabit.address, gigabit.exec_prefix)
         else:
             dst, uri = _destination(Path(tmp), f"{memory_gib}G")
             params["max-bandwidth"] = bandwidth_mib << 20

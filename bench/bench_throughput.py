@@ -10,9 +10,10 @@ destination's guest printing `verify ok` (its own check of every page). Each sid
 `max-bandwidth` 100 GiB/s (QEMU's default cap is 128 MiB/s) and otherwise its defaults.
 
 Parts:
-  link-text  a 1 Gbit/s link: the destination runs in its own network namespace (NETNS), reached
-             over a veth pair whose source end is shaped by `tc tbf rate 1gbit` (see
-             /work/shared/BENCHMARKS.md); compressible RAM (`fill=text`, zstd-1 about 6:1).
+  link-text  a 1 Gbit/s link: the destination runs in a network namespace of its own, reached
+             over a veth pair whose source end is shaped by `tc tbf rate 1gbit`
+             (vmferry.testing.netns; see /work/shared/BENCHMARKS.md); compressible RAM
+             (`fill=text`, zstd-1 about 6:1).
   lo-random  loopback TCP, random RAM (`fill=random`: incompressible), channels 1, 2, 4 and
              compression `auto` against `none`.
 Settings: `vmferry` / `qemu`, `plain` (capability multifd off) or `N ch` (multifd on, N
@@ -45,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,11 @@ from typing import Any
 from bench_procs import install_signal_handlers, stop_all
 from migration_vm import BenchError, Vm, free_port, incoming_uri, vms
 
+from vmferry.testing.netns import GIGABIT, VethLink, veth_link
+
 MiB = 1 << 20
 GiB = 1 << 30
 UNCAPPED = 100 * GiB
-NETNS = "mfb-dst"  # names and addresses of our own, so no other benchmark's link is touched
-VETH_SRC, VETH_DST = "mfb0", "mfb1"
-SRC_IP, DST_IP = "10.78.0.1", "10.78.0.2"
 QEMU_PORT = 4444
 VCPU_THREAD = re.compile(r"vcpu\d+|CPU \d+/KVM")
 POLL_S = 0.05
@@ -95,41 +94,6 @@ PARTS: dict[str, Part] = {
 }
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
-@contextlib.contextmanager
-def gigabit_link() -> Iterator[None]:
-    """The destination's namespace and the shaped veth pair; removed on every way out."""
-    teardown_link()
-    try:
-        sh("ip", "netns", "add", NETNS)
-        sh("ip", "link", "add", VETH_SRC, "type", "veth", "peer", "name", VETH_DST)
-        sh("ip", "link", "set", VETH_DST, "netns", NETNS)
-        sh("ip", "addr", "add", f"{SRC_IP}/24", "dev", VETH_SRC)
-        sh("ip", "link", "set", VETH_SRC, "up")
-        sh("ip", "netns", "exec", NETNS, "ip", "addr", "add", f"{DST_IP}/24", "dev", VETH_DST)
-        sh("ip", "netns", "exec", NETNS, "ip", "link", "set", VETH_DST, "up")
-        sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
-        sh("tc", "qdisc", "add", "dev", VETH_SRC, "root", "tbf", "rate", "1gbit", "burst", "256kb",
-           "latency", "50ms")
-        yield
-    finally:
-        teardown_link()
-
-
-def teardown_link() -> None:
-    with contextlib.suppress(subprocess.SubprocessError, OSError):
-        subprocess.run(["ip", "link", "del", VETH_SRC], capture_output=True, timeout=30)
-    with contextlib.suppress(subprocess.SubprocessError, OSError):
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, timeout=30)
-
-
-def link_tx_bytes() -> int:
-    return int(Path(f"/sys/class/net/{VETH_SRC}/statistics/tx_bytes").read_text())
-
-
 def _ticks(stat: str) -> int:
     fields = stat.rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
@@ -164,7 +128,9 @@ def wait_running(vm: Vm, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def run_once(s: Setting, part: Part, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_once(s: Setting, part: Part, tmp: Path, args: argparse.Namespace,
+             link: VethLink | None) -> dict[str, Any]:
+    """One migration; over `link` (the destination in its namespace) when the part has one."""
     append = f"ws={args.ws} rate=0 fill={part.fill} verify={args.verify}"
     side = "qemu-kvm" if s.side == Q else "vmferry"
     res: dict[str, Any] = {"setting": s.label, "load": os.getloadavg()[0]}
@@ -174,10 +140,10 @@ def run_once(s: Setting, part: Part, tmp: Path, args: argparse.Namespace) -> dic
         src.connect()
         filled = src.wait_serial(r"dirty: filled \d+ pages", timeout=300)
         src.wait_serial(r"verify ok gen=\d+", timeout=args.verify + 120, after=filled.end())
-        host = DST_IP if part.link else "127.0.0.1"
-        netns = NETNS if part.link else None
+        host = link.address if link else "127.0.0.1"
+        netns = link.namespace if link else None
         if s.side == Q:
-            port = QEMU_PORT if part.link else free_port()
+            port = QEMU_PORT if link else free_port()
             dst = Vm(side, tmp, "dst", args.mem, append, incoming="defer", netns=netns)
             started.append(dst)
             dst.connect()
@@ -192,7 +158,7 @@ def run_once(s: Setting, part: Part, tmp: Path, args: argparse.Namespace) -> dic
         set_multifd(src, s)
         src.cmd("migrate-set-parameters", **{"max-bandwidth": UNCAPPED})
         c0 = (cpu_s(src.proc.pid), cpu_s(dst.proc.pid))
-        tx0 = link_tx_bytes() if part.link else 0
+        tx0 = link.tx_bytes() if link else 0
         t0 = time.monotonic()
         src.cmd("migrate", uri=uri)
         while (info := src.cmd("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
@@ -212,8 +178,8 @@ def run_once(s: Setting, part: Part, tmp: Path, args: argparse.Namespace) -> dic
                    src_vcpu_s=c1[0][1] - c0[0][1], dst_vcpu_s=c1[1][1] - c0[1][1])
         res["mig_cpu_s"] = (res["src_cpu_s"] - res["src_vcpu_s"]) + (res["dst_cpu_s"] - res["dst_vcpu_s"])
         res["cpu_s_per_gib"] = res["mig_cpu_s"] / (args.ws * MiB / GiB)
-        if part.link:
-            res["link_mib"] = (link_tx_bytes() - tx0) / MiB
+        if link:
+            res["link_mib"] = (link.tx_bytes() - tx0) / MiB
         m = dst.wait_serial(r"verify (ok|FAIL)[^\n]*\n", timeout=args.verify + 120)
         res["dest_verify"] = m.group(0).strip()
         if not res["dest_verify"].startswith("verify ok"):
@@ -288,21 +254,18 @@ def main() -> None:
             tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-throughput-")))
             for pid in parts:
                 part = PARTS[pid]
-                if part.link:
-                    stack.enter_context(gigabit_link())
                 settings = [s for s in part.settings if not wanted or any(w in s.label for w in wanted)]
                 rows = results.setdefault(pid, {s.label: [] for s in settings})
-                for rep in range(args.runs):
-                    for s in settings:
-                        tmp = Path(tempfile.mkdtemp(prefix=f"{pid}-{rep}-", dir=tmpdir))
-                        try:
-                            r = run_once(s, part, tmp, args)
-                        except BenchError as e:
-                            r = {"setting": s.label, "load": os.getloadavg()[0], "error": str(e)[:2000]}
-                        rows[s.label].append(r)
-                        print(f"{pid} run {rep + 1}: {json.dumps(r)}", file=sys.stderr, flush=True)
-                if part.link:
-                    teardown_link()
+                with veth_link(GIGABIT) if part.link else contextlib.nullcontext() as link:
+                    for rep in range(args.runs):
+                        for s in settings:
+                            tmp = Path(tempfile.mkdtemp(prefix=f"{pid}-{rep}-", dir=tmpdir))
+                            try:
+                                r = run_once(s, part, tmp, args, link)
+                            except BenchError as e:
+                                r = {"setting": s.label, "load": os.getloadavg()[0], "error": str(e)[:2000]}
+                            rows[s.label].append(r)
+                            print(f"{pid} run {rep + 1}: {json.dumps(r)}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         import signal
 
@@ -310,7 +273,6 @@ def main() -> None:
         raise
     finally:
         stop_all()
-        teardown_link()
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=1))
     print(f"# load average at end {os.getloadavg()[0]:.2f}")

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from vmferry.testing import netns
+from vmferry.testing.netns import VethLink
 from vmproc import VmProcess
 
 settings.register_profile("vmferry", deadline=None)
@@ -60,3 +62,17 @@ def procs() -> Iterator[list[VmProcess]]:
             with contextlib.suppress(ProcessLookupError):
                 p.proc.send_signal(signal.SIGCONT)
             p.close()
+
+
+@pytest.fixture
+def netns_link() -> Iterator[VethLink]:
+    """A network namespace of its own behind a veth pair (unshaped), removed afterwards: run a
+    destination in it with `wrap=netns_link.exec_prefix`, cut the link with `netns_link.down()`.
+    Needs root and iproute2; on CI (VMFERRY_REQUIRE_KVM=1) their absence fails."""
+    why_not = netns.available()
+    if why_not:
+        if REQUIRE_KVM:
+            pytest.fail(why_not)
+        pytest.skip(why_not)
+    with netns.veth_link() as link:
+        yield link

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from polling import wait_for
-from test_trace_migration import listen_uri
 from vmferry.guests.verify import MAGIC, DirtyHeader, read_header
 from vmferry.machine.machine import Machine
 from vmferry.migration.dirty_rate import DirtyRateMeter
@@ -128,7 +127,7 @@ def test_measuring_during_a_migration_does_not_disturb_it(tmp_path: Path, procs:
     procs.append(dst)
     src.wait_serial(r"verify ok")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
-    src.cmd("migrate", uri=listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     src.wait_migration(("active",), timeout=30)
     src.cmd("calc-dirty-rate", **{"calc-time": 2, "mode": "dirty-bitmap"})
     # Let the migration finish while (or after) the meter measures: both orders must be fine.

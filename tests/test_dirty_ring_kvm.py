@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from polling import wait_for
-from test_migration import _listen_uri
 from vmferry.devices.state import MachineDeviceState
 from vmferry.errors import VmferryError
 from vmferry.machine.machine import Machine
@@ -101,7 +100,7 @@ def test_precopy_with_the_ring_on_verifies(procs: list[VmProcess], tmp_path: Pat
                     "--incoming", "tcp:127.0.0.1:0")
     procs.append(dst)
     src.wait_serial(r"verify ok")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration(timeout=240)
     assert info["status"] == "completed", info
     assert info["ram"]["dirty-sync-count"] >= 2
@@ -195,7 +194,7 @@ def test_dirty_limit_migration_over_qmp(procs: list[VmProcess], tmp_path: Path) 
     src.cmd("migrate-set-parameters", **DIRTY_LIMIT_PARAMS)
     params = src.cmd("query-migrate-parameters")
     assert params["vcpu-dirty-limit"] == 1 and params["x-vcpu-dirty-limit-period"] == 500
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     deadline = time.monotonic() + 240
     while True:
         info = src.cmd("query-migrate")
@@ -284,7 +283,7 @@ def test_in_process_dirty_limit_migration_lifts_the_limit(procs: list[VmProcess]
     with Machine(memory=128 * MiB, smp=2, dirty_ring_size=4096) as src:
         _boot(src, "ws=48 rate=100000 verify=0 compute=1")
         channel: Future[Channel] = Future()
-        channel.set_result(connect_outgoing(_listen_uri(dst)))
+        channel.set_result(connect_outgoing(dst.incoming_uri()))
         state = MigrationState()
         out = OutgoingMigration(src, MachineDeviceState(src), channel,
                                 MigrationParameters.from_qmp(DIRTY_LIMIT_PARAMS), state, dirty_limit=True)

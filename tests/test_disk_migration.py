@@ -57,12 +57,6 @@ def _dest(tmp: Path, procs: list[VmProcess], img: Path, *extra: str, drive_id: s
     return dst
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    m = wait_for(lambda: re.search(r"incoming migration on (\S+)", dst.log()),
-                 f"{dst.name} listening")
-    return m.group(1)
-
-
 def _verifies_after(vm: VmProcess) -> None:
     start = len(vm.serial())
     vm.wait_serial(r"disk verify ok gen=\d+", after=start, timeout=60)
@@ -93,7 +87,7 @@ def test_shared_storage_with_a_request_in_flight_at_switchover(tmp_path: Path,
     hold.touch()
     wait_for(lambda: src.cmd("x-query-virtio-queue-status", path=QDEV, queue=0)["inuse"] >= 1,
              "a request held in flight on the source")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration()
     assert info["status"] == "completed", info
     assert "disk" not in info  # shared: nothing of the disk in the stream
@@ -114,7 +108,7 @@ def test_shared_storage_guest_writing_through_switchover(tmp_path: Path, procs: 
     img = _image(tmp_path, "shared.img")
     src = _source(tmp_path, procs, img)
     dst = _dest(tmp_path, procs, img)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     assert src.wait_migration()["status"] == "completed"
     assert dst.wait_migration()["status"] == "completed"
     _verifies_after(dst)
@@ -149,7 +143,7 @@ def test_non_shared_storage_copies_the_disk_in_the_stream(tmp_path: Path, procs:
     dst = _dest(tmp_path, procs, dst_img, "-S")  # stays paused: the images can be compared
     trace = tmp_path / "src.trace"
     src.cmd("migrate-set-parameters", **{"x-trace-file": str(trace)})
-    src.cmd("migrate", uri=_listen_uri(dst), blk=True)
+    src.cmd("migrate", uri=dst.incoming_uri(), blk=True)
     info = src.wait_migration()
     assert info["status"] == "completed", info
     # The disk went first: the first pass held RAM back (its bulk copy alone), a later one sent
@@ -181,7 +175,7 @@ def _refused(src: VmProcess, dst: VmProcess, match: str, **migrate: object) -> N
     # however late it arrives on a loaded machine (a source already paused for switchover stays
     # paused once END is out: docs/migration.md, "Nothing lost").
     src.cmd("migrate-set-parameters", **{"downtime-limit": 0})
-    src.cmd("migrate", uri=_listen_uri(dst), **migrate)
+    src.cmd("migrate", uri=dst.incoming_uri(), **migrate)
     info = src.wait_migration()
     assert info["status"] == "failed", info
     assert re.search(match, info.get("error-desc", "")), info

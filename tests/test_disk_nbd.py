@@ -7,7 +7,6 @@ errors for the guest, not a hung VMM."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +60,6 @@ def _ring_settled(vm: VmProcess) -> None:
     assert (st["last-avail-idx"] - st["used-idx"]) % 65536 == st["inuse"], st
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    m = wait_for(lambda: re.search(r"incoming migration on (\S+)", dst.log()), f"{dst.name} listening")
-    return m.group(1)
-
-
 def test_disk_guest_verifies_on_an_nbd_drive(qsd: StorageDaemon, tmp_path: Path) -> None:
     p = _run("--guest", "disk", "--append", "dws=1 drate=1 verify=1 runtime=2",
              "--drive", f"file={qsd.uri},format=raw,id=disk0")
@@ -97,7 +91,7 @@ def test_shared_nbd_export_migrates(qsd: StorageDaemon, tmp_path: Path, procs: l
     src.wait_serial(r"disk verify ok gen=\d+", timeout=60)
     dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0", "--drive", drive)
     procs.append(dst)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration()
     assert info["status"] == "completed", info
     assert "disk" not in info  # shared: nothing of the disk in the stream
@@ -124,7 +118,7 @@ def test_nbd_source_drive_copied_in_the_stream(qsd: StorageDaemon, tmp_path: Pat
     dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0", "-S",
                     "--drive", f"file={dst_img},format=raw,id=disk0")
     procs.append(dst)
-    src.cmd("migrate", uri=_listen_uri(dst), blk=True)
+    src.cmd("migrate", uri=dst.incoming_uri(), blk=True)
     info = src.wait_migration()
     assert info["status"] == "completed", info
     assert info["disk"]["total"] == DISK and info["disk"]["remaining"] == 0, info["disk"]

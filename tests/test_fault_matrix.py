@@ -29,6 +29,7 @@ import pytest
 from vmferry.stream.decoder import StreamDecoder
 from vmferry.stream.encoder import StreamEncoder
 from vmferry.stream.records import Config, DeviceSection
+from vmferry.testing.netns import VethLink
 from vmproc import VmProcess
 
 pytestmark = [pytest.mark.kvm]
@@ -57,19 +58,6 @@ def _dest(tmp: Path, procs: list[VmProcess], incoming: str = "tcp:127.0.0.1:0",
     dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", incoming, wrap=wrap)
     procs.append(dst)
     return dst
-
-
-def _listen_address(dst: VmProcess) -> tuple[str, int]:
-    deadline = time.monotonic() + 60
-    while not (m := re.search(r"incoming migration on tcp:(\S+):(\d+)", dst.log())):
-        assert time.monotonic() < deadline, dst.log()
-        time.sleep(0.05)
-    return m.group(1), int(m.group(2))
-
-
-def _uri(dst: VmProcess) -> str:
-    host, port = _listen_address(dst)
-    return f"tcp:{host}:{port}"
 
 
 def _mid_pass(src: VmProcess, uri: str, after_bytes: int = 2 << 20) -> None:
@@ -171,7 +159,7 @@ class _Relay:
 
 def test_cancel_on_the_source(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.cmd("migrate_cancel")
     assert src.wait_migration()["status"] == "cancelled"
     _source_survives(src)
@@ -180,7 +168,7 @@ def test_cancel_on_the_source(tmp_path: Path, procs: list[VmProcess]) -> None:
 
 def test_cancel_on_the_destination(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     dst.cmd("migrate_cancel")
     info = src.wait_migration()
     assert info["status"] == "failed" and "cancelled on the destination" in info["error-desc"], info
@@ -190,7 +178,7 @@ def test_cancel_on_the_destination(tmp_path: Path, procs: list[VmProcess]) -> No
 
 def test_source_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.proc.kill()
     src.proc.wait()
     _dest_failed(dst, r"(?i)truncated|without END|connection")
@@ -198,7 +186,7 @@ def test_source_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
 
 def test_destination_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     dst.proc.kill()
     dst.proc.wait()
     assert src.wait_migration()["status"] == "failed"
@@ -209,7 +197,7 @@ def test_destination_killed(tmp_path: Path, procs: list[VmProcess]) -> None:
 
 def test_destination_stopped_is_noticed_by_heartbeats(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     t0 = time.monotonic()
     dst.proc.send_signal(signal.SIGSTOP)
     info, took = _until_failed(src, t0)
@@ -223,7 +211,7 @@ def test_destination_stopped_is_noticed_by_heartbeats(tmp_path: Path, procs: lis
 
 def test_source_stopped_is_noticed_by_heartbeats(tmp_path: Path, procs: list[VmProcess]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     t0 = time.monotonic()
     src.proc.send_signal(signal.SIGSTOP)
     info, took = _until_failed(dst, t0)
@@ -241,7 +229,7 @@ def test_heartbeats_off_a_stopped_source_is_not_timed_out(tmp_path: Path, procs:
     """x-heartbeat-ms 0 on the source: it sends none, so the destination (whose heartbeats are
     on) never times it out — as against a peer that does not speak heartbeats at all."""
     src, dst = _source(tmp_path, procs, ("x-heartbeat-ms", 0)), _dest(tmp_path, procs)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.proc.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + BEYOND_LIMIT_S
     while time.monotonic() < deadline:
@@ -292,7 +280,7 @@ def test_a_destination_that_sends_no_heartbeat_is_not_timed_out(
 def test_a_source_that_sends_no_heartbeat_is_not_timed_out(tmp_path: Path, procs: list[VmProcess]) -> None:
     dst = _dest(tmp_path, procs)
     enc = StreamEncoder(machine_type="")
-    with socket.create_connection(_listen_address(dst), timeout=30) as sock:
+    with socket.create_connection(dst.incoming_address(), timeout=30) as sock:
         sock.sendall(enc.header() + enc.encode(Config({"producer": "a peer without heartbeats"})))
         dst.wait_migration(("active",), timeout=60)
         deadline = time.monotonic() + BEYOND_LIMIT_S
@@ -309,50 +297,17 @@ def test_a_source_that_sends_no_heartbeat_is_not_timed_out(tmp_path: Path, procs
 
 # --- the link goes down (a network namespace and a veth pair) ---
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def netns() -> Iterator[tuple[str, str, str]]:
-    """(namespace, the host's end of the veth, the destination's address), uniquely named and
-    always removed. Needs root and `ip`; on CI (VMFERRY_REQUIRE_KVM=1) their absence fails."""
-    if os.geteuid() != 0 or subprocess.run(["which", "ip"], capture_output=True).returncode:
-        if os.environ.get("VMFERRY_REQUIRE_KVM") == "1":
-            pytest.fail("the link-down cell needs root and iproute2")
-        pytest.skip("the link-down cell needs root and iproute2")
-    tag = secrets.token_hex(3)
-    ns, host_if, peer_if = f"vmf-{tag}", f"vf{tag}a", f"vf{tag}b"
-    net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
-    try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _ip("link", "set", peer_if, "netns", ns)
-        _ip("addr", "add", f"{net}.1/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", peer_if)
-        _ip("-n", ns, "link", "set", peer_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        yield ns, host_if, f"{net}.2"
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            _ip("link", "del", host_if)  # removes its peer too
-        with contextlib.suppress(subprocess.SubprocessError):
-            _ip("netns", "del", ns)
-
-
-def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns: tuple[str, str, str]) -> None:
-    ns, host_if, address = netns
+def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns_link: VethLink) -> None:
     src = _source(tmp_path, procs)
-    dst = _dest(tmp_path, procs, f"tcp:{address}:0", wrap=("ip", "netns", "exec", ns))
-    _mid_pass(src, _uri(dst))
+    dst = _dest(tmp_path, procs, f"tcp:{netns_link.address}:0", wrap=netns_link.exec_prefix)
+    _mid_pass(src, dst.incoming_uri())
     t0 = time.monotonic()
-    _ip("link", "set", host_if, "down")
+    netns_link.down()
     try:
         src_info, src_took = _until_failed(src, t0)
         dst_info, dst_took = _until_failed(dst, t0)
     finally:
-        _ip("link", "set", host_if, "up")
+        netns_link.up()
     _report("link down, source", src_took)
     _report("link down, destination", dst_took)
     assert src_info["status"] == "failed" and "no heartbeat" in src_info["error-desc"], src_info
@@ -371,7 +326,7 @@ def test_link_down_then_up(tmp_path: Path, procs: list[VmProcess], netns: tuple[
 def test_a_flipped_byte(tmp_path: Path, procs: list[VmProcess], where: str, offset: int,
                         pattern: str) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    relay = _Relay(_listen_address(dst), flip_at=offset)
+    relay = _Relay(dst.incoming_address(), flip_at=offset)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
@@ -386,7 +341,7 @@ def test_a_flipped_byte(tmp_path: Path, procs: list[VmProcess], where: str, offs
 @pytest.mark.parametrize(("where", "offset"), [("setup", 40), ("mid-pass", 3 << 20)])
 def test_a_truncated_stream(tmp_path: Path, procs: list[VmProcess], where: str, offset: int) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
-    relay = _Relay(_listen_address(dst), cut_at=offset)
+    relay = _Relay(dst.incoming_address(), cut_at=offset)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
@@ -501,7 +456,7 @@ def test_tls_source_killed(tmp_path: Path, procs: list[VmProcess], tls_dirs: dic
                            kind: str) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, kind)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     src.proc.kill()
     src.proc.wait()
     _dest_failed(dst, r"without TLS close_notify \(truncated\)|Connection reset")
@@ -512,7 +467,7 @@ def test_tls_destination_killed(tmp_path: Path, procs: list[VmProcess], tls_dirs
                                 kind: str) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, kind)
-    _mid_pass(src, _uri(dst))
+    _mid_pass(src, dst.incoming_uri())
     dst.proc.kill()
     dst.proc.wait()
     info = src.wait_migration()
@@ -527,7 +482,7 @@ def test_tls_a_flipped_byte_is_a_record_mac_failure(tmp_path: Path, procs: list[
     (its authentication tag) before any byte of it reaches the stream decoder."""
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, kind)
-    relay = _Relay(_listen_address(dst), flip_at=3 << 20)
+    relay = _Relay(dst.incoming_address(), flip_at=3 << 20)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)
@@ -545,7 +500,7 @@ def test_tls_a_flipped_byte_is_a_record_mac_failure(tmp_path: Path, procs: list[
 def test_tls_stream_cut_mid_pass(tmp_path: Path, procs: list[VmProcess], tls_dirs: dict[str, Path]) -> None:
     src, dst = _source(tmp_path, procs), _dest(tmp_path, procs)
     _with_tls(src, dst, tls_dirs, "psk")
-    relay = _Relay(_listen_address(dst), cut_at=3 << 20)
+    relay = _Relay(dst.incoming_address(), cut_at=3 << 20)
     try:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
         src.cmd("migrate", uri=relay.uri)

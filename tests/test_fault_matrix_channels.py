@@ -80,17 +80,9 @@ class Kind:
 KINDS = [Kind("multifd"), Kind("multifd-psk"), Kind("blk")]
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    deadline = time.monotonic() + 60
-    while not (m := re.search(r"incoming migration on (\S+)", dst.log())):
-        assert time.monotonic() < deadline, dst.log()
-        time.sleep(0.05)
-    return m.group(1)
-
-
 def _mid_way(kind: Kind, src: VmProcess, dst: VmProcess) -> None:
     src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
-    src.cmd("migrate", uri=_listen_uri(dst), **({"blk": True} if kind.name == "blk" else {}))
+    src.cmd("migrate", uri=dst.incoming_uri(), **({"blk": True} if kind.name == "blk" else {}))
     deadline = time.monotonic() + 90
     while True:
         info = src.cmd("query-migrate")

@@ -15,7 +15,6 @@ import pytest
 
 from polling import wait_for
 from test_guests import run_qemu
-from test_migration import _listen_uri
 from vmferry.guests.verify import (
     FILL_RANDOM,
     FILL_SPARSE,
@@ -183,7 +182,7 @@ def test_compute_vcpu_runs_under_vmferry_and_after_a_migration(tmp_path: Path) -
     try:
         src.wait_serial(r"compute: t=\d+ rate=[1-9]\d* loops/s", timeout=60)
         src.wait_serial(r"verify ok")
-        src.cmd("migrate", uri=_listen_uri(dst))
+        src.cmd("migrate", uri=dst.incoming_uri())
         assert src.wait_migration()["status"] == "completed"
         assert dst.wait_migration()["status"] == "completed"
         start = len(dst.serial())

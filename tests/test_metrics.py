@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from polling import wait_for
-from test_trace_migration import listen_uri
 from vmferry.monitor.metrics import render
 from vmproc import REPO, VmProcess
 
@@ -102,7 +101,7 @@ def test_metrics_endpoint_is_scraped_before_and_after_a_migration(
     dst = VmProcess(tmp_path, "dst", "-m", "128M", "--incoming", "tcp:127.0.0.1:0")
     procs.append(dst)
     src.wait_serial(r"dirty: filled")
-    src.cmd("migrate", uri=listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration()
     assert info["status"] == "completed"
     # query-migrate says completed a moment before the run state says postmigrate.

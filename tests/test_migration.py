@@ -39,16 +39,6 @@ def _dest(tmp: Path, procs: list[VmProcess], incoming: str) -> VmProcess:
     return dst
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        m = re.search(r"incoming migration on (\S+)", dst.log())
-        if m:
-            return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError(f"destination never listened: {dst.log()}")
-
-
 def _assert_destination_runs_verified(dst: VmProcess) -> None:
     info = dst.wait_migration()
     assert info["status"] == "completed", info
@@ -72,7 +62,7 @@ def test_live_migration_completes_and_guest_verifies(
     src = _source(tmp_path, procs)
     incoming = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
     dst = _dest(tmp_path, procs, incoming)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration()
     assert info["status"] == "completed", info
     assert src.status() == "postmigrate"
@@ -89,7 +79,7 @@ def test_live_migration_completes_and_guest_verifies(
     events = [e["event"] for e in src.qmp.get_events()]
     assert "STOP" in events and "MIGRATION" in events and "MIGRATION_PASS" in events
     with pytest.raises(QmpReplyError, match="paused due to previous migration"):
-        src.cmd("migrate", uri=_listen_uri(dst))
+        src.cmd("migrate", uri=dst.incoming_uri())
 
 
 def test_snapshot_to_file_and_restore(tmp_path: Path, procs: list[VmProcess]) -> None:
@@ -121,7 +111,7 @@ def _slow_migration(tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, VmPro
     src = _source(tmp, procs)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
     dst = _dest(tmp, procs, "tcp:127.0.0.1:0")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     src.wait_migration(("active",), timeout=10)
     time.sleep(0.5)
     return src, dst
@@ -194,8 +184,7 @@ class _CorruptingProxy:
 def test_corrupted_byte_is_refused_naming_the_record(tmp_path: Path, procs: list[VmProcess]) -> None:
     src = _source(tmp_path, procs)
     dst = _dest(tmp_path, procs, "tcp:127.0.0.1:0")
-    host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
-    proxy = _CorruptingProxy((host, int(port)), offset=3 << 20)  # inside the RAM pages
+    proxy = _CorruptingProxy(dst.incoming_address(), offset=3 << 20)  # inside the RAM pages
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
     dinfo = dst.wait_migration()
     assert dinfo["status"] == "failed"
@@ -229,7 +218,7 @@ def test_max_bandwidth_holds(tmp_path: Path, procs: list[VmProcess]) -> None:
     limit = 16 << 20
     src.cmd("migrate-set-parameters", **{"max-bandwidth": limit})
     dst = _dest(tmp_path, procs, "tcp:127.0.0.1:0")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration()
     assert info["status"] == "completed"
     # Bytes on the wire over the wall time they took: never above the limit (+5% for the
@@ -264,7 +253,7 @@ def test_mismatched_destination_is_refused_clearly(
         assert message in str(e)
         return
     procs.append(dst)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     dinfo = dst.wait_migration()
     assert dinfo["status"] == "failed" and message in dinfo["error-desc"], dinfo
     sinfo = src.wait_migration()

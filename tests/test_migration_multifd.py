@@ -6,16 +6,11 @@ The proof is the `dirty` guest's own full-memory check on the destination after 
 
 from __future__ import annotations
 
-import contextlib
-import re
-import socket
-import struct
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from relays import CuttingRelay, StallingRelay, migrate_through
 from vmproc import QmpReplyError, VmProcess
 
 pytestmark = [pytest.mark.kvm]
@@ -40,16 +35,6 @@ def _dest(tmp: Path, procs: list[VmProcess], incoming: str) -> VmProcess:
     return dst
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(r"incoming migration on (\S+)", dst.log())
-        if m:
-            return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError(f"destination never listened: {dst.log()}")
-
-
 def _assert_verified(dst: VmProcess) -> None:
     start = len(dst.serial())
     dst.wait_serial(r"verify ok gen=\d+", after=start, timeout=60)
@@ -71,7 +56,7 @@ def test_multifd_migrates_a_dirtying_guest_and_it_verifies(
     src = _source(tmp_path, procs, channels, compression)
     incoming = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
     dst = _dest(tmp_path, procs, incoming)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration(timeout=120)
     assert info["status"] == "completed", info
     assert info["ram"]["transferred"] > 0
@@ -91,65 +76,6 @@ def test_multifd_with_a_file_uri_is_refused_by_name(tmp_path: Path, procs: list[
     _assert_source_survives(src)
 
 
-class _CuttingProxy:
-    """A TCP relay that passes the main connection through and cuts the first data connection
-    (the second connection) after `cut_after` bytes of it."""
-
-    def __init__(self, target: tuple[str, int], cut_after: int) -> None:
-        self.target = target
-        self.cut_after = cut_after
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.cut = threading.Event()
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _pipe(self, a: socket.socket, b: socket.socket, limit: int | None) -> None:
-        seen = 0
-        try:
-            while data := a.recv(1 << 16):
-                seen += len(data)
-                if limit is not None and seen > limit:
-                    # A reset, both ways: the connection is gone, as when a link or peer dies.
-                    # (shutdown first: it wakes the other direction's thread blocked in recv,
-                    # which would otherwise keep the socket open past close.)
-                    for s in (a, b):
-                        with contextlib.suppress(OSError):
-                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                            s.shutdown(socket.SHUT_RDWR)
-                    for s in (a, b):
-                        s.close()
-                    self.cut.set()
-                    return
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def _run(self) -> None:
-        n = 0
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.target)
-                self._socks += [client, server]
-                limit = self.cut_after if n == 1 else None
-                n += 1
-                threading.Thread(target=self._pipe, args=(client, server, limit), daemon=True).start()
-                threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self._socks:  # shutdown first: it wakes the threads blocked in recv
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        for s in self._socks:
-            s.close()
-
-
 def _cut_migration(tmp: Path, procs: list[VmProcess], channels: int) -> tuple[VmProcess, VmProcess, dict]:
     """Migrate through a relay that resets the first data channel 2 MiB into it; max-bandwidth
     holds precopy back until then, so the cut falls mid-precopy; then it is lifted so the
@@ -157,18 +83,7 @@ def _cut_migration(tmp: Path, procs: list[VmProcess], channels: int) -> tuple[Vm
     src = _source(tmp, procs, channels)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
     dst = _dest(tmp, procs, "tcp:127.0.0.1:0")
-    host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
-    proxy = _CuttingProxy((host, int(port)), cut_after=2 << 20)
-    try:
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
-        deadline = time.monotonic() + 120
-        while not proxy.cut.wait(0.1):
-            assert time.monotonic() < deadline, "the relay never cut the data channel"
-            assert src.cmd("query-migrate")["status"] in ("setup", "active"), src.cmd("query-migrate")
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
-        info = src.wait_migration(timeout=180)
-    finally:
-        proxy.close()
+    info = migrate_through(src, CuttingRelay(dst.incoming_address(), cut_after=2 << 20))
     return src, dst, info
 
 
@@ -210,7 +125,7 @@ def test_heartbeats_keep_a_slow_multifd_migration_alive(tmp_path: Path, procs: l
     for side in (src, dst):
         side.cmd("migrate-set-parameters", **{"x-heartbeat-ms": 200})
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration(timeout=180)
     assert info["status"] == "completed", info
     assert info["total-time"] > 2000, info  # many heartbeat intervals long: the case under test
@@ -219,65 +134,15 @@ def test_heartbeats_keep_a_slow_multifd_migration_alive(tmp_path: Path, procs: l
     _assert_verified(dst)
 
 
-class _StallingProxy(_CuttingProxy):
-    """A TCP relay that passes everything through but the first data connection's source to
-    destination direction: `stop` forwards `stall_after` bytes of it, then stops reading it (the
-    source's send queue fills and stays full); `hold` forwards all of it but the newest
-    `stall_after` bytes, which it holds back for good (the source sees every byte leave, the
-    destination never gets that channel's last records and END)."""
-
-    def __init__(self, target: tuple[str, int], stall_after: int, mode: str) -> None:
-        self.mode = mode
-        self.closed = threading.Event()
-        super().__init__(target, stall_after)
-
-    def _pipe(self, a: socket.socket, b: socket.socket, limit: int | None) -> None:
-        if limit is None:
-            super()._pipe(a, b, None)
-            return
-        seen = 0
-        held = b""
-        with contextlib.suppress(OSError):
-            while data := a.recv(1 << 16):
-                seen += len(data)
-                if self.mode == "hold":
-                    held += data
-                    if len(held) > limit:
-                        b.sendall(held[:-limit])
-                        held = held[-limit:]
-                        self.cut.set()
-                    continue
-                b.sendall(data)
-                if seen > limit:
-                    self.cut.set()
-                    self.closed.wait()
-                    return
-
-    def close(self) -> None:
-        self.closed.set()
-        super().close()
-
-
 def _stalled_migration(tmp: Path, procs: list[VmProcess], mode: str, dirty: str = DIRTY,
                        stall_after: int = 2 << 20) -> tuple[VmProcess, VmProcess, dict]:
-    """As _cut_migration, through a _StallingProxy, with heartbeats on (every second: the
+    """As _cut_migration, through a StallingRelay, with heartbeats on (every second: the
     default, said on both sides) ."""
     src = _source(tmp, procs, 2, dirty=dirty)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20, "x-heartbeat-ms": 1000})
     dst = _dest(tmp, procs, "tcp:127.0.0.1:0")
     dst.cmd("migrate-set-parameters", **{"x-heartbeat-ms": 1000})
-    host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
-    proxy = _StallingProxy((host, int(port)), stall_after, mode)
-    try:
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
-        deadline = time.monotonic() + 120
-        while not proxy.cut.wait(0.1):
-            assert time.monotonic() < deadline, "the relay never stalled the data channel"
-            assert src.cmd("query-migrate")["status"] in ("setup", "active"), src.cmd("query-migrate")
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
-        info = src.wait_migration(timeout=180)
-    finally:
-        proxy.close()
+    info = migrate_through(src, StallingRelay(dst.incoming_address(), stall_after, mode))
     return src, dst, info
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from test_migration import _listen_uri
 from vmferry.devices.state import MachineDeviceState
 from vmferry.machine.machine import Machine
 from vmferry.migration.params import MigrationParameters
@@ -83,7 +82,7 @@ def test_a_vmm_write_during_precopy_reaches_the_destination(tmp_path: Path, dest
                 written.append(number)
 
         channel: Future[Channel] = Future()
-        channel.set_result(connect_outgoing(_listen_uri(destination)))
+        channel.set_result(connect_outgoing(destination.incoming_uri()))
         state = MigrationState()
         out = OutgoingMigration(src, MachineDeviceState(src), channel, MigrationParameters(), state, on_pass)
         out.start()

@@ -8,28 +8,18 @@ switchover; `xbzrle-cache` in query-migrate shows pages did go as deltas.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 import pytest
 
+from relays import CuttingRelay, migrate_through
 from vmproc import VmProcess
 
 pytestmark = [pytest.mark.kvm]
 
 MEM = "256M"
 DIRTY = "ws=32 rate=16 verify=1 check=full fill=sparse"
-
-
-def _listen_uri(dst: VmProcess) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(r"incoming migration on (\S+)", dst.log())
-        if m:
-            return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError(f"destination never listened: {dst.log()}")
 
 
 @pytest.mark.parametrize("channels", [0, 2])
@@ -50,7 +40,7 @@ def test_xbzrle_migrates_a_sparse_writing_guest_and_it_verifies(
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
     dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
     procs.append(dst)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     deadline = time.monotonic() + 120
     while True:
         info = src.cmd("query-migrate")
@@ -78,12 +68,10 @@ def test_xbzrle_migrates_a_sparse_writing_guest_and_it_verifies(
 
 
 def test_xbzrle_survives_a_lost_data_channel(tmp_path: Path, procs: list[VmProcess]) -> None:
-    """One of two data channels is reset mid-precopy (the relay of test_migration_multifd.py):
+    """One of two data channels is reset mid-precopy (a CuttingRelay, as in test_migration_multifd.py):
     the deltas it carried are lost with their bases; every page it was given goes again, whole,
     on the other, and later deltas follow their bases there. The guest verifies on the
     destination."""
-    from test_migration_multifd import _CuttingProxy
-
     src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
     procs.append(src)
     src.wait_serial(r"verify ok")
@@ -92,18 +80,7 @@ def test_xbzrle_survives_a_lost_data_channel(tmp_path: Path, procs: list[VmProce
     src.cmd("migrate-set-parameters", **{"multifd-channels": 2, "max-bandwidth": 8 << 20})
     dst = VmProcess(tmp_path, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
     procs.append(dst)
-    host, port = _listen_uri(dst).removeprefix("tcp:").rsplit(":", 1)
-    proxy = _CuttingProxy((host, int(port)), cut_after=2 << 20)
-    try:
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
-        deadline = time.monotonic() + 120
-        while not proxy.cut.wait(0.1):
-            assert time.monotonic() < deadline, "the relay never cut the data channel"
-            assert src.cmd("query-migrate")["status"] in ("setup", "active"), src.cmd("query-migrate")
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
-        info = src.wait_migration(timeout=180)
-    finally:
-        proxy.close()
+    info = migrate_through(src, CuttingRelay(dst.incoming_address(), cut_after=2 << 20))
     assert info["status"] == "completed", info
     assert len(info["multifd-lost-channels"]) == 1, info
     assert info["xbzrle-cache"]["pages"] > 0, info

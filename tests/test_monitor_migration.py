@@ -5,7 +5,6 @@ tls-creds naming no object refuses the migration on either side, nothing sent in
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from pathlib import Path
@@ -31,11 +30,7 @@ def _source(tmp: Path, procs: list[VmProcess]) -> VmProcess:
 def _dest(tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, str]:
     dst = VmProcess(tmp, "dst", "-m", MEM, "--incoming", "tcp:127.0.0.1:0")
     procs.append(dst)
-    deadline = time.monotonic() + 30
-    while not (m := re.search(r"incoming migration on (\S+)", dst.log())):
-        assert time.monotonic() < deadline, f"destination never listened: {dst.log()}"
-        time.sleep(0.05)
-    return dst, m.group(1)
+    return dst, dst.incoming_uri()
 
 
 def _poll(what: str, check, timeout: float = 60) -> dict:  # noqa: ANN001 - a predicate

@@ -77,21 +77,28 @@ def _check(block: RamBlock, pending_mask: np.ndarray, *streams: _Stream) -> None
             assert data == bytes(block.mem[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(pending=st.lists(st.booleans(), min_size=NPAGES, max_size=NPAGES),
-       schedule=st.lists(st.one_of(st.none(), st.integers(0, NPAGES - 1)), max_size=60))
+       schedule=st.lists(st.one_of(st.none(), st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 24))),
+                         max_size=60))
 def test_each_page_goes_once_on_one_of_the_two_streams(pending: list[bool],
-                                                      schedule: list[int | None]) -> None:
+                                                      schedule: list[tuple[int, int] | None]) -> None:
     mask = np.array(pending, dtype=bool)
     block, pc, main, pre_enc, pre = _setup(mask)
-    for item in schedule:  # None: a background step; a page: a request served on the preempt channel
+    requested = 0
+    for item in schedule:  # None: a background step; (page, count): a request on the preempt channel
         if item is None:
             pc.step(main.send)
         else:
-            pc.take_request(1, item, 1, send=pre.send, encoder=pre_enc)
+            # A few pages take the small requests' path, more (with the pages ahead) the vector one.
+            first, count = item[0], min(item[1], NPAGES - item[0])
+            pc.take_request(1, first, count, send=pre.send, encoder=pre_enc)
+            requested += 1
     while not pc.done():
         pc.step(main.send)
     assert pc.left == 0
+    assert pc.requests == requested
+    assert pc.pages + pc.zero_pages == int(mask.sum())
     _check(block, mask, main, pre)
     block.close()
 

@@ -15,10 +15,8 @@ And `-M vmferry-0.1` on this build writes device sections byte-identical to the 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -83,18 +81,6 @@ class Ends:
         return self.start(version, "dst", "-M", machine, "-m", MEM, "--incoming", incoming)
 
 
-def _listen_uri(dst: VmProcess) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(r"incoming migration on (\S+)", dst.log())
-        if m:
-            return m.group(1)
-        if dst.proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"{dst.name} never listened: {dst.log()}")
-
-
 def _assert_destination_verifies(dst: VmProcess) -> None:
     info = dst.wait_migration(timeout=120)
     assert info["status"] == "completed", info
@@ -126,7 +112,7 @@ def test_live_migration_between_releases(tmp_path: Path, procs: list[VmProcess],
     ends = Ends(tmp_path, procs, releases)
     src = ends.source(src_version, machine)
     dst = ends.destination(dst_version, machine, "tcp:127.0.0.1:0")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration(timeout=120)
     assert info["status"] == "completed", info
     assert info["ram"]["normal"] > 0
@@ -218,7 +204,7 @@ def test_newest_machine_type_to_an_older_release_is_refused_by_name_before_any_r
     ends = Ends(tmp_path, procs, releases)
     src = ends.source(CURRENT, DEFAULT_MACHINE_TYPE)
     dst = ends.destination(release.version, release.machine_types[-1], "tcp:127.0.0.1:0")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = dst.wait_migration(timeout=120)
     assert info["status"] == "failed", info
     assert DEFAULT_MACHINE_TYPE in info.get("error-desc", ""), info
@@ -242,7 +228,7 @@ def test_newest_machine_type_migrates_live_between_two_processes_of_this_build(
     ends = Ends(tmp_path, procs, releases)
     src = ends.source(CURRENT, "vmferry")
     dst = ends.destination(CURRENT, DEFAULT_MACHINE_TYPE, "tcp:127.0.0.1:0")
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     info = src.wait_migration(timeout=120)
     assert info["status"] == "completed", info
     _assert_destination_verifies(dst)

@@ -231,6 +231,35 @@ def test_auto_sees_a_faster_link_through_its_raw_probes() -> None:
     assert Codec.RAW in chosen and p.current == Codec.RAW
 
 
+def test_a_compressing_channels_first_raw_probe_comes_after_raw_probe_first_chunks() -> None:
+    """Samples of the other compressor say nothing of the wire: they must not push the raw
+    chunks that measure it apart (they once doubled that interval to RAW_PROBE_MAX within a
+    few samples). Raw chunks come RAW_PROBE_FIRST chunks apart, then twice as far each time
+    one changes nothing; samples PROBE_FIRST apart, up to PROBE_MAX_COMPRESSIBLE."""
+    p = AutoPolicy()
+    while p.current != Codec.ZSTD:
+        feed_chunk(p, SLOW_WIRE, TEXT_COSTS)
+    raw_at, sampled_at = [], []
+    for i in range(1, 200):
+        plan = p.plan()
+        for c in plan.probe:
+            cost, ratio = TEXT_COSTS[c]
+            p.compressed(c, cost * SAMPLE_BYTES, SAMPLE_BYTES, int(ratio * SAMPLE_BYTES))
+        if plan.codec == Codec.RAW:
+            raw_at.append(i)
+            p.sent(SLOW_WIRE * CHUNK, CHUNK)
+        else:
+            cost, ratio = TEXT_COSTS[plan.codec]
+            p.compressed(plan.codec, cost * CHUNK, CHUNK, int(ratio * CHUNK))
+        if plan.probe:
+            sampled_at.append(i)
+        assert p.decide(probed=bool(plan.probe) or plan.codec != p.current) == Codec.ZSTD
+    gaps = [b - a for a, b in zip([0, *raw_at], raw_at, strict=False)]
+    assert gaps[:3] == [RAW_PROBE_FIRST, 2 * RAW_PROBE_FIRST, 4 * RAW_PROBE_FIRST], raw_at
+    assert p.probe_every == PROBE_MAX_COMPRESSIBLE
+    assert len(sampled_at) < 200 // PROBE_MAX_COMPRESSIBLE + 3
+
+
 def test_one_fast_raw_probe_does_not_flip_a_compressing_channel() -> None:
     """A raw chunk that fit in the socket buffer was sent in no time: one such sample must not
     outweigh the window of sends that blocked."""

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from polling import ticks, wait_for
-from test_migration import _listen_uri
 from vmferry.devices.state import MachineDeviceState
 from vmferry.machine.machine import Machine
 from vmferry.migration.params import MigrationParameters
@@ -72,7 +71,7 @@ def _start(src: Machine, dst: VmProcess) -> tuple[OutgoingMigration, MigrationSt
     """Start a migration with auto-converge; query-migrate's throttle is recorded at each pass's
     start (on the migration thread) and by a watcher thread."""
     channel: Future[Channel] = Future()
-    channel.set_result(connect_outgoing(_listen_uri(dst)))
+    channel.set_result(connect_outgoing(dst.incoming_uri()))
     state = MigrationState()
     seen: list[int] = []
 
@@ -164,7 +163,7 @@ def _throttled_over_qmp(tmp: Path, procs: list[VmProcess]) -> tuple[VmProcess, V
     src.wait_serial(r"verify ok")
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "auto-converge", "state": True}])
     src.cmd("migrate-set-parameters", **QMP_PARAMS)
-    src.cmd("migrate", uri=_listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     deadline = time.monotonic() + 240
     while True:
         info = src.cmd("query-migrate")

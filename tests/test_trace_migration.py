@@ -4,10 +4,8 @@ what they wrote agrees with query-migrate."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,16 +25,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def listen_uri(dst: VmProcess) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = re.search(r"incoming migration on (\S+)", dst.log())
-        if m:
-            return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError(f"destination never listened: {dst.log()}")
-
-
 def test_both_sides_trace_a_migration(tmp_path: Path, procs: list[VmProcess]) -> None:
     src = VmProcess(tmp_path, "src", "-m", MEM, "--guest", "dirty", "--append", DIRTY)
     procs.append(src)
@@ -46,7 +34,7 @@ def test_both_sides_trace_a_migration(tmp_path: Path, procs: list[VmProcess]) ->
     trace_path = tmp_path / "mig.jsonl"
     r = subprocess.run(
         [sys.executable, "-m", "vmferry", "migrate", "--qmp", f"unix:{src.qmp_path}",
-         "--dest-qmp", f"unix:{dst.qmp_path}", "--trace", str(trace_path), listen_uri(dst)],
+         "--dest-qmp", f"unix:{dst.qmp_path}", "--trace", str(trace_path), dst.incoming_uri()],
         capture_output=True, text=True, timeout=300, env=_env(),
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -115,7 +103,7 @@ def test_migrate_with_forecast(tmp_path: Path, procs: list[VmProcess]) -> None:
     assert f["inputs"]["initial-bytes"] == f["total-bytes"] > 0
     r = subprocess.run(
         [sys.executable, "-m", "vmferry", "migrate", "--qmp", f"unix:{src.qmp_path}", "--forecast",
-         "--forecast-bandwidth", str(200 << 20), listen_uri(dst)],
+         "--forecast-bandwidth", str(200 << 20), dst.incoming_uri()],
         capture_output=True, text=True, timeout=300, env={**_env(), "COLUMNS": "160"},
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -148,7 +136,7 @@ def test_trace_of_a_refused_migrate_and_an_unwritable_destination_trace(
     # A directory cannot be opened as the trace: the destination refuses the stream, naming it.
     dst.cmd("migrate-set-parameters", **{"x-trace-file": str(tmp_path)})
     src.cmd("migrate-set-parameters", **{"x-trace-file": ""})
-    src.cmd("migrate", uri=listen_uri(dst))
+    src.cmd("migrate", uri=dst.incoming_uri())
     dinfo = dst.wait_migration()
     assert dinfo["status"] == "failed" and "cannot write the trace file" in dinfo["error-desc"], dinfo
     assert src.wait_migration()["status"] == "failed"

@@ -121,6 +121,25 @@ class VmProcess:
                 )
             time.sleep(0.05)
 
+    def incoming_uri(self, timeout: float = 60) -> str:
+        """The URI this destination listens on (`--incoming tcp:HOST:0`, or `defer` and then
+        migrate-incoming), as its log says once it listens."""
+        rx = re.compile(r"incoming migration on (\S+)")
+        deadline = time.monotonic() + timeout
+        while not (m := rx.search(self.log())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: not listening for a migration after {timeout} s "
+                                     f"(exit {self.proc.poll()}): {self.log()[-2000:]}")
+            time.sleep(0.05)
+        return m.group(1)
+
+    def incoming_address(self, timeout: float = 60) -> tuple[str, int]:
+        """(host, port) of `incoming_uri`, which must be a tcp: one."""
+        uri = self.incoming_uri(timeout)
+        assert uri.startswith("tcp:"), f"{self.name} listens on {uri}, not on TCP"
+        host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+        return host, int(port)
+
     def wait_migration(self, states: tuple[str, ...] = ("completed", "failed", "cancelled"),
                        timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout

@@ -1,13 +1,17 @@
 """Write the seed corpus of every fuzz target under tests/fuzz/corpus/<target>/ (committed).
 
-    PYTHONPATH=src python tests/fuzz/make_corpus.py
+    PYTHONPATH=src python tests/fuzz/make_corpus.py [--out DIR]
 
 Seeds are small valid inputs made by the project's own encoders, plus a few near-misses; the
-fuzzer mutates them. Rerun after a format change and commit the result (keep it well under 1 MiB).
+fuzzer mutates them. Rerun after a format change and commit the result (keep it well under 1 MiB):
+the vmstate seeds follow the newest machine type's section versions, so a new section version
+changes them. The output depends on the code alone (no clock, no unseeded randomness, no hash
+order): tests/test_fuzz_corpus.py regenerates it and fails when the committed corpus is stale.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -128,15 +132,23 @@ def qmp_seeds() -> list[bytes]:
 TARGETS = {"stream": stream_seeds, "vmstate": vmstate_seeds, "qmp": qmp_seeds}
 
 
-def main() -> None:
+def write_corpus(root: Path) -> None:
+    """Every target's seeds under root/<target>/, each named by its SHA-1 (what was there goes)."""
     for name, make in TARGETS.items():
-        folder = HERE / name
+        folder = root / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for seed in make():
             (folder / hashlib.sha1(seed).hexdigest()).write_bytes(seed)
-    total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file())
-    print(f"wrote {sum(1 for p in HERE.rglob('*') if p.is_file())} seeds, {total} bytes, under {HERE}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--out", type=Path, default=HERE, help=f"where to write (default {HERE})")
+    root = ap.parse_args().out
+    write_corpus(root)
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    print(f"wrote {sum(1 for p in root.rglob('*') if p.is_file())} seeds, {total} bytes, under {root}")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,24 @@ class Userfaultfd:
             return []
         return self.read()
 
+    def wait_with(self, other_fd: int, timeout_s: float) -> tuple[list[Fault], bool]:
+        """wait() on the userfaultfd and `other_fd` at once (one thread serves both: postcopy's
+        preempt channel): the faults read, and whether `other_fd` is readable (or hung up)."""
+        if other_fd < 0:
+            return self.wait(timeout_s), False
+        poll = select.poll()
+        for fd in (self.fd, self._stop_r, other_fd):
+            if fd >= 0:
+                poll.register(fd, select.POLLIN)
+        try:
+            ready = poll.poll(max(0, round(timeout_s * 1000)))
+        except (OSError, ValueError):
+            return [], False
+        other = any(fd == other_fd for fd, _ in ready)
+        if self.fd < 0 or not any(fd == self.fd for fd, _ in ready):
+            return [], other
+        return self.read(), other
+
     def read(self) -> list[Fault]:
         """The fault messages waiting now (none if there are none)."""
         if self.fd < 0:

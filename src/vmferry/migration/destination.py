@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from vmferry.errors import MigrationError, StreamError, TransportError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration import testpoint
 from vmferry.migration.block import DriveLoader
 from vmferry.migration.dest_session import DestSession
 from vmferry.migration.device_state import DeviceLoader, DeviceStateLoader
@@ -39,10 +40,11 @@ from vmferry.migration.heartbeat import Watchdog
 from vmferry.migration.multifd import ChannelLosses, DataChannelLost, DataChannelReceiver
 from vmferry.migration.postcopy import (
     PostcopyLoader,
+    PostcopyNeverRan,
     restore_switch_interval,
     short_switch_interval,
 )
-from vmferry.migration.preempt import PreemptPages, PreemptReceiver, no_delay
+from vmferry.migration.preempt import PreemptLink, PreemptPages, PreemptReceiver, no_delay
 from vmferry.migration.ram import RamLoader
 from vmferry.migration.return_path import ReturnPathWriter
 from vmferry.migration.state import MigrationState, MigrationStatus
@@ -63,6 +65,10 @@ CAUGHT_UP_S = 0.001
 # After refusing a stream: how long to read what the source still sends before closing.
 DRAIN_BEFORE_CLOSE_S = 1.0
 DATA_ACCEPT_S = 60.0  # how long the destination waits for a data channel (multifd)
+# The postcopy step each command completes here (migration/testpoint.py's names).
+_POSTCOPY_STEP = {CommandCode.POSTCOPY_ADVISE: "postcopy-advise",
+                  CommandCode.POSTCOPY_LISTEN: "postcopy-listen",
+                  CommandCode.POSTCOPY_RESUMED: "postcopy-resumed"}
 
 
 @dataclass
@@ -103,7 +109,10 @@ class IncomingMigration:
         self.losses = ChannelLosses()
         self.device_loader = DeviceLoader(devices)
         self.postcopy = PostcopyLoader(self.ram, postcopy_enabled, self._page_request,
-                                       machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed)
+                                       machine.vcpu_thread_ids, self._postcopy_run, self._postcopy_resumed,
+                                       self._resolver_died, preempt_link=self._preempt_link)
+        self._resolver_error: str | None = None  # the fault resolver died: why
+        self._eof = False  # the source's stream ended (closed or reset) before END
         self._pause_requested: str | None = None
         # x-postcopy-reconnect: a new listener on the address this side migrated on (None: off)
         self._relisten = relisten
@@ -133,7 +142,8 @@ class IncomingMigration:
         # postcopy-preempt (migration/preempt.py): this side's capability; the preempt channel's
         # connection, receiver and thread once CONFIG announced it (dropped at a postcopy pause).
         self._preempt_enabled = preempt_enabled
-        self._preempt: tuple[Channel, PreemptReceiver, threading.Thread] | None = None
+        self._preempt: tuple[Channel, PreemptReceiver, threading.Thread, PreemptLink] | None = None
+        self._preempt_sink: PreemptPages | None = None  # what the channel placed, counted
         self._preempt_done = False  # the migration no longer needs it: its end is no failure
         self._preempt_page_bytes = 0
 
@@ -220,6 +230,12 @@ class IncomingMigration:
             if self.postcopy.running:
                 self._postcopy_paused(reason)
                 return
+            if self._link_broke_before_run(e):
+                # The source may have written RUN (it sends it right after LISTEN): only this
+                # side knows the guest never ran here; keep everything and answer a recovery.
+                self._postcopy_paused(f"{reason}; after POSTCOPY_LISTEN, before POSTCOPY_RUN: the guest "
+                                      "never ran here")
+                return
             if self._rp is not None:
                 self._rp.shut(reason)
             self.stats.error = reason
@@ -249,21 +265,43 @@ class IncomingMigration:
 
     # --- postcopy (migration/postcopy.py) ---
 
+    def _link_broke_before_run(self, e: BaseException) -> bool:
+        """The connection broke (a peer gone or silent, not a refusal by either side) after
+        POSTCOPY_LISTEN and before RUN arrived: the source may be paused after writing RUN."""
+        dest = self.postcopy.dest
+        if dest is None or dest.uffd is None or self.postcopy.running:
+            return False
+        if self._cancel.is_set() or self._data_error is not None or self._resolver_error is not None:
+            return False
+        fired = self.watchdog is not None and self.watchdog.fired is not None
+        return fired or self._eof or isinstance(e, TransportError | OSError)
+
+    def _resolver_died(self, why: str) -> None:
+        """The fault resolver ended (its thread): after RUN the guest would hang on its next
+        missing page, so the migration pauses naming it, and a recovery starts the resolver
+        again; before RUN, RUN is refused (the source resumes the guest)."""
+        self._resolver_error = why
+        if self.postcopy.running and self.channel is not None:
+            self.channel.shutdown()
+
     def _page_request(self, block_id: int, first_page: int, count: int) -> None:
         """The fault resolver's PAGE_REQUEST. A dead return path loses it quietly: the migration
         pauses, and a recovery asks again for every page a thread still waits on."""
+        testpoint.fail("postcopy-resolver")  # on the resolver's thread, at its first request
         if self._rp is None:
             return
         try:
             self._rp.page_request(block_id, first_page, count)
         except (TransportError, OSError, ValueError) as e:
             log.debug("page request not sent: %s", e)
-        self.stats.postcopy_requests += 1
+        self._request_counted()
 
     def _postcopy_run(self) -> None:
         """POSTCOPY_RUN: RAM is registered and the devices' sections are staged: apply them and
         start the guest while the rest of RAM arrives. The PROGRESS that first covers RUN goes
         out once the guest runs: the source ends postcopy's downtime when it arrives."""
+        if self._resolver_error is not None:
+            raise MigrationError(self._resolver_error)
         t0 = time.monotonic()
         with self._progress_lock:  # RUN is consumed already: no other thread may report it yet
             self._holding_progress = True
@@ -273,6 +311,7 @@ class IncomingMigration:
             self.drives.complete()
             self.device_loader.complete()
             self._applied("devices", self.session.passes)
+            testpoint.reached("postcopy-devices")
             # Past this line the guest may run here: a failure must pause, never SHUT (a SHUT after
             # RUN tells the source the guest never started here, and the source resumes it).
             self.postcopy.started()
@@ -367,7 +406,10 @@ class IncomingMigration:
             self._paused = False
         except BaseException as e:  # noqa: BLE001 - every failure must end in a defined state
             traceback.clear_frames(e.__traceback__)
-            self._postcopy_paused(self._reason(e))
+            if isinstance(e, PostcopyNeverRan):
+                self._never_ran(str(e))
+            else:
+                self._postcopy_paused(self._reason(e))
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -377,6 +419,20 @@ class IncomingMigration:
             if self.channel is not None:
                 self.channel.close()
 
+    def _never_ran(self, reason: str) -> None:
+        """A recovery reached this destination paused before RUN: tell the source (SHUT: it
+        resumes the guest, which it still has whole) and fail; everything here is released."""
+        if self._rp is not None:
+            with contextlib.suppress(TransportError, OSError):
+                self._rp.shut(reason)
+        self._paused = False
+        self.stats.error = reason
+        self.stats.end_ns = time.monotonic_ns()
+        self.state.set(S.FAILED)
+        log.error("incoming migration failed: %s", reason)
+        if self.channel is not None:
+            _drain_before_close(self.channel)
+
     def _postcopy_resumed(self) -> None:
         """POSTCOPY_RESUMED arrived on the recovered stream: tell the source which pages are
         here, then RESUME."""
@@ -385,6 +441,7 @@ class IncomingMigration:
             self._rp.received_bitmap(bid, bitmap)
         self._rp.resume()
         self.stats.error = None
+        self._resolver_error = None
         self.state.set(S.POSTCOPY_ACTIVE)
         log.info("postcopy recovered: %d pages still to come",
                  self.postcopy.dest.missing() if self.postcopy.dest else 0)
@@ -452,6 +509,8 @@ class IncomingMigration:
     def _reason(self, e: BaseException) -> str:
         if self._cancel.is_set():
             return "migration cancelled on the destination"
+        if self._resolver_error is not None:
+            return self._resolver_error
         if self.watchdog is not None and self.watchdog.fired:
             return self.watchdog.fired
         if self._data_error is not None:
@@ -483,12 +542,15 @@ class IncomingMigration:
                     dec.feed(chunk[:n])
             self._waiting_since = None
             if n == 0:
+                self._eof = True
                 dec.feed_eof()
             self.stats.transferred += n
             while (rec := dec.next_record()) is not None:
                 if isinstance(rec, Command) and rec.code == CommandCode.HEARTBEAT and self.watchdog:
                     self.watchdog.arm()  # advisory: the session skips it
                 ended = self.session.feed(rec)
+                if isinstance(rec, Command) and rec.code in _POSTCOPY_STEP:
+                    testpoint.reached(_POSTCOPY_STEP[rec.code])
                 if self.session.passes != self._traced_pass:  # a PASS record: trace each one
                     self._traced_pass = self.session.passes
                     self._applied("pass-start", self._traced_pass)
@@ -555,8 +617,9 @@ class IncomingMigration:
         return main + sum(rx.page_bytes for rx in self._receivers if rx.lost is None)
 
     def _count(self) -> None:
-        self.stats.normal = self.ram.pages
-        self.stats.duplicate = self.ram.zero_pages
+        sink = self._preempt_sink  # postcopy-preempt's pages are placed there, not by self.ram
+        self.stats.normal = self.ram.pages + (sink.pages if sink is not None else 0)
+        self.stats.duplicate = self.ram.zero_pages + (sink.zero_pages if sink is not None else 0)
         self.stats.dirty_sync_count = self.session.passes
 
     def _applied(self, what: str, number: int) -> None:
@@ -576,7 +639,8 @@ class IncomingMigration:
 
     def _accept_preempt(self, cfg: dict) -> None:
         """postcopy-preempt: both sides must have it (the source says so in CONFIG); then accept
-        the preempt channel on the same listener, with a receiving thread of its own."""
+        the preempt channel on the same listener and read its first records (hello, RAM_BLOCKS)
+        on a thread of its own; from LISTEN on the fault resolver has it (`_preempt_link`)."""
         theirs, ours = cfg.get("postcopy-preempt") is True, self._preempt_enabled()
         if theirs != ours:
             side = ("the source has capability 'postcopy-preempt' on but this destination has it off"
@@ -585,6 +649,9 @@ class IncomingMigration:
             raise MigrationError(f"{side}: set it the same on both sides (migrate-set-capabilities)")
         if not theirs:
             return
+        if cfg.get("preempt-requests") is not True:
+            raise MigrationError("the source's postcopy-preempt channel does not take page requests "
+                                 "(an older vmferry): turn postcopy-preempt off on both sides")
         mid = cfg.get("migration-id")
         if not isinstance(mid, str):
             raise MigrationError(f"CONFIG migration-id {mid!r} is not valid")
@@ -593,53 +660,78 @@ class IncomingMigration:
         except VmferryError as e:
             raise MigrationError(f"postcopy-preempt: the preempt channel did not connect: {e}") from None
         no_delay(ch)
-        rx = PreemptReceiver(PreemptPages(self.ram, lambda: self.postcopy.dest), mid)
-        t = threading.Thread(target=self._receive_preempt, args=(ch, rx), name="postcopy-preempt-recv",
+        sink = self._preempt_sink = PreemptPages(self.ram, lambda: self.postcopy.dest)
+        rx = PreemptReceiver(sink, mid)
+        link = PreemptLink(ch, rx, self._request_counted)
+        t = threading.Thread(target=self._receive_preempt_hello, args=(ch, rx), name="postcopy-preempt-recv",
                              daemon=True)
-        self._preempt = (ch, rx, t)
+        self._preempt = (ch, rx, t, link)
         t.start()
         log.info("postcopy-preempt: the preempt channel connected (migration %s)", mid)
 
-    def _receive_preempt(self, channel: Channel, rx: PreemptReceiver) -> None:
-        """The preempt channel, to its END: requested pages are placed as they arrive. A channel
-        that is wrong (a bad record, another migration) fails the migration: the main stream is
-        shut down and its thread reports why. One that just ends early fails nothing before RUN
-        (the main stream says what happened); after RUN the main stream is shut down too, so
-        that both sides pause at once instead of at the next request."""
-        chunk = memoryview(bytearray(CHUNK_BYTES))
+    def _receive_preempt_hello(self, channel: Channel, rx: PreemptReceiver) -> None:
+        """The preempt channel's first records, hello and RAM_BLOCKS (checked against this VM's);
+        nothing more comes until the fault resolver requests pages on it. A channel that is wrong
+        (a bad record, another migration) fails the migration: the main stream is shut down and
+        its thread reports why. One that just ends early fails nothing: the main stream says
+        what happened."""
+        chunk = memoryview(bytearray(DIRECT_BYTES))
         try:
-            while not rx.ended and rx.read_from(channel.recv_into, chunk):
-                pass
-            if not rx.ended:
-                raise DataChannelLost("the postcopy-preempt channel closed before its END")
-        except (DataChannelLost, TransportError, OSError) as e:
-            rx.lost = str(e)
-            if self._preempt_done or self._cancel.is_set() or not self.postcopy.running:
-                return
-            log.warning("postcopy-preempt channel lost: %s", e)
-            if self.channel is not None:
-                self.channel.shutdown()
-        except VmferryError as e:
-            rx.lost = str(e)
-            if self._preempt_done or self._cancel.is_set():
-                return
-            if self._data_error is None:
-                why = str(e)
-                self._data_error = why if "postcopy-preempt" in why else f"postcopy-preempt channel: {why}"
-            log.warning("%s", self._data_error)
-            if self.channel is not None:
-                self.channel.shutdown()
+            while rx.records < 2 and not rx.ended:
+                if not rx.read_from(channel.recv_into, chunk):
+                    raise DataChannelLost("the postcopy-preempt channel closed before its END")
+        except BaseException as e:  # noqa: BLE001 - the channel's failure, reported by _preempt_lost
+            self._preempt_lost(e)
 
-    def _finish_preempt(self) -> None:
-        """Postcopy's END on the main stream: the preempt channel's END (sent before it) must be
-        read and its pages placed before the last pages can be counted."""
+    def _preempt_link(self) -> tuple[PreemptLink, Callable[[BaseException], None]] | None:
+        """POSTCOPY_LISTEN: the preempt channel for the fault resolver once its first records are
+        in (None without one, or if it failed: requests then go on the return path)."""
         if self._preempt is None:
-            return
-        _, rx, t = self._preempt
+            return None
+        _, rx, t, link = self._preempt
         t.join(DATA_ACCEPT_S)
         if self._data_error is not None:
             raise MigrationError(self._data_error)
-        if not rx.ended:
+        if t.is_alive() or rx.lost is not None or rx.records < 2:
+            return None
+        return link, self._preempt_lost
+
+    def _preempt_lost(self, e: BaseException) -> None:
+        """The preempt channel failed (its hello's thread, or the fault resolver). A channel that
+        is wrong fails the migration; one that just ended fails nothing before RUN, and after RUN
+        the main stream is shut down too, so that both sides pause at once."""
+        if self._preempt is not None:
+            self._preempt[1].lost = str(e)
+        if self._preempt_done or self._cancel.is_set():
+            return
+        if isinstance(e, DataChannelLost | TransportError | OSError):
+            if not self.postcopy.running:
+                return
+            log.warning("postcopy-preempt channel lost: %s", e)
+        else:
+            if self._data_error is None:
+                why = str(e) if isinstance(e, VmferryError) else f"internal error: {type(e).__name__}: {e}"
+                self._data_error = why if "postcopy-preempt" in why else f"postcopy-preempt channel: {why}"
+            log.warning("%s", self._data_error)
+        if self.channel is not None:
+            self.channel.shutdown()
+
+    def _request_counted(self) -> None:
+        self.stats.postcopy_requests += 1
+
+    def _finish_preempt(self) -> None:
+        """Postcopy's END on the main stream: the preempt channel's END (sent before it) must be
+        read and its pages placed (by the fault resolver) before the last pages can be counted."""
+        if self._preempt is None:
+            return
+        _, rx, _, link = self._preempt
+        if link.attached.is_set():
+            deadline = time.monotonic() + DATA_ACCEPT_S
+            while not link.ended.is_set() and not link.released.is_set() and time.monotonic() < deadline:
+                link.released.wait(0.05)
+        if self._data_error is not None:
+            raise MigrationError(self._data_error)
+        if not link.ended.is_set():
             raise MigrationError(f"the postcopy-preempt channel did not end: {rx.lost or 'no END'}")
 
     def _drop_preempt(self) -> None:
@@ -647,12 +739,15 @@ class IncomingMigration:
         self._preempt_done = True
         if self._preempt is None:
             return
-        ch, rx, t = self._preempt
+        ch, rx, t, link = self._preempt
         self._preempt_page_bytes = rx.page_bytes
         self._preempt = None
-        ch.shutdown()
+        ch.shutdown()  # the resolver's read fails at once: it lets the channel go
         if t is not threading.current_thread():
             t.join(5.0)
+        if link.attached.is_set() and not link.released.wait(5.0):
+            log.warning("postcopy-preempt: the fault resolver did not let the channel go")
+            return  # its fd may still be polled: left to the process's exit
         ch.close()
 
     def _accept_data_channels(self, cfg: dict) -> None:

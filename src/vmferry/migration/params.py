@@ -142,7 +142,7 @@ PARAMETER_SPECS: tuple[ParamSpec, ...] = (
               0, 2**32 - 1, _range(0, 2**32 - 1, "ms")),
     ParamSpec("x-postcopy-reconnect", "bool", "vmferry: after a postcopy's connection breaks, both "
               "sides reconnect by themselves (the destination listens again on its address, the "
-              "source retries the original one every 100 ms) and the migration resumes"),
+              "source starts a connect to the original one every 50 ms) and the migration resumes"),
 )
 SPECS_BY_NAME: dict[str, ParamSpec] = {s.qmp_name: s for s in PARAMETER_SPECS}
 
@@ -172,8 +172,9 @@ EFFECTIVE_PARAMETERS: dict[str, str] = {
                            "forecast.py's model from where the migration stands); may change during it",
     "x-postcopy-reconnect": "each side, when its postcopy pauses on a broken or silent connection (not "
                             "on migrate-pause): the destination listens again on the address it "
-                            "migrated on, the source retries `migrate`'s address every 100 ms; then "
-                            "the recovery is QEMU's (migrate-recover + resume), done by themselves",
+                            "migrated on, the source starts a connect to `migrate`'s address every "
+                            "50 ms; then the recovery is QEMU's (migrate-recover + resume), done by "
+                            "themselves",
     "max-postcopy-bandwidth": "the source's postcopy push after the switch (may change during it): "
                               "paces the background pages only; a page the destination requests "
                               "is sent at once",
@@ -394,7 +395,9 @@ EFFECTIVE_CAPABILITIES: dict[str, str] = {
                     "not with multifd (migration/postcopy.py, docs/migration.md)",
     "postcopy-preempt": "both sides (each refuses a stream where only one side has it; needs "
                         "postcopy-ram and a tcp: or unix: URI): the source opens a second connection "
-                        "for requested postcopy pages, sent and placed on threads of their own, so they "
+                        "for postcopy page requests and the requested pages: the destination's fault "
+                        "resolver writes each request on it and places the pages that come back, a "
+                        "thread of the source's answers each request from guest RAM at once, so they "
                         "never queue behind the background push (migration/preempt.py). Not reopened "
                         "after a postcopy recovery",
     "postcopy-blocktime": "destination: query-migrate reports postcopy-blocktime and "

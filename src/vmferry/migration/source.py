@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import queue
 import socket
 import threading
 import time
@@ -53,6 +54,7 @@ from vmferry import __version__
 from vmferry.errors import MigrationError, TransportError, VmferryError
 from vmferry.machine.dirty_limit import DEFAULT_PERIOD_MS as DIRTY_LIMIT_PERIOD_MS
 from vmferry.machine.machine import Machine
+from vmferry.migration import testpoint
 from vmferry.migration.block import DriveSaver
 from vmferry.migration.convergence import PassReport
 from vmferry.migration.device_state import DeviceSaver, DeviceStateSaver
@@ -97,8 +99,8 @@ DRAIN_S = 0.25
 # destination to drop the stale copies before it stops the vCPUs (measured 57-291 ms for 45 000-
 # 170 000 pages; a longer wait only delays the switch, a shorter one puts the rest in the pause).
 POSTCOPY_DRAIN_S = 1.0
-# x-postcopy-reconnect: how often the source retries the destination's address.
-RECONNECT_S = 0.1
+# x-postcopy-reconnect: how often the source starts a new attempt to connect to the destination.
+RECONNECT_S = 0.05
 # Postcopy's send buffer (the kernel doubles it): ~0.1 ms of a 1 GB/s link queued below the push.
 POSTCOPY_SNDBUF = 64 << 10
 
@@ -426,7 +428,8 @@ class OutgoingMigration:
         }
         migration_id = uuid.uuid4().hex
         if self._preempt_connect is not None:
-            config.update({"postcopy-preempt": True, "migration-id": migration_id})
+            # preempt-requests: the destination's PAGE_REQUESTs come on the preempt channel too
+            config.update({"postcopy-preempt": True, "preempt-requests": True, "migration-id": migration_id})
         if self.drives.compressor is not None:
             config["block-compression"] = self.drives.compressor.setting
         if self.ram.xbzrle is not None:
@@ -447,6 +450,7 @@ class OutgoingMigration:
                 raise MigrationError("postcopy-ram needs a return path (tcp:, unix: or a socket fd:): "
                                      "the destination requests pages on it")
             self.session.send(self, [self.encoder.encode(Command(CommandCode.POSTCOPY_ADVISE))])
+            testpoint.reached("postcopy-advise")
         self._maybe_beat(now=True)  # tells the destination that this source beats
         if self.multifd is not None:
             self._open_data_channels(migration_id)
@@ -773,6 +777,7 @@ class OutgoingMigration:
         cmds = [*late, Command(CommandCode.POSTCOPY_LISTEN)]
         session.send(self, [self.encoder.encode(c) for c in cmds])
         t_discard = time.monotonic()
+        testpoint.reached("postcopy-discard")
         phases = session.complete(self, time.monotonic, skip=(self.ram,))
         if self._cancel.is_set():
             raise MigrationError("migration cancelled")
@@ -781,6 +786,7 @@ class OutgoingMigration:
         self._run_sent = True  # from here the destination may run the guest
         self._run_offset = session.sent_total()
         t_run = time.monotonic()
+        testpoint.reached("postcopy-run")
         with self.stats.lock:
             # Until the destination says the guest runs there (_guest_runs_there): RUN written.
             self.stats.downtime_ms = (time.monotonic_ns() - self.stats.stop_ns) / 1e6
@@ -809,11 +815,11 @@ class OutgoingMigration:
         session, pc, rp = self.session, self.postcopy, self.return_path
         assert session is not None and pc is not None and rp is not None
         preempt = self.preempt
-        if preempt is not None:  # requested pages go on the preempt channel, from its own thread
-            rp.on_page_request = preempt.request
+        if preempt is not None:  # requests come and pages go on the preempt channel, its own thread
             preempt.start(pc)
-        else:
-            rp.on_page_request = pc.request
+        # Requests on the return path (no preempt channel, or the destination lost it): the push
+        # sends them first on the main stream.
+        rp.on_page_request = pc.request
         _small_send_buffer(self.channel)
         send = lambda bufs: session.send(_Unlimited(self), bufs)  # noqa: E731 - the push's output
         # max-postcopy-bandwidth paces the background push only: a requested page never waits.
@@ -845,9 +851,11 @@ class OutgoingMigration:
         pc.step(send)  # requests that came in meanwhile are for pages sent already: dropped
         if preempt is not None:
             preempt.finish()  # its END before the main stream's: the destination waits for both
-            with self.stats.lock:
-                self.stats.postcopy_requests = pc.requests
-                self.stats.postcopy_bytes = pc.bytes
+        with self.stats.lock:  # the preempt thread may have sent the last pages
+            self.stats.postcopy_requests = pc.requests
+            self.stats.postcopy_bytes = pc.bytes
+            self.stats.normal = self.ram.counters.pages + pc.pages
+            self.stats.duplicate = self.ram.counters.zero_pages + pc.zero_pages
         restore_switch_interval()
         self._end_sent = True
         session.end(self)
@@ -882,15 +890,20 @@ class OutgoingMigration:
             self.watchdog.start()
             session.send(self, [self.encoder.header(), self.encoder.encode(block_table(self.ram.blocks)),
                                 self.encoder.encode(Command(CommandCode.POSTCOPY_RESUMED))])
+            testpoint.reached("postcopy-resumed")
             self._maybe_beat(now=True)
-            deadline = time.monotonic() + ACK_TIMEOUT_S
+            # A destination answers at once (it beats on accept); one that says nothing for the
+            # heartbeat limit is not there (a link that broke again, or something else that
+            # accepted the connection): give up within that limit, so a reconnect tries again.
+            wait_s = self.watchdog.limit_s if self.watchdog.enabled else ACK_TIMEOUT_S
+            deadline = time.monotonic() + wait_s
             while not rp.resumed.wait(0.05):
                 if rp.closed.is_set() or self._silence is not None or self._pause_requested:
                     raise MigrationError(self._silence or self._pause_requested or rp.shut_reason
                                          or "the destination closed the connection before RESUME")
                 if time.monotonic() > deadline:
                     raise MigrationError("the destination did not answer the recovery within "
-                                         f"{ACK_TIMEOUT_S:.0f} s")
+                                         f"{wait_s:.1f} s")
             log.info("postcopy recovered: %d pages still to send", pc.left)
             self.state.set(S.POSTCOPY_ACTIVE)
             self._postcopy_push()
@@ -935,18 +948,47 @@ class OutgoingMigration:
                              name="postcopy-reconnect", daemon=True).start()
 
     def _reconnect_loop(self, paused_by: threading.Thread) -> None:
-        """x-postcopy-reconnect: retry `migrate`'s address every RECONNECT_S until a connection
-        is up, then resume as `migrate` with resume would. Stops when something else moved the
-        migration on (a manual resume)."""
+        """x-postcopy-reconnect: a new attempt to connect to `migrate`'s address every
+        RECONNECT_S, each on a thread of its own and left running while the next starts; the
+        first connection up resumes as `migrate` with resume would, and any that comes up later
+        is closed. Stops when something else moved the migration on (a manual resume).
+
+        Overlapping, because on a dead link a connect's SYN is lost and the kernel sends the
+        next one only after its initial RTO (1 s): one attempt at a time can leave the link back
+        up for up to a second before anything crosses it (bench/RESULTS.md)."""
         paused_by.join()
         assert self._reconnect is not None
-        while self.state.status == S.POSTCOPY_PAUSED and not self._thread.is_alive():
+        connect = self._reconnect
+        up: queue.Queue[Channel] = queue.Queue()
+        taken = threading.Event()
+        lock = threading.Lock()
+
+        def attempt() -> None:
             try:
-                channel = self._reconnect()
+                channel = connect()
             except (VmferryError, OSError) as e:
                 log.debug("postcopy reconnect: %s", e)
-                time.sleep(RECONNECT_S)
+                return
+            with lock:
+                late = taken.is_set()
+                if not late:
+                    up.put(channel)
+            if late:
+                channel.close()
+
+        while self.state.status == S.POSTCOPY_PAUSED and not self._thread.is_alive():
+            threading.Thread(target=attempt, name="postcopy-reconnect-attempt", daemon=True).start()
+            try:
+                channel = up.get(timeout=RECONNECT_S)
+            except queue.Empty:
                 continue
+            with lock:
+                taken.set()
+                extra = []
+                while not up.empty():
+                    extra.append(up.get_nowait())
+            for ch in extra:
+                ch.close()
             done: Future[Channel] = Future()
             done.set_result(channel)
             try:
@@ -955,6 +997,10 @@ class OutgoingMigration:
             except MigrationError:
                 channel.close()  # resumed meanwhile by hand
             return
+        taken.set()
+        with lock:
+            while not up.empty():
+                up.get_nowait().close()
 
     def _fail(self, e: BaseException) -> None:
         if (isinstance(e, TransportError) and self.return_path is not None
@@ -970,7 +1016,9 @@ class OutgoingMigration:
             self._postcopy_paused(e)
             return
         # A SHUT after RUN: the destination refused before it started the guest (it never SHUTs
-        # once the guest may run there): the source is still the only owner, and resumes.
+        # once the guest may run there), at RUN or, its link having broken between LISTEN and
+        # RUN, when a recovery reached it: the source is still the only owner, and resumes.
+        restore_switch_interval()
         if self._cancel.is_set() and not self._end_sent:
             reason = "cancelled"
         elif self._silence is not None:

@@ -35,12 +35,16 @@ S = MigrationStatus
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.NONE: frozenset({S.SETUP, S.FAILED}),
     S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING}),
-    S.ACTIVE: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    # active -> postcopy-paused: a destination whose link broke between LISTEN and RUN.
+    S.ACTIVE: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.COMPLETED, S.FAILED,
+                         S.CANCELLING}),
     # Postcopy: before the destination runs the guest a failure is `failed` (the source resumes);
     # after, both sides pause and keep their state until a recovery (docs/migration.md).
     S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING, S.POSTCOPY_PAUSED}),
     S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER}),
-    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED}),
+    # postcopy-recover -> failed: the destination never got RUN (it never ran the guest); the
+    # source resumes it.
+    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED}),
     S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
     # Terminal states may start over: a new `migrate` after a failure or a cancel.

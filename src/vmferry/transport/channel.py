@@ -98,6 +98,12 @@ class Channel:
             return 0
         return self._read_into(view)
 
+    def recv_buffered_into(self, buf: Buffer) -> int:
+        """What this side holds already (read from the kernel but not handed out: TLS records),
+        up to len(buf), without a system call; 0 when nothing is held (never EOF). A thread that
+        polls the fd calls it after each read: the kernel's readiness does not show these bytes."""
+        return 0
+
     def recv_exactly_into(self, buf: Buffer) -> None:
         """Fill all of buf (e.g. a page range of guest RAM); EOF first is a TransportError."""
         view = memoryview(buf).cast("B")

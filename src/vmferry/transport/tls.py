@@ -240,6 +240,25 @@ class TlsChannel(SocketChannel):
                 return 0
             self._receive_ciphertext("receive on")
 
+    def recv_buffered_into(self, buf: Buffer) -> int:
+        """Plaintext of the whole records already received (no system call); 0 when none."""
+        view = memoryview(buf).cast("B")
+        failure: TransportError | None = None
+        with self._tls:
+            try:
+                got = self._decrypt_into(view)
+            except TransportError as e:
+                failure, got = e, 0
+            queued = self._out.pending
+        if failure is not None:  # the engine queued a fatal alert (see _read_into): send it, then fail
+            if queued:
+                self._flush_best_effort()
+            raise failure
+        if queued:
+            self._flush()
+        self.bytes_received += got
+        return got
+
     def _decrypt_into(self, view: memoryview) -> int:
         # Caller holds _tls. As many whole records as fit and are here; 0 when none is.
         got, want = 0, len(view)
