@@ -18,7 +18,7 @@ import pytest
 from polling import wait_for
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.pages import PAGE_SIZE
-from vmferry.migration.postcopy import PostcopyDestination, PostcopySource
+from vmferry.migration.postcopy import PostcopyDestination, PostcopySource, SwitchDiscards
 from vmferry.migration.preempt import PreemptLink, PreemptPages, PreemptReceiver, PreemptSender
 from vmferry.migration.ram import RamLoader, block_table
 from vmferry.stream.decoder import StreamDecoder
@@ -72,7 +72,8 @@ def pair() -> Iterator[_Pair]:
     main.feed(enc.header() + enc.encode(block_table([src])))
     main.next_record()
     main.next_record()
-    source = PostcopySource([src], enc, [np.arange(64, 200)])
+    late, to_come = SwitchDiscards([src]).final([np.arange(64, 200)])  # no early discard here
+    source = PostcopySource([src], enc, to_come)
     sender = PreemptSender(src_ch, MID, block_table([src]), "")
     loader = RamLoader([dst])  # checks the preempt channel's RAM_BLOCKS against this "VM"
     sink = PreemptPages(loader, lambda: dest)
@@ -84,7 +85,7 @@ def pair() -> Iterator[_Pair]:
     link = PreemptLink(dst_ch, rx, lambda: counted.append(1))
     p = _Pair(src, dst, content, source, dest, sender, link, sink, main, on_rp)
     dest.attach_preempt(link, p.lost.append)
-    for cmd in source.discard_commands():
+    for cmd in late:
         dest.discard(cmd.block_id, cmd.data)
     dest.listen()
     sender.start(source)
