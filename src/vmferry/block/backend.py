@@ -70,3 +70,13 @@ class BlockBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def raw_drive_info(path: str, readonly: bool, size: int, **image: object) -> dict:
+    """query-block's "inserted" for a raw format node over `path`, as QEMU 7.2 shows it; `image`
+    adds fields of "image" (a file's "actual-size")."""
+    return {"file": path, "ro": readonly, "drv": "raw", "encrypted": False,
+            "backing_file_depth": 0, "detect_zeroes": "off", "bps": 0, "bps_rd": 0,
+            "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+            "cache": {"writeback": True, "direct": False, "no-flush": False},
+            "image": {"filename": path, "format": "raw", "virtual-size": size, **image}}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from vmferry.block.backend import BlockError
+from vmferry.block.backend import BlockError, raw_drive_info
 from vmferry.block.nbd import (
     STATE_ZERO,
     NbdAddress,
@@ -71,11 +71,7 @@ class NbdImage:
         # QEMU's -drive file=nbd...,format=raw: a raw format node over an nbd protocol node;
         # query-block's "drv" is the format's ("raw"), "file" the URI. No "actual-size": what
         # the export occupies is the server's to know.
-        return {"file": self.path, "ro": self._readonly, "drv": "raw", "encrypted": False,
-                "backing_file_depth": 0, "detect_zeroes": "off", "bps": 0, "bps_rd": 0,
-                "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
-                "cache": {"writeback": True, "direct": False, "no-flush": False},
-                "image": {"filename": self.path, "format": "raw", "virtual-size": self.size}}
+        return raw_drive_info(self.path, self._readonly, self.size)
 
     # --- I/O ---
 

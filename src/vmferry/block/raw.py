@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from vmferry.block.backend import BlockError
+from vmferry.block.backend import BlockError, raw_drive_info
 from vmferry.block.lock import LockConflict, lock_image, unlock_image
 from vmferry.block.options import DriveSpec
 
@@ -89,12 +89,7 @@ class RawImage:
         return self._readonly
 
     def describe(self) -> dict:
-        return {"file": self.path, "ro": self._readonly, "drv": "raw", "encrypted": False,
-                "backing_file_depth": 0, "detect_zeroes": "off", "bps": 0, "bps_rd": 0,
-                "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
-                "cache": {"writeback": True, "direct": False, "no-flush": False},
-                "image": {"filename": self.path, "format": "raw", "virtual-size": self._size,
-                          "actual-size": self.actual_size()}}
+        return raw_drive_info(self.path, self._readonly, self._size, **{"actual-size": self.actual_size()})
 
     def actual_size(self) -> int:
         """Bytes the file occupies on disk (st_blocks), as qemu-img's "disk size"."""
