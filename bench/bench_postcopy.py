@@ -67,11 +67,15 @@ def one_run(tmp: Path, args: argparse.Namespace) -> dict:
         dst.wait_serial(r"dirty: t=\d+ .*stall=", after=serial_at, timeout=60)
         time.sleep(1.5)  # one more line of the guest's own figures
         stalls = [int(x) for x in re.findall(r"stall=(\d+) us", dst.serial()[serial_at:])]
+        # The guest's own total of the time the host held it (gaps > 20 us, idling left out):
+        # on the destination that is the switch's pause plus every fault's wait.
+        stalled_us = sum(int(x) for x in re.findall(r"stalled=(\d+) us", dst.serial()[serial_at:]))
         verdict = dst.cmd("x-verify-dirty-guest")
         assert verdict["ok"], verdict
         x = d["x-postcopy"]
         return {"latency": x["fault-latency"], "requests": x["requests"], "placed": x["pages-placed"],
                 "blocktime": d.get("postcopy-blocktime"), "stall_ms": max(stalls) / 1000 if stalls else None,
+                "guest_stalled_ms": stalled_us / 1000,
                 "downtime": s.get("downtime"), "total": s.get("total-time"),
                 "postcopy_mb": s["ram"]["postcopy-bytes"] / 1e6, "load": os.getloadavg()[0],
                 "preempt_mb": x.get("preempt-page-bytes", 0) / 1e6}
@@ -99,6 +103,9 @@ def main() -> int:
               f"after the switch ({r['postcopy_mb']:.0f} MB); blocktime {r['blocktime']} ms vs guest stall "
               f"{r['stall_ms']} ms; switch pause {r['downtime']} ms, total {r['total']} ms; "
               f"preempt channel {r['preempt_mb']:.1f} MB; load average {r['load']:.1f}", flush=True)
+        held = r["guest_stalled_ms"] - (r["downtime"] or 0)  # the guest's total less the switch's pause
+        print(f"       guest's stalled total {r['guest_stalled_ms']:.0f} ms, less the pause {held:.0f} ms "
+              f"= {held / r['blocktime']:.2f} x blocktime" if r["blocktime"] else "", flush=True)
         print(f"       histogram (<= us: faults) {lat['histogram-us']}", flush=True)
         results.append(r)
     avg = [r["latency"]["avg-ms"] for r in results]

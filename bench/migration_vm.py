@@ -17,7 +17,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmferry.guests import image_path
 
-PROGRESS_RX = re.compile(r"dirty: t=(\d+) gen=\d+ written=(\d+) MiB(?: stall=(\d+) us)?")
+PROGRESS_RX = re.compile(r"dirty: t=(\d+) gen=\d+ written=(\d+) MiB(?: stalled=\d+ us)?(?: stall=(\d+) us)?")
 
 
 class BenchError(Exception):

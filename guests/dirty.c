@@ -294,8 +294,12 @@ void guest_main(void)
     u64 last_sec = 0, pace_start = 0, paced = 0, failures = 0;
     /* stall: the longest time between two turns of this loop since the last progress line, by
      * the TSC. A VM paused for migration shows its downtime here, as the guest saw it (the TSC
-     * keeps counting through the pause; the PIT's ticks move with the saved state). */
-    u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0;
+     * keeps counting through the pause; the PIT's ticks move with the saved state).
+     * stalled: the sum of those gaps longer than 20 us since the last progress line, idling
+     * between paced batches left out: the time the host held the guest (a postcopy fault's
+     * wait, a pause), comparable with the VMM's blocktime. */
+    u64 tpm = tsc_per_ms(), last_tsc = rdtsc(), stall = 0, stalled = 0;
+    u64 stall_min = tpm / 50;
     if (compute) {
         compute_loops = 0;
         if (!rt_start_ap(compute_main)) {
@@ -310,13 +314,16 @@ void guest_main(void)
         u64 t = rdtsc();
         if (t - last_tsc > stall)
             stall = t - last_tsc;
+        if (t - last_tsc > stall_min)
+            stalled += t - last_tsc;
         last_tsc = t;
         u64 now = rt_ticks;
         u64 sec = now / RT_TICK_HZ;
         if (sec != last_sec) {
             last_sec = sec;
-            rt_printf("dirty: t=%lu gen=%u written=%lu MiB stall=%lu us\n", sec, gen,
-                      hdr->writes / (MIB / PAGE_SIZE), stall * 1000 / tpm);
+            rt_printf("dirty: t=%lu gen=%u written=%lu MiB stalled=%lu us stall=%lu us\n", sec,
+                      gen, hdr->writes / (MIB / PAGE_SIZE), stalled * 1000 / tpm,
+                      stall * 1000 / tpm);
             if (compute) {
                 /* The second vCPU's loops over PIT time since the last line. */
                 u64 loops = compute_loops, ticks = now - compute_tick;
@@ -326,6 +333,7 @@ void guest_main(void)
                 compute_tick = now;
             }
             stall = 0;
+            stalled = 0;
             if (verify_s && sec % verify_s == 0 && hdr->filled == npages)
                 failures += !verify_all();
             last_tsc = rdtsc(); /* our own printing and checking are not stalls */
@@ -355,6 +363,7 @@ void guest_main(void)
             paced = due - max_debt;
         if (due == paced) {
             rt_idle();
+            last_tsc = rdtsc(); /* waiting for the next batch is not a stall */
             continue;
         }
         for (int i = 0; i < BATCH_PAGES && paced < due; i++, paced++) {
