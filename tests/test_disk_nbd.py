@@ -15,6 +15,7 @@ import pytest
 
 from nbdserver import StorageDaemon, create_qcow2, free_port, require_tools, to_raw
 from polling import wait_for
+from test_disk_migration import QDEV, _ring_settled, _verifies_after
 from vmferry.guests.verify_disk import verify_disk_image
 from vmproc import REPO, VmProcess
 
@@ -22,7 +23,6 @@ pytestmark = pytest.mark.kvm
 MEM = "64M"
 DISK = 64 << 20
 GUEST = "dws=8 drate=4 verify=1"
-QDEV = "/machine/virtio-mmio@feb00000"
 _PATH = (str(REPO / "src"), os.environ.get("PYTHONPATH"))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in _PATH if p)}
 
@@ -46,18 +46,6 @@ def _verified_image(server: StorageDaemon, tmp: Path, name: str = "check.raw") -
     server.stop()
     verdict = verify_disk_image(to_raw(server.image, tmp / name))
     assert verdict.ok and verdict.sectors > 0, verdict
-
-
-def _verifies_after(vm: VmProcess) -> None:
-    start = len(vm.serial())
-    vm.wait_serial(r"disk verify ok gen=\d+", after=start, timeout=60)
-    vm.wait_serial(r"disk verify ok gen=\d+", after=vm.serial().rindex("disk verify ok") + 1, timeout=60)
-    assert "FAIL" not in vm.serial(), vm.serial()[-2000:]
-
-
-def _ring_settled(vm: VmProcess) -> None:
-    st = vm.cmd("x-query-virtio-queue-status", path=QDEV, queue=0)
-    assert (st["last-avail-idx"] - st["used-idx"]) % 65536 == st["inuse"], st
 
 
 def test_disk_guest_verifies_on_an_nbd_drive(qsd: StorageDaemon, tmp_path: Path) -> None:
