@@ -655,3 +655,9 @@ def test_a_compressing_drive_weighs_its_compression_time_in_the_expected_downtim
         assert pending / bw >= (raw * ratio / bw + raw * cost) * (1 - 1e-9) - 1 / bw
     assert compressed_pending(raw, ratio, 0.0, bw) == int(raw * ratio)
     assert compressed_pending(raw, ratio, cost, 0.0) == int(raw * ratio)
+    # Compressed on the pipeline's workers while the migration thread sends: the slower of the
+    # two, never less than either, never more than both in turn.
+    overlapped = compressed_pending(raw, ratio, cost, bw, overlapped=True)
+    if bw > 0:
+        assert overlapped / bw >= max(raw * ratio / bw, raw * cost) * (1 - 1e-9) - 1 / bw
+    assert overlapped <= pending

@@ -44,6 +44,11 @@ class BlockBackend(Protocol):
 
     def write(self, offset: int, data: memoryview | bytes) -> None: ...
 
+    def write_bulk(self, offset: int, data: memoryview | bytes) -> None:
+        """A write of data nobody will read back soon (a migration destination filling a copied
+        drive): a file writes it past the page cache where it can; otherwise `write`."""
+        ...
+
     def flush(self) -> None:
         """Make every completed write durable (fdatasync for a file)."""
         ...

@@ -81,6 +81,9 @@ class NbdImage:
     def write(self, offset: int, data: memoryview | bytes) -> None:
         self.client.write(offset, data)
 
+    def write_bulk(self, offset: int, data: memoryview | bytes) -> None:
+        self.client.write(offset, data)  # the server's cache is the server's business
+
     def flush(self) -> None:
         self.client.flush()
 

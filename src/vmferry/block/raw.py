@@ -3,7 +3,11 @@
 Reads ask the file where its data is (`SEEK_DATA`/`SEEK_HOLE`) and fill holes with zeros without
 reading them, so a sparse image stays sparse in the page cache and costs no disk reads; writes go
 to the file with `pwrite` (the kernel allocates what they touch and nothing else). `flush` is
-`fdatasync`. The image is opened O_RDWR unless the drive is read-only, and locked (block/lock.py)
+`fdatasync`. `write_bulk` (a migration destination filling a copied drive) writes aligned runs
+with O_DIRECT, past the page cache: the data is not read back soon, and filling the cache costs
+far more than the write on hosts where fresh memory is slow to touch (measured on this project's
+2-core VM: 300 MiB/s into fresh page cache, 1.5 GB/s O_DIRECT; bench/RESULTS.md). The image is
+opened O_RDWR unless the drive is read-only, and locked (block/lock.py)
 before anything is read — except on a migration destination, which opens it unlocked
 (`lock=False`) and takes the lock (`lock()`) when it owns the image: before it writes into it, or
 before the guest runs on a shared image the source still holds until switchover.
@@ -15,8 +19,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
 from vmferry.block.backend import BlockError, raw_drive_info
@@ -29,6 +35,10 @@ from vmferry.block.options import DriveSpec
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+# O_DIRECT wants offset, length and buffer aligned to the device's logical block; 4 KiB covers
+# every device this runs on. Larger writes go through the aligned buffer in pieces of this size.
+DIRECT_ALIGN = 4096
+DIRECT_CHUNK = 1 << 20
 
 
 class RawImage:
@@ -42,6 +52,9 @@ class RawImage:
             self.fd = os.open(spec.file, flags)
         except OSError as e:
             raise BlockError(self._open_error(e)) from None
+        self._direct_fd: int | None = None  # write_bulk's O_DIRECT descriptor, opened at first use
+        self._direct_buf: mmap.mmap | None = None  # page-aligned, for O_DIRECT
+        self._direct_lock = threading.Lock()
         try:
             st = os.fstat(self.fd)
             if not stat.S_ISREG(st.st_mode):
@@ -137,6 +150,48 @@ class RawImage:
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
 
+    def write_bulk(self, offset: int, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        if offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN or self._readonly:
+            self.write(offset, view)
+            return
+        with self._direct_lock:
+            fd = self._direct()
+            if fd < 0:
+                self.write(offset, view)
+                return
+            buf = self._direct_buf
+            assert buf is not None
+            done = 0
+            while done < view.nbytes:
+                n = min(DIRECT_CHUNK, view.nbytes - done)
+                buf[:n] = view[done : done + n]
+                w = 0
+                try:
+                    while w < n:
+                        w += os.pwrite(fd, memoryview(buf)[w:n], offset + done + w)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or done or w:
+                        raise
+                    self._direct_fd = -1  # opened, but this filesystem refuses such writes
+                    os.close(fd)
+                    self.write(offset, view)
+                    return
+                done += n
+
+    def _direct(self) -> int:
+        """The O_DIRECT descriptor of the same open file (reopened through /proc, so a renamed
+        image is still the one written); -1 where the filesystem refuses O_DIRECT (tmpfs before
+        Linux 6.6): `write_bulk` then writes through the cache."""
+        if self._direct_fd is None:
+            try:
+                flags = os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}", flags)
+                self._direct_buf = mmap.mmap(-1, DIRECT_CHUNK)
+            except OSError:
+                self._direct_fd = -1
+        return self._direct_fd
+
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
@@ -157,6 +212,13 @@ class RawImage:
             done += n
 
     def close(self) -> None:
+        with self._direct_lock:
+            if self._direct_fd is not None and self._direct_fd >= 0:
+                os.close(self._direct_fd)
+            self._direct_fd = -1
+            if self._direct_buf is not None:
+                self._direct_buf.close()
+                self._direct_buf = None
         if self.fd >= 0:
             os.close(self.fd)  # releases the OFD locks with the open file description
             self.fd = -1

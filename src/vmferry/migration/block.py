@@ -57,7 +57,8 @@ from vmferry.block.backend import SECTOR_SIZE, BlockBackend
 from vmferry.devices.virtio_blk import DIRTY_UNIT, VirtioBlk
 from vmferry.errors import MigrationError
 from vmferry.machine.dirty_log import bitmap_to_units, units_to_bitmap
-from vmferry.migration.saver import Handler, Loader, Saver, SaverOutput
+from vmferry.migration.block_pipeline import Prepared, Run, RunPipeline
+from vmferry.migration.saver import Buffer, Handler, Loader, Saver, SaverOutput
 from vmferry.stream.compression import Codec, Compressor, Estimate
 from vmferry.stream.format import checksum
 from vmferry.stream.records import BlockCompressed, BlockData, BlockDevices, BlockZero, CommandCode, DiskInfo
@@ -66,6 +67,11 @@ CONSUMER = "migration"
 RUN_UNITS = 256  # units per BLOCK_DATA record at most (1 MiB)
 RATIO_WINDOW = 64 << 20  # pending's wire/raw ratio weighs about the last this many raw bytes
 SECTORS_PER_UNIT = DIRTY_UNIT // SECTOR_SIZE
+# The pipeline (block_pipeline.py): workers reading and compressing runs, and the runs in it at
+# most. Two workers keep this host's 2 cores busy compressing while the migration thread sends;
+# six runs give each worker one to do while another waits to be sent.
+PIPELINE_WORKERS = 2
+PIPELINE_DEPTH = 6
 
 
 def select_copied(drives: Sequence[VirtioBlk], blk: bool, ids: Iterable[str]) -> list[str]:
@@ -118,7 +124,16 @@ class DriveSaver(Saver):
         ]
         self.transferred = 0  # stream bytes of BLOCK_* records
         self._tracking = False
-        self._scratch = bytearray(RUN_UNITS * DIRTY_UNIT)
+        # A fixed codec compresses on the pipeline's workers, each with a compressor of its own;
+        # `auto` on the migration thread (block_pipeline.py says why).
+        comp = self.compressor
+        self._pipelined = comp is not None and comp.setting != "auto"
+        make = None
+        if comp is not None and self._pipelined:
+            make = lambda: Compressor(comp.setting, comp.zlib_level, comp.zstd_level)  # noqa: E731
+        self.workers = PIPELINE_WORKERS
+        self._pipe = RunPipeline(self.workers, PIPELINE_DEPTH, RUN_UNITS * DIRTY_UNIT, make)
+        self._chosen: dict[str, int] = {}  # the workers' codecs, as Compressor.chosen
         # fdatasync of every image at each sync, in the background, so the one at switchover
         # (in the pause) finds only what the guest wrote since the last sync.
         self._preflush = _Flusher()
@@ -133,7 +148,9 @@ class DriveSaver(Saver):
 
     def compressed(self) -> dict[str, int]:
         """How often each codec carried a data run (query-migrate's disk `compression`)."""
-        return dict(self.compressor.chosen) if self.compressor is not None else {}
+        if self.compressor is None:
+            return {}
+        return dict(self._chosen) if self._pipelined else dict(self.compressor.chosen)
 
     # --- the contract ---
 
@@ -187,7 +204,7 @@ class DriveSaver(Saver):
         if self.compressor is None or not self._ratio.known:
             return raw
         cost = self._cost.cost if self._cost.known else 0.0
-        return compressed_pending(raw, self._ratio.ratio, cost, self.bandwidth())
+        return compressed_pending(raw, self._ratio.ratio, cost, self.bandwidth(), overlapped=self._pipelined)
 
     def remaining(self) -> int:
         """Bytes of marked units (taken from the logs or not) still to send."""
@@ -198,7 +215,7 @@ class DriveSaver(Saver):
             n += int(np.bitwise_count(c.dev.dirty.bitmap(CONSUMER)).sum())
             if c.todo is not None:
                 n += int(np.bitwise_count(c.todo).sum())
-        return n * DIRTY_UNIT
+        return (n + self._pipe.units) * DIRTY_UNIT
 
     def iterate(self, out: SaverOutput, budget_bytes: int) -> int:
         sent = 0
@@ -217,11 +234,13 @@ class DriveSaver(Saver):
         for c in self.copied:
             while self._send(out, c, 1 << 62):
                 pass
+        self._pipe.close()
         self._preflush.stop()  # a background flush under way ends; release_image flushes the rest
         for d in self.drives:
             d.release_image()
 
     def cleanup(self) -> None:
+        self._pipe.close()
         self._preflush.stop()
         if not self._tracking:
             return
@@ -234,86 +253,102 @@ class DriveSaver(Saver):
 
     def _send(self, out: SaverOutput, c: _Copied, budget: int) -> int:
         """Send marked units of one drive, run by run, until `budget` bytes went out or none is
-        left; returns the bytes sent. A unit is taken from the dirty log before it is read: a write
-        landing meanwhile marks it again (dirty_log.py's order rule), so it is sent again, never
-        lost."""
+        left (of this drive, nor in the pipeline); returns the bytes sent. A unit is taken from
+        the dirty log before it is read: a write landing meanwhile marks it again (dirty_log.py's
+        order rule), so it is sent again, never lost. The runs are read (and, with a fixed codec,
+        compressed) on the pipeline's workers a few runs ahead of the sends."""
         taken = c.dev.dirty.take(CONSUMER)
         if c.todo is None:
             c.todo = np.zeros(c.dev.dirty.nwords, dtype=np.uint64)
         if taken is not None:
             c.todo |= taken
         units = bitmap_to_units(c.todo, c.nunits)
-        if len(units) == 0:
-            return 0
-        c.todo[:] = 0  # all taken; what the budget leaves unsent is marked again below
+        c.todo[:] = 0  # all taken; what is not submitted is marked again below
+        runs = _runs(units)
+        submitted = 0
         sent = 0
-        starts = np.flatnonzero(np.diff(units) != 1) + 1
-        done = 0
-        for run in np.split(units, starts):
-            for i in range(0, len(run), RUN_UNITS):
-                part = run[i : i + RUN_UNITS]
-                sent += self._send_run(out, c, int(part[0]), len(part))
-                done += len(part)
-                if (sent >= budget or out.cancelled()) and done < len(units):
-                    rest = np.zeros(c.nunits, dtype=bool)
-                    rest[units[done:]] = True
-                    c.todo |= units_to_bitmap(rest)
-                    return sent
+        while True:
+            while submitted < len(runs) and self._pipe.room():
+                first, count = runs[submitted]
+                self._pipe.submit(Run(c, c.dev.backend, c.disk_id, c.nbytes, first, count))
+                submitted += 1
+            if sent >= budget or out.cancelled():
+                break
+            prepared = self._pipe.pop()
+            if prepared is None:
+                break
+            try:
+                sent += self._send_prepared(out, prepared)
+            finally:
+                self._pipe.release(prepared)
+        if submitted < len(runs):
+            rest = np.zeros(c.nunits, dtype=bool)
+            for first, count in runs[submitted:]:
+                rest[first : first + count] = True
+            c.todo |= units_to_bitmap(rest)
         return sent
 
-    def _send_run(self, out: SaverOutput, c: _Copied, first: int, count: int) -> int:
-        offset = first * DIRTY_UNIT
-        nbytes = min(count * DIRTY_UNIT, c.nbytes - offset)
-        # One scratch buffer, reused: send() has handed the bytes to the channel when it returns
-        # (as RAM's scratch), and a fresh 1 MiB buffer per run costs its page faults each time.
-        view = memoryview(self._scratch)[: count * DIRTY_UNIT]
-        c.dev.backend.read_into(offset, view[:nbytes])
-        if nbytes < len(view):
-            view[nbytes:] = bytes(len(view) - nbytes)
-        nonzero = np.frombuffer(view, dtype=np.uint64).reshape(count, DIRTY_UNIT // 8).any(axis=1)
+    def _send_prepared(self, out: SaverOutput, p: Prepared) -> int:
+        c: _Copied = p.run.owner
         enc = out.encoder
-        recs = []
-        # Alternating runs of data units and zero units, each one record.
-        edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
-        for lo, hi in zip(np.r_[0, edges], np.r_[edges, count], strict=True):
-            lo_b = int(lo) * DIRTY_UNIT
-            hi_b = min(int(hi) * DIRTY_UNIT, nbytes)
-            sector, sectors = (offset + lo_b) // SECTOR_SIZE, (hi_b - lo_b) // SECTOR_SIZE
-            if nonzero[lo]:
-                recs.append(enc.encode(self._data(c.disk_id, sector, sectors, view[lo_b:hi_b])))
-                c.sent_bytes += hi_b - lo_b
-            else:
-                recs.append(enc.encode(BlockZero(c.disk_id, sector, sectors)))
+        bufs: list[Buffer] = []
+        for rec in p.records:
+            if isinstance(rec, BlockData) and self.compressor is not None and not self._pipelined:
+                rec = self._data(rec)  # `auto`: compressed here, where its sends are timed
+            bufs += enc.encode_buffers(rec)
+        if p.compress_s:
+            self._cost.add(p.compress_s / self.workers, p.data_bytes, p.wire_bytes)
+        for name, n in p.codecs.items():
+            self._chosen[name] = self._chosen.get(name, 0) + n
         t = time.perf_counter()
-        n = out.send(recs)
+        n = out.send(bufs)
         if self.compressor is not None:
             self.compressor.sent(time.perf_counter() - t)  # `auto` measures the wire on raw runs
-            self._ratio.add(0.0, count * DIRTY_UNIT, n)
+            self._ratio.add(0.0, p.run.count * DIRTY_UNIT, n)
+        c.sent_bytes += p.data_bytes
         self.transferred += n
-        c.sent_units += count
+        c.sent_units += p.run.count
         return n
 
-    def _data(self, disk_id: int, sector: int, sectors: int,
-              raw: memoryview) -> BlockData | BlockCompressed:
-        """A data run as it goes: raw, or compressed when the compressor says so. `raw` is the
-        saver's own scratch copy (zlib reads its input twice: it must not change meanwhile)."""
-        if self.compressor is None:
-            return BlockData(disk_id, sector, sectors, raw)
+    def _data(self, rec: BlockData) -> BlockData | BlockCompressed:
+        """`auto`'s data run as it goes: raw, or compressed when the compressor says so. The
+        record's data is the pipeline's own buffer (zlib reads its input twice: it must not
+        change meanwhile)."""
+        assert self.compressor is not None
+        raw = memoryview(rec.data)
         t = time.perf_counter()
         codec, wire = self.compressor.compress(raw)
         self._cost.add(time.perf_counter() - t, raw.nbytes, len(wire))
         if codec == Codec.RAW:
-            return BlockData(disk_id, sector, sectors, raw)
-        return BlockCompressed(disk_id, sector, sectors, codec, checksum(raw), raw, wire)
+            return rec
+        return BlockCompressed(rec.disk_id, rec.first_sector, rec.sector_count, codec, checksum(raw),
+                               raw, wire)
 
 
-def compressed_pending(raw: int, ratio: float, secs_per_byte: float, bandwidth_bps: float) -> int:
+def _runs(units: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unit indexes -> (first, count) runs of consecutive units, RUN_UNITS at most each."""
+    runs: list[tuple[int, int]] = []
+    if len(units) == 0:
+        return runs
+    breaks = np.flatnonzero(np.diff(units) != 1) + 1
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(units)], strict=True):
+        first, count = int(units[lo]), int(hi - lo)
+        for i in range(0, count, RUN_UNITS):
+            runs.append((first + i, min(RUN_UNITS, count - i)))
+    return runs
+
+
+def compressed_pending(raw: int, ratio: float, secs_per_byte: float, bandwidth_bps: float,
+                       overlapped: bool = False) -> int:
     """`raw` bytes of a drive still to send, as stream bytes the expected downtime can divide by
-    the bandwidth: what they shrink to (`ratio`, stream bytes per raw byte) plus the time
-    compressing them takes (`secs_per_byte`: the migration thread compresses, then sends, in
-    turn) counted in the bytes the link would carry meanwhile — so a codec slower than the link
-    weighs more than raw, never less (as XBZRLE's pages do in ram.py)."""
-    return int(raw * (ratio + secs_per_byte * max(bandwidth_bps, 0.0)))
+    the bandwidth: what they shrink to (`ratio`, stream bytes per raw byte) and the time
+    compressing them takes (`secs_per_byte`) counted in the bytes the link would carry meanwhile
+    — so a codec slower than the link weighs more than raw, never less (as XBZRLE's pages do in
+    ram.py). `overlapped`: the pipeline's workers compress while the migration thread sends, so
+    the slower of the two counts; else (`auto`, on the migration thread) compressing and sending
+    take turns and both count."""
+    compress = secs_per_byte * max(bandwidth_bps, 0.0)
+    return int(raw * (max(ratio, compress) if overlapped else ratio + compress))
 
 
 def _sectors_bytes(dev: VirtioBlk) -> int:
@@ -416,7 +451,7 @@ class DriveLoader(Loader):
 
     def _on_data(self, rec: BlockData | BlockCompressed) -> None:
         backend = self._drive(rec.disk_id).backend
-        backend.write(rec.first_sector * SECTOR_SIZE, rec.data)
+        backend.write_bulk(rec.first_sector * SECTOR_SIZE, rec.data)
         self.received += len(rec.data)
         self._flusher.mark(backend)
 
