@@ -42,6 +42,9 @@ guest skips its fill (`dfill=0`); its paced writes while migrating are still sta
 The destination's image is then checked block by block: each 4 KiB block either holds the
 guest's stamped sectors (the host verifier's check) or equals the random fill byte for byte.
 
+QEMU's drives use `cache=writeback` (its default); `--qemu-cache none` gives them O_DIRECT
+(`cache=none`, the usual production setting), as vmferry's destination writes a copied drive.
+
 Links: `loopback` (127.0.0.1) and `1g`: the destination in a network namespace of its own,
 reached over a veth pair shaped with `tc tbf rate 1gbit` (/work/shared/BENCHMARKS.md; needs
 root). Every side runs with `max-bandwidth` raised to 100 GiB/s: the link is the limit.
@@ -114,6 +117,7 @@ GUEST = f"dws={FILL_MIB} dfill={FILL_MIB} drate=20 dreq=64 ws=256 rate=50"
 DISK_DATA = "stamped"  # --disk-data; `random`: GUEST with dfill=0 and the host's random fill
 RANDOM_SEED = 10
 BLOCK_COMPRESSION = "auto"  # --block-compression: vmferry-compress's x-block-compression
+QEMU_CACHE = "writeback"  # --qemu-cache: QEMU's drives' cache mode (none: O_DIRECT, as vmferry's copy)
 RAM_COMPRESSION = "none"  # --ram-compression: multifd-compression of the -compress sides
 UNCAPPED = 100 * GiB
 POLL_S = 0.01
@@ -227,7 +231,7 @@ class DiskVm:
             cmd = ["qemu-system-x86_64", "-accel", "kvm", "-M", "microvm",
                    "-global", "virtio-mmio.force-legacy=false", "-nodefaults", "-display", "none",
                    "-m", MEMORY, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                   "-drive", f"if=none,file={img},format=raw,id=d0",
+                   "-drive", f"if=none,file={img},format=raw,id=d0,cache={QEMU_CACHE}",
                    "-device", "virtio-blk-device,drive=d0,serial=disk0",
                    "-kernel", str(image_path("disk")), "-append", f"{GUEST} verify={VERIFY_S}",
                    "-serial", f"file:{self.serial_path}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
@@ -697,12 +701,16 @@ def main() -> None:
     ap.add_argument("--ram-compression", default="none", choices=("none", "zstd", "zlib", "lz4", "auto"),
                     help="vmferry-compress's and qemu-mirror-compress's RAM: multifd with this "
                          "multifd-compression (QEMU: zstd or zlib)")
+    ap.add_argument("--qemu-cache", default="writeback", choices=("writeback", "none"),
+                    help="QEMU's drives' cache= (none: O_DIRECT, as vmferry's destination writes a copy)")
     args = ap.parse_args()
     VERIFY_S = args.verify
     global GUEST, DISK_DATA, BLOCK_COMPRESSION, BEFORE_SRC
     DISK_DATA, BLOCK_COMPRESSION, BEFORE_SRC = args.disk_data, args.block_compression, args.before_src
     global RAM_COMPRESSION
     RAM_COMPRESSION = args.ram_compression
+    global QEMU_CACHE
+    QEMU_CACHE = args.qemu_cache
     if "qemu-mirror-compress" in args.sides and RAM_COMPRESSION not in ("zstd", "zlib"):
         ap.error("qemu-mirror-compress needs --ram-compression zstd or zlib (QEMU 7.2's)")
     if "vmferry-before" in args.sides and (BEFORE_SRC is None or not (BEFORE_SRC / "vmferry").is_dir()):
