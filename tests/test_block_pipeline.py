@@ -14,7 +14,7 @@ import pytest
 from vmferry.block.options import DriveSpec
 from vmferry.block.raw import RawImage
 from vmferry.migration.block_pipeline import UNIT, Run, RunPipeline
-from vmferry.stream.compression import Compressor, decompress
+from vmferry.stream.compression import Codec, Compressor, Plan, decompress
 from vmferry.stream.records import BlockCompressed, BlockData, BlockZero
 
 SIZE = 64 * UNIT
@@ -88,16 +88,33 @@ def test_runs_come_back_in_submission_order_though_the_workers_finish_out_of_ord
         pipe.close()
 
 
-def test_a_fixed_codec_compresses_on_the_workers(image: RawImage) -> None:
+def test_a_plan_is_carried_out_on_the_workers(image: RawImage) -> None:
     image.write(16 * UNIT, b"\x07" * (8 * UNIT))  # compressible
     pipe = RunPipeline(workers=2, depth=2, run_bytes=8 * UNIT, compressor=lambda: Compressor("zstd"))
     try:
-        pipe.submit(Run(None, image, 1, SIZE, 16, 8))
+        pipe.submit(Run(None, image, 1, SIZE, 16, 8, Plan(Codec.ZSTD, (Codec.LZ4,))))
         p = pipe.pop()
         assert p is not None and [type(r) for r in p.records] == [BlockCompressed]
         assert p.codecs == {"ZSTD": 1} and p.wire_bytes < p.data_bytes == 8 * UNIT and p.compress_s > 0
+        # the probe of lz4 on a sample, then zstd on the whole run, each timed for the policy
+        assert [(m.codec, m.raw) for m in p.measures] == [(Codec.LZ4, 8 * UNIT), (Codec.ZSTD, 8 * UNIT)]
+        assert p.raw_bytes == 0
         assert _bytes(p.records[0]) == b"\x07" * (8 * UNIT)
         pipe.release(p)
+    finally:
+        pipe.close()
+
+
+def test_a_raw_plan_and_no_plan_send_the_data_as_it_is(image: RawImage) -> None:
+    pipe = RunPipeline(workers=1, depth=2, run_bytes=8 * UNIT, compressor=lambda: Compressor("auto"))
+    try:
+        pipe.submit(Run(None, image, 1, SIZE, 0, 8, Plan(Codec.RAW)))
+        pipe.submit(Run(None, image, 1, SIZE, 0, 8))
+        for _ in range(2):
+            p = pipe.pop()
+            assert p is not None and [type(r) for r in p.records] == [BlockData]
+            assert p.raw_bytes == p.wire_bytes == 8 * UNIT and not p.measures
+            pipe.release(p)
     finally:
         pipe.close()
 

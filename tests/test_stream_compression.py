@@ -335,3 +335,40 @@ def test_analyze_reads_compressed_records(tmp_path: Path) -> None:
     block = doc["ram_blocks"][0]
     assert block["pages_sent"] == 2 if "pages_sent" in block else True
     assert "RAM_COMPRESSED zstd" in json.dumps(doc)
+
+
+def test_with_workers_beside_the_sender_a_codec_costs_the_slower_of_compressing_and_sending() -> None:
+    """A copied drive's workers compress while the migration thread sends: a codec as slow per
+    byte as the wire is then worth it when it halves the bytes (the two overlap), where the
+    sender compressing in turn would find it slower than raw."""
+    wire, costs = 8e-9, {Codec.LZ4: (8e-9, 0.5), Codec.ZSTD: (16e-9, 0.2)}  # both as slow as the wire
+    serial = AutoPolicy()
+    assert {feed_chunk(serial, wire, costs) for _ in range(50)} == {Codec.RAW}
+    overlapped = AutoPolicy(workers=2)  # lz4: max(4, 4) = 4 ns; zstd: max(8, 1.6) = 8; raw 8
+    chosen = [feed_chunk(overlapped, wire, costs) for _ in range(20)]
+    assert chosen[-1] == Codec.LZ4
+    assert overlapped.expected(Codec.ZSTD) == pytest.approx(max(16e-9 / 2, 0.2 * wire), rel=0.05)
+
+
+def test_a_plan_made_on_the_sender_and_carried_out_elsewhere_drives_the_same_policy() -> None:
+    """The pipeline's split: the sending thread plans (plan_chunk), a worker's own Compressor
+    carries the plan out (execute: the probes on a sample, then the codec), the sender accounts
+    for it and reports the send (account, sent): on a very slow wire, text ends compressed and
+    round-trips; random data stays raw."""
+    text = memoryview((TEXT * 200)[: 512 * PAGE])
+    noise = memoryview(np.random.default_rng(2).integers(0, 256, 512 * PAGE, dtype=np.uint8).tobytes())
+    for data, want in ((text, {Codec.LZ4, Codec.ZSTD}), (noise, {Codec.RAW})):
+        sender, worker = Compressor("auto"), Compressor("auto")
+        seen = []
+        for _ in range(10):
+            plan = sender.plan_chunk()
+            codec, out, measures = worker.execute(plan, data)
+            assert codec == plan.codec and len(measures) == len(plan.probe) + (codec != Codec.RAW)
+            if codec != Codec.RAW:
+                assert decompress(codec, out, data.nbytes) == data
+            sender.account(measures, data.nbytes if codec == Codec.RAW else 0, {codec.name: 1})
+            sender.sent(10.0 if codec == Codec.RAW else 0.0, plan)
+            seen.append(codec)
+        assert seen[0] == Codec.RAW and seen[-1] in want
+        assert sum(sender.chosen.values()) == 10 and worker.chosen == {}
+    assert Compressor("zstd").plan_chunk().codec == Codec.ZSTD

@@ -20,15 +20,16 @@ Source (`DriveSaver`):
                zeros (the destination punches them); with `x-block-compression` a data run
                goes through the stream's compressor (stream/compression.py: zstd, zlib, lz4,
                or `auto`, which sends raw unless compressing measurably finishes sooner) and,
-               compressed, as BLOCK_COMPRESSED with the xxh3 of its raw bytes
+               compressed, as BLOCK_COMPRESSED with the xxh3 of its raw bytes. Two workers
+               read (and compress) the runs ahead of the sends (block_pipeline.py)
     sync       fold the drives' dirty logs in; start an fdatasync of every writable image on a
                thread (the pre-flush), so the one in the pause has only the last writes to write
     complete   (vCPUs paused, drives quiesced) the rest; then, once a pre-flush under way has
                ended, every drive, copied or shared, is flushed and its image lock given up
                (`VirtioBlk.release_image`): the destination may take it. A failed migration
                takes it back when the source resumes.
-    pending    marked units x 4 KiB (compressing: what they shrink to plus the compression
-               time in bytes the link carries meanwhile, from what was sent lately:
+    pending    marked units x 4 KiB (compressing: the larger of what they shrink to and the
+               compression time in bytes the link carries meanwhile, from what was sent lately:
                `compressed_pending`): the session's one expected downtime covers RAM and disks
     units      (units sent, units marked): with RAM's pages, what the switchover rule weighs
 
@@ -59,8 +60,7 @@ from vmferry.errors import MigrationError
 from vmferry.machine.dirty_log import bitmap_to_units, units_to_bitmap
 from vmferry.migration.block_pipeline import Prepared, Run, RunPipeline
 from vmferry.migration.saver import Buffer, Handler, Loader, Saver, SaverOutput
-from vmferry.stream.compression import Codec, Compressor, Estimate
-from vmferry.stream.format import checksum
+from vmferry.stream.compression import Compressor, Estimate
 from vmferry.stream.records import BlockCompressed, BlockData, BlockDevices, BlockZero, CommandCode, DiskInfo
 
 CONSUMER = "migration"
@@ -124,16 +124,15 @@ class DriveSaver(Saver):
         ]
         self.transferred = 0  # stream bytes of BLOCK_* records
         self._tracking = False
-        # A fixed codec compresses on the pipeline's workers, each with a compressor of its own;
-        # `auto` on the migration thread (block_pipeline.py says why).
+        # The pipeline's workers compress, each with a compressor of its own; the plans (and
+        # `auto`'s policy) are this compressor's, on the migration thread (block_pipeline.py).
         comp = self.compressor
-        self._pipelined = comp is not None and comp.setting != "auto"
         make = None
-        if comp is not None and self._pipelined:
+        if comp is not None:
+            comp.policy.workers = PIPELINE_WORKERS
             make = lambda: Compressor(comp.setting, comp.zlib_level, comp.zstd_level)  # noqa: E731
         self.workers = PIPELINE_WORKERS
         self._pipe = RunPipeline(self.workers, PIPELINE_DEPTH, RUN_UNITS * DIRTY_UNIT, make)
-        self._chosen: dict[str, int] = {}  # the workers' codecs, as Compressor.chosen
         # fdatasync of every image at each sync, in the background, so the one at switchover
         # (in the pause) finds only what the guest wrote since the last sync.
         self._preflush = _Flusher()
@@ -148,9 +147,7 @@ class DriveSaver(Saver):
 
     def compressed(self) -> dict[str, int]:
         """How often each codec carried a data run (query-migrate's disk `compression`)."""
-        if self.compressor is None:
-            return {}
-        return dict(self._chosen) if self._pipelined else dict(self.compressor.chosen)
+        return dict(self.compressor.chosen) if self.compressor is not None else {}
 
     # --- the contract ---
 
@@ -204,7 +201,7 @@ class DriveSaver(Saver):
         if self.compressor is None or not self._ratio.known:
             return raw
         cost = self._cost.cost if self._cost.known else 0.0
-        return compressed_pending(raw, self._ratio.ratio, cost, self.bandwidth(), overlapped=self._pipelined)
+        return compressed_pending(raw, self._ratio.ratio, cost, self.bandwidth())
 
     def remaining(self) -> int:
         """Bytes of marked units (taken from the logs or not) still to send."""
@@ -270,7 +267,8 @@ class DriveSaver(Saver):
         while True:
             while submitted < len(runs) and self._pipe.room():
                 first, count = runs[submitted]
-                self._pipe.submit(Run(c, c.dev.backend, c.disk_id, c.nbytes, first, count))
+                plan = self.compressor.plan_chunk() if self.compressor is not None else None
+                self._pipe.submit(Run(c, c.dev.backend, c.disk_id, c.nbytes, first, count, plan))
                 submitted += 1
             if sent >= budget or out.cancelled():
                 break
@@ -293,36 +291,21 @@ class DriveSaver(Saver):
         enc = out.encoder
         bufs: list[Buffer] = []
         for rec in p.records:
-            if isinstance(rec, BlockData) and self.compressor is not None and not self._pipelined:
-                rec = self._data(rec)  # `auto`: compressed here, where its sends are timed
             bufs += enc.encode_buffers(rec)
-        if p.compress_s:
-            self._cost.add(p.compress_s / self.workers, p.data_bytes, p.wire_bytes)
-        for name, n in p.codecs.items():
-            self._chosen[name] = self._chosen.get(name, 0) + n
+        if self.compressor is not None:
+            self.compressor.account(p.measures, p.raw_bytes, p.codecs)
+            if p.compress_s:
+                self._cost.add(p.compress_s / self.workers, p.data_bytes, p.wire_bytes)
         t = time.perf_counter()
         n = out.send(bufs)
         if self.compressor is not None:
-            self.compressor.sent(time.perf_counter() - t)  # `auto` measures the wire on raw runs
+            # `auto` measures the wire on raw runs, and decides
+            self.compressor.sent(time.perf_counter() - t, p.run.plan)
             self._ratio.add(0.0, p.run.count * DIRTY_UNIT, n)
         c.sent_bytes += p.data_bytes
         self.transferred += n
         c.sent_units += p.run.count
         return n
-
-    def _data(self, rec: BlockData) -> BlockData | BlockCompressed:
-        """`auto`'s data run as it goes: raw, or compressed when the compressor says so. The
-        record's data is the pipeline's own buffer (zlib reads its input twice: it must not
-        change meanwhile)."""
-        assert self.compressor is not None
-        raw = memoryview(rec.data)
-        t = time.perf_counter()
-        codec, wire = self.compressor.compress(raw)
-        self._cost.add(time.perf_counter() - t, raw.nbytes, len(wire))
-        if codec == Codec.RAW:
-            return rec
-        return BlockCompressed(rec.disk_id, rec.first_sector, rec.sector_count, codec, checksum(raw),
-                               raw, wire)
 
 
 def _runs(units: np.ndarray) -> list[tuple[int, int]]:
@@ -338,17 +321,15 @@ def _runs(units: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def compressed_pending(raw: int, ratio: float, secs_per_byte: float, bandwidth_bps: float,
-                       overlapped: bool = False) -> int:
+def compressed_pending(raw: int, ratio: float, secs_per_byte: float, bandwidth_bps: float) -> int:
     """`raw` bytes of a drive still to send, as stream bytes the expected downtime can divide by
-    the bandwidth: what they shrink to (`ratio`, stream bytes per raw byte) and the time
-    compressing them takes (`secs_per_byte`) counted in the bytes the link would carry meanwhile
-    — so a codec slower than the link weighs more than raw, never less (as XBZRLE's pages do in
-    ram.py). `overlapped`: the pipeline's workers compress while the migration thread sends, so
-    the slower of the two counts; else (`auto`, on the migration thread) compressing and sending
-    take turns and both count."""
+    the bandwidth: the larger of what they shrink to (`ratio`, stream bytes per raw byte) and the
+    time compressing them takes (`secs_per_byte`, the pipeline's workers together) counted in
+    the bytes the link would carry meanwhile — the workers compress while the migration thread
+    sends, so the slower of the two is what counts, and a codec slower than the link weighs more
+    than raw, never less (as XBZRLE's pages do in ram.py)."""
     compress = secs_per_byte * max(bandwidth_bps, 0.0)
-    return int(raw * (max(ratio, compress) if overlapped else ratio + compress))
+    return int(raw * max(ratio, compress))
 
 
 def _sectors_bytes(dev: VirtioBlk) -> int:

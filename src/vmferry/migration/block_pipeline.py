@@ -1,16 +1,18 @@
 """A copied drive's runs read, scanned and compressed ahead of the migration thread, on worker
 threads (DriveSaver's pipeline).
 
-The migration thread takes units from a drive's dirty log (a write landing later marks them again:
-dirty_log.py's order rule), cuts them into runs of up to 1 MiB and submits each run here. A worker
-reads the run through the backend, finds its zero units and, with a fixed `x-block-compression`
-codec, compresses its data parts and checksums their raw bytes. pread, numpy's scan and the
+The migration thread takes units from a drive's dirty log (a write landing later marks them
+again: dirty_log.py's order rule), cuts them into runs of up to 1 MiB and submits each run here,
+with its compression plan (`Compressor.plan_chunk`). A worker reads the run through the backend,
+finds its zero units and carries the plan out on the data parts: compress, and checksum their
+raw bytes (`Compressor.execute`, the worker's own compressor, timed). pread, numpy's scan and the
 compressors release the GIL, so the workers run beside the migration thread's sends, and beside
 each other, on the host's cores; one thread doing read, scan, compress and send in turn left the
 link half idle (bench/RESULTS.md, "Disks first, and compressed blocks"). The migration thread
-takes the prepared runs back in the order it submitted them, then encodes (one encoder, in order)
-and sends them. `auto` is not compressed here: its choice weighs the wire's time as measured by
-the thread that sends, so the migration thread compresses for it, as multifd's channels do.
+takes the prepared runs back in the order it submitted them, hands the workers' timings to the
+policy (`Compressor.account`), then encodes (one encoder, in order) and sends them. `auto`'s
+plans are made on the migration thread because its choice weighs the wire's time, which only
+the thread that sends can measure.
 
 At most `depth` runs are in the pipeline; each owns one of `depth` 1 MiB buffers until its
 records were sent (`send()` has handed the bytes on when it returns) and `release` gives it back.
@@ -19,7 +21,6 @@ records were sent (`send()` has handed the bytes on when it returns) and `releas
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from vmferry.block.backend import SECTOR_SIZE, BlockBackend
-from vmferry.stream.compression import Codec, Compressor
+from vmferry.stream.compression import Codec, Compressor, Measure, Plan
 from vmferry.stream.format import checksum
 from vmferry.stream.records import BlockCompressed, BlockData, BlockZero
 
@@ -46,6 +47,7 @@ class Run:
     disk_bytes: int  # the drive's size in whole sectors: a run never reads past it
     first: int  # unit
     count: int
+    plan: Plan | None = None  # compress the data parts so (None: raw)
 
 
 @dataclass
@@ -58,12 +60,14 @@ class Prepared:
     data_bytes: int = 0  # raw bytes in data records
     compress_s: float = 0.0  # worker time spent compressing them
     wire_bytes: int = 0  # what the compressed ones came to (raw ones count raw)
-    codecs: dict[str, int] = field(default_factory=dict)
+    raw_bytes: int = 0  # data bytes that went raw
+    codecs: dict[str, int] = field(default_factory=dict)  # data records by codec name
+    measures: list[Measure] = field(default_factory=list)  # every compressor run, probes included
 
 
 def prepare(run: Run, buf: memoryview, compressor: Compressor | None) -> Prepared:
-    """Read `run` into `buf`, cut it into data and zero records and compress the data ones with
-    `compressor` (None: raw). Runs on a worker, or on the caller's thread."""
+    """Read `run` into `buf`, cut it into data and zero records and carry the run's plan out on
+    the data ones with `compressor` (no plan or no compressor: raw). Runs on a worker."""
     offset = run.first * UNIT
     nbytes = min(run.count * UNIT, run.disk_bytes - offset)
     view = buf[: run.count * UNIT]
@@ -83,18 +87,21 @@ def prepare(run: Run, buf: memoryview, compressor: Compressor | None) -> Prepare
             continue
         raw = view[lo_b:hi_b]
         out.data_bytes += raw.nbytes
-        if compressor is None:
+        if compressor is None or run.plan is None:
             out.records.append(BlockData(run.disk_id, sector, sectors, raw))
             out.wire_bytes += raw.nbytes
+            out.raw_bytes += raw.nbytes
             continue
-        t = time.perf_counter()
-        codec, wire = compressor.compress(raw)
-        out.compress_s += time.perf_counter() - t
+        # One plan per run; its probes (auto's samples of the codecs not in use) once.
+        codec, wire, measures = compressor.execute(run.plan, raw, probe=not out.measures)
+        out.measures += measures
         out.wire_bytes += len(wire)
         out.codecs[codec.name] = out.codecs.get(codec.name, 0) + 1
         if codec == Codec.RAW:
             out.records.append(BlockData(run.disk_id, sector, sectors, raw))
+            out.raw_bytes += raw.nbytes
         else:
+            out.compress_s += measures[-1].seconds
             out.records.append(BlockCompressed(run.disk_id, sector, sectors, codec, checksum(raw), raw, wire))
     return out
 

@@ -144,6 +144,10 @@ class AutoPolicy:
     its cost per byte + its ratio * wire cost per byte. Starts raw; moves only on a clear gain."""
 
     current: Codec = Codec.RAW
+    # Compressors running beside the sender (a copied drive's pipeline workers: 2): a codec's
+    # time per byte is then the slower of compressing (shared by them) and sending what it
+    # leaves, not the two in turn. 0: the sender compresses, then sends (multifd's channels).
+    workers: int = 0
     wire: Estimate = field(default_factory=lambda: Estimate(WIRE_WINDOW))  # blocked s / raw byte sent
     codecs: dict[Codec, Estimate] = field(
         default_factory=lambda: {c: Estimate(None) for c in _AUTO_CODECS})
@@ -191,7 +195,11 @@ class AutoPolicy:
         if codec == Codec.RAW:
             return w
         e = self.codecs[codec]
-        return e.cost + e.ratio * w if e.known else None
+        if not e.known:
+            return None
+        if self.workers:
+            return max(e.cost / self.workers, e.ratio * w)
+        return e.cost + e.ratio * w
 
     def decide(self, probed: bool) -> Codec:
         """After a chunk's measurements: keep the current option unless raw is expected to be
@@ -222,6 +230,16 @@ class AutoPolicy:
             else:  # compressing: the pages shrink
                 self.probe_every = min(2 * self.probe_every, PROBE_MAX_COMPRESSIBLE)
         return self.current
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One compressor run, timed where it ran (a pipeline worker), for the policy's thread."""
+
+    codec: Codec
+    seconds: float
+    raw: int
+    out: int
 
 
 @dataclass
@@ -257,14 +275,16 @@ class Compressor:
             return codec, out
         return self._auto(raw)
 
-    def sent(self, seconds: float) -> None:
-        """The sender wrote everything `compress` returned since the last call, blocked
-        `seconds`: for `auto`, a measure of the wire if it was raw records only."""
+    def sent(self, seconds: float, plan: Plan | None = None) -> None:
+        """The sender wrote everything `compress` returned (or `account` was told of) since the
+        last call, blocked `seconds`: for `auto`, a measure of the wire if it was raw records
+        only. `plan`: the chunk's, when it was made ahead (`plan_chunk`)."""
         if self.setting == "auto":
             if not self._unsent_compressed:
                 self.policy.sent(seconds, self._unsent_raw)
-            if self._plan is not None:
-                self.policy.decide(probed=bool(self._plan.probe) or self._plan.codec != self.policy.current)
+            plan = plan or self._plan
+            if plan is not None:
+                self.policy.decide(probed=bool(plan.probe) or plan.codec != self.policy.current)
                 self._plan = None
         self._unsent_raw, self._unsent_compressed = 0, False
 
@@ -274,6 +294,53 @@ class Compressor:
         if codec == Codec.ZLIB:
             return zlib.compress(raw, self.zlib_level)
         return lz4.block.compress(raw, store_size=False)
+
+    # --- a pipeline: the plan made on the sending thread, carried out on a worker ---
+
+    def plan_chunk(self) -> Plan:
+        """The plan for the next chunk, made here (the thread that sends and so measures the
+        wire) and carried out on a worker by that worker's own Compressor (`execute`). A named
+        codec's plan is that codec; `auto`'s is the policy's."""
+        if self.setting == "auto":
+            return self.policy.plan()
+        return Plan(CODEC_BY_SETTING.get(self.setting, Codec.RAW))
+
+    def execute(self, plan: Plan, raw: memoryview, probe: bool = True) -> tuple[Codec, bytes | memoryview,
+                                                                             list[Measure]]:
+        """Carry `plan` out on `raw` (a worker; this Compressor's own codec objects, no policy):
+        -> (codec, bytes to send, what each compressor run cost). `probe`: time the plan's probe
+        codecs on a sample first (once per chunk: False for a chunk's later records)."""
+        measures: list[Measure] = []
+        if probe and plan.probe:
+            n = raw.nbytes
+            size = min(SAMPLE_BYTES, n)
+            at = self._probe_at % max(n - size + 1, 1)
+            self._probe_at += size + 4096 * 7
+            for c in plan.probe:
+                measures.append(self._measured(c, raw[at:at + size]))
+        if plan.codec == Codec.RAW:
+            return Codec.RAW, raw, measures
+        t = time.perf_counter()
+        out = self._run(plan.codec, raw)
+        measures.append(Measure(plan.codec, time.perf_counter() - t, raw.nbytes, len(out)))
+        return plan.codec, out, measures
+
+    def account(self, measures: list[Measure], raw_bytes: int, records: dict[str, int]) -> None:
+        """A chunk carried out elsewhere is about to be sent: its compressor runs go to the policy;
+        `raw_bytes` of it go raw; `records` counts its records by codec name. Then
+        `sent(seconds, plan)`."""
+        for m in measures:
+            self.policy.compressed(m.codec, m.seconds, m.raw, m.out)
+        self._unsent_raw += raw_bytes
+        for name, n in records.items():
+            self.chosen[name] = self.chosen.get(name, 0) + n
+            if name != Codec.RAW.name:
+                self._unsent_compressed = True
+
+    def _measured(self, codec: Codec, raw: memoryview) -> Measure:
+        t = time.perf_counter()
+        out = self._run(codec, raw)
+        return Measure(codec, time.perf_counter() - t, raw.nbytes, len(out))
 
     def _timed(self, codec: Codec, raw: memoryview) -> bytes:
         t = time.perf_counter()
