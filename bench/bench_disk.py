@@ -107,6 +107,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmferry.guests import image_path
 from vmferry.guests.verify_disk import verify_disk_image
+from vmferry.testing.netns import GIGABIT, VethLink, veth_link
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -132,42 +133,28 @@ PROGRESS_RX = re.compile(r"disk: t=(\d+) gen=\d+ written=(\d+) KiB ram=(\d+) MiB
 # --- the 1 Gbit/s link ---
 
 class Link:
-    """Loopback, or a veth pair into a network namespace of its own shaped to 1 Gbit/s."""
+    """Loopback, or a veth pair into a network namespace of its own shaped to 1 Gbit/s
+    (vmferry.testing.netns: the tests' links, blackhole route and stale-namespace cleanup
+    included)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        tag = os.getpid() % 100000
-        self.ns = f"dbench{tag}"
-        self.veth, self.peer = f"dbv{tag}a", f"dbv{tag}b"
-        loop = kind == "loopback"
-        self.src_ip, self.dst_ip = ("127.0.0.1", "127.0.0.1") if loop else ("10.79.0.1", "10.79.0.2")
-        self.up_done = False
+        self.dst_ip = "127.0.0.1"
+        self._stack = contextlib.ExitStack()
+        self._veth: VethLink | None = None
 
     def up(self) -> None:
         if self.kind == "loopback":
             return
-        self.up_done = True
-        for cmd in (f"ip netns add {self.ns}",
-                    f"ip link add {self.veth} type veth peer name {self.peer}",
-                    f"ip link set {self.peer} netns {self.ns}",
-                    f"ip addr add {self.src_ip}/24 dev {self.veth}",
-                    f"ip link set {self.veth} up",
-                    f"ip netns exec {self.ns} ip addr add {self.dst_ip}/24 dev {self.peer}",
-                    f"ip netns exec {self.ns} ip link set {self.peer} up",
-                    f"ip netns exec {self.ns} ip link set lo up",
-                    f"tc qdisc add dev {self.veth} root tbf rate 1gbit burst 256kb latency 50ms"):
-            subprocess.run(cmd.split(), check=True, capture_output=True, timeout=30)
+        self._veth = self._stack.enter_context(veth_link(GIGABIT))
+        self.dst_ip = self._veth.address
 
     def down(self) -> None:
-        if not self.up_done:
-            return
-        # Deleting the namespace deletes its end of the pair, and with it the other end.
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=30)
-        self.up_done = False
+        self._stack.close()
+        self._veth = None
 
     def dest_prefix(self) -> list[str]:
-        return [] if self.kind == "loopback" else ["ip", "netns", "exec", self.ns]
+        return [] if self._veth is None else list(self._veth.exec_prefix)
 
 
 # --- TCP bytes of a connection, from the source's side ---
