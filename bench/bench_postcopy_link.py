@@ -6,7 +6,8 @@
 Root needed. The link: a veth pair into a network namespace of its own, shaped by `tc tbf` to
 --rate both ways (/work/shared/BENCHMARKS.md, "A 1 Gbit/s link on one machine"); the destination
 runs in the namespace, the source outside, so every byte of the migration and of the return path
-crosses the shaped link. The namespace and its veth pair are deleted on every way out.
+crosses the shaped link. The link is vmferry.testing.netns's `veth_link`, as the tests' links;
+the namespace and its veth pair are deleted on every way out.
 
 Per run and side (sides interleaved; QEMU 7.2 with `-accel kvm`, the same `dirty` image and
 arguments: 4 GiB, ws=1024 rate=200, i.e. S5): start the source, wait for the fill and a
@@ -46,17 +47,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench_procs import install_signal_handlers, stop_all
 from migration_vm import PROGRESS_RX, BenchError, Vm, vms
 
-NETNS = "vmferry-pclink"
-NETNS_EXEC = ("ip", "netns", "exec", NETNS)
-OUTER, INNER = "10.219.31.1", "10.219.31.2"  # a subnet no other bench here uses
-VETH_OUT, VETH_IN = "pcl0", "pcl1"
+from vmferry.testing.netns import Shaping, VethLink, veth_link
+
+LINK: VethLink | None = None  # the shaped link, while main() holds it up
 UNCAPPED = 100 << 30
 MEMORY = "4G"
 APPEND = "ws=1024 rate=200 verify={verify}"
@@ -72,30 +71,9 @@ def parse_rate(rate: str) -> float:
     return float(m.group(1)) * RATE_UNITS[m.group(2)]
 
 
-@contextlib.contextmanager
-def netns_link(rate: str) -> Iterator[None]:
-    setup = [
-        ["ip", "netns", "add", NETNS],
-        ["ip", "link", "add", VETH_OUT, "type", "veth", "peer", "name", VETH_IN],
-        ["ip", "link", "set", VETH_IN, "netns", NETNS],
-        ["ip", "addr", "add", f"{OUTER}/24", "dev", VETH_OUT], ["ip", "link", "set", VETH_OUT, "up"],
-        [*NETNS_EXEC, "ip", "addr", "add", f"{INNER}/24", "dev", VETH_IN],
-        [*NETNS_EXEC, "ip", "link", "set", VETH_IN, "up"], [*NETNS_EXEC, "ip", "link", "set", "lo", "up"],
-        *([*ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
-           "latency", "50ms"] for ns, dev in (((), VETH_OUT), (NETNS_EXEC, VETH_IN))),
-    ]
-    r = subprocess.run(setup[0], capture_output=True, text=True)
-    if r.returncode:  # not ours (another run of this bench?): leave it alone
-        raise BenchError(f"{' '.join(setup[0])}: {r.stderr.strip()}")
-    try:
-        for cmd in setup[1:]:
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise BenchError(f"{' '.join(cmd)}: {r.stderr.strip()}")
-        yield
-    finally:
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # takes the veth pair along
-        subprocess.run(["ip", "link", "del", VETH_OUT], capture_output=True)  # if the move never happened
+def _link() -> VethLink:
+    assert LINK is not None, "the link is up only inside main()"
+    return LINK
 
 
 RECEIVER = """
@@ -111,14 +89,14 @@ c.sendall(str(n).encode()); c.close()
 
 def probe_link(mib: int, port: int) -> float:
     """Bytes/s of one Python TCP stream from outside into the namespace (the source's direction)."""
-    rx = subprocess.Popen([*NETNS_EXEC, sys.executable, "-c", RECEIVER, INNER, str(port)],
+    rx = subprocess.Popen([*_link().exec_prefix, sys.executable, "-c", RECEIVER, _link().address, str(port)],
                           stdout=subprocess.PIPE, text=True)
     try:
         assert rx.stdout is not None
         if rx.stdout.readline().strip() != "ready":
             raise BenchError("link probe: the receiver did not start")
         chunk = b"\x5a" * (1 << 20)
-        with socket.create_connection((INNER, port), timeout=60) as s:
+        with socket.create_connection((_link().address, port), timeout=60) as s:
             t0 = time.monotonic()
             for _ in range(mib):
                 s.sendall(chunk)
@@ -178,14 +156,14 @@ def run_once(side: str, tmp: Path, port: int, args: argparse.Namespace) -> dict[
         src.connect()
         filled = src.wait_serial(r"dirty: filled \d+ pages", timeout=300)
         src.wait_serial(r"verify ok gen=\d+", timeout=args.verify + 120, after=filled.end())
-        dst = Vm(side, tmp, "dst", MEMORY, append, incoming="defer", netns=NETNS)
+        dst = Vm(side, tmp, "dst", MEMORY, append, incoming="defer", netns=_link().namespace)
         started.append(dst)
         dst.connect()
         postcopy = [{"capability": "postcopy-ram", "state": True}]
         src.cmd("migrate-set-capabilities", capabilities=postcopy)
         dst.cmd("migrate-set-capabilities",
                 capabilities=[*postcopy, {"capability": "postcopy-blocktime", "state": True}])
-        uri = f"tcp:{INNER}:{port}"
+        uri = f"tcp:{_link().address}:{port}"
         dst.cmd("migrate-incoming", uri=uri)
         src.cmd("migrate-set-parameters", **{"max-bandwidth": UNCAPPED})
         # Right after a verify pass: the guest writes for the whole precopy window (a verify pass
@@ -314,6 +292,7 @@ def table(results: list[dict[str, Any]], sides: list[str]) -> str:
 
 
 def main() -> None:
+    global LINK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sides", default="vmferry,qemu-kvm")
@@ -339,7 +318,8 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     port = 4700
     try:
-        with netns_link(args.rate):
+        with veth_link(Shaping(args.rate), both_ways=True) as link:
+            LINK = link
             for i in range(args.runs):
                 port += 1
                 measured = probe_link(args.probe_mib, port)
