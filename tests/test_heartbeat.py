@@ -5,6 +5,7 @@ cells (SIGSTOP, link down, peers without heartbeats) are in test_fault_matrix.py
 from __future__ import annotations
 
 import threading
+import time
 
 from vmferry.migration.heartbeat import SILENT_INTERVALS, Watchdog
 
@@ -74,3 +75,53 @@ def test_interval_zero_is_off() -> None:
     wd.arm()
     wd.start()  # starts nothing: no beat, no timeout
     assert not called.wait(0.5)
+
+
+class _StoppedOnce:
+    """silent_for() of a side whose own process stops once (the first armed check blocks
+    `stop_s`, as a SIGSTOP would hold every thread): afterwards the peer looks silent for
+    `silent_checks` checks (its beats unread in the socket), then not at all unless `dead`."""
+
+    def __init__(self, stop_s: float, silent_checks: int, dead: bool = False) -> None:
+        self.stop_s, self.silent_checks, self.dead = stop_s, silent_checks, dead
+        self.calls = 0
+        self.resumed_at = 0.0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.stop_s)
+            self.resumed_at = time.monotonic()
+            return 0.0
+        if self.dead or self.calls <= 1 + self.silent_checks:
+            return self.stop_s + time.monotonic() - self.resumed_at
+        return 0.0
+
+
+def test_a_stop_of_this_process_is_not_blamed_on_the_peer() -> None:
+    """Stopped for 10 limits, then the peer's beats are read within a few checks: not given up."""
+    fired = threading.Event()
+    silent = _StoppedOnce(stop_s=3.0, silent_checks=3)
+    wd = Watchdog(100, silent, lambda r: fired.set())
+    wd.arm()
+    wd.start()
+    try:
+        assert not fired.wait(3.0 + 2.0)
+        assert silent.calls > 4  # the checks went on after the stop
+    finally:
+        wd.stop()
+
+
+def test_a_peer_still_silent_after_this_process_resumed_is_given_up_after_the_grace() -> None:
+    at: list[float] = []
+    fired = threading.Event()
+    silent = _StoppedOnce(stop_s=3.0, silent_checks=0, dead=True)
+    wd = Watchdog(100, silent, lambda r: (at.append(time.monotonic()), fired.set()))
+    wd.arm()
+    wd.start()
+    try:
+        assert _until(fired)
+        # never before a whole limit since this process ran again (however late its thread runs)
+        assert at[0] - silent.resumed_at >= wd.limit_s - 0.05
+    finally:
+        wd.stop()

@@ -8,12 +8,18 @@ migration thread reports the watchdog's reason. Any bytes from the peer count as
 not only heartbeats. A peer that never sent a HEARTBEAT (an older or QEMU-style one) is never
 timed out: the watchdog arms on the first HEARTBEAT it hears. TCP keepalive
 (transport/connect.py) is the backstop below this.
+
+A silence this side caused is not the peer's: when the watchdog's own check comes more than an
+interval late (this process was stopped — SIGSTOP, a suspended host — or not scheduled), the
+peer's beats may be sitting unread in the socket, so it gets `limit` more from then on before it
+is given up.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("vmferry.migration")
@@ -75,11 +81,19 @@ class Watchdog:
 
     def _watch(self) -> None:
         tick = min(0.1, self.interval_s / 4)
+        last = time.monotonic()
+        grace_until = 0.0
         while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now - last > tick + self.interval_s:  # we did not run: the silence may be ours
+                grace_until = now + self.limit_s
+                log.info("heartbeat watchdog: this process did not run for %.1f s; the %s gets "
+                         "%.1f s more", now - last, self._peer, self.limit_s)
+            last = now
             if not self._armed.is_set():
                 continue
             silent = self._silent_for()
-            if silent > self.limit_s:
+            if silent > self.limit_s and now >= grace_until:
                 self.fired = (f"no heartbeat from the {self._peer} for {silent:.1f} s (limit "
                               f"{self.limit_s:.1f} s, x-heartbeat-ms): it is stopped or the link is down")
                 log.warning("%s", self.fired)
