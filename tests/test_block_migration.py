@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_engine_sessions import Out
 from vmferry.block.digest import sample_offsets, sampled_digest
 from vmferry.block.options import DriveSpec
 from vmferry.block.raw import DIRECT_CHUNK, RawImage
@@ -39,23 +39,6 @@ class NoMemory:
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
         raise AssertionError("no guest RAM in this test")
-
-
-class Out:
-    def __init__(self, encoder: StreamEncoder, dest: DestSession) -> None:
-        self.encoder = encoder
-        self.dec = StreamDecoder()
-        self.dest = dest
-
-    def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
-        data = b"".join(bytes(b) for b in bufs)
-        self.dec.feed(data)
-        while (rec := self.dec.next_record()) is not None:
-            self.dest.feed(rec)
-        return len(data)
-
-    def cancelled(self) -> bool:
-        return False
 
 
 def _image(path: Path, size: int = SIZE) -> Path:
@@ -96,7 +79,7 @@ class Pair:
         self.session = SourceSession([self.saver], self.encoder, {}, lambda: limit, step_budget=DIRTY_UNIT)
         self.loader = DriveLoader([self.dst])
         self.dest = DestSession([self.loader])
-        self.out = Out(self.encoder, self.dest)
+        self.out = Out(self.encoder, StreamDecoder(), self.dest)
         self.now = 0.0
 
     def tick(self) -> float:

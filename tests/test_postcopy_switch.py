@@ -16,13 +16,12 @@ more writes follow), then the stopped sync's discard (D2). Checked before LISTEN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_engine_sessions import Out
 from vmferry.errors import MigrationError
 from vmferry.machine.ramblock import RamBlock
 from vmferry.migration.dest_session import DestSession
@@ -52,17 +51,7 @@ class Pair:
         self.now = 0.0
         self.written: list[np.ndarray] = [np.zeros(b.npages, dtype=bool) for b in self.src]
         self.sent_commands: list[Command] = []
-
-    # the in-memory channel (SaverOutput)
-    def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
-        data = b"".join(bytes(b) for b in bufs)
-        self.dec.feed(data)
-        while (rec := self.dec.next_record()) is not None:
-            self.dest.feed(rec)
-        return len(data)
-
-    def cancelled(self) -> bool:
-        return False
+        self.out = Out(self.encoder, self.dec, self.dest)
 
     def tick(self) -> float:
         self.now += 0.001
@@ -77,7 +66,7 @@ class Pair:
 
     def commands(self, cmds: list[Command]) -> None:
         self.sent_commands += cmds
-        self.send([self.encoder.encode(c) for c in cmds])
+        self.out.send([self.encoder.encode(c) for c in cmds])
 
     def close(self) -> None:
         self.session.cleanup()
@@ -105,13 +94,13 @@ def test_the_two_discards_leave_nothing_stale_and_drop_nothing_clean(
     try:
         for w in before:
             p.write(*w, during=False)  # found by the population scan at setup
-        p.session.setup(p, p.tick())
+        p.session.setup(p.out, p.tick())
         p.commands([Command(CommandCode.POSTCOPY_ADVISE)])
         for kind, arg in precopy:
             if kind == "write":
                 p.write(*arg)  # type: ignore[misc]
             else:
-                p.session.step(p, p.tick)
+                p.session.step(p.out, p.tick)
         held = [_pages(b).copy() for b in p.dst]  # the destination's copies: no page comes from here on
         populated = [b.populated_pages() for b in p.dst]
         switch = SwitchDiscards(p.src)
@@ -164,13 +153,13 @@ def test_a_precopy_page_after_a_discard_is_refused() -> None:
     p = Pair()
     try:
         p.write(0, 5, 9, during=False)
-        p.session.setup(p, p.tick())
+        p.session.setup(p.out, p.tick())
         p.commands([Command(CommandCode.POSTCOPY_ADVISE)])
         p.ram.sync()
         p.commands(SwitchDiscards(p.src).early(p.ram.take_pending()))
         p.write(0, 6, 1)
         p.ram.sync()
         with pytest.raises(MigrationError, match="between POSTCOPY_DISCARD and POSTCOPY_LISTEN"):
-            p.ram.send_dirty(p.send, stable=True, cancelled=lambda: False)
+            p.ram.send_dirty(p.out.send, stable=True, cancelled=lambda: False)
     finally:
         p.close()

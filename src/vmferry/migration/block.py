@@ -252,8 +252,8 @@ class DriveSaver(Saver):
         """Send marked units of one drive, run by run, until `budget` bytes went out or none is
         left (of this drive, nor in the pipeline); returns the bytes sent. A unit is taken from
         the dirty log before it is read: a write landing meanwhile marks it again (dirty_log.py's
-        order rule), so it is sent again, never lost. The runs are read (and, with a fixed codec,
-        compressed) on the pipeline's workers a few runs ahead of the sends."""
+        order rule), so it is sent again, never lost. The runs are read (and compressed) on the
+        pipeline's workers a few runs ahead of the sends."""
         taken = c.dev.dirty.take(CONSUMER)
         if c.todo is None:
             c.todo = np.zeros(c.dev.dirty.nwords, dtype=np.uint64)
@@ -262,7 +262,7 @@ class DriveSaver(Saver):
         units = bitmap_to_units(c.todo, c.nunits)
         c.todo[:] = 0  # all taken; what is not submitted is marked again below
         runs = _runs(units)
-        submitted = 0
+        submitted = submitted_units = 0
         sent = 0
         while True:
             while submitted < len(runs) and self._pipe.room():
@@ -270,6 +270,7 @@ class DriveSaver(Saver):
                 plan = self.compressor.plan_chunk() if self.compressor is not None else None
                 self._pipe.submit(Run(c, c.dev.backend, c.disk_id, c.nbytes, first, count, plan))
                 submitted += 1
+                submitted_units += count
             if sent >= budget or out.cancelled():
                 break
             prepared = self._pipe.pop()
@@ -279,10 +280,9 @@ class DriveSaver(Saver):
                 sent += self._send_prepared(out, prepared)
             finally:
                 self._pipe.release(prepared)
-        if submitted < len(runs):
+        if submitted_units < len(units):
             rest = np.zeros(c.nunits, dtype=bool)
-            for first, count in runs[submitted:]:
-                rest[first : first + count] = True
+            rest[units[submitted_units:]] = True
             c.todo |= units_to_bitmap(rest)
         return sent
 

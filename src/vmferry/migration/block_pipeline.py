@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from vmferry.block.backend import SECTOR_SIZE, BlockBackend
+from vmferry.devices.virtio_blk import DIRTY_UNIT
 from vmferry.stream.compression import Codec, Compressor, Measure, Plan
 from vmferry.stream.format import checksum
 from vmferry.stream.records import BlockCompressed, BlockData, BlockZero
 
-UNIT = 4096  # a drive's dirty unit (devices/virtio_blk.DIRTY_UNIT)
+UNIT = DIRTY_UNIT
 
 
 @dataclass

@@ -342,29 +342,12 @@ class Compressor:
         out = self._run(codec, raw)
         return Measure(codec, time.perf_counter() - t, raw.nbytes, len(out))
 
-    def _timed(self, codec: Codec, raw: memoryview) -> bytes:
-        t = time.perf_counter()
-        out = self._run(codec, raw)
-        self.policy.compressed(codec, time.perf_counter() - t, raw.nbytes, len(out))
-        return out
-
     def _auto(self, raw: memoryview) -> tuple[Codec, bytes | memoryview]:
         # One plan per chunk: a chunk may make several records (runs split by zero pages).
-        if self._plan is None:
+        first = self._plan is None
+        if first:
             self._plan = self.policy.plan()
-            n = raw.nbytes
-            if self._plan.probe:
-                size = min(SAMPLE_BYTES, n)
-                at = self._probe_at % max(n - size + 1, 1)
-                self._probe_at += size + 4096 * 7  # a different part of the next chunk sampled
-                for c in self._plan.probe:
-                    self._timed(c, raw[at:at + size])
-        codec = self._plan.codec
-        if codec == Codec.RAW:
-            out: bytes | memoryview = raw
-            self._unsent_raw += raw.nbytes
-        else:
-            out = self._timed(codec, raw)
-            self._unsent_compressed = True
-        self.chosen[codec.name] = self.chosen.get(codec.name, 0) + 1
+        assert self._plan is not None
+        codec, out, measures = self.execute(self._plan, raw, probe=first)
+        self.account(measures, raw.nbytes if codec == Codec.RAW else 0, {codec.name: 1})
         return codec, out
